@@ -1,0 +1,299 @@
+"""Reusable layers of the network (paper §3, Fig. 1, Table 1).
+
+Tensor layout everywhere: [B, D, H, W, C] (channels last). Every layer here is
+serialisable (complete ``get_config``) and registered under the ``brats_tf``
+package name, so ``.keras`` files load without ``custom_objects``.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+_PACKAGE = "brats_tf"
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def conv3d(
+    filters: int,
+    kernel_size: int = 3,
+    strides: int = 1,
+    l2_weight: float = 0.0,
+    name: str | None = None,
+    dtype=None,
+) -> keras.layers.Conv3D:
+    """The paper's convolution: 'same' padding, bias, L2 on the kernel (§3.5).
+
+    ``kernel_size=1`` is the paper's "Conv1".
+    """
+    regularizer = keras.regularizers.L2(l2_weight) if l2_weight else None
+    return keras.layers.Conv3D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        kernel_initializer="he_normal",
+        kernel_regularizer=regularizer,
+        name=name,
+        dtype=dtype,
+    )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ResNetBlock(keras.layers.Layer):
+    """The paper's ResNet-like block (§3.1, Table 1).
+
+    GN, ReLU, Conv3x3x3, GN, ReLU, Conv3x3x3, then add the block's input
+    (identity shortcut; input and output have the same channel count).
+
+    GroupNormalization upcasts to float32 for its statistics, so the block is
+    safe under a mixed_float16 policy (Keras 3's implementation; see
+    tests/test_layers.py).
+
+    Args:
+      filters: channels of the input and output.
+      groups: GroupNormalization groups (the paper: 8).
+      l2_weight: L2 weight on both convolution kernels (the paper: 1e-5).
+
+    Input/output: [B, D, H, W, filters].
+    """
+
+    def __init__(self, filters: int, groups: int = 8, l2_weight: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = _check_positive_int("filters", filters)
+        self.groups = _check_positive_int("groups", groups)
+        if filters % groups:
+            raise ValueError(
+                f"ResNetBlock {self.name!r}: filters={filters} is not divisible by groups={groups}"
+            )
+        if l2_weight < 0:
+            raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
+        self.l2_weight = float(l2_weight)
+        self.norm1 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="gn1")
+        self.conv1 = conv3d(filters, 3, l2_weight=self.l2_weight, name="conv1")
+        self.norm2 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="gn2")
+        self.conv2 = conv3d(filters, 3, l2_weight=self.l2_weight, name="conv2")
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels != self.filters:
+            raise ValueError(
+                f"ResNetBlock {self.name!r} has {self.filters} filters but its input has "
+                f"{channels} channels; the identity shortcut needs them equal"
+            )
+        shape = tuple(input_shape)
+        self.norm1.build(shape)
+        self.conv1.build(shape)
+        self.norm2.build(shape)
+        self.conv2.build(shape)
+        self.built = True
+
+    def call(self, inputs):
+        x = self.norm1(inputs)
+        x = tf.nn.relu(x)
+        x = self.conv1(x)
+        x = self.norm2(x)
+        x = tf.nn.relu(x)
+        x = self.conv2(x)
+        return x + inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, groups=self.groups, l2_weight=self.l2_weight)
+        return config
+
+
+def _slice_axis(x: tf.Tensor, axis: int, start, length) -> tf.Tensor:
+    """x[..., start:start + length, ...] along ``axis`` of a rank-5 tensor."""
+    begin = tf.one_hot(axis, 5, on_value=start, off_value=0, dtype=tf.int32)
+    size = tf.one_hot(axis, 5, on_value=length, off_value=-1, dtype=tf.int32)
+    return tf.slice(x, begin, size)
+
+
+def _upsample_axis(x: tf.Tensor, axis: int, factor: int) -> tf.Tensor:
+    """Linear upsampling by an integer factor along one axis, half-pixel centres.
+
+    Output sample i sits at source coordinate (i + 0.5) / factor - 0.5, clamped
+    to the edge (as tf.image.resize(..., 'bilinear') and PyTorch's
+    align_corners=False). For phase r = i mod factor the offset from source
+    sample k = i div factor is o_r = (r + 0.5) / factor - 0.5, so each phase is
+    a fixed two-tap blend of x[k] and its left (o_r < 0) or right neighbour.
+    """
+    n = tf.shape(x)[axis]
+    # Neighbours with edge replication: pad one sample each side by
+    # reflection (SYMMETRIC repeats the edge sample), then shift.
+    paddings = [[0, 0]] * 5
+    paddings[axis] = [1, 1]
+    padded = tf.pad(x, paddings, mode="SYMMETRIC")
+    left = _slice_axis(padded, axis, 0, n)
+    right = _slice_axis(padded, axis, 2, n)
+    phases = []
+    for r in range(factor):
+        offset = (r + 0.5) / factor - 0.5
+        if offset < 0:
+            phases.append((1.0 + offset) * x + (-offset) * left)
+        elif offset > 0:
+            phases.append((1.0 - offset) * x + offset * right)
+        else:
+            phases.append(x)
+    # Interleave: [..., n, factor, ...] -> [..., n * factor, ...].
+    stacked = tf.stack(phases, axis=axis + 1)
+    shape = tf.shape(x)
+    new_shape = tf.concat([shape[:axis], [n * factor], shape[axis + 1 :]], axis=0)
+    return tf.reshape(stacked, new_shape)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TrilinearUpSampling3D(keras.layers.Layer):
+    """Trilinear upsampling of [B, D, H, W, C] by an integer factor per axis.
+
+    The paper upsamples with trilinear interpolation (§3.1, "3D bilinear");
+    Keras 3's UpSampling3D only repeats voxels (nearest neighbour). This layer
+    is separable linear interpolation with half-pixel centres and edge
+    clamping, the convention of tf.image.resize and of PyTorch's
+    ``Upsample(mode='trilinear', align_corners=False)`` used by MONAI's
+    SegResNet. Works for unknown (None) spatial sizes and any float dtype.
+    """
+
+    def __init__(self, size=2, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(size, int):
+            size = (size, size, size)
+        if not isinstance(size, (tuple, list)) or len(size) != 3:
+            raise ValueError(f"size must be an int or 3 ints, got {size!r}")
+        for s in size:
+            _check_positive_int("size", s)
+        self.size = tuple(size)
+
+    def call(self, inputs):
+        x = inputs
+        for axis, factor in zip((1, 2, 3), self.size):
+            if factor > 1:
+                x = _upsample_axis(x, axis, factor)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        shape = list(input_shape)
+        for i, factor in zip((1, 2, 3), self.size):
+            if shape[i] is not None:
+                shape[i] = shape[i] * factor
+        return tuple(shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(size=self.size)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GaussianSampling(keras.layers.Layer):
+    """VDraw (§3.2): splits VD's output and draws z ~ N(mean, std^2).
+
+    The input [B, 2 * latent] is split into a mean half and a log-variance
+    half, std = exp(0.5 * log_var), and z = mean + std * eps with
+    eps ~ N(0, I) (reparameterisation). The paper's Table 1 calls the second
+    half "std"; predicting log-variance is the same distribution family
+    without a positivity constraint or log(0) in the KL term (deviation
+    documented in WORKSPACE.md).
+
+    Always samples (training and inference): the VAE branch exists only in
+    the training model. Computed in float32 (its dtype policy is forced).
+
+    Input: [B, 2 * latent]. Outputs: (z, mean, log_var), each [B, latent], float32.
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if input_shape[-1] is None or input_shape[-1] % 2:
+            raise ValueError(
+                f"{self.name}: the input's last size must be even (mean and log-variance "
+                f"halves), got {input_shape[-1]}"
+            )
+        self.built = True
+
+    def call(self, inputs):
+        params = tf.cast(inputs, tf.float32)
+        mean, log_var = tf.split(params, 2, axis=-1)
+        eps = keras.random.normal(tf.shape(mean), seed=self.seed_generator)
+        z = mean + tf.exp(0.5 * log_var) * eps
+        return z, mean, log_var
+
+    def compute_output_shape(self, input_shape):
+        half = tuple(input_shape[:-1]) + (input_shape[-1] // 2,)
+        return half, half, half
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SpatialDivisibilityCheck(keras.layers.Layer):
+    """Identity that fails with a clear message when D, H or W is not divisible.
+
+    The encoder downsamples three times by 2 and the decoder adds the skip
+    connections back, so every spatial size must be divisible by 8 (PAPER.md
+    "Network"). Checked statically when the size is known and at run time
+    (tf.debugging) when it is not.
+    """
+
+    def __init__(self, divisor: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        self.divisor = _check_positive_int("divisor", divisor)
+
+    def build(self, input_shape):
+        check_spatial_shape(input_shape[1:4], self.divisor)
+        self.built = True
+
+    def call(self, inputs):
+        spatial = tf.shape(inputs)[1:4]
+        tf.debugging.assert_equal(
+            spatial % self.divisor,
+            tf.zeros_like(spatial),
+            message=(
+                f"every spatial size of the [B, D, H, W, C] input must be divisible by "
+                f"{self.divisor}; pad the volume (e.g. 240x240x155 -> 240x240x160) and crop "
+                f"the prediction back"
+            ),
+        )
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(divisor=self.divisor)
+        return config
+
+
+def check_spatial_shape(spatial_shape, divisor: int) -> None:
+    """Raises ValueError naming the shape when a known size is not divisible."""
+    known = [s for s in spatial_shape if s is not None]
+    if any(int(s) <= 0 for s in known):
+        raise ValueError(f"spatial sizes must be positive, got {tuple(spatial_shape)}")
+    bad = [int(s) for s in known if int(s) % divisor]
+    if bad:
+        shape = "x".join("?" if s is None else str(int(s)) for s in spatial_shape)
+        padded = "x".join(
+            "?" if s is None else str(-(-int(s) // divisor) * divisor) for s in spatial_shape
+        )
+        raise ValueError(
+            f"spatial size {shape} is not divisible by {divisor} (sizes {bad}); "
+            f"pad to {padded} and crop the prediction back"
+        )

@@ -1,0 +1,214 @@
+"""The network of PAPER.md "Network" (§3, Fig. 1, Table 1), assembled functionally.
+
+Two models share one set of layers:
+
+* ``build_model(config)``: the training model. Input [B, D, H, W, 4] at the
+  training crop (160 x 192 x 128 in the paper). Outputs a dict:
+    - ``seg``:       [B, D, H, W, 3] sigmoid probabilities, channels WT, TC, ET
+                     (brats_tf.constants.REGIONS), float32;
+    - ``recon``:     [B, D, H, W, 4] the VAE's reconstruction of the input
+                     (linear output, compared with the normalised input), float32;
+    - ``z_mean``, ``z_log_var``: [B, latent_dim] the VAE's posterior, float32.
+  Without the VAE (``config.vae=False``) only ``seg``.
+* ``build_inference_model(model)``: encoder + segmentation decoder with the
+  same layer objects (so the same weights), no VAE, any spatial size
+  divisible by 8 (``None`` spatial dims). Output: ``{"seg": probabilities}``.
+
+Every layer carries the paper's stage name (InitConv, EncoderBlock1_0,
+EncoderDown2, DecoderUp1_Conv1, DecoderBlock0_0, DecoderEnd_Conv1, VD_Conv,
+VDraw, VU_Dense, VUp2_Conv1, VBlock1_0, Vend, ...), so the model summary reads
+like Table 1 and tests can count parameters stage by stage.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import keras
+
+from brats_tf import layers as L
+from brats_tf.config import ModelConfig
+
+
+class _Stages:
+    """Makes each paper stage's layer, or fetches it from an existing model.
+
+    The forward pass is written once (``_encode``, ``_decode``, ``_vae``); the
+    training model creates the layers, the inference model re-uses them by
+    name, which is what makes their weights shared.
+    """
+
+    def __init__(self, source: keras.Model | None = None):
+        self.source = source
+
+    def __call__(self, name: str, make: Callable[[], keras.layers.Layer]) -> keras.layers.Layer:
+        if self.source is None:
+            return make()
+        return self.source.get_layer(name)
+
+
+def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
+    """Encoder: returns the output of every level, finest first (§3.1)."""
+    x = stage("InitConv", lambda: L.conv3d(cfg.init_filters, 3, l2_weight=cfg.l2_weight,
+                                           name="InitConv"))(x)
+    x = stage("InitDropout", lambda: keras.layers.SpatialDropout3D(
+        cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
+    features = []
+    for level, n_blocks in enumerate(cfg.blocks_down):
+        filters = cfg.filters(level)
+        if level > 0:
+            name = f"EncoderDown{level}"
+            x = stage(name, lambda: L.conv3d(filters, 3, strides=2, l2_weight=cfg.l2_weight,
+                                             name=name))(x)
+        for i in range(n_blocks):
+            name = f"EncoderBlock{level}_{i}"
+            x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
+                                                  name=name))(x)
+        features.append(x)
+    return features
+
+
+def _decode(features: list, cfg: ModelConfig, stage: _Stages):
+    """Segmentation decoder with additive skips (§3.1); returns probabilities."""
+    x = features[-1]
+    for level in reversed(range(cfg.levels - 1)):
+        filters = cfg.filters(level)
+        up = f"DecoderUp{level}"
+        x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
+                                                  name=f"{up}_Conv1"))(x)
+        x = stage(f"{up}_Upsample", lambda: L.TrilinearUpSampling3D(2, name=f"{up}_Upsample"))(x)
+        x = stage(f"{up}_Add", lambda: keras.layers.Add(name=f"{up}_Add"))([x, features[level]])
+        for i in range(cfg.blocks_up[level]):
+            name = f"DecoderBlock{level}_{i}"
+            x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
+                                                  name=name))(x)
+    x = stage("DecoderEnd_Conv1", lambda: L.conv3d(cfg.num_classes, 1, l2_weight=cfg.l2_weight,
+                                                   name="DecoderEnd_Conv1"))(x)
+    # float32 outputs under a mixed precision policy.
+    return stage("DecoderEnd_Sigmoid", lambda: keras.layers.Activation(
+        "sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"))(x)
+
+
+def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
+    """VAE branch (§3.2, Table 1), from the encoder endpoint, no skips.
+
+    Returns (recon, z_mean, z_log_var).
+    """
+    # VD: GN, ReLU, Conv(16) stride 2, flatten, Dense(2 * latent).
+    x = stage("VD_GN", lambda: keras.layers.GroupNormalization(cfg.groups, epsilon=1e-5,
+                                                               name="VD_GN"))(endpoint)
+    x = stage("VD_ReLU", lambda: keras.layers.ReLU(name="VD_ReLU"))(x)
+    x = stage("VD_Conv", lambda: L.conv3d(cfg.vae_filters, 3, strides=2,
+                                          l2_weight=cfg.l2_weight, name="VD_Conv"))(x)
+    x = stage("VD_Flatten", lambda: keras.layers.Flatten(name="VD_Flatten"))(x)
+    x = stage("VD_Dense", lambda: keras.layers.Dense(2 * cfg.latent_dim, name="VD_Dense"))(x)
+    # VDraw: split into mean / log-variance, sample by reparameterisation.
+    z, z_mean, z_log_var = stage("VDraw", lambda: L.GaussianSampling(seed=cfg.seed,
+                                                                     name="VDraw"))(x)
+    # VU: Dense to vae_filters x grid, ReLU, Conv1 to the endpoint width, upsample.
+    grid = cfg.vae_grid
+    x = stage("VU_Dense", lambda: keras.layers.Dense(
+        cfg.vae_filters * grid[0] * grid[1] * grid[2], name="VU_Dense"))(z)
+    x = stage("VU_ReLU", lambda: keras.layers.ReLU(name="VU_ReLU"))(x)
+    x = stage("VU_Reshape", lambda: keras.layers.Reshape(grid + (cfg.vae_filters,),
+                                                         name="VU_Reshape"))(x)
+    top = cfg.levels - 1
+    x = stage("VU_Conv1", lambda: L.conv3d(cfg.filters(top), 1, l2_weight=cfg.l2_weight,
+                                           name="VU_Conv1"))(x)
+    x = stage("VU_Upsample", lambda: L.TrilinearUpSampling3D(2, name="VU_Upsample"))(x)
+    # VUp{level}: Conv1 (halve channels), upsample; VBlock{level}: ResNet block.
+    for level in reversed(range(top)):
+        filters = cfg.filters(level)
+        x = stage(f"VUp{level}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
+                                                        name=f"VUp{level}_Conv1"))(x)
+        x = stage(f"VUp{level}_Upsample", lambda: L.TrilinearUpSampling3D(
+            2, name=f"VUp{level}_Upsample"))(x)
+        x = stage(f"VBlock{level}_0", lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
+                                                            name=f"VBlock{level}_0"))(x)
+    # Vend: Conv1 to the input channels, float32 (compared with the input).
+    recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.l2_weight,
+                                           name="Vend", dtype="float32"))(x)
+    return recon, z_mean, z_log_var
+
+
+def build_model(config: ModelConfig | None = None, name: str = "brats_vae_segmenter") -> keras.Model:
+    """The training model of Table 1 (encoder, segmentation decoder, VAE)."""
+    cfg = config or ModelConfig()
+    stage = _Stages()
+    image = keras.Input(cfg.input_shape + (cfg.in_channels,), name="image")
+    x = L.SpatialDivisibilityCheck(cfg.spatial_divisor, name="InputCheck")(image)
+    features = _encode(x, cfg, stage)
+    outputs = {"seg": _decode(features, cfg, stage)}
+    if cfg.vae:
+        recon, z_mean, z_log_var = _vae(features[-1], cfg, stage)
+        outputs.update(recon=recon, z_mean=z_mean, z_log_var=z_log_var)
+    return keras.Model(image, outputs, name=name)
+
+
+def config_from_model(model: keras.Model) -> ModelConfig:
+    """Recovers the segmentation network's ModelConfig from a built model.
+
+    Works on a model from ``build_model`` or one loaded from a ``.keras`` file:
+    levels and blocks per level are counted from the paper's stage names.
+    """
+    names = [layer.name for layer in model.layers]
+
+    def count(prefix: str) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for n in names:
+            m = re.fullmatch(rf"{prefix}(\d+)_(\d+)", n)
+            if m:
+                found[int(m[1])] = found.get(int(m[1]), 0) + 1
+        return found
+
+    down, up = count("EncoderBlock"), count("DecoderBlock")
+    if not down or "InitConv" not in names:
+        raise ValueError(
+            f"model {model.name!r} is not a brats_tf model: no InitConv / EncoderBlock layers"
+        )
+    init = model.get_layer("InitConv")
+    block = model.get_layer("EncoderBlock0_0")
+    image_shape = model.inputs[0].shape
+    vae = "Vend" in names
+    input_shape = tuple(image_shape[1:4])
+    if None in input_shape:  # an inference model: any size; keep a valid placeholder
+        input_shape = (2 ** len(down),) * 3
+    return ModelConfig(
+        input_shape=input_shape,
+        in_channels=image_shape[-1],
+        num_classes=model.get_layer("DecoderEnd_Conv1").filters,
+        init_filters=init.filters,
+        groups=block.groups,
+        blocks_down=tuple(down[i] for i in range(len(down))),
+        blocks_up=tuple(up[i] for i in range(len(up))),
+        dropout=model.get_layer("InitDropout").rate,
+        l2_weight=block.l2_weight,
+        vae=vae,
+    )
+
+
+def build_inference_model(
+    model: keras.Model,
+    spatial_shape: tuple = (None, None, None),
+    name: str = "brats_segmenter",
+) -> keras.Model:
+    """Encoder + segmentation decoder of ``model``, sharing its weights, no VAE.
+
+    Args:
+      model: a training model from ``build_model`` (or loaded from .keras).
+      spatial_shape: (D, H, W) of the input; ``None`` for any size. Known sizes
+        must be divisible by 8 (2 ** (levels - 1)), else ValueError.
+
+    Returns a model [B, D, H, W, 4] -> {"seg": [B, D, H, W, 3] probabilities}.
+    """
+    cfg = config_from_model(model)
+    spatial_shape = tuple(spatial_shape)
+    if len(spatial_shape) != 3:
+        raise ValueError(f"spatial_shape must be (D, H, W), got {spatial_shape!r}")
+    L.check_spatial_shape(spatial_shape, cfg.spatial_divisor)
+    stage = _Stages(model)
+    image = keras.Input(spatial_shape + (cfg.in_channels,), name="image")
+    x = L.SpatialDivisibilityCheck(cfg.spatial_divisor, name="InputCheck")(image)
+    seg = _decode(_encode(x, cfg, stage), cfg, stage)
+    return keras.Model(image, {"seg": seg}, name=name)

@@ -1,0 +1,250 @@
+"""brats_tf.layers against independent NumPy computations."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf import layers as L
+
+
+# ----------------------------------------------------------------- trilinear
+def _linear_upsample_axis_np(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
+    """np.interp along one axis at half-pixel-centred source coordinates."""
+    n = x.shape[axis]
+    src = (np.arange(n * factor) + 0.5) / factor - 0.5
+    src = np.clip(src, 0, n - 1)
+    return np.apply_along_axis(lambda v: np.interp(src, np.arange(n), v), axis, x)
+
+
+def _trilinear_np(x: np.ndarray, size) -> np.ndarray:
+    for axis, factor in zip((1, 2, 3), size):
+        x = _linear_upsample_axis_np(x, axis, factor)
+    return x
+
+
+def _trilinear_point_np(x: np.ndarray, size, out_index) -> np.ndarray:
+    """One output voxel by the explicit 8-corner trilinear formula."""
+    coords, lows, highs, fracs = [], [], [], []
+    for n, factor, i in zip(x.shape[1:4], size, out_index):
+        c = min(max((i + 0.5) / factor - 0.5, 0.0), n - 1)
+        lo = int(np.floor(c))
+        hi = min(lo + 1, n - 1)
+        coords.append(c)
+        lows.append(lo)
+        highs.append(hi)
+        fracs.append(c - lo)
+    value = 0.0
+    for corner in itertools.product((0, 1), repeat=3):
+        idx, weight = [], 1.0
+        for axis, bit in enumerate(corner):
+            idx.append(highs[axis] if bit else lows[axis])
+            weight *= fracs[axis] if bit else 1.0 - fracs[axis]
+        value = value + weight * x[0, idx[0], idx[1], idx[2], :]
+    return value
+
+
+@pytest.mark.parametrize(
+    "shape,size",
+    [
+        ((1, 2, 2, 2, 1), (2, 2, 2)),
+        ((2, 5, 3, 4, 3), (2, 2, 2)),
+        ((1, 4, 6, 3, 2), (3, 2, 1)),
+        ((1, 1, 7, 2, 1), (2, 4, 2)),
+    ],
+)
+def test_trilinear_matches_numpy_interp(shape, size):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    got = L.TrilinearUpSampling3D(size)(x).numpy()
+    want = _trilinear_np(x.astype(np.float64), size)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_trilinear_matches_explicit_eight_corner_formula():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 3, 4, 5, 2))
+    got = L.TrilinearUpSampling3D(2)(x.astype(np.float32)).numpy()
+    for out_index in [(0, 0, 0), (1, 2, 3), (5, 7, 9), (2, 5, 0), (4, 1, 6)]:
+        want = _trilinear_point_np(x, (2, 2, 2), out_index)
+        np.testing.assert_allclose(got[(0,) + out_index], want, rtol=1e-5, atol=1e-6)
+
+
+def test_trilinear_hand_values_1d():
+    # [0, 4] upsampled x2 with half-pixel centres: 0, 1, 3, 4 (edges clamp).
+    x = np.zeros((1, 2, 1, 1, 1), np.float32)
+    x[0, :, 0, 0, 0] = [0.0, 4.0]
+    got = L.TrilinearUpSampling3D((2, 1, 1))(x).numpy()[0, :, 0, 0, 0]
+    np.testing.assert_allclose(got, [0.0, 1.0, 3.0, 4.0])
+
+
+def test_trilinear_matches_tf_image_resize_bilinear():
+    """Independent TF implementation: bilinear resize of (H, W), then of (D, .)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1, 4, 6, 5, 3)).astype(np.float32)
+    b, d, h, w, c = x.shape
+    hw = tf.image.resize(x.reshape(b * d, h, w, c), (2 * h, 2 * w), method="bilinear")
+    hw = tf.reshape(hw, (b, d, 2 * h * 2 * w, c))
+    dd = tf.image.resize(hw, (2 * d, 2 * h * 2 * w), method="bilinear")
+    want = tf.reshape(dd, (b, 2 * d, 2 * h, 2 * w, c)).numpy()
+    got = L.TrilinearUpSampling3D(2)(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_trilinear_unknown_spatial_size_and_float16():
+    inp = keras.Input((None, None, None, 2))
+    model = keras.Model(inp, L.TrilinearUpSampling3D(2)(inp))
+    x = np.random.default_rng(3).normal(size=(1, 3, 5, 2, 2)).astype(np.float32)
+    np.testing.assert_allclose(model(x).numpy(), _trilinear_np(x, (2, 2, 2)), atol=1e-5)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    y16 = L.TrilinearUpSampling3D(2)(tf.constant(x, tf.float16))
+    assert y16.dtype == tf.float16
+    np.testing.assert_allclose(y16.numpy(), _trilinear_np(x, (2, 2, 2)), atol=1e-2)
+
+
+@pytest.mark.parametrize("size", [0, (2, 2), (2, -1, 2), 1.5])
+def test_trilinear_rejects_bad_size(size):
+    with pytest.raises(ValueError, match="size"):
+        L.TrilinearUpSampling3D(size)
+
+
+# ---------------------------------------------------------------- ResNetBlock
+def _group_norm_np(x, gamma, beta, groups, eps=1e-5):
+    b, d, h, w, c = x.shape
+    g = x.reshape(b, d, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 3, 5), keepdims=True)
+    var = g.var(axis=(1, 2, 3, 5), keepdims=True)
+    out = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return out * gamma + beta
+
+
+def _conv_same_np(x, kernel, bias):
+    """3x3x3 'same' convolution, stride 1, by explicit shifted sums (NumPy)."""
+    k = kernel.shape[0]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
+    _, d, h, w, _ = x.shape
+    out = np.zeros(x.shape[:4] + (kernel.shape[-1],))
+    for i, j, l in itertools.product(range(k), repeat=3):
+        out += xp[:, i : i + d, j : j + h, l : l + w, :] @ kernel[i, j, l]
+    return out + bias
+
+
+def test_resnet_block_matches_numpy_reference():
+    rng = np.random.default_rng(4)
+    block = L.ResNetBlock(8, groups=4)
+    x = rng.normal(size=(2, 4, 5, 3, 8)).astype(np.float32)
+    block(x)  # build
+    for var in block.weights:  # non-trivial GN affine parameters too
+        var.assign(rng.normal(scale=0.3, size=var.shape).astype(np.float32))
+    got = block(x).numpy()
+    n1, c1, n2, c2 = block.norm1, block.conv1, block.norm2, block.conv2
+    y = np.maximum(_group_norm_np(x, n1.gamma.numpy(), n1.beta.numpy(), 4), 0)
+    y = _conv_same_np(y, c1.kernel.numpy(), c1.bias.numpy())
+    y = np.maximum(_group_norm_np(y, n2.gamma.numpy(), n2.beta.numpy(), 4), 0)
+    y = _conv_same_np(y, c2.kernel.numpy(), c2.bias.numpy())
+    np.testing.assert_allclose(got, y + x, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_block_is_identity_when_last_conv_is_zero():
+    block = L.ResNetBlock(8, groups=8)
+    x = np.random.default_rng(5).normal(size=(1, 4, 4, 4, 8)).astype(np.float32)
+    block(x)
+    block.conv2.kernel.assign(np.zeros(block.conv2.kernel.shape, np.float32))
+    np.testing.assert_allclose(block(x).numpy(), x, atol=1e-6)
+
+
+def test_resnet_block_rejects_channel_mismatch_and_bad_groups():
+    with pytest.raises(ValueError, match="not divisible by groups=8"):
+        L.ResNetBlock(12, groups=8)
+    with pytest.raises(ValueError, match="input has 4 channels"):
+        L.ResNetBlock(8, groups=8)(np.zeros((1, 2, 2, 2, 4), np.float32))
+
+
+def test_resnet_block_l2_regularises_both_kernels():
+    block = L.ResNetBlock(8, groups=8, l2_weight=1e-5)
+    block(np.zeros((1, 2, 2, 2, 8), np.float32))
+    want = 1e-5 * sum(float(np.sum(c.kernel.numpy() ** 2)) for c in (block.conv1, block.conv2))
+    got = float(sum(block.losses))
+    assert len(block.losses) == 2
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_group_norm_statistics_in_float32_under_mixed_precision():
+    """float16 activations whose variance overflows float16 (> 65504) still normalise."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    block = L.ResNetBlock(8, groups=8)
+    assert block.norm1.compute_dtype == "float16"
+    x = np.random.default_rng(6).normal(scale=600.0, size=(1, 4, 4, 4, 8)).astype(np.float32)
+    block.build(x.shape)
+    normed = block.norm1(tf.constant(x, tf.float16)).numpy().astype(np.float64)
+    assert np.all(np.isfinite(normed))
+    want = _group_norm_np(x.astype(np.float64), 1.0, 0.0, 8)
+    np.testing.assert_allclose(normed, want, atol=2e-2)
+    # A float16 variance of these values overflows: the float32 path matters.
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.float16(x).var(dtype=np.float16))
+
+
+# ------------------------------------------------------------ GaussianSampling
+def test_gaussian_sampling_splits_and_reparameterises():
+    latent = 4
+    mean = np.array([0.0, 1.0, -2.0, 3.0], np.float32)
+    log_var = np.array([0.0, np.log(4.0), np.log(0.25), -20.0], np.float32)
+    params = np.tile(np.concatenate([mean, log_var]), (20000, 1))
+    layer = L.GaussianSampling(seed=7)
+    z, m, lv = layer(params)
+    np.testing.assert_array_equal(m.numpy()[0], mean)
+    np.testing.assert_array_equal(lv.numpy()[0], log_var)
+    z = z.numpy()
+    assert z.shape == (20000, latent) and z.dtype == np.float32
+    np.testing.assert_allclose(z.mean(axis=0), mean, atol=0.05)
+    np.testing.assert_allclose(z.std(axis=0), [1.0, 2.0, 0.5, np.exp(-10.0)], rtol=0.03, atol=1e-4)
+
+
+def test_gaussian_sampling_is_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    layer = L.GaussianSampling()
+    z, m, lv = layer(tf.zeros((2, 6), tf.float16))
+    assert layer.compute_dtype == "float32"
+    assert z.dtype == m.dtype == lv.dtype == tf.float32
+
+
+def test_gaussian_sampling_rejects_odd_width():
+    with pytest.raises(ValueError, match="must be even"):
+        L.GaussianSampling()(np.zeros((1, 5), np.float32))
+
+
+# -------------------------------------------------- SpatialDivisibilityCheck
+def test_divisibility_check_static_and_runtime():
+    with pytest.raises(ValueError, match=r"240x240x155 is not divisible by 8.*240x240x160"):
+        L.SpatialDivisibilityCheck(8)(keras.Input((240, 240, 155, 4)))
+    inp = keras.Input((None, None, None, 1))
+    model = keras.Model(inp, L.SpatialDivisibilityCheck(8)(inp))
+    ok = np.ones((1, 8, 16, 24, 1), np.float32)
+    np.testing.assert_array_equal(model(ok).numpy(), ok)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="divisible by 8"):
+        model(np.ones((1, 8, 16, 12, 1), np.float32))
+
+
+# --------------------------------------------------------------- serialisation
+@pytest.mark.parametrize(
+    "layer",
+    [
+        L.ResNetBlock(16, groups=4, l2_weight=1e-5, name="blk"),
+        L.TrilinearUpSampling3D((2, 3, 1), name="up"),
+        L.GaussianSampling(seed=3, name="draw"),
+        L.SpatialDivisibilityCheck(16, name="check"),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_layer_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert type(restored) is type(layer)
+    assert restored.get_config() == config
