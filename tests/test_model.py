@@ -1,0 +1,295 @@
+"""The assembled network: shapes, Table 1 parameter counts, weight sharing, saving, training."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf import losses
+from brats_tf.config import ModelConfig
+from brats_tf.model import build_inference_model, build_model, config_from_model
+
+TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    return build_model(ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    return build_model(TINY)
+
+
+# ------------------------------------------------ Table 1, counted by hand
+def conv(k, cin, cout):  # kernel + bias
+    return k**3 * cin * cout + cout
+
+
+def gn(c):  # gamma + beta
+    return 2 * c
+
+
+def block(c):  # GN, ReLU, Conv3, GN, ReLU, Conv3 (+ identity, no weights)
+    return 2 * gn(c) + 2 * conv(3, c, c)
+
+
+def dense(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+# PAPER.md Table 1 with the paper's sizes: input 4 x 160x192x128, 32 filters.
+VD_GRID = 16 * 10 * 12 * 8  # VD output: 16 channels x 10x12x8
+PAPER_STAGES = {
+    "InitConv": conv(3, 4, 32),
+    "EncoderBlock0_0": block(32),
+    "EncoderDown1": conv(3, 32, 64),
+    "EncoderBlock1_0": block(64),
+    "EncoderBlock1_1": block(64),
+    "EncoderDown2": conv(3, 64, 128),
+    "EncoderBlock2_0": block(128),
+    "EncoderBlock2_1": block(128),
+    "EncoderDown3": conv(3, 128, 256),
+    **{f"EncoderBlock3_{i}": block(256) for i in range(4)},
+    "DecoderUp2_Conv1": conv(1, 256, 128),
+    "DecoderBlock2_0": block(128),
+    "DecoderUp1_Conv1": conv(1, 128, 64),
+    "DecoderBlock1_0": block(64),
+    "DecoderUp0_Conv1": conv(1, 64, 32),
+    "DecoderBlock0_0": block(32),
+    "DecoderEnd_Conv1": conv(1, 32, 3),
+    "VD_GN": gn(256),
+    "VD_Conv": conv(3, 256, 16),
+    "VD_Dense": dense(VD_GRID, 256),
+    "VU_Dense": dense(128, VD_GRID),
+    "VU_Conv1": conv(1, 16, 256),
+    "VUp2_Conv1": conv(1, 256, 128),
+    "VBlock2_0": block(128),
+    "VUp1_Conv1": conv(1, 128, 64),
+    "VBlock1_0": block(64),
+    "VUp0_Conv1": conv(1, 64, 32),
+    "VBlock0_0": block(32),
+    "Vend": conv(1, 32, 4),
+}
+
+
+def test_paper_parameter_counts_per_stage(paper_model):
+    counted = {layer.name: layer.count_params() for layer in paper_model.layers if layer.weights}
+    assert counted == PAPER_STAGES
+    assert paper_model.count_params() == sum(PAPER_STAGES.values())
+
+
+# PAPER.md Table 1 "output" column, channels last.
+PAPER_SHAPES = {
+    "InitConv": (160, 192, 128, 32),
+    "EncoderBlock0_0": (160, 192, 128, 32),
+    "EncoderBlock1_1": (80, 96, 64, 64),
+    "EncoderBlock2_1": (40, 48, 32, 128),
+    "EncoderBlock3_3": (20, 24, 16, 256),
+    "DecoderUp2_Add": (40, 48, 32, 128),
+    "DecoderBlock2_0": (40, 48, 32, 128),
+    "DecoderUp1_Add": (80, 96, 64, 64),
+    "DecoderBlock0_0": (160, 192, 128, 32),
+    "DecoderEnd_Sigmoid": (160, 192, 128, 3),
+    "VD_Conv": (10, 12, 8, 16),
+    "VD_Dense": (256,),
+    "VU_Reshape": (10, 12, 8, 16),
+    "VU_Upsample": (20, 24, 16, 256),
+    "VUp2_Upsample": (40, 48, 32, 128),
+    "VBlock2_0": (40, 48, 32, 128),
+    "VBlock1_0": (80, 96, 64, 64),
+    "VBlock0_0": (160, 192, 128, 32),
+    "Vend": (160, 192, 128, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SHAPES))
+def test_paper_stage_output_shapes(paper_model, name):
+    assert tuple(paper_model.get_layer(name).output.shape[1:]) == PAPER_SHAPES[name]
+
+
+def test_paper_outputs(paper_model):
+    out = paper_model.output
+    assert set(out) == {"seg", "recon", "z_mean", "z_log_var"}
+    assert tuple(out["seg"].shape) == (None, 160, 192, 128, 3)
+    assert tuple(out["recon"].shape) == (None, 160, 192, 128, 4)
+    assert tuple(out["z_mean"].shape) == tuple(out["z_log_var"].shape) == (None, 128)
+    assert paper_model.get_layer("VDraw").output[0].shape[-1] == 128
+    assert paper_model.get_layer("InitDropout").rate == pytest.approx(0.2)
+    norms = [layer for layer in paper_model._flatten_layers()
+             if isinstance(layer, keras.layers.GroupNormalization)]
+    assert len(norms) == 2 * 15 + 1  # two per ResNet block, one in VD
+    assert all(layer.groups == 8 for layer in norms)
+
+
+def test_paper_l2_on_every_conv_kernel_and_nothing_else(paper_model):
+    convs = [layer for layer in paper_model._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
+    # InitConv, EncoderDown x3, DecoderUp x3, DecoderEnd, VD, VU, VUp x3, Vend,
+    # and two in each of the 15 ResNet blocks (9 encoder, 3 decoder, 3 VAE).
+    assert len(convs) == 14 + 2 * 15
+    for layer in convs:
+        assert layer.kernel_regularizer is not None
+        assert layer.kernel_regularizer.l2 == pytest.approx(1e-5)
+        assert layer.bias_regularizer is None
+    dense = [layer for layer in paper_model.layers if isinstance(layer, keras.layers.Dense)]
+    assert all(layer.kernel_regularizer is None for layer in dense)
+    assert len(paper_model.losses) == len(convs)
+
+
+def test_no_skip_connection_into_the_vae(paper_model):
+    """Walk back from Vend: the only encoder layer reached is the endpoint."""
+    seen, stack = set(), [paper_model.get_layer("Vend")]
+    while stack:
+        layer = stack.pop()
+        if layer.name in seen:
+            continue
+        seen.add(layer.name)
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                stack.append(t._keras_history.operation)
+    assert not any(n.startswith("Decoder") for n in seen)
+    assert "EncoderBlock3_3" in seen
+    # The VAE reaches the finer encoder levels only through the endpoint:
+    # no VAE layer takes an encoder level's output directly.
+    for name in seen:
+        if name.startswith("V"):
+            layer = paper_model.get_layer(name)
+            for node in layer._inbound_nodes:
+                for t in node.input_tensors:
+                    src = t._keras_history.operation.name
+                    assert not src.startswith(("EncoderBlock0", "EncoderBlock1", "EncoderBlock2"))
+
+
+# ------------------------------------------------------------- tiny model
+def test_tiny_forward_shapes_and_dtypes(tiny_model):
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 32, 4)).astype(np.float32)
+    out = tiny_model(x)
+    assert out["seg"].shape == (2, 32, 32, 32, 3) and out["seg"].dtype == tf.float32
+    assert out["recon"].shape == (2, 32, 32, 32, 4)
+    assert out["z_mean"].shape == (2, 16)
+    seg = out["seg"].numpy()
+    assert np.all((seg > 0) & (seg < 1))
+
+
+def test_inference_model_shares_weights_and_takes_any_divisible_size(tiny_model):
+    inf = build_inference_model(tiny_model)
+    assert {id(v) for v in inf.weights} <= {id(v) for v in tiny_model.weights}
+    assert "Vend" not in [layer.name for layer in inf.layers]
+    x = np.random.default_rng(1).normal(size=(1, 32, 32, 32, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        inf(x)["seg"].numpy(), tiny_model(x, training=False)["seg"].numpy(), atol=1e-6
+    )
+    # A change to a weight of one model is a change to the other.
+    kernel = tiny_model.get_layer("DecoderEnd_Conv1").kernel
+    old = kernel.numpy()
+    kernel.assign(old + 0.5)
+    changed = inf(x)["seg"].numpy()
+    kernel.assign(old)
+    np.testing.assert_allclose(changed, tiny_model(x, training=False)["seg"].numpy() * 0 + changed)
+    assert not np.allclose(changed, inf(x)["seg"].numpy())
+    odd = np.random.default_rng(2).normal(size=(1, 24, 40, 16, 4)).astype(np.float32)
+    assert inf(odd)["seg"].shape == (1, 24, 40, 16, 3)
+
+
+def test_inference_model_rejects_sizes_not_divisible_by_8(tiny_model):
+    with pytest.raises(ValueError, match=r"240x240x155 is not divisible by 8"):
+        build_inference_model(tiny_model, (240, 240, 155))
+    inf = build_inference_model(tiny_model)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="divisible by 8"):
+        inf(np.zeros((1, 16, 16, 12, 4), np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(input_shape=(160, 192, 120)), r"divisible by 16.*\[120\]"),
+        (dict(input_shape=(160, 192)), "input_shape"),
+        (dict(init_filters=12), "not divisible by groups=8"),
+        (dict(blocks_up=(1, 1)), "blocks_up"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(l2_weight=-1.0), "l2_weight"),
+        (dict(latent_dim=0), "latent_dim"),
+    ],
+)
+def test_model_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_config_without_vae_needs_only_divisibility_by_8():
+    model = build_model(ModelConfig(input_shape=(24, 40, 8), init_filters=8, vae=False))
+    assert set(model.output) == {"seg"}
+
+
+def test_config_from_model_recovers_the_segmentation_network(paper_model):
+    cfg = config_from_model(paper_model)
+    assert cfg == ModelConfig(seed=None)
+
+
+# --------------------------------------------------------------- saving
+def test_keras_save_load_round_trip(tiny_model, tmp_path):
+    path = tmp_path / "model.keras"
+    tiny_model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(3).normal(size=(1, 32, 32, 32, 4)).astype(np.float32)
+    want, got = tiny_model(x, training=False), loaded(x, training=False)
+    for key in ("seg", "z_mean", "z_log_var"):  # recon depends on VDraw's random draw
+        np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())
+    for a, b in zip(tiny_model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    inf = build_inference_model(loaded)
+    np.testing.assert_array_equal(inf(x)["seg"].numpy(), want["seg"].numpy())
+
+
+# ------------------------------------------------------------ mixed precision
+def test_mixed_precision_outputs_and_losses_are_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = build_model(ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4))
+    assert model.get_layer("InitConv").compute_dtype == "float16"
+    assert model.get_layer("DecoderEnd_Sigmoid").compute_dtype == "float32"
+    assert model.get_layer("VDraw").compute_dtype == "float32"
+    assert model.get_layer("Vend").compute_dtype == "float32"
+    x = np.random.default_rng(4).normal(size=(1, 16, 16, 16, 4)).astype(np.float32)
+    out = model(x)
+    for key in ("seg", "recon", "z_mean", "z_log_var"):
+        assert out[key].dtype == tf.float32, key
+        assert np.all(np.isfinite(out[key].numpy()))
+    labels = np.zeros((1, 16, 16, 16, 3), np.float32)
+    terms = losses.total_loss(labels, x, out)
+    assert all(v.dtype == tf.float32 for v in terms.values())
+
+
+# ----------------------------------------------------------------- training
+def test_a_few_adam_steps_reduce_the_total_loss():
+    keras.utils.set_random_seed(1)
+    cfg = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=1)
+    model = build_model(cfg)
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(1, 32, 32, 32, 4)).astype(np.float32)
+    labels = np.zeros((1, 32, 32, 32, 3), np.float32)
+    labels[0, 8:24, 8:24, 8:24, 0] = 1  # WT
+    labels[0, 12:20, 12:20, 12:20, 1] = 1  # TC
+    labels[0, 14:18, 14:18, 14:18, 2] = 1  # ET
+    image[0, 8:24, 8:24, 8:24, 3] += 2.0  # visible on "FLAIR"
+    image[0, 12:20, 12:20, 12:20, 2] -= 2.0  # visible on "T2"
+    image[0, 14:18, 14:18, 14:18, 1] += 2.0  # visible on "T1ce"
+    optimizer = keras.optimizers.Adam(1e-4)  # the paper's initial rate
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            out = model(image, training=True)
+            terms = losses.total_loss(labels, image, out)
+            loss = losses.reduce_per_example(terms["loss"], 1) + tf.add_n(model.losses)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return terms
+
+    first = step()
+    for _ in range(11):
+        last = step()
+    assert float(last["loss"][0]) < 0.85 * float(first["loss"][0])
+    assert float(last["dice"][0]) < float(first["dice"][0])
+    assert float(last["l2"][0]) < float(first["l2"][0])
