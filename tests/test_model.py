@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from brats_tf import losses
 from brats_tf.config import ModelConfig
+from brats_tf.layers import GroupNorm
 from brats_tf.model import build_inference_model, build_model, config_from_model
 
 TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
@@ -119,7 +120,7 @@ def test_paper_outputs(paper_model):
     assert paper_model.get_layer("VDraw").output[0].shape[-1] == 128
     assert paper_model.get_layer("InitDropout").rate == pytest.approx(0.2)
     norms = [layer for layer in paper_model._flatten_layers()
-             if isinstance(layer, keras.layers.GroupNormalization)]
+             if isinstance(layer, GroupNorm)]
     assert len(norms) == 2 * 15 + 1  # two per ResNet block, one in VD
     assert all(layer.groups == 8 for layer in norms)
 

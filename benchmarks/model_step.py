@@ -1,0 +1,180 @@
+"""Times one training step of the paper network: forward, backward, Adam update.
+
+Batch 1, float32 (or --precision), at each requested crop, each in a fresh
+subprocess so that its peak memory is its own. Prints, per crop: seconds per
+step, model GFLOP per step (brats_tf.flops: convolutions and dense layers,
+training step = 3x forward), achieved GFLOP/s, and the process's peak
+resident memory; plus the GFLOP/s of a large float32 matrix product measured
+in the same process, and the ratio of the two (issue target: >= 50%).
+
+  python benchmarks/model_step.py                          # 64^3 and 160x192x128
+  python benchmarks/model_step.py --crops=64,64,64 --steps=5 --json_out=/tmp/step.json
+
+XLA (--jit_compile) is off by default: on this 2-core CPU it makes the 3-D
+convolutions 7-9x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("crops", ["64,64,64", "160,192,128"],
+                  "Crops to time, each 'D,H,W' (separate several with ';' on the command line "
+                  "or repeat the list with commas in groups of three).")
+flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
+flags.DEFINE_integer("steps", 3, "Timed steps per crop.", lower_bound=1)
+flags.DEFINE_integer("warmup", 1, "Untimed steps first (tracing, allocator warm-up).",
+                     lower_bound=1)
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Keras dtype policy.")
+flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
+flags.DEFINE_integer("matmul_n", 4096, "Size of the reference float32 matrix product.",
+                     lower_bound=256)
+flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+flags.DEFINE_string("_single", None, "Internal: time this one crop in this process.")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def _matmul_gflops(n: int) -> float:
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    tf.linalg.matmul(a, b).numpy()  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        tf.linalg.matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _time_one(crop: tuple[int, int, int]) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from brats_tf import flops, losses
+    from brats_tf.config import ModelConfig
+    from brats_tf.model import build_model
+
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    matmul = _matmul_gflops(FLAGS.matmul_n)
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters))
+    optimizer = keras.optimizers.Adam(1e-4)
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
+    labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))
+
+    @tf.function(jit_compile=FLAGS.jit_compile)
+    def step(image, labels):
+        with tf.GradientTape() as tape:
+            out = model(image, training=True)
+            loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
+            loss += tf.add_n(model.losses)
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    t = time.perf_counter()
+    for _ in range(FLAGS.warmup):
+        step(image, labels).numpy()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(FLAGS.steps):
+        t = time.perf_counter()
+        step(image, labels).numpy()
+        times.append(time.perf_counter() - t)
+    sec = float(np.median(times))
+    gflop = flops.train_step_flops(model) / 1e9
+    return {
+        "crop": "x".join(map(str, crop)),
+        "init_filters": FLAGS.init_filters,
+        "precision": FLAGS.precision,
+        "jit_compile": FLAGS.jit_compile,
+        "params": model.count_params(),
+        "warmup_s": round(first, 2),
+        "sec_per_step": round(sec, 3),
+        "gflop_per_step": round(gflop, 1),
+        "gflops": round(gflop / sec, 1),
+        "matmul_gflops": round(matmul, 1),
+        "fraction_of_matmul": round(gflop / sec / matmul, 3),
+        # ru_maxrss is in KiB on Linux; the baseline is the interpreter + TF.
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "baseline_rss_gib": round(rss0 / 2**20, 2),
+    }
+
+
+def _parse_crops(values: list[str]) -> list[tuple[int, int, int]]:
+    numbers = [int(v) for item in values for v in item.replace(";", ",").split(",") if v]
+    if not numbers or len(numbers) % 3:
+        raise app.UsageError(f"--crops needs groups of three sizes D,H,W, got {values}")
+    crops = [tuple(numbers[i : i + 3]) for i in range(0, len(numbers), 3)]
+    for crop in crops:
+        if any(n % 16 for n in crop):
+            raise app.UsageError(f"--crops: every size must be divisible by 16, got {crop}")
+    return crops
+
+
+def main(argv):
+    del argv
+    if FLAGS._single:
+        print(json.dumps(_time_one(_parse_crops([FLAGS._single])[0])))
+        return
+    machine = _machine()
+    print(f"machine: {machine}")
+    results = []
+    for crop in _parse_crops(FLAGS.crops):
+        args = [sys.executable, os.path.abspath(__file__), f"--_single={','.join(map(str, crop))}"]
+        for name in ("init_filters", "steps", "warmup", "precision", "jit_compile", "matmul_n"):
+            args.append(f"--{name}={FLAGS[name].value}")
+        print(f"timing crop {crop} ...", flush=True)
+        proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"benchmark for crop {crop} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(
+            f"  {result['crop']} width {result['init_filters']} {result['precision']}: "
+            f"{result['sec_per_step']:.3f} s/step, {result['gflop_per_step']:.1f} GFLOP/step, "
+            f"{result['gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% of "
+            f"matmul {result['matmul_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_gib']} GiB",
+            flush=True,
+        )
+    if FLAGS.json_out:
+        tmp = FLAGS.json_out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"machine": machine, "results": results}, f, indent=2)
+        os.replace(tmp, FLAGS.json_out)
+        print(f"wrote {FLAGS.json_out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
