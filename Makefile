@@ -20,8 +20,14 @@ test: venv
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
+# Until train.py / evaluate.py exist (issues 4 and 5), the demo runs what exists.
+demo: venv
+	@echo "make demo: the data pipeline, train.py and evaluate.py are not built yet;"
+	@echo "this demo builds the paper network (Table 1) and times training steps at a small size."
+	$(PY) benchmarks/model_step.py --crops=32,32,32 --init_filters=8 --steps=2
+
 bench: venv
-	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/model_step.py --json_out=benchmarks/model_step.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,235 @@
+"""The custom training loop: distribution scaling, loss scaling, resume, non-finite losses.
+
+Strategies with several replicas run in subprocesses: the CPU is split into
+two logical devices before TensorFlow initialises.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf import training
+from brats_tf.config import LossConfig, ModelConfig
+from brats_tf.schedules import poly_lr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (16, 16, 16)
+TINY = ModelConfig(input_shape=SHAPE, init_filters=8, latent_dim=8, dropout=0.0)
+
+
+def make_cases(n, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n,) + SHAPE + (4,)).astype(np.float32)
+    labels = np.zeros((n,) + SHAPE + (3,), np.float32)
+    for i in range(n):
+        c = rng.integers(4, 12, size=3)
+        labels[i, c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3, 0] = 1
+        labels[i, c[0] - 1 : c[0] + 1, c[1] - 1 : c[1] + 1, c[2] - 1 : c[2] + 1, 1:] = 1
+        images[i, ..., 3] += 2 * labels[i, ..., 0]
+    return images, labels
+
+
+def dataset_fn_for(images, labels, batch, shuffle=True, seed=0):
+    def fn(ctx, epoch):
+        ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        if shuffle:  # a different, reproducible order every epoch
+            ds = ds.shuffle(len(images), seed=seed * 1000 + epoch)
+        return ds.batch(batch)
+    return fn
+
+
+def sgd(lr):
+    return keras.optimizers.SGD(learning_rate=lr)
+
+
+def test_train_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got -1"):
+        training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, epochs=-1)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, strategy="tpu")
+    with pytest.raises(ValueError, match="precision"):
+        training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, precision="float16")
+
+
+def test_one_sgd_step_matches_the_hand_written_gradient(tmp_path):
+    """The loop's update is exactly -lr * grad(total loss + L2 reg) of the batch mean."""
+    images, labels = make_cases(2)
+    cfg = training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, epochs=1,
+                               initial_lr=0.1, batch_per_replica=2, verbose=False)
+    trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
+                               dataset_fn_for(images, labels, 2, shuffle=False),
+                               optimizer_fn=sgd)
+    model = trainer.model
+    w0 = [w.numpy() for w in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        out = model(images, training=True)
+        from brats_tf import losses
+        terms = losses.total_loss(labels, images, out, LossConfig(l2_weight=0.0))
+        loss = tf.reduce_mean(terms["loss"]) + tf.add_n(model.losses)
+    grads = tape.gradient(loss, model.trainable_variables)
+    history = trainer.train()
+    for w, g, var in zip(w0, grads, model.trainable_variables):
+        np.testing.assert_allclose(var.numpy(), w - 0.1 * g.numpy(), rtol=1e-4, atol=1e-6)
+    assert history[0]["lr"] == pytest.approx(0.1)
+    assert history[0]["loss"] == pytest.approx(float(tf.reduce_mean(terms["loss"])), rel=1e-5)
+
+
+_MIRRORED = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import keras
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from test_training import TINY, dataset_fn_for, make_cases, sgd
+    from brats_tf import training
+    from brats_tf.config import LossConfig
+    images, labels = make_cases(2)
+    results = {{}}
+    init = None
+    for name, strategy, per_replica in [
+        ("single", tf.distribute.OneDeviceStrategy("/cpu:0"), 2),
+        ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 1),
+    ]:
+        cfg = training.TrainConfig(model_dir=os.path.join({tmp!r}, name), num_train_cases=2,
+                                   epochs=1, initial_lr=0.5, batch_per_replica=per_replica,
+                                   verbose=False)
+        # l2_weight 0: the VAE's random draw differs between the two layouts;
+        # the Dice, KL and weight-regularisation gradients do not.
+        trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
+                                   dataset_fn_for(images, labels, per_replica, shuffle=False),
+                                   strategy=strategy, optimizer_fn=sgd)
+        if init is None:
+            init = trainer.model.get_weights()
+        else:
+            trainer.model.set_weights(init)
+        assert trainer.strategy.num_replicas_in_sync == (1 if name == "single" else 2)
+        summary = trainer.train()[0]
+        np.savez(os.path.join({tmp!r}, name + ".npz"), *trainer.model.get_weights())
+        results[name] = summary["loss"]
+    np.savez(os.path.join({tmp!r}, "init.npz"), *init)
+    print(json.dumps(results))
+    """
+)
+
+
+def test_mirrored_two_replicas_equal_one_device_with_the_global_batch(tmp_path):
+    script = _MIRRORED.format(root=ROOT, tests=os.path.join(ROOT, "tests"), tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses_ = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert losses_["single"] == pytest.approx(losses_["mirrored"], rel=1e-5)
+    single = np.load(tmp_path / "single.npz")
+    mirrored = np.load(tmp_path / "mirrored.npz")
+    init = np.load(tmp_path / "init.npz")
+    moved = 0.0
+    for key in single.files:
+        np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-5, atol=1e-6)
+        moved = max(moved, float(np.max(np.abs(single[key] - init[key]))))
+    # The step moved the weights far more than the tolerance: a summed
+    # (2x) gradient on the two replicas would fail the comparison above.
+    assert moved > 1e-3
+
+
+def test_mixed_float16_scales_the_loss(tmp_path):
+    """Under mixed_float16 the SGD update matches float32's; unscaled float16
+    gradients would underflow or be divided by the loss scale (32768)."""
+    images, labels = make_cases(1)
+    deltas = {}
+    init = None
+    for precision in ("float32", "mixed_float16"):
+        cfg = training.TrainConfig(model_dir=str(tmp_path / precision), num_train_cases=1,
+                                   epochs=1, initial_lr=0.5, precision=precision, verbose=False)
+        trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
+                                   dataset_fn_for(images, labels, 1), optimizer_fn=sgd)
+        if init is None:
+            init = trainer.model.get_weights()
+        else:
+            trainer.model.set_weights(init)
+        if precision == "mixed_float16":
+            assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+            assert float(trainer.optimizer.dynamic_scale) == 2.0**15
+        # Repeat the one-step epoch until the inner optimizer has applied one
+        # update (a step whose scaled gradients overflow is skipped).
+        while int(getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
+                  .iterations.numpy()) < 1:
+            trainer.epoch.assign(0)
+            trainer.train()
+            trainer.history.clear()
+            if trainer.optimizer.iterations.numpy() > 8:
+                pytest.fail("mixed_float16: no finite step in 8 tries")
+        deltas[precision] = [w - w0 for w, w0 in zip(trainer.model.get_weights(), init)]
+    keras.mixed_precision.set_global_policy("float32")
+    d32 = np.concatenate([d.ravel() for d in deltas["float32"]])
+    d16 = np.concatenate([d.ravel() for d in deltas["mixed_float16"]])
+    # Same update up to float16 rounding: same direction and size. Without
+    # scale_loss the float16 update would be ~32768x smaller (or zero).
+    cosine = float(d32 @ d16 / (np.linalg.norm(d32) * np.linalg.norm(d16)))
+    assert cosine > 0.98
+    assert 0.8 < np.linalg.norm(d16) / np.linalg.norm(d32) < 1.25
+
+
+def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
+    images, labels = make_cases(2)
+    images[1, 0, 0, 0, 0] = np.nan
+    cfg = training.TrainConfig(model_dir=str(tmp_path / "stop"), num_train_cases=2, epochs=1,
+                               verbose=False)
+    trainer = training.Trainer(TINY, LossConfig(), cfg,
+                               dataset_fn_for(images, labels, 1, shuffle=False))
+    with pytest.raises(training.NonFiniteLossError, match=r"epoch 1, step 2"):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "stop" / "checkpoints" / "checkpoint")
+    cfg = training.TrainConfig(model_dir=str(tmp_path / "skip"), num_train_cases=2, epochs=1,
+                               on_nonfinite="skip", verbose=False)
+    trainer = training.Trainer(TINY, LossConfig(), cfg,
+                               dataset_fn_for(images, labels, 1, shuffle=False))
+    summary = trainer.train()[0]
+    assert summary["skipped_steps"] == 1
+    assert all(np.all(np.isfinite(w)) for w in trainer.model.get_weights())
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
+    images, labels = make_cases(3, seed=1)
+    model_cfg = ModelConfig(input_shape=SHAPE, init_filters=8, latent_dim=8)  # dropout on
+
+    def run(model_dir, crash_after=None):
+        def epoch_end(trainer, epoch, summary):
+            if crash_after is not None and epoch + 1 == crash_after:
+                raise _Crash()
+            return {}
+        cfg = training.TrainConfig(model_dir=str(model_dir), num_train_cases=3, epochs=3,
+                                   initial_lr=1e-3, seed=7, deterministic=True, verbose=False)
+        return training.Trainer(model_cfg, LossConfig(), cfg,
+                                dataset_fn_for(images, labels, 1, seed=7),
+                                epoch_end_fn=epoch_end)
+
+    straight = run(tmp_path / "a")
+    history = straight.train()
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["lr"] for h in history] == pytest.approx([poly_lr(e, 1e-3, 3) for e in range(3)])
+    with pytest.raises(_Crash):
+        run(tmp_path / "b", crash_after=2).train()
+    resumed = run(tmp_path / "b")
+    assert resumed.restore() == 2
+    rest = resumed.train()
+    assert [h["epoch"] for h in rest] == [3]
+    assert rest[0]["loss"] == pytest.approx(history[2]["loss"], rel=1e-6)
+    for a, b in zip(straight.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(resumed.optimizer.iterations.numpy()) == 9
