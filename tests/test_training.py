@@ -233,3 +233,67 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
     for a, b in zip(straight.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(resumed.optimizer.iterations.numpy()) == 9
+
+
+_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from brats_tf import training
+    strategy = training.make_strategy("multi_worker")  # before any other TF op
+    import numpy as np
+    from test_training import TINY, dataset_fn_for, make_cases
+    from brats_tf.config import LossConfig
+    images, labels = make_cases(4, seed=3)
+    cfg = training.TrainConfig(model_dir={model_dir!r}, num_train_cases=4, epochs=2,
+                               initial_lr=1e-3, seed=5, verbose=False)
+    trainer = training.Trainer(TINY, LossConfig(), cfg, dataset_fn_for(images, labels, 1, seed=5),
+                               strategy=strategy)
+    assert trainer.strategy.num_replicas_in_sync == 2
+    history = trainer.train()
+    assert [h["epoch"] for h in history] == [1, 2], history
+    np.savez({out!r}, *trainer.model.get_weights())
+    print("worker done", trainer.is_chief, trainer.optimizer.iterations.numpy())
+    """
+)
+
+
+def _free_ports(n):
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multi_worker_two_local_workers_end_with_identical_weights(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        script = _WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
+                                model_dir=str(tmp_path / "run"), out=str(tmp_path / f"w{index}.npz"))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TF_CONFIG": json.dumps({"cluster": cluster,
+                                        "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert "worker done" in out
+    w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    for key in w0.files:
+        np.testing.assert_array_equal(w0[key], w1[key])
+    # Only the chief (worker 0) keeps checkpoints, in model_dir/checkpoints.
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint").exists()
+    assert not list((tmp_path / "run").glob(".worker_*"))
