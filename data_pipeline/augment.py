@@ -35,6 +35,31 @@ def normalize_nonzero(image, mean=None, std=None, eps=1e-8):
     return tf.where(nonzero, (image - mean) / tf.maximum(std, eps), 0.0)
 
 
+def crop_window(start, size, dims):
+    """The part of the window [start, start + size) that lies in a grid of `dims`.
+
+    Returns (begin, extent, paddings): the window is the grid's
+    [begin, begin + extent) padded by paddings [3, 2] (before, after) zeros.
+    All int32 [3] tensors (paddings [3, 2]); size is 3 Python ints.
+    """
+    start = tf.cast(start, tf.int32)
+    dims = tf.cast(dims, tf.int32)
+    size_t = tf.constant(size, tf.int32)
+    lo = tf.clip_by_value(start, 0, dims)
+    hi = tf.maximum(tf.clip_by_value(start + size_t, 0, dims), lo)
+    # A window that misses the grid entirely gives an empty piece, all padding.
+    before = tf.clip_by_value(lo - start, 0, size_t)
+    after = size_t - before - (hi - lo)
+    return lo, hi - lo, tf.stack([before, after], axis=1)
+
+
+def pad_spatial(volume, paddings, size):
+    """Zero-pads the first three axes of [d, h, w, ...] by paddings [3, 2] to `size`."""
+    rest = tf.shape(volume)[3:]
+    paddings = tf.concat([paddings, tf.zeros([tf.size(rest), 2], tf.int32)], axis=0)
+    return tf.ensure_shape(tf.pad(volume, paddings), list(size) + volume.shape[3:].as_list())
+
+
 def crop_or_pad(volume, start, size):
     """volume[start : start + size] on the first three axes, with zeros where the
     window leaves the volume (start may be negative or run past the end).
@@ -44,22 +69,11 @@ def crop_or_pad(volume, start, size):
       start: int32 [3]; size: 3 Python ints (the output's static size).
     """
     volume = tf.convert_to_tensor(volume)
-    start = tf.cast(start, tf.int32)
-    size_t = tf.constant(size, tf.int32)
-    dims = tf.shape(volume)[:3]
-    lo = tf.clip_by_value(start, 0, dims)
-    hi = tf.clip_by_value(start + size_t, 0, dims)
-    hi = tf.maximum(hi, lo)
+    begin, extent, paddings = crop_window(start, size, tf.shape(volume)[:3])
     rest = tf.shape(volume)[3:]
-    piece = tf.slice(volume, tf.concat([lo, tf.zeros_like(rest)], 0),
-                     tf.concat([hi - lo, rest], 0))
-    # A window that misses the volume entirely gives an empty piece, all padding.
-    before = tf.clip_by_value(lo - start, 0, size_t)
-    after = size_t - before - (hi - lo)
-    paddings = tf.concat([tf.stack([before, after], axis=1),
-                          tf.zeros([tf.size(rest), 2], tf.int32)], axis=0)
-    out = tf.pad(piece, paddings)
-    return tf.ensure_shape(out, list(size) + volume.shape[3:].as_list())
+    piece = tf.slice(volume, tf.concat([begin, tf.zeros_like(rest)], 0),
+                     tf.concat([extent, rest], 0))
+    return pad_spatial(piece, paddings, size)
 
 
 def random_crop_start(full_shape, crop_shape, seed):
@@ -104,31 +118,48 @@ def random_crop_or_pad(image, label, crop_shape, seed, full_shape=None, box_star
     return image, label
 
 
+def flip_mask(seed, probability=0.5):
+    """Whether to mirror each spatial axis 0, 1, 2 (bool [3]), independently with
+    `probability`."""
+    return tf.random.stateless_uniform([3], seed) < probability
+
+
+def flip_axes(seed, probability=0.5):
+    """The spatial axes to mirror (int32 [n] among 0, 1, 2), as flip_mask."""
+    return tf.boolean_mask(tf.range(3), flip_mask(seed, probability))
+
+
 def random_flip(image, label, seed, probability=0.5):
     """Mirror image and label along each spatial axis (0, 1, 2) independently
     with `probability`. label may be None."""
-    flip = tf.random.stateless_uniform([3], seed) < probability
-    axes = tf.boolean_mask(tf.range(3), flip)
+    axes = flip_axes(seed, probability)
     image = tf.reverse(image, axes)
     if label is not None:
         label = tf.reverse(label, axes)
     return image, label
 
 
+def intensity_params(seed, channels, shift=0.1, scale=(0.9, 1.1)):
+    """Per channel (scale s ~ U(scale), shift o ~ U(-shift, shift)), float32 [channels] each."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    s = tf.random.stateless_uniform([channels], seeds[0], minval=scale[0], maxval=scale[1])
+    o = tf.random.stateless_uniform([channels], seeds[1], minval=-shift, maxval=shift)
+    return s, o
+
+
 def random_intensity(image, seed, shift=0.1, scale=(0.9, 1.1), std=1.0):
-    """Per channel image * s + o with s ~ U(scale) and o ~ U(-shift, shift) * std,
-    on every voxel (paper §3.7; std is the channel's std, 1 after normalize_nonzero).
+    """Per channel image * s + o * std on the non-zero voxels, s ~ U(scale),
+    o ~ U(-shift, shift) (paper §3.7; std is the channel's std, 1 after
+    normalize_nonzero). Zero voxels (background, padding) stay zero, as they
+    are at inference.
 
     Args:
-      image: [..., C] float32.
+      image: [..., C] float32 with static C.
       seed: int [2].
     """
     image = tf.convert_to_tensor(image, tf.float32)
-    channels = tf.shape(image)[-1:]
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    s = tf.random.stateless_uniform(channels, seeds[0], minval=scale[0], maxval=scale[1])
-    o = tf.random.stateless_uniform(channels, seeds[1], minval=-shift, maxval=shift)
-    return image * s + o * tf.cast(std, tf.float32)
+    s, o = intensity_params(seed, image.shape[-1], shift, scale)
+    return tf.where(tf.not_equal(image, 0.0), image * s + o * tf.cast(std, tf.float32), 0.0)
 
 
 def labels_to_regions(label):

@@ -114,39 +114,65 @@ def serialize_example(case_id, image, label, original_shape, affine, box_start):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
+def parse_raw(serialized):
+    """Parses one serialized example without decoding the volumes (graph-safe).
+
+    Returns the `FEATURES` dict with image and label still bytes, and
+    box_shape, box_start, original_shape as int32; pass it to decode_volumes.
+    """
+    ex = tf.io.parse_single_example(serialized, FEATURES)
+    for key in ("box_shape", "box_start", "original_shape"):
+        ex[key] = tf.cast(ex[key], tf.int32)
+    ex["has_label"] = tf.equal(ex["has_label"], 1)
+    ex["affine"] = tf.reshape(tf.io.decode_raw(ex["affine"], tf.float64, little_endian=True), [4, 4])
+    return ex
+
+
+def decode_volumes(ex, begin=None, size=None, paddings=None):
+    """Decodes image (float32 [d, h, w, 4], exact for int16 data) and label
+    (uint8 [d, h, w], zeros when has_label is False) of a parse_raw dict.
+
+    Optionally only the window [begin, begin + size) of the stored box (int32 [3]
+    each, inside the box), zero-padded by paddings (int32 [3, 2], before and
+    after on each spatial axis); both done before the cast to float32 (cheaper).
+    """
+    box_shape = ex["box_shape"]
+    if begin is None:
+        begin, size = tf.zeros([3], tf.int32), box_shape
+    if paddings is None:
+        paddings = tf.zeros([3, 2], tf.int32)
+    begin4 = tf.concat([begin, [0]], 0)
+    size4 = tf.concat([size, [NUM_MODALITIES]], 0)
+    paddings4 = tf.concat([paddings, [[0, 0]]], 0)
+    image_shape = tf.concat([box_shape, [NUM_MODALITIES]], 0)
+
+    def window(dtype):
+        volume = tf.reshape(tf.io.decode_raw(ex["image"], dtype, little_endian=True), image_shape)
+        return tf.cast(tf.pad(tf.slice(volume, begin4, size4), paddings4), tf.float32)
+
+    def label_window():
+        volume = tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), box_shape)
+        return tf.pad(tf.slice(volume, begin, size), paddings)
+
+    image = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
+                    lambda: window(tf.int16), lambda: window(tf.float32))
+    label = tf.cond(ex["has_label"], label_window,
+                    lambda: tf.zeros(size + tf.reduce_sum(paddings, axis=1), tf.uint8))
+    return image, label
+
+
 def parse_example(serialized):
-    """Parses one serialized example into tensors (graph-safe, for Dataset.map).
+    """Parses and decodes one serialized example (graph-safe, for Dataset.map).
 
     Returns a dict: case_id string []; image float32 [d, h, w, 4] (exact for
     int16 data); label uint8 [d, h, w] (zeros when has_label is False);
     has_label bool []; box_start, box_shape, original_shape int32 [3];
     affine float64 [4, 4]; nonzero_mean, nonzero_std float32 [4].
     """
-    ex = tf.io.parse_single_example(serialized, FEATURES)
-    box_shape = tf.cast(ex["box_shape"], tf.int32)
-    image_shape = tf.concat([box_shape, [NUM_MODALITIES]], axis=0)
-    image = tf.cond(
-        tf.equal(ex["image_dtype"], b"int16"),
-        lambda: tf.cast(tf.io.decode_raw(ex["image"], tf.int16, little_endian=True), tf.float32),
-        lambda: tf.io.decode_raw(ex["image"], tf.float32, little_endian=True))
-    image = tf.reshape(image, image_shape)
-    has_label = tf.equal(ex["has_label"], 1)
-    label = tf.cond(
-        has_label,
-        lambda: tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), box_shape),
-        lambda: tf.zeros(box_shape, tf.uint8))
-    return {
-        "case_id": ex["case_id"],
-        "image": image,
-        "label": label,
-        "has_label": has_label,
-        "box_start": tf.cast(ex["box_start"], tf.int32),
-        "box_shape": box_shape,
-        "original_shape": tf.cast(ex["original_shape"], tf.int32),
-        "affine": tf.reshape(tf.io.decode_raw(ex["affine"], tf.float64, little_endian=True), [4, 4]),
-        "nonzero_mean": ex["nonzero_mean"],
-        "nonzero_std": ex["nonzero_std"],
-    }
+    ex = parse_raw(serialized)
+    ex["image"], ex["label"] = decode_volumes(ex)
+    del ex["image_dtype"]
+    return ex
 
 
 def uncrop(array, box_start, original_shape):
