@@ -42,6 +42,8 @@ _CONTRAST = {
 }
 _NOISE_STD = 0.03  # relative to the brightest class
 _CASE_ID = "Brats18_SYN_{:04d}_1"
+_MAX_TUMOUR_DRAWS = 20
+_MIN_PART_VOXELS = 8
 
 
 def _smooth_field(shape, rng, cells=5):
@@ -66,6 +68,24 @@ def _grid(shape, centre, radii):
         a = ((np.arange(n, dtype=np.float32) - c) / r)
         axes.append(a.reshape([-1 if i == axis else 1 for i in range(3)]))
     return axes
+
+
+def _tumour(shape, rng, centre, radii, brain, lgg):
+    """Nested masks (edema, core, necrosis) of a random lumpy tumour in the brain."""
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    t_centre = centre + direction * rng.uniform(0.15, 0.55) * radii
+    t_radius = rng.uniform(0.28, 0.45) * radii.mean() * (0.8 if lgg else 1.0)
+    tx, ty, tz = _grid(shape, t_centre, t_radius * rng.uniform(0.75, 1.3, 3))
+    d = np.sqrt(tx * tx + ty * ty + tz * tz)
+    # Lumpy boundaries: fields that vary on a scale of a few voxels at any size.
+    cells = max(6, int(round(min(shape) / 8)))
+    edema = brain & (d + 0.22 * _smooth_field(shape, rng, cells) < 1.0)
+    core_radius = rng.uniform(0.5, 0.7)
+    core = edema & (d + 0.15 * _smooth_field(shape, rng, cells) < core_radius)
+    necrosis = core & (d + 0.1 * _smooth_field(shape, rng, cells)
+                       < core_radius * rng.uniform(0.4, 0.6))
+    return edema, core, necrosis
 
 
 def make_case(shape=DEFAULT_SHAPE, seed=0, lgg=False):
@@ -105,20 +125,14 @@ def make_case(shape=DEFAULT_SHAPE, seed=0, lgg=False):
                            radii * np.array([0.07, 0.28, 0.16]))
         tissue[brain & (vx * vx + vy * vy + vz * vz < 1.0)] = _CSF
 
-    # Tumour: a deformed ball at a random place well inside the brain.
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    t_centre = centre + direction * rng.uniform(0.15, 0.55) * radii
-    t_radius = rng.uniform(0.28, 0.45) * radii.mean() * (0.8 if lgg else 1.0)
-    tx, ty, tz = _grid(shape, t_centre, t_radius * rng.uniform(0.75, 1.3, 3))
-    d = np.sqrt(tx * tx + ty * ty + tz * tz)
-    # Lumpy boundaries: fields that vary on a scale of a few voxels at any size.
-    cells = max(6, int(round(min(shape) / 8)))
-    edema = brain & (d + 0.22 * _smooth_field(shape, rng, cells) < 1.0)
-    core_radius = rng.uniform(0.5, 0.7)
-    core = edema & (d + 0.15 * _smooth_field(shape, rng, cells) < core_radius)
-    necrosis = core & (d + 0.1 * _smooth_field(shape, rng, cells)
-                       < core_radius * rng.uniform(0.4, 0.6))
+    # Tumour: a deformed ball at a random place well inside the brain; drawn
+    # again (same rng stream, so still deterministic) until every one of its
+    # parts is visible, which small volumes or the brain's edge can prevent.
+    for _ in range(_MAX_TUMOUR_DRAWS):
+        edema, core, necrosis = _tumour(shape, rng, centre, radii, brain, lgg)
+        parts = (edema & ~core, necrosis, core & ~necrosis) if not lgg else (edema & ~core, core)
+        if min(p.sum() for p in parts) >= _MIN_PART_VOXELS:
+            break
     label = np.full(shape, LABEL_BACKGROUND, dtype=np.uint8)
     label[edema] = LABEL_ED
     if lgg:
