@@ -103,7 +103,7 @@ def main(argv):
               f"TFRecord {size / 2**20 / FLAGS.num_cases:.1f} MiB/case")
         print(f"synthetic generation: {synth_rate:.2f} cases/s")
         print(f"converter (NIfTI -> TFRecord): {convert_rate:.2f} cases/s")
-        pattern = os.path.join(records, "*.tfrecord.gz")
+        pattern = os.path.join(records, "*.tfrecord")
         crop_name = "x".join(map(str, crop))
         config = input_lib.InputConfig(files=pattern, crop_shape=crop, batch_size=1)
         train_rate = time_epochs(f"train input, {crop_name} crops + augmentation, batch 1",

@@ -10,7 +10,7 @@ set), crops it to the bounding box of its non-zero voxels and writes one
 tf.train.Example per case (data_pipeline.features). Cases are split into
 `folds` folds by case (stratified by HGG/LGG grade when known, seeded); each
 shard holds cases of one fold only, so fold k's validation set is its shards:
-`brats-fold<k>-<i>-of-<n>.tfrecord.gz`.
+`brats-fold<k>-<i>-of-<n>.tfrecord` (GZIP-compressed TFRecord).
 
 Nothing half-written: shards are written under hidden temporary names and
 renamed only once every case is written, then manifest.json (also renamed into
@@ -189,7 +189,7 @@ def _plan_shards(cases, fold_of, cases_per_shard, seed):
 
 
 def _tmp_name(name):
-    return f".tmp-{name}"  # hidden, and not matched by *.tfrecord.gz
+    return f".tmp-{name}.partial"  # hidden, and not matched by *.tfrecord
 
 
 def _ordered_parallel(fn, items, workers):

@@ -34,7 +34,7 @@ from brats_tf.constants import NUM_MODALITIES
 
 FEATURE_SPEC_VERSION = 1
 COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)
-SHARD_SUFFIX = ".tfrecord.gz"
+SHARD_SUFFIX = ".tfrecord"  # GZIP-compressed inside (COMPRESSION)
 IMAGE_DTYPES = ("int16", "float32")
 
 FEATURES = {

@@ -325,6 +325,7 @@ def test_killed_conversion_leaves_no_visible_shard_and_rerun_is_identical(tmp_pa
     leftovers = _visible_outputs(out)
     assert leftovers and all(n.startswith(".tmp-") for n in leftovers)
     assert not glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX))
+    assert not tf.io.gfile.glob(os.path.join(out, "*" + features.SHARD_SUFFIX))  # matches dotfiles
 
     convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)  # rerun
     clean = str(tmp_path / "clean")
