@@ -271,9 +271,12 @@ def convert(input_dir, output_dir, cases_per_shard=8, num_shards=None, folds=5, 
                 raise
             logging.warning("skipping: %s", e)
             skipped.append({"case_id": case.case_id, "error": str(e)})
+    if not good:
+        raise ValueError(f"every case under {input_dir!r} failed its checks (see the warnings)")
     fold_of = assign_folds(good, folds, seed)
     plan = _plan_shards(good, fold_of, cases_per_shard, seed)
 
+    created = not os.path.exists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     for name in os.listdir(output_dir):  # leftovers of an interrupted run
         if name.startswith(".tmp-"):
@@ -311,10 +314,15 @@ def convert(input_dir, output_dir, cases_per_shard=8, num_shards=None, folds=5, 
         for tmp in written_tmp:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        if created and not os.listdir(output_dir):
+            os.rmdir(output_dir)
         raise
     bar.close()
 
-    # Every shard is complete: make them visible, drop stale ones, then the manifest.
+    # Every shard is complete: retire an old manifest, make the shards visible,
+    # drop stale ones, then write the manifest.
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
     names = {s["file"] for s in shards}
     for name in os.listdir(output_dir):
         if name.startswith(SHARD_PREFIX) and name.endswith(features.SHARD_SUFFIX) and name not in names:

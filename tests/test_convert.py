@@ -248,7 +248,7 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, name):
     assert "\n" not in message
     assert message.startswith("case Brats18_BAD_1: file ")
     assert file_name in message and words in message
-    assert _visible_outputs(out) == []  # no shard, no temporary file, no manifest
+    assert not os.path.exists(out)  # no shard, no temporary file, no manifest, no folder
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -352,3 +352,22 @@ def test_float_intensities_are_stored_exactly(tmp_path):
     image = features.uncrop(ex["image"], ex["box_start"], ex["original_shape"])
     np.testing.assert_array_equal(image[..., MODALITIES.index("t2")], t2)
     np.testing.assert_array_equal(image[..., MODALITIES.index("t1")], images["t1"])
+
+
+def test_every_case_bad_with_skip_bad_is_an_error(tmp_path):
+    root = str(tmp_path / "in")
+    _write(root, "2018", "Brats18_BAD_1", seed=0)
+    os.remove(os.path.join(root, "HGG", "Brats18_BAD_1", "Brats18_BAD_1_t1.nii.gz"))
+    with pytest.raises(ValueError, match="every case"):
+        convert.convert(root, str(tmp_path / "out"), folds=1, skip_bad=True, progress=False)
+
+
+def test_overwrite_replaces_a_finished_conversion(tmp_path, brats18):
+    root, arrays = brats18
+    out = str(tmp_path / "out")
+    convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)
+    manifest = convert.convert(root, out, cases_per_shard=5, folds=1, overwrite=True,
+                               progress=False)
+    shards = sorted(n for n in os.listdir(out) if n.endswith(features.SHARD_SUFFIX))
+    assert shards == [s["file"] for s in manifest["shards"]] and len(shards) == 1  # stale ones gone
+    assert sorted(_read_all(out)) == sorted(arrays)
