@@ -1,0 +1,204 @@
+"""THE TFRecord feature spec: one tf.train.Example per case, written by the
+converter and read by the input pipeline and evaluation (nothing else defines it).
+
+Each example holds the case cropped to the bounding box of its non-zero voxels
+(all modalities and the label), which is lossless because BraTS volumes are
+skull-stripped (zero outside the brain), plus what puts arrays back into the
+original NIfTI grid (`uncrop`). Shards are GZIP-compressed TFRecord files.
+
+Fields (shapes are those of the parsed tensors):
+  case_id          bytes                    e.g. b"Brats18_2013_2_1"
+  image            bytes, little-endian     [d, h, w, 4] channels last in
+                                            brats_tf.constants.MODALITIES order
+                                            (t1, t1ce, t2, flair), dtype image_dtype
+  image_dtype      bytes                    b"int16" (when every voxel is an integer
+                                            in int16 range, as in BraTS) else b"float32"
+  box_shape        int64 [3]                d, h, w of the stored crop
+  box_start        int64 [3]                offset of the crop in the original grid
+  original_shape   int64 [3]                the NIfTI array shape, e.g. 240, 240, 155
+  affine           bytes, float64 [4, 4]    the NIfTI affine (voxel -> RAS mm), exact
+  has_label        int64                    1 when a label map is stored
+  label            bytes, uint8 [d, h, w]   values brats_tf.constants.LABEL_VALUES
+                                            (2023 label 3 already mapped to 4); empty
+                                            when has_label is 0
+  nonzero_mean     float [4]                per channel mean over non-zero voxels
+  nonzero_std      float [4]                per channel std over non-zero voxels
+                                            (paper §3.7 normalisation statistics,
+                                            computed in float64 by the converter)
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from brats_tf.constants import NUM_MODALITIES
+
+FEATURE_SPEC_VERSION = 1
+COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)
+SHARD_SUFFIX = ".tfrecord"  # GZIP-compressed inside (COMPRESSION)
+IMAGE_DTYPES = ("int16", "float32")
+
+FEATURES = {
+    "case_id": tf.io.FixedLenFeature([], tf.string),
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "image_dtype": tf.io.FixedLenFeature([], tf.string),
+    "box_shape": tf.io.FixedLenFeature([3], tf.int64),
+    "box_start": tf.io.FixedLenFeature([3], tf.int64),
+    "original_shape": tf.io.FixedLenFeature([3], tf.int64),
+    "affine": tf.io.FixedLenFeature([], tf.string),
+    "has_label": tf.io.FixedLenFeature([], tf.int64),
+    "label": tf.io.FixedLenFeature([], tf.string),
+    "nonzero_mean": tf.io.FixedLenFeature([NUM_MODALITIES], tf.float32),
+    "nonzero_std": tf.io.FixedLenFeature([NUM_MODALITIES], tf.float32),
+}
+
+
+def _bytes(value):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _ints(values):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def _floats(values):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def nonzero_stats(image):
+    """Per channel mean and std over the non-zero voxels of [..., C], float64.
+
+    A channel without non-zero voxels gets mean 0, std 1 (normalisation is then
+    the identity on its zeros)."""
+    image = np.asarray(image)
+    flat = image.reshape(-1, image.shape[-1])
+    means, stds = [], []
+    for c in range(flat.shape[-1]):
+        values = flat[:, c][flat[:, c] != 0].astype(np.float64)
+        means.append(values.mean() if values.size else 0.0)
+        stds.append(values.std() if values.size else 1.0)
+    return np.array(means), np.array(stds)
+
+
+def serialize_example(case_id, image, label, original_shape, affine, box_start):
+    """One case as a serialized tf.train.Example.
+
+    Args:
+      case_id: str.
+      image: [d, h, w, 4] int16 or float32, channels in MODALITIES order.
+      label: [d, h, w] uint8 or None.
+      original_shape, box_start: 3 ints; affine: [4, 4].
+    """
+    image = np.asarray(image)
+    if image.ndim != 4 or image.shape[-1] != NUM_MODALITIES:
+        raise ValueError(f"case {case_id}: image shape {image.shape} is not [d, h, w, {NUM_MODALITIES}]")
+    if image.dtype.name not in IMAGE_DTYPES:
+        raise ValueError(f"case {case_id}: image dtype {image.dtype} not in {IMAGE_DTYPES}")
+    if label is not None and (label.shape != image.shape[:3] or label.dtype != np.uint8):
+        raise ValueError(f"case {case_id}: label {label.shape} {label.dtype} does not match "
+                         f"image {image.shape[:3]} uint8")
+    mean, std = nonzero_stats(image)
+    little = image.dtype.newbyteorder("<")
+    feature = {
+        "case_id": _bytes(case_id.encode()),
+        "image": _bytes(np.ascontiguousarray(image, dtype=little).tobytes()),
+        "image_dtype": _bytes(image.dtype.name.encode()),
+        "box_shape": _ints(image.shape[:3]),
+        "box_start": _ints(box_start),
+        "original_shape": _ints(original_shape),
+        "affine": _bytes(np.asarray(affine, dtype="<f8").reshape(4, 4).tobytes()),
+        "has_label": _ints([label is not None]),
+        "label": _bytes(b"" if label is None else np.ascontiguousarray(label).tobytes()),
+        "nonzero_mean": _floats(mean),
+        "nonzero_std": _floats(std),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_raw(serialized):
+    """Parses one serialized example without decoding the volumes (graph-safe).
+
+    Returns the `FEATURES` dict with image and label still bytes, and
+    box_shape, box_start, original_shape as int32; pass it to decode_volumes.
+    """
+    ex = tf.io.parse_single_example(serialized, FEATURES)
+    for key in ("box_shape", "box_start", "original_shape"):
+        ex[key] = tf.cast(ex[key], tf.int32)
+    ex["has_label"] = tf.equal(ex["has_label"], 1)
+    ex["affine"] = tf.reshape(tf.io.decode_raw(ex["affine"], tf.float64, little_endian=True), [4, 4])
+    return ex
+
+
+def decode_volumes(ex, begin=None, size=None, paddings=None):
+    """Decodes image (float32 [d, h, w, 4], exact for int16 data) and label
+    (uint8 [d, h, w], zeros when has_label is False) of a parse_raw dict.
+
+    Optionally only the window [begin, begin + size) of the stored box (int32 [3]
+    each, inside the box), zero-padded by paddings (int32 [3, 2], before and
+    after on each spatial axis); both done before the cast to float32 (cheaper).
+    """
+    box_shape = ex["box_shape"]
+    if begin is None:
+        begin, size = tf.zeros([3], tf.int32), box_shape
+    if paddings is None:
+        paddings = tf.zeros([3, 2], tf.int32)
+    begin4 = tf.concat([begin, [0]], 0)
+    size4 = tf.concat([size, [NUM_MODALITIES]], 0)
+    paddings4 = tf.concat([paddings, [[0, 0]]], 0)
+    image_shape = tf.concat([box_shape, [NUM_MODALITIES]], 0)
+
+    def window(dtype):
+        volume = tf.reshape(tf.io.decode_raw(ex["image"], dtype, little_endian=True), image_shape)
+        return tf.cast(tf.pad(tf.slice(volume, begin4, size4), paddings4), tf.float32)
+
+    def label_window():
+        volume = tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), box_shape)
+        return tf.pad(tf.slice(volume, begin, size), paddings)
+
+    image = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
+                    lambda: window(tf.int16), lambda: window(tf.float32))
+    label = tf.cond(ex["has_label"], label_window,
+                    lambda: tf.zeros(size + tf.reduce_sum(paddings, axis=1), tf.uint8))
+    return image, label
+
+
+def parse_example(serialized):
+    """Parses and decodes one serialized example (graph-safe, for Dataset.map).
+
+    Returns a dict: case_id string []; image float32 [d, h, w, 4] (exact for
+    int16 data); label uint8 [d, h, w] (zeros when has_label is False);
+    has_label bool []; box_start, box_shape, original_shape int32 [3];
+    affine float64 [4, 4]; nonzero_mean, nonzero_std float32 [4].
+    """
+    ex = parse_raw(serialized)
+    ex["image"], ex["label"] = decode_volumes(ex)
+    del ex["image_dtype"]
+    return ex
+
+
+def uncrop(array, box_start, original_shape):
+    """Pastes a [d, h, w, ...] array (stored crop, or a prediction on it) back into
+    zeros of the original grid [*original_shape, ...], at box_start (NumPy)."""
+    array = np.asarray(array)
+    start = [int(s) for s in np.asarray(box_start).reshape(-1)]
+    shape = tuple(int(s) for s in np.asarray(original_shape).reshape(-1))
+    out = np.zeros(shape + array.shape[3:], dtype=array.dtype)
+    box = tuple(slice(s, s + n) for s, n in zip(start, array.shape[:3]))
+    out[box] = array
+    return out
+
+
+def nonzero_box(arrays):
+    """Bounding box (start, stop) of the voxels non-zero in any of the 3-D arrays,
+    or the whole grid's first voxel (a 1-voxel box) when all are zero."""
+    mask = np.zeros(arrays[0].shape[:3], dtype=bool)
+    for a in arrays:
+        mask |= a != 0
+    if not mask.any():
+        return (0, 0, 0), (1, 1, 1)
+    start, stop = [], []
+    for axis in range(3):
+        other = tuple(i for i in range(3) if i != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        start.append(int(idx[0]))
+        stop.append(int(idx[-1]) + 1)
+    return tuple(start), tuple(stop)

@@ -1,0 +1,241 @@
+"""The tf.data input pipeline: config checks, the fused training transform against
+the reference ops, epochs, determinism, eval mode, tf.distribute sharding."""
+import dataclasses
+import glob
+import itertools
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, PAPER_CROP
+from data_pipeline import augment, convert, features, synthetic
+from data_pipeline.input import InputConfig, make_dataset, train_transform
+
+SHAPE = (40, 44, 32)
+BIG_CROP = (48, 48, 40)  # larger than the volume: every crop holds the whole case
+NUM_CASES = 5
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("nifti"))
+    synthetic.write_synthetic_dataset(root, NUM_CASES, SHAPE, seed=0, progress=False)
+    out = str(tmp_path_factory.mktemp("records"))
+    manifest = convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)
+    files = sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
+    wt = {c["case_id"]: sum(c["label_counts"][str(v)] for v in (LABEL_NCR_NET, LABEL_ED, LABEL_ET))
+          for c in manifest["cases"]}
+    assert len(set(wt.values())) == NUM_CASES  # whole-tumour size identifies a case below
+    return out, files, wt
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("nifti_nolabel"))
+    for case_dir in synthetic.write_synthetic_dataset(root, 2, SHAPE, seed=1, progress=False):
+        os.remove(os.path.join(case_dir, os.path.basename(case_dir) + "_seg.nii.gz"))
+    out = str(tmp_path_factory.mktemp("records_nolabel"))
+    convert.convert(root, out, folds=1, progress=False)
+    return sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
+
+
+@pytest.mark.parametrize("kwargs,quoted", [
+    (dict(mode="test"), "'test'"),
+    (dict(crop_shape=(160, 192)), "(160, 192)"),
+    (dict(crop_shape=(160, 0, 128)), "(160, 0, 128)"),
+    (dict(batch_size=0), "0"),
+    (dict(mode="eval", batch_size=2), "2"),
+    (dict(has_labels=False), "False"),
+    (dict(flip_probability=1.5), "1.5"),
+    (dict(intensity_shift=-0.1), "-0.1"),
+    (dict(intensity_scale=(1.1, 0.9)), "(1.1, 0.9)"),
+    (dict(shuffle_buffer=0), "0"),
+    (dict(num_parallel_calls=0), "0"),
+    (dict(files=[]), "empty"),
+    (dict(files=3), "3"),
+])
+def test_config_rejects_bad_values(kwargs, quoted):
+    args = dict(files="x/*.tfrecord") | kwargs
+    with pytest.raises(ValueError) as error:
+        InputConfig(**args)
+    assert quoted in str(error.value)
+
+
+def test_config_defaults_are_the_paper():
+    config = InputConfig(files="x")
+    assert config.crop_shape == PAPER_CROP and config.batch_size == 1
+    assert config.intensity_shift == 0.1 and config.intensity_scale == (0.9, 1.1)
+    assert config.flip_probability == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+
+
+def test_no_files_match(tmp_path):
+    with pytest.raises(ValueError, match="no file matches"):
+        make_dataset(InputConfig(files=str(tmp_path / "*.tfrecord")))
+
+
+def _reference(ex, seeds, config):
+    """The paper's steps, one reference op after another, on the decoded box."""
+    image, label = features.decode_volumes(ex)
+    image, label = augment.random_crop_or_pad(image, label, config.crop_shape, seeds[0],
+                                              full_shape=ex["original_shape"],
+                                              box_start=ex["box_start"])
+    if config.augment and config.flip:
+        image, label = augment.random_flip(image, label, seeds[1], config.flip_probability)
+    image = augment.normalize_nonzero(image, ex["nonzero_mean"], ex["nonzero_std"])
+    if config.augment and config.intensity:
+        image = augment.random_intensity(image, seeds[2], config.intensity_shift,
+                                         config.intensity_scale)
+    return image.numpy(), augment.labels_to_regions(label).numpy()
+
+
+@pytest.mark.parametrize("crop,jit,augmented,seed", [
+    (c, j, a, s) for (c, j, a), s in itertools.product(
+        [((24, 24, 16), True, True), (BIG_CROP, True, True), ((24, 48, 16), False, True),
+         ((24, 24, 16), True, False)], range(4))])
+def test_train_transform_equals_reference_ops(records, crop, jit, augmented, seed):
+    _, files, _ = records
+    config = InputConfig(files=files, crop_shape=crop, jit=jit, augment=augmented)
+    record = next(iter(tf.data.TFRecordDataset(files[seed % len(files)], features.COMPRESSION)))
+    ex = features.parse_raw(record)
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 9], tf.int64), 3)
+    out = train_transform(ex, seeds, config)
+    ref_image, ref_label = _reference(ex, seeds, config)
+    np.testing.assert_allclose(out["image"].numpy(), ref_image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["label"].numpy(), ref_label)
+
+
+def _wt_sizes(ds):
+    return [int(b["label"][i, ..., 0].numpy().sum()) for b in ds for i in range(b["label"].shape[0])]
+
+
+def test_train_elements(records):
+    _, files, _ = records
+    ds = make_dataset(InputConfig(files=files, crop_shape=(24, 32, 16), batch_size=2))
+    batches = list(ds)
+    assert [b["image"].shape[0] for b in batches] == [2, 2, 1]
+    for b in batches:
+        assert set(b) == {"image", "label"}
+        assert b["image"].dtype == tf.float32 and b["label"].dtype == tf.float32
+        assert b["image"].shape[1:] == (24, 32, 16, 4) and b["label"].shape[1:] == (24, 32, 16, 3)
+        image, label = b["image"].numpy(), b["label"].numpy()
+        assert np.isfinite(image).all()
+        assert set(np.unique(label)) <= {0.0, 1.0}
+        wt, tc, et = label[..., 0], label[..., 1], label[..., 2]
+        assert (et <= tc).all() and (tc <= wt).all()  # nested regions
+    spec = ds.element_spec["image"]
+    assert spec.shape.as_list() == [None, 24, 32, 16, 4]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_each_epoch_sees_each_case_once_in_random_order(records, cache):
+    _, files, wt = records
+    ds = make_dataset(InputConfig(files=files, crop_shape=BIG_CROP, deterministic=True, seed=4,
+                                  cache=cache))
+    epochs = [_wt_sizes(ds) for _ in range(3)]
+    for sizes in epochs:
+        assert sorted(sizes) == sorted(wt.values())
+    assert len({tuple(e) for e in epochs}) > 1  # the order changes between epochs
+
+
+def test_drop_remainder(records):
+    _, files, _ = records
+    ds = make_dataset(InputConfig(files=files, crop_shape=(16, 16, 16), batch_size=2,
+                                  drop_remainder=True))
+    assert [b["image"].shape[0] for b in ds] == [2, 2]
+
+
+def test_deterministic_mode(records):
+    _, files, _ = records
+    config = InputConfig(files=files, crop_shape=(24, 24, 16), deterministic=True, seed=1)
+
+    def run(c):
+        ds = make_dataset(c)
+        return [b["image"].numpy() for _ in range(2) for b in ds]
+
+    a, b = run(config), run(config)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    c = run(dataclasses.replace(config, seed=2))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+    # two epochs of one dataset differ (new crops, flips, order)
+    assert any(not np.array_equal(x, y) for x, y in zip(a[:NUM_CASES], a[NUM_CASES:]))
+
+
+def test_augmentation_is_random_without_deterministic(records):
+    _, files, _ = records
+    ds = make_dataset(InputConfig(files=files[:1], crop_shape=(16, 16, 16)))
+    outs = [next(iter(ds))["image"].numpy() for _ in range(4)]
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_eval_mode_whole_volumes(records):
+    out, files, _ = records
+    nifti = {}
+    for record in tf.data.TFRecordDataset(files, features.COMPRESSION):
+        ex = features.parse_example(record)
+        nifti[ex["case_id"].numpy().decode()] = ex
+    ds = make_dataset(InputConfig(files=os.path.join(out, "*" + features.SHARD_SUFFIX),
+                                  mode="eval"))
+    seen = []
+    for b in ds:
+        assert set(b) == {"image", "label", "case_id", "original_shape", "box_start", "affine"}
+        case_id = b["case_id"].numpy()[0].decode()
+        seen.append(case_id)
+        ex = nifti[case_id]
+        assert b["image"].shape[0] == 1
+        np.testing.assert_array_equal(b["image"][0].shape[:3], ex["box_shape"].numpy())
+        expected = augment.normalize_nonzero(ex["image"], ex["nonzero_mean"], ex["nonzero_std"])
+        np.testing.assert_allclose(b["image"][0].numpy(), expected.numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(b["label"][0].numpy(),
+                                      augment.labels_to_regions(ex["label"]).numpy())
+        # geometry: a prediction on the box pastes back into the NIfTI grid
+        pasted = features.uncrop(b["label"][0].numpy(), b["box_start"][0].numpy(),
+                                 b["original_shape"][0].numpy())
+        assert pasted.shape == SHAPE + (3,)
+        assert pasted[..., 0].sum() == b["label"][0, ..., 0].numpy().sum()
+        np.testing.assert_array_equal(b["affine"][0].numpy(), np.eye(4))
+    assert seen == list(nifti)  # file order, each case once
+
+
+def test_eval_without_labels(unlabelled):
+    ds = make_dataset(InputConfig(files=unlabelled, mode="eval", has_labels=False))
+    batches = list(ds)
+    assert len(batches) == 2 and all("label" not in b for b in batches)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="without label"):
+        list(make_dataset(InputConfig(files=unlabelled, mode="eval")))
+
+
+@pytest.mark.parametrize("cases_per_shard", [1, NUM_CASES])  # shards >= / < pipelines
+def test_distribute_input_context_shards(records, tmp_path, cases_per_shard):
+    out, files, wt = records
+    if cases_per_shard != 1:
+        manifest = convert.read_manifest(out)
+        root = manifest["input_dir"]
+        convert.convert(root, str(tmp_path), cases_per_shard=cases_per_shard, folds=1,
+                        progress=False)
+        files = sorted(glob.glob(str(tmp_path / ("*" + features.SHARD_SUFFIX))))
+        assert len(files) == 1
+    per_pipeline = []
+    for pipeline in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline,
+                                             num_replicas_in_sync=2)
+        ds = make_dataset(InputConfig(files=files, crop_shape=BIG_CROP, batch_size=2), context)
+        batches = list(ds)
+        assert all(b["image"].shape[0] == 1 for b in batches)  # global batch 2 over 2 replicas
+        per_pipeline.append(_wt_sizes(batches))
+    assert per_pipeline[0] and per_pipeline[1]
+    assert sorted(per_pipeline[0] + per_pipeline[1]) == sorted(wt.values())
+
+
+def test_fold_files_feed_make_dataset(tmp_path, records):
+    out, _, _ = records
+    root = convert.read_manifest(out)["input_dir"]
+    convert.convert(root, str(tmp_path), folds=5, cases_per_shard=2, progress=False)
+    train, val = convert.fold_files(str(tmp_path), 0)
+    n_train = sum(1 for _ in make_dataset(InputConfig(files=train, crop_shape=(16, 16, 16))))
+    n_val = sum(1 for _ in make_dataset(InputConfig(files=val, mode="eval")))
+    assert (n_train, n_val) == (NUM_CASES - 1, 1)
