@@ -1,0 +1,219 @@
+"""Trains the paper's network (Myronenko 2018, §3.4-3.7) on converted BraTS TFRecords.
+
+    python train.py --flagfile=configs/brats2018.flags --data_dir=data/brats18 --model_dir=runs/b18
+    python train.py --flagfile=configs/demo.flags         # CPU demo on synthetic data
+
+Data: the output folder of `python -m data_pipeline.convert` (shards and
+manifest.json). `--fold=k` trains on every other fold and validates on fold k
+every `--validate_every` epochs; `--fold=-1` trains on all cases.
+
+Strategies: `--strategy=default` (one device), `mirrored` (all local GPUs or
+`--devices`), `multi_worker` (several machines; the cluster from TF_CONFIG).
+Run again with the same --model_dir to resume from the last epoch checkpoint.
+
+Writes into --model_dir: flags.txt (a flagfile that reproduces the run),
+config.json (the resolved configs), checkpoints/, logs/ (TensorBoard),
+history.json, and at the end model.keras (the training model),
+segmenter.keras (the inference model) and export/<version>/ (a SavedModel for
+TF Serving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+# Data.
+flags.DEFINE_string("data_dir", None, "Converter output: TFRecord shards and manifest.json.")
+flags.DEFINE_integer("fold", 0, "Validation fold (others train); -1: train on all cases.",
+                     lower_bound=-1)
+flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and the export go here.")
+flags.DEFINE_boolean("input_cache", False,
+                     "Keep decompressed cases in memory after epoch 1 (~30 MB per BraTS case).")
+flags.DEFINE_boolean("augment", True, "Random flips and intensity augmentation (§3.7).")
+# Model (Table 1).
+flags.DEFINE_list("crop", ["160", "192", "128"], "Training crop D,H,W; divisible by 16.")
+flags.DEFINE_integer("init_filters", 32, "InitConv filters; doubled per level.", lower_bound=1)
+flags.DEFINE_integer("groups", 8, "GroupNorm groups.", lower_bound=1)
+flags.DEFINE_list("blocks_down", ["1", "2", "2", "4"], "ResNet blocks per encoder level.")
+flags.DEFINE_list("blocks_up", ["1", "1", "1"], "ResNet blocks per decoder level (finest first).")
+flags.DEFINE_integer("latent_dim", 128, "VAE latent size.", lower_bound=1)
+flags.DEFINE_float("dropout", 0.2, "Spatial dropout after InitConv.", lower_bound=0.0,
+                   upper_bound=0.99)
+flags.DEFINE_float("weight_decay", 1e-5, "L2 weight on convolution kernels.", lower_bound=0.0)
+flags.DEFINE_boolean("vae", True, "Train with the VAE branch (off: the ablation).")
+# Loss (§3.4).
+flags.DEFINE_float("dice_weight", 1.0, "Weight of the soft Dice loss.", lower_bound=0.0)
+flags.DEFINE_float("l2_loss_weight", 0.1, "Weight of the VAE reconstruction loss.",
+                   lower_bound=0.0)
+flags.DEFINE_float("kl_weight", 0.1, "Weight of the VAE KL loss.", lower_bound=0.0)
+# Optimisation (§3.5, §3.6).
+flags.DEFINE_integer("epochs", 300, "Epochs N_e of the poly schedule.", lower_bound=1)
+flags.DEFINE_float("lr", 1e-4, "Adam's initial learning rate.", lower_bound=0.0)
+flags.DEFINE_float("lr_power", 0.9, "Exponent of the poly decay.", lower_bound=0.0)
+flags.DEFINE_integer("batch_per_replica", 1, "Examples per replica and step.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass).",
+                     lower_bound=1)
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy.")
+flags.DEFINE_list("devices", [], "Devices for --strategy=mirrored (default: all local GPUs).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Keras dtype policy (mixed_float16 on GPUs).")
+flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "skip"],
+                  "A NaN/inf loss stops the run, or its update is skipped.")
+flags.DEFINE_integer("seed", 0, "Seed of weights, dropout, VAE sampling, data order.")
+flags.DEFINE_boolean("deterministic", False, "Deterministic ops and data (slower).")
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on CPU).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Epoch checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("validate_every", 0, "Validate on the held-out fold every K epochs "
+                     "(0: only after the last epoch; needs --fold >= 0).", lower_bound=0)
+flags.DEFINE_boolean("export", True, "Export the inference model at the end.")
+flags.DEFINE_boolean("verbose", True, "Progress bar per epoch.")
+
+log = logging.getLogger("train")
+
+
+def _ints(name: str, values) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name} must be integers, got {','.join(values)}") from None
+
+
+def configs_from_flags():
+    """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; UsageError if invalid."""
+    from brats_tf.config import LossConfig, ModelConfig
+    from brats_tf.training import TrainConfig
+    from data_pipeline.convert import fold_files, read_manifest
+
+    for name in ("data_dir", "model_dir"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
+    manifest_path = os.path.join(FLAGS.data_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise app.UsageError(
+            f"--data_dir={FLAGS.data_dir}: no manifest.json there; convert the data first "
+            f"(python -m data_pipeline.convert --input_dir ... --output_dir {FLAGS.data_dir})"
+        )
+    manifest = read_manifest(manifest_path)
+    folds = manifest["options"]["folds"]
+    if FLAGS.fold >= folds:
+        raise app.UsageError(f"--fold={FLAGS.fold}: {manifest_path} has {folds} folds")
+    if FLAGS.fold >= 0:
+        train_files, val_files = fold_files(manifest_path, FLAGS.fold)
+        num_train = sum(1 for c in manifest["cases"] if c["fold"] != FLAGS.fold)
+    else:
+        train_files = [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"]]
+        val_files, num_train = [], len(manifest["cases"])
+    if not train_files or num_train == 0:
+        raise app.UsageError(f"--fold={FLAGS.fold}: no training cases in {manifest_path}")
+    try:
+        model_config = ModelConfig(
+            input_shape=_ints("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
+            groups=FLAGS.groups, blocks_down=_ints("blocks_down", FLAGS.blocks_down),
+            blocks_up=_ints("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
+            dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae)
+        loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
+                                 l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
+        train_config = TrainConfig(
+            model_dir=FLAGS.model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
+            initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power,
+            batch_per_replica=FLAGS.batch_per_replica, strategy=FLAGS.strategy,
+            devices=tuple(FLAGS.devices), precision=FLAGS.precision,
+            on_nonfinite=FLAGS.on_nonfinite, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+            steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
+            jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+        raise app.UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable")
+    data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
+            "manifest": manifest_path}
+    return model_config, loss_config, train_config, data
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    model_config, loss_config, train_config, data = configs_from_flags()
+    # Only now import TensorFlow: the strategy must be created before any op.
+    from brats_tf import training
+    strategy = training.make_strategy(train_config.strategy, train_config.devices)
+
+    import tensorflow as tf
+
+    from brats_tf import validation
+    from data_pipeline.input import InputConfig, make_dataset
+
+    os.makedirs(train_config.model_dir, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
+                       FLAGS.flags_into_string())
+    resolved = {"model": dataclasses.asdict(model_config), "loss": dataclasses.asdict(loss_config),
+                "train": dataclasses.asdict(train_config), "data": data}
+    _write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
+                       json.dumps(resolved, indent=2, sort_keys=True))
+    log.info("configuration:\n%s", json.dumps(resolved, indent=2, sort_keys=True))
+    log.info("strategy %s with %d replica(s)", type(strategy).__name__,
+             strategy.num_replicas_in_sync)
+
+    global_batch = train_config.batch_per_replica * strategy.num_replicas_in_sync
+
+    def dataset_fn(ctx: tf.distribute.InputContext, epoch: int):
+        # A new seed per epoch: a fresh, reproducible order and augmentation
+        # each epoch, the same again after a resume.
+        config = InputConfig(
+            files=tuple(data["train_files"]), mode="train",
+            crop_shape=model_config.input_shape, batch_size=global_batch,
+            augment=FLAGS.augment, seed=train_config.seed * 100003 + epoch,
+            deterministic=train_config.deterministic, cache=FLAGS.input_cache,
+            drop_remainder=True)
+        return make_dataset(config, ctx)
+
+    epoch_end_fn = None
+    if data["val_files"]:
+        def epoch_end_fn(trainer, epoch, summary):
+            last = epoch + 1 == train_config.epochs
+            every = FLAGS.validate_every
+            if not trainer.is_chief or not (last or (every and (epoch + 1) % every == 0)):
+                return {}
+            return validation.validate(trainer.model, data["val_files"])
+
+    trainer = training.Trainer(model_config, loss_config, train_config, dataset_fn,
+                               strategy=strategy, epoch_end_fn=epoch_end_fn)
+    try:
+        history = trainer.train()
+    except training.NonFiniteLossError as e:
+        sys.exit(f"train.py: {e}")
+    if history:
+        history_path = os.path.join(train_config.model_dir, "history.json")
+        previous = []
+        if os.path.exists(history_path):
+            with open(history_path) as f:
+                previous = json.load(f)
+        training.write_json_atomic(history_path, previous + history)
+    if trainer.is_chief and FLAGS.export:
+        paths = validation.save_final(trainer.model, train_config.model_dir)
+        for path in paths:
+            log.info("wrote %s", path)
+    log.info("done: %s", train_config.model_dir)
+
+
+if __name__ == "__main__":
+    app.run(main)
