@@ -139,7 +139,11 @@ def crop_back_tf(x: tf.Tensor, pads: tf.Tensor) -> tf.Tensor:
     begin = tf.concat([[0], pads[:, 0], tf.zeros([rank - 4], tf.int32)], axis=0)
     size = tf.concat([[-1], shape[1:4] - pads[:, 0] - pads[:, 1],
                       tf.fill([rank - 4], -1)], axis=0)
-    return tf.slice(x, begin, size)
+    out = tf.slice(x, begin, size)
+    # keep the static batch and channel sizes (tf.slice with -1 sizes loses them)
+    if x.shape.rank is not None:
+        out.set_shape(x.shape[:1].concatenate([None] * 3).concatenate(x.shape[4:]))
+    return out
 
 
 # ----------------------------------------------------------- normalisation
@@ -227,6 +231,37 @@ def predict_tta_tf(model: Callable, x: tf.Tensor, tta: bool = False) -> tf.Tenso
         y = _seg_output(model, xf)
         y = tf.reverse(y, axis=list(axes)) if axes else y
         total = y if total is None else total + y
+    return total / float(len(FLIP_AXES))
+
+
+def _flip_if(x: tf.Tensor, flip: tf.Tensor, axis: int) -> tf.Tensor:
+    return tf.cond(flip, lambda: tf.reverse(x, axis=[axis]), lambda: x)
+
+
+def predict_tta_loop_tf(model: Callable, x: tf.Tensor) -> tf.Tensor:
+    """``predict_tta_tf(model, x, tta=True)`` as a ``tf.while_loop`` over the 8 flips.
+
+    For graphs (the SavedModel): the network appears once in the graph, the
+    flips run one after another, so peak memory is that of one prediction
+    (independent unrolled calls may run concurrently) and the graph is small.
+    Flip i mirrors axis 1 if bit 0 of i is set, axis 2 for bit 1, axis 3 for bit 2.
+    """
+    out_shape = tf.concat([tf.shape(x)[:4], [constants.NUM_REGIONS]], axis=0)
+
+    def flip(t, i):
+        for bit, axis in enumerate((1, 2, 3)):
+            t = _flip_if(t, tf.equal(tf.bitwise.bitwise_and(i, 1 << bit), 1 << bit), axis)
+        return t
+
+    def body(i, total):
+        y = _seg_output(model, flip(x, i))
+        return i + 1, total + flip(y, i)
+
+    _, total = tf.while_loop(
+        lambda i, _: i < len(FLIP_AXES), body,
+        (tf.constant(0), tf.zeros(out_shape, tf.float32)),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None] * 4 + [None])),
+    )
     return total / float(len(FLIP_AXES))
 
 
