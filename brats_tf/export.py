@@ -1,0 +1,252 @@
+"""Export the segmentation network (no VAE) as a SavedModel for TF Serving.
+
+Layout: ``<export_dir>/<version>/`` (saved_model.pb, variables/, assets.extra/
+brats_tf.json), the model_name/version layout that ``tensorflow_model_server
+--model_base_path=<export_dir>`` watches. The version is written under a hidden
+temporary name in ``export_dir`` (not a number, so TF Serving ignores it) and
+renamed when complete.
+
+Signatures (PAPER.md §3.7, "Network", §4):
+
+* ``serving_default``: input ``image`` float32 [B, D, H, W, 4], RAW intensities,
+  channels in ``constants.MODALITIES`` order (t1, t1ce, t2, flair), any spatial
+  size. In the graph: per-channel normalisation over non-zero voxels
+  (``inference.normalize_nonzero_tf``), zero padding to a multiple of 8
+  (symmetric, odd voxel at the end), the encoder + segmentation decoder,
+  crop back. Outputs:
+    - ``probabilities`` float32 [B, D, H, W, 3], sigmoid probabilities of
+      WT, TC, ET (``constants.REGIONS``);
+    - ``labels`` uint8 [B, D, H, W], the BraTS label map (0, 1, 2, 4; or 3 for
+      ET with ``et_label=3``), thresholded at p > 0.5 with the paper's nesting.
+* ``serving_tta``: the same with test-time augmentation, the mean of the
+  probabilities over the 8 mirror flips (8x the compute).
+
+Command line::
+
+    python -m brats_tf.export --model=runs/x/model.keras --export_dir=/abs/export/brats
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+
+import tensorflow as tf
+
+from brats_tf import constants
+from brats_tf import inference as inf
+
+INPUT_NAME = "image"
+SIGNATURES = ("serving_default", "serving_tta")
+METADATA_FILE = "assets.extra/brats_tf.json"
+
+
+class BratsServingModule(tf.Module):
+    """tf.Module holding the inference model and the two serving functions."""
+
+    def __init__(self, inference_model, et_label: int = constants.LABEL_ET,
+                 threshold: float = 0.5, multiple: int = constants.SPATIAL_DIVISOR):
+        super().__init__(name="brats_serving")
+        self.model = inference_model
+        self._et_label = et_label
+        self._threshold = threshold
+        self._multiple = multiple
+        spec = tf.TensorSpec([None, None, None, None, constants.NUM_MODALITIES], tf.float32,
+                             name=INPUT_NAME)
+        # One traced network function, called once (plain) or 8 times (TTA):
+        # the TTA graph holds 8 calls of it, not 8 copies of the network.
+        self._segment = tf.function(
+            lambda x: inf._seg_output(self.model, x),
+            input_signature=[tf.TensorSpec([None, None, None, None, constants.NUM_MODALITIES],
+                                           tf.float32)])
+        self.serving_default = tf.function(lambda image: self._serve(image, False),
+                                           input_signature=[spec])
+        self.serving_tta = tf.function(lambda image: self._serve(image, True),
+                                       input_signature=[spec])
+
+    def _serve(self, image: tf.Tensor, tta: bool) -> dict:
+        x = inf.normalize_nonzero_tf(image)
+        x, pads = inf.pad_to_multiple_tf(x, self._multiple, "symmetric")
+        if tta:
+            probs = inf.predict_tta_loop_tf(self._segment, x)
+        else:
+            probs = self._segment(x)
+        probs = tf.ensure_shape(probs, [None, None, None, None, constants.NUM_REGIONS])
+        probs = inf.crop_back_tf(probs, pads)
+        labels = inf.probabilities_to_labels_tf(probs, self._threshold, self._et_label)
+        return {"probabilities": tf.identity(probs, name="probabilities"),
+                "labels": tf.identity(labels, name="labels")}
+
+
+def _check_version(version) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    return version
+
+
+def export_saved_model(training_model, export_dir, version: int = 1,
+                       et_label: int = constants.LABEL_ET, threshold: float = 0.5,
+                       overwrite: bool = False) -> pathlib.Path:
+    """Writes ``<export_dir>/<version>/`` with the signatures of the module docstring.
+
+    Args:
+      training_model: a model from ``model.build_model`` (the VAE is dropped)
+        or ``model.build_inference_model``, e.g. loaded from a .keras file.
+      export_dir: the model's base path for TF Serving (created if missing).
+      version: the version sub-directory (a positive integer).
+      et_label: label written for ET in ``labels`` (4; 3 for BraTS 2023).
+      threshold: region threshold of ``labels`` (p > threshold).
+      overwrite: replace an existing non-empty version directory.
+    Returns: the version directory.
+    """
+    version = _check_version(version)
+    et_label = inf._check_et_label(et_label)
+    threshold = inf._check_threshold(threshold)
+    export_dir = pathlib.Path(export_dir)
+    if export_dir.exists() and not export_dir.is_dir():
+        raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
+    target = export_dir / str(version)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{target} exists and is not empty (pass overwrite=True / --overwrite, or "
+            f"another --version)"
+        )
+    model = inf.as_inference_model(training_model)
+    channels = model.inputs[0].shape[-1]
+    if channels != constants.NUM_MODALITIES:
+        raise ValueError(
+            f"model {model.name!r} takes {channels} input channels, the serving signature "
+            f"{constants.NUM_MODALITIES} ({', '.join(constants.MODALITIES)})"
+        )
+    from brats_tf.model import config_from_model
+
+    multiple = config_from_model(model).spatial_divisor  # 8 for the paper's 4 levels
+    module = BratsServingModule(model, et_label, threshold, multiple)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    tmp = export_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    old = None
+    try:
+        tf.saved_model.save(
+            module, str(tmp),
+            signatures={"serving_default": module.serving_default,
+                        "serving_tta": module.serving_tta})
+        meta = {
+            "input": {"name": INPUT_NAME, "layout": "[B, D, H, W, C]",
+                      "channels": list(constants.MODALITIES), "dtype": "float32",
+                      "values": "raw intensities (normalised in the graph)"},
+            "outputs": {"probabilities": list(constants.REGIONS), "labels": "uint8 label map"},
+            "et_label": et_label,
+            "threshold": threshold,
+            "padding": f"zeros, symmetric, to a multiple of {multiple}",
+            "signatures": list(SIGNATURES),
+        }
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if target.exists():
+            old = export_dir / f".old-{version}-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.rename(old, target)  # put the previous version back
+            old = None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- command line
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What ``python -m brats_tf.export`` does; built from its flags."""
+
+    model: str
+    export_dir: str
+    version: int = 1
+    et_label: int = constants.LABEL_ET
+    threshold: float = 0.5
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("--model is required (path to a .keras file)")
+        if not self.export_dir:
+            raise ValueError("--export_dir is required")
+        _check_version(self.version)
+        inf._check_et_label(self.et_label)
+        inf._check_threshold(self.threshold)
+
+
+def run(config: ExportConfig) -> pathlib.Path:
+    """Loads the .keras model and exports it; errors are raised with one-line messages."""
+    import keras
+
+    import brats_tf.model  # noqa: F401  registers the custom layers
+
+    path = pathlib.Path(config.model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.suffix != ".keras":
+        raise ValueError(f"model file must be a .keras file, got {path}")
+    target = pathlib.Path(config.export_dir) / str(config.version)
+    if target.exists() and any(target.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (use --overwrite or another "
+                              f"--version)")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001  Keras raises many types for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load model {path}: {first}") from None
+    return export_saved_model(model, config.export_dir, config.version, config.et_label,
+                              config.threshold, config.overwrite)
+
+
+def define_flags():
+    """Defines this entry point's flags (only when run as a program: no global side effect)."""
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "Path to the trained model (.keras).")
+    flags.DEFINE_string("export_dir", None,
+                        "Model base path for TF Serving; the version directory goes inside.")
+    flags.DEFINE_integer("version", 1, "Version sub-directory (TF Serving serves the highest).",
+                         lower_bound=1)
+    flags.DEFINE_enum("et_label", str(constants.LABEL_ET),
+                      [str(constants.LABEL_ET), str(constants.LABEL_ET_2023)],
+                      "Label value of enhancing tumour in the 'labels' output "
+                      "(4: BraTS 2017-2021, 3: BraTS 2023+).")
+    flags.DEFINE_float("threshold", 0.5, "Region threshold for 'labels' (p > threshold).",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing, non-empty version directory.")
+    return flags.FLAGS
+
+
+def main(argv):
+    from absl import flags as absl_flags
+    from absl import logging
+
+    if len(argv) > 1:
+        sys.exit(f"brats_tf.export: error: unexpected arguments {argv[1:]}")
+    flags = absl_flags.FLAGS
+    try:
+        config = ExportConfig(model=flags.model, export_dir=flags.export_dir,
+                              version=flags.version, et_label=int(flags.et_label),
+                              threshold=flags.threshold, overwrite=flags.overwrite)
+        logging.info("export config: %s", config)
+        target = run(config)
+    except (OSError, ValueError) as e:
+        sys.exit(f"brats_tf.export: error: {e}")
+    print(f"exported {target} (signatures: {', '.join(SIGNATURES)})")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,177 @@
+"""serving/client.py: request building and response decoding, fed through the SavedModel."""
+
+import http.server
+import json
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf import constants as C
+from brats_tf import inference as I
+from serving import client
+from serving_fixtures import tiny_export
+
+CASE = "Brats18_TEST_1"
+SHAPE = (20, 28, 13)  # not divisible by 8
+AFFINE = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 126], [0, 0, 1.0, -72], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def case_dir(tmp_path):
+    rng = np.random.default_rng(11)
+    d = tmp_path / CASE
+    d.mkdir()
+    brain = np.zeros(SHAPE, bool)
+    brain[2:18, 3:25, 1:12] = True
+    for i, modality in enumerate(C.MODALITIES):
+        data = np.where(brain, rng.uniform(100, 900, SHAPE) * (i + 1), 0).astype(np.int16)
+        img = nib.Nifti1Image(data, AFFINE)
+        img.set_qform(AFFINE, 1)
+        img.set_sform(AFFINE, 1)
+        nib.save(img, d / f"{CASE}_{modality}.nii.gz")
+    return d
+
+
+def serve(loaded, signature_name, inputs):
+    """What tensorflow_model_server does with a request's input: the loaded signature."""
+    out = loaded.signatures[signature_name](image=tf.constant(np.asarray(inputs, np.float32)))
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_load_case_channel_order_and_errors(case_dir, tmp_path):
+    image, reference = client.load_case(case_dir)
+    assert image.shape == SHAPE + (4,) and image.dtype == np.float32
+    for i, modality in enumerate(C.MODALITIES):
+        raw = np.asarray(nib.load(case_dir / f"{CASE}_{modality}.nii.gz").dataobj)
+        np.testing.assert_array_equal(image[..., i], raw)
+    np.testing.assert_allclose(reference.affine, AFFINE)
+    (case_dir / f"{CASE}_t2.nii.gz").rename(tmp_path / "t2_elsewhere.nii.gz")
+    with pytest.raises(FileNotFoundError, match=f"case {CASE}: missing .*{CASE}_t2.nii.gz"):
+        client.load_case(case_dir)
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), AFFINE), case_dir / f"{CASE}_t2.nii.gz")
+    with pytest.raises(ValueError, match=rf"case {CASE}: .*_t2.nii.gz has shape \(5, 5, 5\)"):
+        client.load_case(case_dir)
+
+
+@pytest.mark.parametrize("fmt", client.REST_FORMATS)
+@pytest.mark.parametrize("signature_name", client.SIGNATURES)
+def test_rest_request_through_saved_model(case_dir, fmt, signature_name):
+    model, _, _, loaded = tiny_export()
+    image, _ = client.load_case(case_dir)
+    body = json.loads(json.dumps(client.rest_request(image, signature_name, fmt)))
+    assert body["signature_name"] == signature_name
+    inputs = (body["inputs"]["image"] if fmt == "inputs"
+              else [row["image"] for row in body["instances"]])
+    np.testing.assert_array_equal(np.asarray(inputs, np.float32), image[None])
+    out = serve(loaded, signature_name, inputs)
+    # TF Serving's two REST response forms
+    response = ({"outputs": {k: v.tolist() for k, v in out.items()}} if fmt == "inputs"
+                else {"predictions": [{k: v[0].tolist() for k, v in out.items()}]})
+    decoded = client.decode_rest_response(json.dumps(response))
+    assert decoded["labels"].shape == (1,) + SHAPE and decoded["labels"].dtype == np.uint8
+    assert decoded["probabilities"].shape == (1,) + SHAPE + (3,)
+    # independent path: Keras model + NumPy pre-processing
+    probs = I.predict_volume(model, image, tta=signature_name == "serving_tta")
+    np.testing.assert_allclose(decoded["probabilities"][0], probs, atol=2e-5)
+    clear = np.all(np.abs(probs - 0.5) > 1e-4, axis=-1)
+    np.testing.assert_array_equal(decoded["labels"][0][clear],
+                                  I.probabilities_to_labels(probs)[clear])
+
+
+def test_grpc_request_through_saved_model(case_dir):
+    pytest.importorskip("tensorflow_serving")
+    from tensorflow_serving.apis import predict_pb2
+
+    _, _, _, loaded = tiny_export()
+    image, _ = client.load_case(case_dir)
+    request = client.grpc_request(image, "brats", "serving_default", version=3)
+    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    assert request.model_spec.name == "brats" and request.model_spec.version.value == 3
+    assert request.model_spec.signature_name == "serving_default"
+    assert list(request.output_filter) == ["labels"]
+    sent = tf.make_ndarray(request.inputs["image"])
+    assert sent.dtype == np.float32
+    np.testing.assert_array_equal(sent, image[None])
+    out = serve(loaded, "serving_default", sent)
+    response = predict_pb2.PredictResponse()
+    response.outputs["labels"].CopyFrom(tf.make_tensor_proto(out["labels"]))
+    decoded = client.decode_grpc_response(
+        predict_pb2.PredictResponse.FromString(response.SerializeToString()))
+    np.testing.assert_array_equal(decoded["labels"], out["labels"])
+    assert decoded["labels"].dtype == np.uint8 and "probabilities" not in decoded
+
+
+def test_request_and_response_errors():
+    with pytest.raises(ValueError, match=r"\(5, 5, 5, 3\)"):
+        client.rest_request(np.zeros((5, 5, 5, 3)))
+    with pytest.raises(ValueError, match="'serving_fast'"):
+        client.rest_request(np.zeros((5, 5, 5, 4)), "serving_fast")
+    with pytest.raises(RuntimeError, match="server error: bad input"):
+        client.decode_rest_response('{"error": "bad input"}')
+    with pytest.raises(ValueError, match="no 'labels'"):
+        client.decode_rest_response({"outputs": {"probabilities": [[0.5]]}})
+    assert client.rest_url("http://h:8501/", "brats") == "http://h:8501/v1/models/brats:predict"
+    assert (client.rest_url("http://h:8501", "brats", 2)
+            == "http://h:8501/v1/models/brats/versions/2:predict")
+
+
+class _FakeServing(http.server.BaseHTTPRequestHandler):
+    """A loopback stand-in for tensorflow_model_server's REST predict API."""
+
+    loaded = None
+    paths = []
+
+    def do_POST(self):  # noqa: N802
+        self.paths.append(self.path)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/models/brats:predict":
+            self.send_response(404)
+            reply = {"error": f"no model at {self.path}"}
+        else:
+            out = serve(self.loaded, body["signature_name"], body["inputs"]["image"])
+            self.send_response(200)
+            reply = {"outputs": {k: v.tolist() for k, v in out.items()}}
+        data = json.dumps(reply).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_client_run_end_to_end_over_loopback(case_dir, tmp_path):
+    _, _, _, loaded = tiny_export()
+    _FakeServing.loaded = loaded
+    server = http.server.HTTPServer(("127.0.0.1", 0), _FakeServing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        out_dir = tmp_path / "preds"
+        out_dir.mkdir()
+        config = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
+                                     server=url, timeout_s=60)
+        path = client.run(config)
+        assert path == out_dir / f"{CASE}.nii.gz"
+        written = nib.load(path)
+        ref = nib.load(case_dir / f"{CASE}_t1.nii.gz")
+        np.testing.assert_allclose(written.affine, ref.affine)
+        assert written.shape == SHAPE and written.get_data_dtype() == np.uint8
+        image, _ = client.load_case(case_dir)
+        expected = serve(loaded, "serving_default", image[None])["labels"][0]
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+        with pytest.raises(FileExistsError, match="--overwrite"):
+            client.run(config)
+        wrong = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
+                                    server=url, model_name="other", overwrite=True)
+        with pytest.raises(RuntimeError, match="HTTP 404: .*no model at /v1/models/other"):
+            client.run(wrong)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -1,0 +1,166 @@
+"""export.py: SavedModel layout, signatures, numerical equality with Keras, CLI errors."""
+
+import itertools
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf import constants as C
+from brats_tf import export
+from brats_tf import inference as I
+from brats_tf.config import ModelConfig
+from brats_tf.model import build_inference_model, build_model
+from serving_fixtures import VERSION, tiny_export
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def raw_batch(shape, batch=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(20, 800, (batch,) + shape + (C.NUM_MODALITIES,)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = 0.0  # background
+    return x
+
+
+def keras_reference(model, batch, tta, multiple=8):
+    """NumPy normalisation + padding, the Keras inference model, NumPy flips, crop back."""
+    infer = build_inference_model(model)
+    out = []
+    for image in batch:
+        padded, pads = I.pad_to_multiple(I.normalize_nonzero(image), multiple)
+        x = padded[None]
+        flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)] if tta \
+            else [()]
+        probs = np.mean([np.flip(infer(np.ascontiguousarray(np.flip(x, a)), training=False)
+                                 ["seg"].numpy(), a) for a in flips], axis=0)
+        out.append(I.crop_back(probs[0], pads))
+    return np.stack(out)
+
+
+def test_layout_and_metadata():
+    _, _, version_dir, _ = tiny_export()
+    assert version_dir.name == str(VERSION)
+    assert (version_dir / "saved_model.pb").is_file()
+    assert (version_dir / "variables").is_dir()
+    assert [p.name for p in version_dir.parent.iterdir()] == [str(VERSION)]  # no temp left
+    meta = json.loads((version_dir / export.METADATA_FILE).read_text())
+    assert meta["input"]["channels"] == list(C.MODALITIES)
+    assert meta["outputs"]["probabilities"] == list(C.REGIONS)
+    assert meta["et_label"] == C.LABEL_ET
+
+
+def test_saved_model_cli_shows_both_signatures():
+    _, _, version_dir, _ = tiny_export()
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
+         str(version_dir), "--all"],
+        capture_output=True, text=True, check=True, timeout=120)
+    text = result.stdout
+    for name in export.SIGNATURES:
+        m = re.search(rf"signature_def\['{name}'\]:(.*?)(?=signature_def\[|\Z)", text, re.S)
+        assert m, f"signature {name} missing:\n{text}"
+        block = re.sub(r"\s+", " ", m.group(1))
+        assert re.search(r"inputs\['image'\] tensor_info: dtype: DT_FLOAT "
+                         r"shape: \(-1, -1, -1, -1, 4\)", block), block
+        assert re.search(r"outputs\['probabilities'\] tensor_info: dtype: DT_FLOAT "
+                         r"shape: \(-1, -1, -1, -1, 3\)", block), block
+        assert re.search(r"outputs\['labels'\] tensor_info: dtype: DT_UINT8 "
+                         r"shape: \(-1, -1, -1, -1\)", block), block
+        assert "Method name is: tensorflow/serving/predict" in block
+
+
+@pytest.mark.parametrize(
+    "signature, shape, batch",
+    [("serving_default", (20, 28, 13), 1),
+     ("serving_default", (9, 16, 8), 2),
+     ("serving_tta", (20, 28, 13), 1)],
+)
+def test_signature_matches_keras_model(signature, shape, batch):
+    model, _, _, loaded = tiny_export()
+    x = raw_batch(shape, batch, seed=batch)
+    out = loaded.signatures[signature](image=tf.constant(x))
+    probs, labels = out["probabilities"].numpy(), out["labels"].numpy()
+    assert probs.shape == (batch,) + shape + (3,) and probs.dtype == np.float32
+    assert labels.shape == (batch,) + shape and labels.dtype == np.uint8
+    expected = keras_reference(model, x, tta=signature == "serving_tta")
+    np.testing.assert_allclose(probs, expected, atol=2e-5)
+    clear = np.all(np.abs(expected - 0.5) > 1e-4, axis=-1)  # no threshold ties
+    np.testing.assert_array_equal(labels[clear], I.probabilities_to_labels(expected)[clear])
+    assert len(np.unique(labels)) > 1  # the check is not vacuous
+
+
+def test_signature_on_all_zero_input_and_wrong_channels():
+    _, _, _, loaded = tiny_export()
+    out = loaded.signatures["serving_default"](image=tf.zeros((1, 8, 9, 10, 4)))
+    assert np.all(np.isfinite(out["probabilities"].numpy()))
+    with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
+        loaded.signatures["serving_default"](image=tf.zeros((1, 8, 8, 8, 3)))
+
+
+def test_export_argument_errors(tmp_path):
+    model, keras_path, version_dir, _ = tiny_export()
+    with pytest.raises(FileExistsError, match=f"{VERSION} exists and is not empty"):
+        export.export_saved_model(model, version_dir.parent, version=VERSION)
+    with pytest.raises(ValueError, match="version must be a positive integer, got 0"):
+        export.export_saved_model(model, tmp_path, version=0)
+    with pytest.raises(ValueError, match="et_label"):
+        export.export_saved_model(model, tmp_path, et_label=2)
+    with pytest.raises(FileNotFoundError, match="model file not found: .*nope.keras"):
+        export.run(export.ExportConfig(model=str(tmp_path / "nope.keras"),
+                                       export_dir=str(tmp_path)))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export.run(export.ExportConfig(model=str(keras_path),
+                                       export_dir=str(version_dir.parent), version=VERSION))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"must be a \.keras file"):
+        export.run(export.ExportConfig(model=str(tmp_path / "notes.txt"),
+                                       export_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "brats_tf.export", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_missing_model_is_one_line_error(tmp_path):
+    result = run_cli(f"--model={tmp_path / 'missing.keras'}", f"--export_dir={tmp_path / 'e'}")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"brats_tf.export: error: model file not found: {tmp_path / 'missing.keras'}"
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_exports_and_overwrites(tmp_path):
+    # a 2-level model (inputs divisible by 2) keeps this subprocess export quick
+    keras.utils.set_random_seed(1)
+    model = build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
+                                    blocks_down=(1, 1), blocks_up=(1,)))
+    keras_path = tmp_path / "small.keras"
+    model.save(keras_path)
+    target = tmp_path / "brats" / "1"
+    target.mkdir(parents=True)
+    (target / "stale.txt").write_text("old version")
+    result = run_cli(f"--model={keras_path}", f"--export_dir={tmp_path / 'brats'}",
+                     "--overwrite", "--et_label=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (target / "stale.txt").exists()
+    assert [p.name for p in (tmp_path / "brats").iterdir()] == ["1"]
+    assert json.loads((target / export.METADATA_FILE).read_text())["et_label"] == 3
+    loaded = tf.saved_model.load(str(target))
+    x = raw_batch((7, 8, 5), seed=5)
+    out = loaded.signatures["serving_default"](image=tf.constant(x))
+    expected = keras_reference(model, x, tta=False, multiple=2)
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=2e-5)
+    labels = out["labels"].numpy()
+    clear = np.all(np.abs(expected - 0.5) > 1e-4, axis=-1)
+    np.testing.assert_array_equal(
+        labels[clear], I.probabilities_to_labels(expected, et_label=C.LABEL_ET_2023)[clear])
+    assert C.LABEL_ET not in labels  # BraTS 2023 labels

@@ -1,0 +1,331 @@
+"""inference.py: labels <-> regions, padding, normalisation, TTA / ensemble, NIfTI output."""
+
+import itertools
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf import constants as C
+from brats_tf import inference as I
+from brats_tf.config import ModelConfig
+from brats_tf.model import build_inference_model, build_model
+
+WT, TC, ET = (C.REGIONS.index(r) for r in ("WT", "TC", "ET"))
+
+
+# ------------------------------------------------------------ labels <-> regions
+@pytest.mark.parametrize("et_label", [C.LABEL_ET, C.LABEL_ET_2023])
+def test_labels_to_regions_hand_made(et_label):
+    labels = np.array([[[C.LABEL_BACKGROUND, C.LABEL_NCR_NET, C.LABEL_ED, et_label]]])
+    regions = I.labels_to_regions(labels, et_label=et_label)
+    assert regions.shape == (1, 1, 4, 3) and regions.dtype == bool
+    # columns: background, NCR/NET, ED, ET
+    np.testing.assert_array_equal(regions[0, 0, :, WT], [False, True, True, True])
+    np.testing.assert_array_equal(regions[0, 0, :, TC], [False, True, False, True])
+    np.testing.assert_array_equal(regions[0, 0, :, ET], [False, False, False, True])
+
+
+def test_labels_to_regions_rejects_unknown_values():
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        I.labels_to_regions(np.array([0, 1, 3]), et_label=C.LABEL_ET)
+    with pytest.raises(ValueError, match=r"\[4\]"):
+        I.labels_to_regions(np.array([0, 4]), et_label=C.LABEL_ET_2023)
+    with pytest.raises(ValueError, match="et_label"):
+        I.labels_to_regions(np.array([0]), et_label=5)
+
+
+# (p_WT, p_TC, p_ET) -> label with et_label=4 (the paper's order: ET, TC, WT).
+PROB_CASES = [
+    ((0.9, 0.9, 0.9), C.LABEL_ET),
+    ((0.9, 0.9, 0.1), C.LABEL_NCR_NET),
+    ((0.9, 0.1, 0.1), C.LABEL_ED),
+    ((0.1, 0.1, 0.1), C.LABEL_BACKGROUND),
+    ((0.1, 0.1, 0.9), C.LABEL_ET),  # ET implies TC implies WT
+    ((0.1, 0.9, 0.1), C.LABEL_NCR_NET),
+    ((0.5, 0.5, 0.5), C.LABEL_BACKGROUND),  # strictly greater than the threshold
+    ((0.51, 0.2, 0.2), C.LABEL_ED),
+]
+
+
+@pytest.mark.parametrize("et_label", [C.LABEL_ET, C.LABEL_ET_2023])
+def test_probabilities_to_labels_hand_made(et_label):
+    probs = np.zeros((len(PROB_CASES), 3), np.float32)
+    for i, (p, _) in enumerate(PROB_CASES):
+        probs[i, [WT, TC, ET]] = p
+    expected = [et_label if lab == C.LABEL_ET else lab for _, lab in PROB_CASES]
+    labels = I.probabilities_to_labels(probs, et_label=et_label)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, expected)
+    tf_labels = I.probabilities_to_labels_tf(tf.constant(probs), et_label=et_label)
+    assert tf_labels.dtype == tf.uint8
+    np.testing.assert_array_equal(tf_labels.numpy(), expected)
+
+
+def test_probabilities_to_labels_threshold_and_checks():
+    probs = np.array([[0.7, 0.7, 0.7]])
+    assert I.probabilities_to_labels(probs, threshold=0.8)[0] == C.LABEL_BACKGROUND
+    with pytest.raises(ValueError, match="threshold"):
+        I.probabilities_to_labels(probs, threshold=1.5)
+    with pytest.raises(ValueError, match=r"\(5, 2\)"):
+        I.probabilities_to_labels(np.zeros((5, 2)))
+
+
+@pytest.mark.parametrize("et_label", [C.LABEL_ET, C.LABEL_ET_2023])
+def test_label_region_round_trip(et_label):
+    rng = np.random.default_rng(0)
+    values = [C.LABEL_BACKGROUND, C.LABEL_NCR_NET, C.LABEL_ED, et_label]
+    labels = rng.choice(values, size=(6, 5, 7)).astype(np.uint8)
+    probs = I.labels_to_regions(labels, et_label).astype(np.float32)
+    np.testing.assert_array_equal(I.probabilities_to_labels(probs, et_label=et_label), labels)
+
+
+# ------------------------------------------------------------------- padding
+@pytest.mark.parametrize(
+    "shape, mode, expected_pads",
+    [
+        ((240, 240, 155), "symmetric", ((0, 0), (0, 0), (2, 3))),
+        ((240, 240, 155), "end", ((0, 0), (0, 0), (0, 5))),
+        ((5, 7, 9), "symmetric", ((1, 2), (0, 1), (3, 4))),
+        ((5, 7, 9), "end", ((0, 3), (0, 1), (0, 7))),
+        ((8, 16, 1), "symmetric", ((0, 0), (0, 0), (3, 4))),
+    ],
+)
+def test_pad_crop_round_trip(shape, mode, expected_pads):
+    rng = np.random.default_rng(1)
+    volume = rng.normal(size=shape + (2,)).astype(np.float32) + 10.0  # no zeros inside
+    padded, pads = I.pad_to_multiple(volume, 8, mode)
+    assert pads == expected_pads
+    assert all(n % 8 == 0 for n in padded.shape[:3]) and padded.shape[3] == 2
+    np.testing.assert_array_equal(I.crop_back(padded, pads), volume)
+    # everything outside the original box is zero padding
+    assert np.count_nonzero(padded) == volume.size
+    # TF version: same padding, same crop
+    tf_padded, tf_pads = I.pad_to_multiple_tf(tf.constant(volume[None]), 8, mode)
+    np.testing.assert_array_equal(tf_pads.numpy(), expected_pads)
+    np.testing.assert_array_equal(tf_padded.numpy()[0], padded)
+    np.testing.assert_array_equal(I.crop_back_tf(tf_padded, tf_pads).numpy()[0], volume)
+
+
+def test_pad_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple"):
+        I.pad_to_multiple(np.zeros((3, 3, 3)), 0)
+    with pytest.raises(ValueError, match="'middle'"):
+        I.pad_to_multiple(np.zeros((3, 3, 3)), 8, "middle")
+    with pytest.raises(ValueError, match="2 dims"):
+        I.pad_to_multiple(np.zeros((3, 3)))
+
+
+# -------------------------------------------------------------- normalisation
+def numpy_reference_normalize(image):
+    """Per channel: boolean indexing, np.mean / np.std (ddof=0), std 0 -> 1."""
+    out = np.zeros(image.shape, np.float64)
+    for c in range(image.shape[-1]):
+        ch = image[..., c].astype(np.float64)
+        nz = ch != 0
+        if nz.any():
+            std = ch[nz].std() or 1.0
+            out[..., c][nz] = (ch[nz] - ch[nz].mean()) / std
+    return out
+
+
+def make_image(rng, shape=(6, 7, 5)):
+    image = rng.uniform(50, 900, size=shape + (4,)).astype(np.float32)
+    image[..., 0][rng.random(shape) < 0.4] = 0  # background voxels
+    image[..., 1] = 0  # an all-zero channel (missing modality)
+    image[..., 2][rng.random(shape) < 0.5] = 0
+    image[..., 2][image[..., 2] != 0] = 123.0  # a constant channel: std 0
+    return image
+
+
+def test_normalize_nonzero_matches_numpy():
+    rng = np.random.default_rng(2)
+    image = make_image(rng)
+    before = image.copy()
+    out = I.normalize_nonzero(image)
+    np.testing.assert_array_equal(image, before)  # input untouched
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, numpy_reference_normalize(image), atol=1e-5)
+    assert np.all(out[image == 0] == 0)
+    assert np.all(out[..., 1] == 0) and np.all(out[..., 2] == 0)
+    nz = image[..., 0] != 0
+    assert abs(out[..., 0][nz].mean()) < 1e-5 and abs(out[..., 0][nz].std() - 1) < 1e-5
+
+
+def test_normalize_nonzero_tf_matches_numpy_per_example():
+    rng = np.random.default_rng(3)
+    batch = np.stack([make_image(rng), make_image(rng) * 3.0 + 7.0])
+    batch[1][batch[1] == 7.0] = 0.0  # keep the zero background of the second example
+    tf_out = tf.function(I.normalize_nonzero_tf)(tf.constant(batch)).numpy()
+    assert not np.isnan(tf_out).any()
+    for b in range(2):
+        np.testing.assert_allclose(tf_out[b], numpy_reference_normalize(batch[b]), atol=1e-4)
+    np.testing.assert_allclose(I.normalize_nonzero(batch), tf_out, atol=1e-4)
+
+
+# ---------------------------------------------------------------- TTA / ensemble
+W_TOY = np.array([[0.5, -1.0, 0.3], [0.2, 0.4, -0.6], [-0.3, 0.1, 0.2], [0.7, 0.0, -0.2]],
+                 np.float32)
+
+
+def pointwise_model(x):
+    """Flip-equivariant: the same function at every voxel."""
+    return tf.sigmoid(tf.einsum("bdhwc,ck->bdhwk", x, W_TOY))
+
+
+def cumsum_numpy(x):
+    """Not flip-equivariant: cumulative sums along D and W."""
+    y = np.einsum("bdhwc,ck->bdhwk", x, W_TOY)
+    return 1.0 / (1.0 + np.exp(-(np.cumsum(y, axis=1) + 0.3 * np.cumsum(y, axis=3))))
+
+
+def cumsum_model(x):
+    y = tf.einsum("bdhwc,ck->bdhwk", x, W_TOY)
+    return {"seg": tf.sigmoid(tf.cumsum(y, axis=1) + 0.3 * tf.cumsum(y, axis=3))}
+
+
+def test_tta_of_flip_equivariant_model_equals_plain():
+    image = make_image(np.random.default_rng(4), (8, 8, 16))
+    plain = I.predict_volume(pointwise_model, image)
+    tta = I.predict_volume(pointwise_model, image, tta=True)
+    np.testing.assert_allclose(tta, plain, atol=1e-6)
+
+
+def test_tta_equals_hand_computed_flip_average():
+    image = make_image(np.random.default_rng(5), (8, 16, 8))
+    x = I.normalize_nonzero(image)[None].astype(np.float64)
+    flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)]
+    assert len(set(flips)) == 8
+    expected = np.mean(
+        [np.flip(cumsum_numpy(np.flip(x, a)), a) if a else cumsum_numpy(x) for a in flips],
+        axis=0)[0]
+    tta = I.predict_volume(cumsum_model, image, tta=True)
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
+    plain = I.predict_volume(cumsum_model, image)
+    np.testing.assert_allclose(plain, cumsum_numpy(x)[0], atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-2  # the model really is not equivariant
+
+
+def test_predict_volume_pads_crops_and_ensembles():
+    image = make_image(np.random.default_rng(6), (5, 11, 3))
+    seen = []
+
+    def recording(x):
+        seen.append(tuple(x.shape))
+        return pointwise_model(x)
+
+    x = I.normalize_nonzero(image)[None]
+    single = I.predict_volume(recording, image)
+    assert seen == [(1, 8, 16, 8, 4)]
+    assert single.shape == (5, 11, 3, 3) and single.dtype == np.float32
+    # crop aligned with pad: the pointwise model's output at the same voxel
+    np.testing.assert_allclose(single, pointwise_model(x).numpy()[0], atol=1e-6)
+
+    def shifted(x):
+        return tf.sigmoid(tf.einsum("bdhwc,ck->bdhwk", x, W_TOY) + 1.0)
+
+    both = I.predict_volume([pointwise_model, shifted], image)
+    np.testing.assert_allclose(both, 0.5 * (single + shifted(x).numpy()[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="models is empty"):
+        I.predict_volume([], image)
+    with pytest.raises(ValueError, match=r"\(5, 11, 3\)"):
+        I.predict_volume(pointwise_model, image[..., 0])
+
+
+def test_predict_volume_with_tiny_training_model():
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16))
+    image = make_image(np.random.default_rng(7), (9, 12, 7))
+    probs = I.predict_volume(model, image)  # the VAE model is converted
+    padded, pads = I.pad_to_multiple(I.normalize_nonzero(image))
+    infer = build_inference_model(model)
+    expected = I.crop_back(infer(padded[None], training=False)["seg"].numpy()[0], pads)
+    assert probs.shape == (9, 12, 7, 3)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------- NIfTI
+AFFINE = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 126], [0, 0, 2.5, -72], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def reference(tmp_path):
+    data = np.random.default_rng(8).uniform(0, 500, (6, 7, 5)).astype(np.int16)
+    img = nib.Nifti1Image(data, AFFINE)
+    img.set_qform(AFFINE, 1)
+    img.set_sform(AFFINE, 1)
+    img.header["descrip"] = b"BraTS reference"
+    img.header.set_xyzt_units("mm", "sec")
+    path = tmp_path / "Brats18_X_1_flair.nii.gz"
+    nib.save(img, path)
+    return path
+
+
+def hand_labels(shape=(6, 7, 5)):
+    labels = np.zeros(shape, np.uint8)
+    labels[1:4, 2:5, 1:3] = C.LABEL_ED
+    labels[2:3, 3:4, 1:3] = C.LABEL_NCR_NET
+    labels[2, 3, 2] = C.LABEL_ET
+    return labels
+
+
+def test_write_prediction_nifti_keeps_reference_geometry(reference, tmp_path):
+    out_dir = tmp_path / "pred"
+    out_dir.mkdir()
+    labels = hand_labels()
+    path = I.write_prediction_nifti(labels.astype(np.int64), reference, out_dir,
+                                    case_id="Brats18_X_1")
+    assert path == out_dir / "Brats18_X_1.nii.gz"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["Brats18_X_1.nii.gz"]  # no temp left
+    ref, out = nib.load(reference), nib.load(path)
+    assert out.shape == ref.shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), labels)
+    np.testing.assert_allclose(out.affine, ref.affine)
+    for key in ("qform_code", "sform_code", "pixdim", "srow_x", "srow_y", "srow_z",
+                "descrip", "xyzt_units", "quatern_b", "quatern_c", "quatern_d"):
+        np.testing.assert_array_equal(out.header[key], ref.header[key], err_msg=key)
+
+
+def test_write_prediction_nifti_pastes_crop(reference, tmp_path):
+    full = hand_labels()
+    crop = full[1:4, 2:5, 1:3]
+    path = I.write_prediction_nifti(crop, reference, tmp_path / "case.nii.gz",
+                                    bbox_start=(1, 2, 1))
+    np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), full)
+    # affine + header as a tuple reference
+    ref = nib.load(reference)
+    path2 = I.write_prediction_nifti(full, (ref.affine, ref.header), tmp_path / "c2.nii.gz")
+    np.testing.assert_allclose(nib.load(path2).affine, AFFINE)
+
+
+def test_paste_crop_values_and_bounds():
+    sub = np.arange(8).reshape(2, 2, 2)
+    full = I.paste_crop(sub, (4, 3, 5), (2, 1, 3))
+    assert full.shape == (4, 3, 5) and full.sum() == sub.sum()
+    np.testing.assert_array_equal(full[2:4, 1:3, 3:5], sub)
+    with pytest.raises(ValueError, match=r"\(3, 1, 3\)"):
+        I.paste_crop(sub, (4, 3, 5), (3, 1, 3))
+
+
+def test_write_prediction_nifti_errors(reference, tmp_path):
+    labels = hand_labels()
+    with pytest.raises(ValueError, match="refusing to overwrite the input"):
+        I.write_prediction_nifti(labels, reference, reference, overwrite=True)
+    with pytest.raises(ValueError, match=r"case Brats18_X_1: label map shape \(6, 7, 4\)"):
+        I.write_prediction_nifti(labels[..., :4], reference, tmp_path / "a.nii.gz",
+                                 case_id="Brats18_X_1")
+    bad = labels.copy()
+    bad[0, 0, 0] = 3
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        I.write_prediction_nifti(bad, reference, tmp_path / "b.nii.gz")
+    out = tmp_path / "c.nii.gz"
+    I.write_prediction_nifti(labels, reference, out)
+    with pytest.raises(FileExistsError, match="c.nii.gz exists"):
+        I.write_prediction_nifti(labels, reference, out)
+    I.write_prediction_nifti(np.zeros_like(labels), reference, out, overwrite=True)
+    assert np.asanyarray(nib.load(out).dataobj).max() == 0
+    with pytest.raises(FileNotFoundError, match="missing_flair"):
+        I.write_prediction_nifti(labels, tmp_path / "missing_flair.nii.gz", tmp_path / "d.nii.gz")
+    assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
