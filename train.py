@@ -86,28 +86,28 @@ def _ints(name: str, values) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in values)
     except ValueError:
-        raise app.UsageError(f"--{name} must be integers, got {','.join(values)}") from None
+        raise ValueError(f"--{name} must be integers, got {','.join(values)}") from None
 
 
 def configs_from_flags():
-    """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; UsageError if invalid."""
+    """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
     from brats_tf.config import LossConfig, ModelConfig
     from brats_tf.training import TrainConfig
     from data_pipeline.convert import fold_files, read_manifest
 
     for name in ("data_dir", "model_dir"):
         if not FLAGS[name].value:
-            raise app.UsageError(f"--{name} is required")
+            raise ValueError(f"--{name} is required")
     manifest_path = os.path.join(FLAGS.data_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
-        raise app.UsageError(
+        raise ValueError(
             f"--data_dir={FLAGS.data_dir}: no manifest.json there; convert the data first "
             f"(python -m data_pipeline.convert --input_dir ... --output_dir {FLAGS.data_dir})"
         )
     manifest = read_manifest(manifest_path)
     folds = manifest["options"]["folds"]
     if FLAGS.fold >= folds:
-        raise app.UsageError(f"--fold={FLAGS.fold}: {manifest_path} has {folds} folds")
+        raise ValueError(f"--fold={FLAGS.fold}: {manifest_path} has {folds} folds")
     if FLAGS.fold >= 0:
         train_files, val_files = fold_files(manifest_path, FLAGS.fold)
         num_train = sum(1 for c in manifest["cases"] if c["fold"] != FLAGS.fold)
@@ -115,27 +115,24 @@ def configs_from_flags():
         train_files = [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"]]
         val_files, num_train = [], len(manifest["cases"])
     if not train_files or num_train == 0:
-        raise app.UsageError(f"--fold={FLAGS.fold}: no training cases in {manifest_path}")
-    try:
-        model_config = ModelConfig(
-            input_shape=_ints("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
-            groups=FLAGS.groups, blocks_down=_ints("blocks_down", FLAGS.blocks_down),
-            blocks_up=_ints("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
-            dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae)
-        loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
-                                 l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
-        train_config = TrainConfig(
-            model_dir=FLAGS.model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
-            initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power,
-            batch_per_replica=FLAGS.batch_per_replica, strategy=FLAGS.strategy,
-            devices=tuple(FLAGS.devices), precision=FLAGS.precision,
-            on_nonfinite=FLAGS.on_nonfinite, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
-            steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
-            jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise ValueError(f"--fold={FLAGS.fold}: no training cases in {manifest_path}")
+    model_config = ModelConfig(
+        input_shape=_ints("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
+        groups=FLAGS.groups, blocks_down=_ints("blocks_down", FLAGS.blocks_down),
+        blocks_up=_ints("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
+        dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae)
+    loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
+                             l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
+    train_config = TrainConfig(
+        model_dir=FLAGS.model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
+        initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power,
+        batch_per_replica=FLAGS.batch_per_replica, strategy=FLAGS.strategy,
+        devices=tuple(FLAGS.devices), precision=FLAGS.precision,
+        on_nonfinite=FLAGS.on_nonfinite, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+        steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
+        jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-        raise app.UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable")
+        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
     data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
             "manifest": manifest_path}
     return model_config, loss_config, train_config, data
@@ -150,15 +147,18 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    model_config, loss_config, train_config, data = configs_from_flags()
+        sys.exit(f"train.py: error: unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        model_config, loss_config, train_config, data = configs_from_flags()
+    except ValueError as e:  # one line, before anything is written
+        sys.exit(f"train.py: error: {e}")
     # Only now import TensorFlow: the strategy must be created before any op.
     from brats_tf import training
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     import tensorflow as tf
 
-    from brats_tf import validation
+    from brats_tf import evaluation
     from data_pipeline.input import InputConfig, make_dataset
 
     os.makedirs(train_config.model_dir, exist_ok=True)
@@ -169,7 +169,8 @@ def main(argv):
                 "train": dataclasses.asdict(train_config), "data": data}
     _write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
                        json.dumps(resolved, indent=2, sort_keys=True))
-    log.info("configuration:\n%s", json.dumps(resolved, indent=2, sort_keys=True))
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    log.info("configuration: %s", json.dumps(resolved, sort_keys=True))
     log.info("strategy %s with %d replica(s)", type(strategy).__name__,
              strategy.num_replicas_in_sync)
 
@@ -193,23 +194,16 @@ def main(argv):
             every = FLAGS.validate_every
             if not trainer.is_chief or not (last or (every and (epoch + 1) % every == 0)):
                 return {}
-            return validation.validate(trainer.model, data["val_files"])
+            return evaluation.validation_dice(trainer.model, data["val_files"])
 
     trainer = training.Trainer(model_config, loss_config, train_config, dataset_fn,
                                strategy=strategy, epoch_end_fn=epoch_end_fn)
     try:
-        history = trainer.train()
+        trainer.train()
     except training.NonFiniteLossError as e:
         sys.exit(f"train.py: {e}")
-    if history:
-        history_path = os.path.join(train_config.model_dir, "history.json")
-        previous = []
-        if os.path.exists(history_path):
-            with open(history_path) as f:
-                previous = json.load(f)
-        training.write_json_atomic(history_path, previous + history)
     if trainer.is_chief and FLAGS.export:
-        paths = validation.save_final(trainer.model, train_config.model_dir)
+        paths = evaluation.save_final(trainer.model, train_config.model_dir)
         for path in paths:
             log.info("wrote %s", path)
     log.info("done: %s", train_config.model_dir)

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from brats_tf import constants, losses
 from brats_tf.config import LossConfig, ModelConfig
-from brats_tf.model import build_model
+from brats_tf.model import build_inference_model, build_model
 from brats_tf.schedules import poly_lr
 
 log = logging.getLogger("brats_tf.training")
@@ -239,6 +239,7 @@ class Trainer:
             self.checkpoint, self.checkpoint_dir, max_to_keep=config.keep_checkpoints
         )
         self._train_step = self._make_train_step()
+        self._segmenter = None
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ step
@@ -299,19 +300,25 @@ class Trainer:
         for epoch in range(start, cfg.epochs):
             lr = poly_lr(epoch, cfg.initial_lr, cfg.epochs, cfg.lr_power)
             self.optimizer.learning_rate.assign(lr)
-            summary = self._run_epoch(epoch, lr)
+            summary, last_batch = self._run_epoch(epoch, lr)
+            if self.epoch_end_fn is not None:
+                summary.update(self.epoch_end_fn(self, epoch, summary) or {})
+            self.history.append(summary)
+            if self.is_chief:
+                self._append_history(summary)
+            # The checkpoint comes last: a run killed before it redoes this
+            # epoch, and _append_history drops the stale entry then.
             self.epoch.assign(epoch + 1)
             path = self.manager.save(checkpoint_number=epoch + 1)
             if not self.is_chief:
                 shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            if self.epoch_end_fn is not None:
-                summary.update(self.epoch_end_fn(self, epoch, summary) or {})
             with writer.as_default(step=epoch + 1):
                 for name, value in summary.items():
                     if isinstance(value, (int, float)) and name != "epoch":
                         tf.summary.scalar(name, value)
+                if self.is_chief and last_batch is not None:
+                    self._image_summaries(last_batch)
             writer.flush()
-            self.history.append(summary)
             log.info(
                 "epoch %d/%d  %s  checkpoint %s", epoch + 1, cfg.epochs,
                 "  ".join(f"{k} {v:.4g}" for k, v in summary.items()
@@ -319,13 +326,23 @@ class Trainer:
             )
         return self.history
 
-    def _run_epoch(self, epoch: int, lr: float) -> dict:
+    def _append_history(self, summary: dict) -> None:
+        """model_dir/history.json, one entry per finished epoch (survives a crash)."""
+        path = os.path.join(self.config.model_dir, "history.json")
+        previous = []
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = [h for h in json.load(f) if h["epoch"] < summary["epoch"]]
+        write_json_atomic(path, previous + [summary])
+
+    def _run_epoch(self, epoch: int, lr: float) -> tuple[dict, object]:
         cfg = self.config
         iterator = self._dataset(epoch)
         progbar = (keras.utils.Progbar(self.steps_per_epoch, unit_name="step")
                    if cfg.verbose and self.is_chief else None)
         totals: dict[str, np.ndarray] = {}
         skipped = 0
+        batch = None
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
             try:
@@ -362,7 +379,26 @@ class Trainer:
         for region, value in zip(constants.REGIONS, dice):
             summary[f"dice_{region}"] = float(value)
         summary["skipped_steps"] = skipped
-        return summary
+        return summary, batch
+
+    def _image_summaries(self, batch) -> None:
+        """TensorBoard images of the first example of a batch: the middle slice
+        along the third spatial axis (axial for BraTS) of FLAIR, the label and
+        the prediction (WT, TC, ET as red, green, blue)."""
+        local = self.strategy.experimental_local_results
+        image = local(batch["image"])[0][:1]
+        label = local(batch["label"])[0][:1]
+        # The inference model (shared weights, no VAE): drawing from VDraw's
+        # generator here would change the training run's random stream.
+        if self._segmenter is None:
+            self._segmenter = build_inference_model(self.model)
+        seg = self._segmenter(image)["seg"]
+        k = image.shape[3] // 2
+        flair = image[:, :, :, k, constants.MODALITIES.index("flair"), None]
+        low, high = tf.reduce_min(flair), tf.reduce_max(flair)
+        tf.summary.image("input_flair", (flair - low) / tf.maximum(high - low, 1e-6))
+        tf.summary.image("label_WT_TC_ET", label[:, :, :, k, :])
+        tf.summary.image("prediction_WT_TC_ET", tf.cast(seg[:, :, :, k, :], tf.float32))
 
 
 def write_json_atomic(path: str, payload) -> None:

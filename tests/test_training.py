@@ -223,13 +223,15 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
     history = straight.train()
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert [h["lr"] for h in history] == pytest.approx([poly_lr(e, 1e-3, 3) for e in range(3)])
-    with pytest.raises(_Crash):
+    with pytest.raises(_Crash):  # during epoch 2, before its checkpoint
         run(tmp_path / "b", crash_after=2).train()
     resumed = run(tmp_path / "b")
-    assert resumed.restore() == 2
+    assert resumed.restore() == 1
     rest = resumed.train()
-    assert [h["epoch"] for h in rest] == [3]
-    assert rest[0]["loss"] == pytest.approx(history[2]["loss"], rel=1e-6)
+    assert [h["epoch"] for h in rest] == [2, 3]
+    assert rest[1]["loss"] == pytest.approx(history[2]["loss"], rel=1e-6)
+    saved = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["epoch"] for h in saved] == [1, 2, 3]
     for a, b in zip(straight.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(resumed.optimizer.iterations.numpy()) == 9

@@ -1,0 +1,124 @@
+"""train.py end to end on a small synthetic TFRecord dataset: smoke run, bad flags, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipeline.convert import convert
+from data_pipeline.synthetic import write_synthetic_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(str(root / "nii"), 6, shape=(48, 48, 40), seed=0, progress=False)
+    convert(str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=3, seed=0,
+            progress=False)
+    return str(root / "tfr")
+
+
+def train(args, timeout=400):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_path):
+    model_dir = tmp_path / "run"
+    proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((model_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"loss", "dice", "l2", "kl", "lr", "dice_WT", "val_dice_WT", "val_dice_ET"} <= set(history[0])
+    assert history[1]["lr"] == pytest.approx(1e-4 * 0.5**0.9)
+    flags_text = (model_dir / "flags.txt").read_text()
+    assert "--crop=32,32,32" in flags_text and f"--data_dir={data_dir}" in flags_text
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["train"]["num_train_cases"] == 4  # 6 cases, fold 0 of 3 held out
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-2")
+    assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+    # The SavedModel serves a raw volume of a size not divisible by 8.
+    loaded = tf.saved_model.load(str(model_dir / "export" / "1"))
+    volume = np.random.default_rng(0).normal(size=(1, 20, 28, 13, 4)).astype(np.float32)
+    out = loaded.signatures["serving_default"](tf.constant(volume))
+    assert out["probabilities"].shape == (1, 20, 28, 13, 3)
+    assert (model_dir / "model.keras").exists() and (model_dir / "segmenter.keras").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--epochs=-1"], "flag --epochs=-1"),
+        (["--crop=32,32,30"], "must be divisible by 16"),
+        (["--strategy=tpu"], "flag --strategy=tpu"),
+        (["--data_dir=/nonexistent/brats"], "--data_dir=/nonexistent/brats: no manifest.json"),
+        (["--fold=9"], "--fold=9"),
+        (["--crop=32,x,32"], "--crop must be integers"),
+        (["--strategy=multi_worker"], "TF_CONFIG"),
+    ],
+)
+def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message):
+    model_dir = tmp_path / "bad"
+    env_args = [f"--data_dir={data_dir}", f"--model_dir={model_dir}"] + args
+    proc = train(env_args, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith(("train.py: error:", "FATAL Flags parsing error"))]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not model_dir.exists()
+
+
+def _weights(model_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
+    # Everything: weights, Adam slots and step, epoch, random-generator states.
+    names = sorted(n for n in reader.get_variable_to_shape_map()
+                   if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_killed_run_resumes_and_reaches_the_uninterrupted_weights(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--fold=-1", "--epochs=4", "--steps_per_epoch=3",
+              "--validate_every=0", "--noexport"]
+    straight = tmp_path / "straight"
+    proc = train(common + [f"--model_dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}",
+           f"--model_dir={killed}"] + common
+    child = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while tf.train.latest_checkpoint(str(killed / "checkpoints")) is None:
+            assert child.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)  # kill -9 right after the first checkpoint
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    done = tf.train.latest_checkpoint(str(killed / "checkpoints"))
+    assert not done.endswith("ckpt-4"), "killed too late to test a resume"
+
+    proc = train(common + [f"--model_dir={killed}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    history = json.loads((killed / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    want, got = _weights(straight), _weights(killed)
+    assert want.keys() == got.keys() and len(want) > 50
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
