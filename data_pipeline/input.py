@@ -9,15 +9,18 @@ The dataset is not repeated: iterate it once per epoch.
 
     {"image": float32 [B, *crop_shape, 4], "label": float32 [B, *crop_shape, 3]}
 
-Eval mode: whole stored volumes (the brain's bounding box), normalisation
-only, batch 1, in file order:
+Eval mode: whole volumes in the original NIfTI grid (or, with
+eval_brain_box, the stored brain bounding box), normalisation only, batch 1,
+in file order:
 
     {"image": float32 [1, d, h, w, 4], "label": float32 [1, d, h, w, 3] (when has_labels),
      "case_id": string [1], "original_shape": int32 [1, 3], "box_start": int32 [1, 3],
      "affine": float64 [1, 4, 4]}
 
 A prediction p on the image goes back to the NIfTI grid with
-data_pipeline.features.uncrop(p, box_start, original_shape), saved with `affine`.
+data_pipeline.features.uncrop(p, box_start, original_shape) (box_start is 0
+for whole volumes), saved with `affine`. The network needs sizes divisible by
+8: the inference code pads and crops back.
 """
 
 import dataclasses
@@ -64,6 +67,9 @@ class InputConfig:
       cache: keep the decompressed examples in memory after the first epoch
         (~30 MB per BraTS case) and shuffle over all of them: later epochs skip
         reading and decompression, and the case order is uniformly random.
+      eval_brain_box: eval mode yields the stored brain bounding box (smaller,
+        faster) instead of the whole original grid (as the paper infers on; the
+        network's group norms see the same background as in training crops).
     """
 
     files: str | tuple
@@ -87,6 +93,7 @@ class InputConfig:
     drop_remainder: bool = False
     jit: bool = True
     cache: bool = False
+    eval_brain_box: bool = False
 
     def __post_init__(self):
         if isinstance(self.files, (list, tuple)):
@@ -214,16 +221,23 @@ def _train_example(config):
 def _eval_example(config):
     def fn(serialized):
         ex = _check_label(features.parse_raw(serialized), config.has_labels)
-        ex["image"], ex["label"] = features.decode_volumes(ex)
+        if config.eval_brain_box:
+            image, label = features.decode_volumes(ex)
+            box_start = ex["box_start"]
+        else:  # back to the original grid: zeros around the stored box
+            after = ex["original_shape"] - ex["box_start"] - ex["box_shape"]
+            image, label = features.decode_volumes(
+                ex, paddings=tf.stack([ex["box_start"], after], axis=1))
+            box_start = tf.zeros_like(ex["box_start"])
         out = {
             "case_id": ex["case_id"],
-            "image": augment.normalize_nonzero(ex["image"], ex["nonzero_mean"], ex["nonzero_std"]),
+            "image": augment.normalize_nonzero(image, ex["nonzero_mean"], ex["nonzero_std"]),
             "original_shape": ex["original_shape"],
-            "box_start": ex["box_start"],
+            "box_start": box_start,
             "affine": ex["affine"],
         }
         if config.has_labels:
-            out["label"] = augment.labels_to_regions(ex["label"])
+            out["label"] = augment.labels_to_regions(label)
         return out
     return fn
 

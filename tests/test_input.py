@@ -172,33 +172,42 @@ def test_augmentation_is_random_without_deterministic(records):
     assert any(not np.array_equal(outs[0], o) for o in outs[1:])
 
 
-def test_eval_mode_whole_volumes(records):
+@pytest.mark.parametrize("brain_box", [False, True])
+def test_eval_mode_whole_volumes(records, brain_box):
     out, files, _ = records
-    nifti = {}
+    stored = {}
     for record in tf.data.TFRecordDataset(files, features.COMPRESSION):
-        ex = features.parse_example(record)
-        nifti[ex["case_id"].numpy().decode()] = ex
+        ex = {k: v.numpy() for k, v in features.parse_example(record).items()}
+        stored[ex["case_id"].decode()] = ex
     ds = make_dataset(InputConfig(files=os.path.join(out, "*" + features.SHARD_SUFFIX),
-                                  mode="eval"))
+                                  mode="eval", eval_brain_box=brain_box))
     seen = []
     for b in ds:
         assert set(b) == {"image", "label", "case_id", "original_shape", "box_start", "affine"}
-        case_id = b["case_id"].numpy()[0].decode()
+        b = {k: v.numpy()[0] for k, v in b.items()}  # batch 1
+        case_id = b["case_id"].decode()
         seen.append(case_id)
-        ex = nifti[case_id]
-        assert b["image"].shape[0] == 1
-        np.testing.assert_array_equal(b["image"][0].shape[:3], ex["box_shape"].numpy())
-        expected = augment.normalize_nonzero(ex["image"], ex["nonzero_mean"], ex["nonzero_std"])
-        np.testing.assert_allclose(b["image"][0].numpy(), expected.numpy(), rtol=1e-6)
-        np.testing.assert_array_equal(b["label"][0].numpy(),
-                                      augment.labels_to_regions(ex["label"]).numpy())
-        # geometry: a prediction on the box pastes back into the NIfTI grid
-        pasted = features.uncrop(b["label"][0].numpy(), b["box_start"][0].numpy(),
-                                 b["original_shape"][0].numpy())
-        assert pasted.shape == SHAPE + (3,)
-        assert pasted[..., 0].sum() == b["label"][0, ..., 0].numpy().sum()
-        np.testing.assert_array_equal(b["affine"][0].numpy(), np.eye(4))
-    assert seen == list(nifti)  # file order, each case once
+        ex = stored[case_id]
+        # NumPy reference: the NIfTI arrays (box pasted back), normalised over non-zero voxels
+        full_image = features.uncrop(ex["image"], ex["box_start"], ex["original_shape"])
+        full_label = features.uncrop(ex["label"], ex["box_start"], ex["original_shape"])
+        expected = np.where(full_image != 0,
+                            (full_image - ex["nonzero_mean"]) / ex["nonzero_std"], 0)
+        if brain_box:
+            assert b["image"].shape[:3] == tuple(ex["box_shape"])
+            np.testing.assert_array_equal(b["box_start"], ex["box_start"])
+        else:
+            assert b["image"].shape[:3] == SHAPE
+            np.testing.assert_array_equal(b["box_start"], [0, 0, 0])
+        np.testing.assert_array_equal(b["original_shape"], SHAPE)
+        np.testing.assert_array_equal(b["affine"], np.eye(4))
+        # geometry: pasting back at box_start gives the NIfTI grid
+        image = features.uncrop(b["image"], b["box_start"], b["original_shape"])
+        np.testing.assert_allclose(image, expected, rtol=1e-5, atol=1e-5)
+        regions = features.uncrop(b["label"], b["box_start"], b["original_shape"])
+        np.testing.assert_array_equal(regions[..., 0], full_label > 0)
+        np.testing.assert_array_equal(regions[..., 2], full_label == LABEL_ET)
+    assert seen == list(stored)  # file order, each case once
 
 
 def test_eval_without_labels(unlabelled):
