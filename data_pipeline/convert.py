@@ -399,6 +399,8 @@ def fold_files(manifest_path, fold):
 
 
 FLAGS = flags.FLAGS
+_FLAG_NAMES = ("input_dir", "output_dir", "cases_per_shard", "num_shards", "folds", "seed",
+               "skip_bad", "overwrite", "num_workers")
 
 
 def define_flags():
@@ -424,6 +426,7 @@ def define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.info("flags: %s", {name: FLAGS[name].value for name in _FLAG_NAMES})
     try:
         convert(FLAGS.input_dir, FLAGS.output_dir, cases_per_shard=FLAGS.cases_per_shard,
                 num_shards=FLAGS.num_shards, folds=FLAGS.folds, seed=FLAGS.seed,
