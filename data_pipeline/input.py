@@ -229,15 +229,21 @@ def _eval_example(config):
             image, label = features.decode_volumes(
                 ex, paddings=tf.stack([ex["box_start"], after], axis=1))
             box_start = tf.zeros_like(ex["box_start"])
+        # normalize_nonzero with the stored statistics, as one affine map per
+        # channel; XLA-compiled for whole volumes (one shape for all BraTS cases).
+        a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
+        b = -ex["nonzero_mean"] * a
+        fn = _flip_map_regions_xla if config.jit and not config.eval_brain_box else _flip_map_regions
+        image, regions = fn(image, label, tf.constant(0), a, b)
         out = {
             "case_id": ex["case_id"],
-            "image": augment.normalize_nonzero(image, ex["nonzero_mean"], ex["nonzero_std"]),
+            "image": image,
             "original_shape": ex["original_shape"],
             "box_start": box_start,
             "affine": ex["affine"],
         }
         if config.has_labels:
-            out["label"] = augment.labels_to_regions(label)
+            out["label"] = regions
         return out
     return fn
 
