@@ -8,9 +8,12 @@ original NIfTI grid (`uncrop`). Shards are GZIP-compressed TFRecord files.
 
 Fields (shapes are those of the parsed tensors):
   case_id          bytes                    e.g. b"Brats18_2013_2_1"
-  image            bytes, little-endian     [d, h, w, 4] channels last in
+  image            bytes, byte planes       uint8 [k, d, h, w, 4]: plane k = byte k
+                                            (little-endian) of each value of the
+                                            [d, h, w, 4] image, channels last in
                                             brats_tf.constants.MODALITIES order
-                                            (t1, t1ce, t2, flair), dtype image_dtype
+                                            (t1, t1ce, t2, flair); k = 2 for int16,
+                                            4 for float32 (to_byte_planes)
   image_dtype      bytes                    b"int16" (when every voxel is an integer
                                             in int16 range, as in BraTS) else b"float32"
   box_shape        int64 [3]                d, h, w of the stored crop
@@ -32,7 +35,7 @@ import tensorflow as tf
 
 from brats_tf.constants import NUM_MODALITIES
 
-FEATURE_SPEC_VERSION = 1
+FEATURE_SPEC_VERSION = 2  # 2: image as byte planes
 COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)
 SHARD_SUFFIX = ".tfrecord"  # GZIP-compressed inside (COMPRESSION)
 IMAGE_DTYPES = ("int16", "float32")
@@ -79,6 +82,24 @@ def nonzero_stats(image):
     return np.array(means), np.array(stds)
 
 
+def to_byte_planes(image):
+    """[..., C] int16/float32 -> uint8 [itemsize, ..., C]: plane k holds byte k
+    (little-endian) of every value. Deflate compresses these ~20% smaller and
+    inflates them ~30% faster than interleaved bytes (the high bytes of MRI
+    intensities are nearly constant)."""
+    little = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
+    as_bytes = little.view(np.uint8).reshape(image.shape + (image.dtype.itemsize,))
+    return np.ascontiguousarray(np.moveaxis(as_bytes, -1, 0))
+
+
+def from_byte_planes(planes, dtype):
+    """Inverse of to_byte_planes in TF (XLA-friendly): uint8 [k, ..., C] -> float32
+    [..., C] of the values stored as `dtype` (tf.int16 or tf.float32; exact)."""
+    rank = planes.shape.rank
+    interleaved = tf.transpose(planes, list(range(1, rank)) + [0])  # bytes last, in order
+    return tf.cast(tf.bitcast(interleaved, dtype), tf.float32)
+
+
 def serialize_example(case_id, image, label, original_shape, affine, box_start):
     """One case as a serialized tf.train.Example.
 
@@ -97,10 +118,9 @@ def serialize_example(case_id, image, label, original_shape, affine, box_start):
         raise ValueError(f"case {case_id}: label {label.shape} {label.dtype} does not match "
                          f"image {image.shape[:3]} uint8")
     mean, std = nonzero_stats(image)
-    little = image.dtype.newbyteorder("<")
     feature = {
         "case_id": _bytes(case_id.encode()),
-        "image": _bytes(np.ascontiguousarray(image, dtype=little).tobytes()),
+        "image": _bytes(to_byte_planes(image).tobytes()),
         "image_dtype": _bytes(image.dtype.name.encode()),
         "box_shape": _ints(image.shape[:3]),
         "box_start": _ints(box_start),
@@ -128,37 +148,51 @@ def parse_raw(serialized):
     return ex
 
 
-def decode_volumes(ex, begin=None, size=None, paddings=None):
-    """Decodes image (float32 [d, h, w, 4], exact for int16 data) and label
-    (uint8 [d, h, w], zeros when has_label is False) of a parse_raw dict.
-
-    Optionally only the window [begin, begin + size) of the stored box (int32 [3]
-    each, inside the box), zero-padded by paddings (int32 [3, 2], before and
-    after on each spatial axis); both done before the cast to float32 (cheaper).
-    """
-    box_shape = ex["box_shape"]
+def _window_args(ex, begin, size, paddings):
     if begin is None:
-        begin, size = tf.zeros([3], tf.int32), box_shape
+        begin, size = tf.zeros([3], tf.int32), ex["box_shape"]
     if paddings is None:
         paddings = tf.zeros([3, 2], tf.int32)
-    begin4 = tf.concat([begin, [0]], 0)
-    size4 = tf.concat([size, [NUM_MODALITIES]], 0)
-    paddings4 = tf.concat([paddings, [[0, 0]]], 0)
-    image_shape = tf.concat([box_shape, [NUM_MODALITIES]], 0)
+    return begin, size, paddings
 
-    def window(dtype):
-        volume = tf.reshape(tf.io.decode_raw(ex["image"], dtype, little_endian=True), image_shape)
-        return tf.cast(tf.pad(tf.slice(volume, begin4, size4), paddings4), tf.float32)
 
-    def label_window():
-        volume = tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), box_shape)
+def image_planes(ex, dtype, begin=None, size=None, paddings=None):
+    """The stored image's byte planes, uint8 [itemsize of dtype, d, h, w, 4], for
+    an example whose image_dtype is `dtype` (tf.int16 or tf.float32); optionally
+    only the window [begin, begin + size) of the box (int32 [3] each, inside the
+    box), zero-padded by paddings (int32 [3, 2], before and after per axis).
+    from_byte_planes turns them into values."""
+    begin, size, paddings = _window_args(ex, begin, size, paddings)
+    k = dtype.size
+    planes = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8),
+                        tf.concat([[k], ex["box_shape"], [NUM_MODALITIES]], 0))
+    planes = tf.slice(planes, tf.concat([[0], begin, [0]], 0),
+                      tf.concat([[k], size, [NUM_MODALITIES]], 0))
+    return tf.pad(planes, tf.concat([[[0, 0]], paddings, [[0, 0]]], 0))
+
+
+def decode_label(ex, begin=None, size=None, paddings=None):
+    """The label map, uint8 [d, h, w] (zeros when has_label is False), optionally
+    windowed and padded as in image_planes."""
+    begin, size, paddings = _window_args(ex, begin, size, paddings)
+
+    def window():
+        volume = tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), ex["box_shape"])
         return tf.pad(tf.slice(volume, begin, size), paddings)
 
-    image = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
-                    lambda: window(tf.int16), lambda: window(tf.float32))
-    label = tf.cond(ex["has_label"], label_window,
-                    lambda: tf.zeros(size + tf.reduce_sum(paddings, axis=1), tf.uint8))
-    return image, label
+    return tf.cond(ex["has_label"], window,
+                   lambda: tf.zeros(size + tf.reduce_sum(paddings, axis=1), tf.uint8))
+
+
+def decode_volumes(ex, begin=None, size=None, paddings=None):
+    """Decodes image (float32 [d, h, w, 4], exact) and label (uint8 [d, h, w],
+    zeros when has_label is False) of a parse_raw dict, optionally windowed and
+    padded as in image_planes (before the cast to float32: cheaper)."""
+    image = tf.cond(
+        tf.equal(ex["image_dtype"], b"int16"),
+        lambda: from_byte_planes(image_planes(ex, tf.int16, begin, size, paddings), tf.int16),
+        lambda: from_byte_planes(image_planes(ex, tf.float32, begin, size, paddings), tf.float32))
+    return image, decode_label(ex, begin, size, paddings)
 
 
 def parse_example(serialized):

@@ -149,10 +149,14 @@ def _check_label(ex, has_labels):
     return ex
 
 
-def _flip_map_regions(image, label, flip_index, a, b):
-    """Fixed-shape tail of train_transform, one XLA kernel when jit-compiled:
-    mirror (axes = the bits of flip_index), y = a * x + b per channel on the
-    non-zero voxels, labels to regions."""
+def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None):
+    """Fixed-shape tail of the transforms, one XLA kernel when jit-compiled:
+    bytes to values (when `image` holds the byte planes of `planes_dtype`
+    values), mirror (axes = the bits of flip_index), y = a * x + b per channel
+    on the non-zero voxels, labels to regions."""
+    if planes_dtype is not None:
+        image = features.from_byte_planes(image, planes_dtype)
+
     def branch(axes):
         def fn():
             x = tf.reverse(image, axes) if axes else image
@@ -174,9 +178,10 @@ def train_transform(ex, seeds, config):
     random_crop_start drawn in the original grid (seeds[0]), random_flip
     (seeds[1]), normalize_nonzero with the stored statistics, random_intensity
     (seeds[2]), labels_to_regions. Computed cheaply instead: only the part of
-    the window inside the stored box is decoded and padded, then flips,
-    normalisation and intensity (one per-channel affine map) and the regions
-    run as one fixed-shape function (XLA-compiled when config.jit).
+    the window inside the stored box is sliced and padded (as byte planes),
+    then bytes to values, flips, normalisation and intensity (one per-channel
+    affine map) and the regions run as one fixed-shape function (XLA-compiled
+    when config.jit).
 
     Args:
       ex: dict from features.parse_raw.
@@ -188,9 +193,7 @@ def train_transform(ex, seeds, config):
     crop = config.crop_shape
     start = augment.random_crop_start(ex["original_shape"], crop, seeds[0]) - ex["box_start"]
     begin, extent, paddings = augment.crop_window(start, crop, ex["box_shape"])
-    image, label = features.decode_volumes(ex, begin, extent, paddings)
-    image = tf.ensure_shape(image, crop + (NUM_MODALITIES,))
-    label = tf.ensure_shape(label, crop)
+    label = tf.ensure_shape(features.decode_label(ex, begin, extent, paddings), crop)
     flip_index = tf.constant(0, tf.int32)
     if config.augment and config.flip:
         mask = augment.flip_mask(seeds[1], config.flip_probability)
@@ -203,7 +206,14 @@ def train_transform(ex, seeds, config):
                                         config.intensity_scale)
         a, b = a * s, b * s + o
     fn = _flip_map_regions_xla if config.jit else _flip_map_regions
-    image, label = fn(image, label, flip_index, a, b)
+
+    def transform(dtype):  # the byte planes go into the fused function as they are
+        planes = features.image_planes(ex, dtype, begin, extent, paddings)
+        planes = tf.ensure_shape(planes, (dtype.size,) + crop + (NUM_MODALITIES,))
+        return fn(planes, label, flip_index, a, b, dtype)
+
+    image, label = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
+                           lambda: transform(tf.int16), lambda: transform(tf.float32))
     return {"image": tf.ensure_shape(image, crop + (NUM_MODALITIES,)),
             "label": tf.ensure_shape(label, crop + (NUM_REGIONS,))}
 
@@ -222,19 +232,25 @@ def _eval_example(config):
     def fn(serialized):
         ex = _check_label(features.parse_raw(serialized), config.has_labels)
         if config.eval_brain_box:
-            image, label = features.decode_volumes(ex)
+            paddings = None
             box_start = ex["box_start"]
         else:  # back to the original grid: zeros around the stored box
             after = ex["original_shape"] - ex["box_start"] - ex["box_shape"]
-            image, label = features.decode_volumes(
-                ex, paddings=tf.stack([ex["box_start"], after], axis=1))
+            paddings = tf.stack([ex["box_start"], after], axis=1)
             box_start = tf.zeros_like(ex["box_start"])
+        label = features.decode_label(ex, paddings=paddings)
         # normalize_nonzero with the stored statistics, as one affine map per
         # channel; XLA-compiled for whole volumes (one shape for all BraTS cases).
         a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
         b = -ex["nonzero_mean"] * a
         fn = _flip_map_regions_xla if config.jit and not config.eval_brain_box else _flip_map_regions
-        image, regions = fn(image, label, tf.constant(0), a, b)
+
+        def transform(dtype):
+            planes = features.image_planes(ex, dtype, paddings=paddings)
+            return fn(planes, label, tf.constant(0), a, b, dtype)
+
+        image, regions = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
+                                 lambda: transform(tf.int16), lambda: transform(tf.float32))
         out = {
             "case_id": ex["case_id"],
             "image": image,

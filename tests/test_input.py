@@ -248,3 +248,21 @@ def test_fold_files_feed_make_dataset(tmp_path, records):
     n_train = sum(1 for _ in make_dataset(InputConfig(files=train, crop_shape=(16, 16, 16))))
     n_val = sum(1 for _ in make_dataset(InputConfig(files=val, mode="eval")))
     assert (n_train, n_val) == (NUM_CASES - 1, 1)
+
+
+@pytest.mark.parametrize("jit,seed", list(itertools.product([True, False], range(2))))
+def test_train_transform_float32_storage(jit, seed):
+    images, label = synthetic.make_case(SHAPE, seed=seed)
+    image = np.stack([images[m] for m in ("t1", "t1ce", "t2", "flair")], -1).astype(np.float32)
+    image = np.where(image != 0, image + 0.25, 0).astype(np.float32)  # not int16-representable
+    record = features.serialize_example("float_case", image, label, SHAPE, np.eye(4), (0, 0, 0))
+    ex = features.parse_raw(tf.constant(record))
+    assert ex["image_dtype"].numpy() == b"float32"
+    config = InputConfig(files="x", crop_shape=(24, 24, 16), jit=jit)
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 3], tf.int64), 3)
+    out = train_transform(ex, seeds, config)
+    ref_image, ref_label = _reference(ex, seeds, config)
+    np.testing.assert_allclose(out["image"].numpy(), ref_image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["label"].numpy(), ref_label)
+    np.testing.assert_array_equal(features.parse_example(tf.constant(record))["image"].numpy(),
+                                  image)
