@@ -41,7 +41,7 @@ from data_pipeline import features, layouts
 CONVERTER_VERSION = "1.0"
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "brats-fold"
-COMPRESSION_LEVEL = 1  # zlib level: as small as 6-9 on these volumes (<2% larger), 3x faster to write
+COMPRESSION_LEVEL = 1  # zlib level: files ~7% larger than level 6, written ~3x faster
 AFFINE_ATOL = 1e-4  # mm; "identical" affines up to header float noise
 LABELS_2023 = (LABEL_BACKGROUND, LABEL_NCR_NET, LABEL_ED, LABEL_ET_2023)
 
