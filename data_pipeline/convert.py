@@ -219,7 +219,7 @@ def _ordered_parallel(fn, items, workers):
                 yield item, e
 
 
-def convert(input_dir, output_dir, cases_per_shard=8, num_shards=None, folds=5, seed=0,
+def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, seed=0,
             skip_bad=False, overwrite=False, num_workers=2, progress=True):
     """Converts a folder of BraTS NIfTI cases; returns the manifest (a dict).
 
@@ -409,7 +409,8 @@ def define_flags():
     flags.DEFINE_string("input_dir", None, "Folder of BraTS NIfTI cases (any supported layout).")
     flags.DEFINE_string("output_dir", None,
                         "Folder for the shards and manifest.json; not inside input_dir.")
-    flags.DEFINE_integer("cases_per_shard", 8, "Cases per shard file.", lower_bound=1)
+    flags.DEFINE_integer("cases_per_shard", 4, "Cases per shard file (fewer: better shuffled "
+                         "epochs).", lower_bound=1)
     flags.DEFINE_integer("num_shards", None,
                          "About this many shard files in all (overrides --cases_per_shard).",
                          lower_bound=1)
