@@ -93,11 +93,16 @@ def to_byte_planes(image):
 
 
 def from_byte_planes(planes, dtype):
-    """Inverse of to_byte_planes in TF (XLA-friendly): uint8 [k, ..., C] -> float32
-    [..., C] of the values stored as `dtype` (tf.int16 or tf.float32; exact)."""
-    rank = planes.shape.rank
-    interleaved = tf.transpose(planes, list(range(1, rank)) + [0])  # bytes last, in order
-    return tf.cast(tf.bitcast(interleaved, dtype), tf.float32)
+    """Inverse of to_byte_planes in TF: uint8 [k, ..., C] -> float32 [..., C] of
+    the values stored as `dtype` (tf.int16 or tf.float32; exact). Shifts and ors
+    of the planes (elementwise: fuses under XLA, and cheaper than a transpose
+    without it), then a same-size bitcast."""
+    unsigned = {2: tf.uint16, 4: tf.uint32}[dtype.size]
+    word = tf.cast(planes[0], unsigned)
+    for k in range(1, dtype.size):
+        word = tf.bitwise.bitwise_or(
+            word, tf.bitwise.left_shift(tf.cast(planes[k], unsigned), tf.constant(8 * k, unsigned)))
+    return tf.cast(tf.bitcast(word, dtype), tf.float32)
 
 
 def serialize_example(case_id, image, label, original_shape, affine, box_start):
