@@ -54,7 +54,7 @@ class InputConfig:
       has_labels: examples carry label maps (required in train mode).
       seed: seed of shuffling and of the per-example augmentation seeds.
       deterministic: same seed -> same batches, in the same order (stateless
-        random ops throughout, ordered parallelism); slower.
+        random ops throughout, ordered parallelism; may be slower).
       shuffle: shuffle shards and examples (train mode).
       shuffle_buffer: examples buffered for shuffling (each holds a decompressed
         serialized case, ~30 MB at BraTS size); shards are shuffled too.
@@ -62,8 +62,8 @@ class InputConfig:
       num_parallel_calls: parallelism of reading and mapping (-1 = AUTOTUNE).
       prefetch: batches prefetched (-1 = AUTOTUNE).
       drop_remainder: drop a last incomplete batch (train mode).
-      jit: XLA-compile the per-voxel part of the training transform (about 4x
-        less CPU); False runs the same ops without XLA.
+      jit: XLA-compile the per-voxel part of the transforms (the whole train
+        pipeline then needs half the CPU); False runs the same ops without XLA.
       cache: keep the decompressed examples in memory after the first epoch
         (~30 MB per BraTS case) and shuffle over all of them: later epochs skip
         reading and decompression, and the case order is uniformly random.
