@@ -7,6 +7,7 @@ skull-stripped (zero outside the brain), plus what puts arrays back into the
 original NIfTI grid (`uncrop`). Shards are GZIP-compressed TFRecord files.
 
 Fields (shapes are those of the parsed tensors):
+  spec_version     int64                    FEATURE_SPEC_VERSION (readers refuse others)
   case_id          bytes                    e.g. b"Brats18_2013_2_1"
   image            bytes, byte planes       uint8 [k, d, h, w, 4]: plane k = byte k
                                             (little-endian) of each value of the
@@ -41,6 +42,8 @@ SHARD_SUFFIX = ".tfrecord"  # GZIP-compressed inside (COMPRESSION)
 IMAGE_DTYPES = ("int16", "float32")
 
 FEATURES = {
+    # Absent from version 1 examples (interleaved image bytes): parse_raw refuses them.
+    "spec_version": tf.io.FixedLenFeature([], tf.int64, default_value=1),
     "case_id": tf.io.FixedLenFeature([], tf.string),
     "image": tf.io.FixedLenFeature([], tf.string),
     "image_dtype": tf.io.FixedLenFeature([], tf.string),
@@ -124,6 +127,7 @@ def serialize_example(case_id, image, label, original_shape, affine, box_start):
                          f"image {image.shape[:3]} uint8")
     mean, std = nonzero_stats(image)
     feature = {
+        "spec_version": _ints([FEATURE_SPEC_VERSION]),
         "case_id": _bytes(case_id.encode()),
         "image": _bytes(to_byte_planes(image).tobytes()),
         "image_dtype": _bytes(image.dtype.name.encode()),
@@ -146,6 +150,12 @@ def parse_raw(serialized):
     box_shape, box_start, original_shape as int32; pass it to decode_volumes.
     """
     ex = tf.io.parse_single_example(serialized, FEATURES)
+    ok = tf.debugging.assert_equal(
+        ex["spec_version"], tf.constant(FEATURE_SPEC_VERSION, tf.int64),
+        message=f"example of another feature spec version than {FEATURE_SPEC_VERSION} "
+                "(written by another converter version): reconvert the NIfTI files")
+    with tf.control_dependencies([ok]):
+        ex["image"] = tf.identity(ex["image"])
     for key in ("box_shape", "box_start", "original_shape"):
         ex[key] = tf.cast(ex[key], tf.int32)
     ex["has_label"] = tf.equal(ex["has_label"], 1)

@@ -57,3 +57,14 @@ def test_serialize_rejects_bad_arrays():
     with pytest.raises(ValueError, match="does not match"):
         features.serialize_example("c", image, np.zeros((4, 4, 3), np.uint8), (4, 4, 4),
                                    np.eye(4), (0, 0, 0))
+
+
+def test_examples_of_another_spec_version_are_refused():
+    image = np.ones((4, 4, 4, 4), np.int16)
+    record = features.serialize_example("c", image, None, (4, 4, 4), np.eye(4), (0, 0, 0))
+    ex = tf.train.Example.FromString(record)
+    del ex.features.feature["spec_version"]  # as written by feature spec version 1
+    with pytest.raises(tf.errors.InvalidArgumentError, match="reconvert"):
+        features.parse_example(tf.constant(ex.SerializeToString()))
+    np.testing.assert_array_equal(features.parse_example(tf.constant(record))["image"].numpy(),
+                                  image)
