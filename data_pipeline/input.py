@@ -9,15 +9,18 @@ The dataset is not repeated: iterate it once per epoch.
 
     {"image": float32 [B, *crop_shape, 4], "label": float32 [B, *crop_shape, 3]}
 
-Eval mode: whole stored volumes (the brain's bounding box), normalisation
-only, batch 1, in file order:
+Eval mode: whole volumes in the original NIfTI grid (or, with
+eval_brain_box, the stored brain bounding box), normalisation only, batch 1,
+in file order:
 
     {"image": float32 [1, d, h, w, 4], "label": float32 [1, d, h, w, 3] (when has_labels),
      "case_id": string [1], "original_shape": int32 [1, 3], "box_start": int32 [1, 3],
      "affine": float64 [1, 4, 4]}
 
 A prediction p on the image goes back to the NIfTI grid with
-data_pipeline.features.uncrop(p, box_start, original_shape), saved with `affine`.
+data_pipeline.features.uncrop(p, box_start, original_shape) (box_start is 0
+for whole volumes), saved with `affine`. The network needs sizes divisible by
+8: the inference code pads and crops back.
 """
 
 import dataclasses
@@ -51,7 +54,7 @@ class InputConfig:
       has_labels: examples carry label maps (required in train mode).
       seed: seed of shuffling and of the per-example augmentation seeds.
       deterministic: same seed -> same batches, in the same order (stateless
-        random ops throughout, ordered parallelism); slower.
+        random ops throughout, ordered parallelism; may be slower).
       shuffle: shuffle shards and examples (train mode).
       shuffle_buffer: examples buffered for shuffling (each holds a decompressed
         serialized case, ~30 MB at BraTS size); shards are shuffled too.
@@ -59,11 +62,14 @@ class InputConfig:
       num_parallel_calls: parallelism of reading and mapping (-1 = AUTOTUNE).
       prefetch: batches prefetched (-1 = AUTOTUNE).
       drop_remainder: drop a last incomplete batch (train mode).
-      jit: XLA-compile the per-voxel part of the training transform (about 4x
-        less CPU); False runs the same ops without XLA.
+      jit: XLA-compile the per-voxel part of the transforms (the whole train
+        pipeline then needs half the CPU); False runs the same ops without XLA.
       cache: keep the decompressed examples in memory after the first epoch
         (~30 MB per BraTS case) and shuffle over all of them: later epochs skip
         reading and decompression, and the case order is uniformly random.
+      eval_brain_box: eval mode yields the stored brain bounding box (smaller,
+        faster) instead of the whole original grid (as the paper infers on; the
+        network's group norms see the same background as in training crops).
     """
 
     files: str | tuple
@@ -87,6 +93,7 @@ class InputConfig:
     drop_remainder: bool = False
     jit: bool = True
     cache: bool = False
+    eval_brain_box: bool = False
 
     def __post_init__(self):
         if isinstance(self.files, (list, tuple)):
@@ -142,10 +149,14 @@ def _check_label(ex, has_labels):
     return ex
 
 
-def _flip_map_regions(image, label, flip_index, a, b):
-    """Fixed-shape tail of train_transform, one XLA kernel when jit-compiled:
-    mirror (axes = the bits of flip_index), y = a * x + b per channel on the
-    non-zero voxels, labels to regions."""
+def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None):
+    """Fixed-shape tail of the transforms, one XLA kernel when jit-compiled:
+    bytes to values (when `image` holds the byte planes of `planes_dtype`
+    values), mirror (axes = the bits of flip_index), y = a * x + b per channel
+    on the non-zero voxels, labels to regions."""
+    if planes_dtype is not None:
+        image = features.from_byte_planes(image, planes_dtype)
+
     def branch(axes):
         def fn():
             x = tf.reverse(image, axes) if axes else image
@@ -167,9 +178,10 @@ def train_transform(ex, seeds, config):
     random_crop_start drawn in the original grid (seeds[0]), random_flip
     (seeds[1]), normalize_nonzero with the stored statistics, random_intensity
     (seeds[2]), labels_to_regions. Computed cheaply instead: only the part of
-    the window inside the stored box is decoded and padded, then flips,
-    normalisation and intensity (one per-channel affine map) and the regions
-    run as one fixed-shape function (XLA-compiled when config.jit).
+    the window inside the stored box is sliced and padded (as byte planes),
+    then bytes to values, flips, normalisation and intensity (one per-channel
+    affine map) and the regions run as one fixed-shape function (XLA-compiled
+    when config.jit).
 
     Args:
       ex: dict from features.parse_raw.
@@ -181,9 +193,7 @@ def train_transform(ex, seeds, config):
     crop = config.crop_shape
     start = augment.random_crop_start(ex["original_shape"], crop, seeds[0]) - ex["box_start"]
     begin, extent, paddings = augment.crop_window(start, crop, ex["box_shape"])
-    image, label = features.decode_volumes(ex, begin, extent, paddings)
-    image = tf.ensure_shape(image, crop + (NUM_MODALITIES,))
-    label = tf.ensure_shape(label, crop)
+    label = tf.ensure_shape(features.decode_label(ex, begin, extent, paddings), crop)
     flip_index = tf.constant(0, tf.int32)
     if config.augment and config.flip:
         mask = augment.flip_mask(seeds[1], config.flip_probability)
@@ -196,7 +206,14 @@ def train_transform(ex, seeds, config):
                                         config.intensity_scale)
         a, b = a * s, b * s + o
     fn = _flip_map_regions_xla if config.jit else _flip_map_regions
-    image, label = fn(image, label, flip_index, a, b)
+
+    def transform(dtype):  # the byte planes go into the fused function as they are
+        planes = features.image_planes(ex, dtype, begin, extent, paddings)
+        planes = tf.ensure_shape(planes, (dtype.size,) + crop + (NUM_MODALITIES,))
+        return fn(planes, label, flip_index, a, b, dtype)
+
+    image, label = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
+                           lambda: transform(tf.int16), lambda: transform(tf.float32))
     return {"image": tf.ensure_shape(image, crop + (NUM_MODALITIES,)),
             "label": tf.ensure_shape(label, crop + (NUM_REGIONS,))}
 
@@ -214,16 +231,35 @@ def _train_example(config):
 def _eval_example(config):
     def fn(serialized):
         ex = _check_label(features.parse_raw(serialized), config.has_labels)
-        ex["image"], ex["label"] = features.decode_volumes(ex)
+        if config.eval_brain_box:
+            paddings = None
+            box_start = ex["box_start"]
+        else:  # back to the original grid: zeros around the stored box
+            after = ex["original_shape"] - ex["box_start"] - ex["box_shape"]
+            paddings = tf.stack([ex["box_start"], after], axis=1)
+            box_start = tf.zeros_like(ex["box_start"])
+        label = features.decode_label(ex, paddings=paddings)
+        # normalize_nonzero with the stored statistics, as one affine map per
+        # channel; XLA-compiled for whole volumes (one shape for all BraTS cases).
+        a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
+        b = -ex["nonzero_mean"] * a
+        fn = _flip_map_regions_xla if config.jit and not config.eval_brain_box else _flip_map_regions
+
+        def transform(dtype):
+            planes = features.image_planes(ex, dtype, paddings=paddings)
+            return fn(planes, label, tf.constant(0), a, b, dtype)
+
+        image, regions = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
+                                 lambda: transform(tf.int16), lambda: transform(tf.float32))
         out = {
             "case_id": ex["case_id"],
-            "image": augment.normalize_nonzero(ex["image"], ex["nonzero_mean"], ex["nonzero_std"]),
+            "image": image,
             "original_shape": ex["original_shape"],
-            "box_start": ex["box_start"],
+            "box_start": box_start,
             "affine": ex["affine"],
         }
         if config.has_labels:
-            out["label"] = augment.labels_to_regions(ex["label"])
+            out["label"] = regions
         return out
     return fn
 

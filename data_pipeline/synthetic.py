@@ -227,6 +227,8 @@ def main(argv):
         raise app.UsageError(f"--shape must be 3 integers D,H,W, got {','.join(FLAGS.shape)}")
     if len(shape) != 3 or min(shape) < 16:
         raise app.UsageError(f"--shape must be 3 integers >= 16, got {','.join(FLAGS.shape)}")
+    logging.info("flags: %s", {name: FLAGS[name].value for name in
+                               ("output_dir", "num_cases", "shape", "seed", "lgg_fraction")})
     write_synthetic_dataset(FLAGS.output_dir, FLAGS.num_cases, shape, FLAGS.seed,
                             FLAGS.lgg_fraction)
 

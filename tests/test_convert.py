@@ -371,3 +371,14 @@ def test_overwrite_replaces_a_finished_conversion(tmp_path, brats18):
     shards = sorted(n for n in os.listdir(out) if n.endswith(features.SHARD_SUFFIX))
     assert shards == [s["file"] for s in manifest["shards"]] and len(shards) == 1  # stale ones gone
     assert sorted(_read_all(out)) == sorted(arrays)
+
+
+def test_label_4_is_bad_in_2023_naming(tmp_path):
+    root = str(tmp_path / "in")
+    _write(root, "2023", "BraTS-GLI-00001-000", seed=0)
+    path = os.path.join(root, "BraTS-GLI-00001-000", "BraTS-GLI-00001-000-seg.nii.gz")
+    data = np.asanyarray(nib.load(path).dataobj).copy()
+    data[20, 20, 16] = LABEL_ET  # 4 is not a 2023 label (ET is 3 there)
+    _save(path, data)
+    with pytest.raises(convert.BadCaseError, match=r"BraTS-GLI-00001-000-seg.nii.gz: label values \[4\]"):
+        convert.convert(root, str(tmp_path / "out"), folds=1, progress=False)

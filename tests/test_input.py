@@ -172,33 +172,42 @@ def test_augmentation_is_random_without_deterministic(records):
     assert any(not np.array_equal(outs[0], o) for o in outs[1:])
 
 
-def test_eval_mode_whole_volumes(records):
+@pytest.mark.parametrize("brain_box", [False, True])
+def test_eval_mode_whole_volumes(records, brain_box):
     out, files, _ = records
-    nifti = {}
+    stored = {}
     for record in tf.data.TFRecordDataset(files, features.COMPRESSION):
-        ex = features.parse_example(record)
-        nifti[ex["case_id"].numpy().decode()] = ex
+        ex = {k: v.numpy() for k, v in features.parse_example(record).items()}
+        stored[ex["case_id"].decode()] = ex
     ds = make_dataset(InputConfig(files=os.path.join(out, "*" + features.SHARD_SUFFIX),
-                                  mode="eval"))
+                                  mode="eval", eval_brain_box=brain_box))
     seen = []
     for b in ds:
         assert set(b) == {"image", "label", "case_id", "original_shape", "box_start", "affine"}
-        case_id = b["case_id"].numpy()[0].decode()
+        b = {k: v.numpy()[0] for k, v in b.items()}  # batch 1
+        case_id = b["case_id"].decode()
         seen.append(case_id)
-        ex = nifti[case_id]
-        assert b["image"].shape[0] == 1
-        np.testing.assert_array_equal(b["image"][0].shape[:3], ex["box_shape"].numpy())
-        expected = augment.normalize_nonzero(ex["image"], ex["nonzero_mean"], ex["nonzero_std"])
-        np.testing.assert_allclose(b["image"][0].numpy(), expected.numpy(), rtol=1e-6)
-        np.testing.assert_array_equal(b["label"][0].numpy(),
-                                      augment.labels_to_regions(ex["label"]).numpy())
-        # geometry: a prediction on the box pastes back into the NIfTI grid
-        pasted = features.uncrop(b["label"][0].numpy(), b["box_start"][0].numpy(),
-                                 b["original_shape"][0].numpy())
-        assert pasted.shape == SHAPE + (3,)
-        assert pasted[..., 0].sum() == b["label"][0, ..., 0].numpy().sum()
-        np.testing.assert_array_equal(b["affine"][0].numpy(), np.eye(4))
-    assert seen == list(nifti)  # file order, each case once
+        ex = stored[case_id]
+        # NumPy reference: the NIfTI arrays (box pasted back), normalised over non-zero voxels
+        full_image = features.uncrop(ex["image"], ex["box_start"], ex["original_shape"])
+        full_label = features.uncrop(ex["label"], ex["box_start"], ex["original_shape"])
+        expected = np.where(full_image != 0,
+                            (full_image - ex["nonzero_mean"]) / ex["nonzero_std"], 0)
+        if brain_box:
+            assert b["image"].shape[:3] == tuple(ex["box_shape"])
+            np.testing.assert_array_equal(b["box_start"], ex["box_start"])
+        else:
+            assert b["image"].shape[:3] == SHAPE
+            np.testing.assert_array_equal(b["box_start"], [0, 0, 0])
+        np.testing.assert_array_equal(b["original_shape"], SHAPE)
+        np.testing.assert_array_equal(b["affine"], np.eye(4))
+        # geometry: pasting back at box_start gives the NIfTI grid
+        image = features.uncrop(b["image"], b["box_start"], b["original_shape"])
+        np.testing.assert_allclose(image, expected, rtol=1e-5, atol=1e-5)
+        regions = features.uncrop(b["label"], b["box_start"], b["original_shape"])
+        np.testing.assert_array_equal(regions[..., 0], full_label > 0)
+        np.testing.assert_array_equal(regions[..., 2], full_label == LABEL_ET)
+    assert seen == list(stored)  # file order, each case once
 
 
 def test_eval_without_labels(unlabelled):
@@ -239,3 +248,21 @@ def test_fold_files_feed_make_dataset(tmp_path, records):
     n_train = sum(1 for _ in make_dataset(InputConfig(files=train, crop_shape=(16, 16, 16))))
     n_val = sum(1 for _ in make_dataset(InputConfig(files=val, mode="eval")))
     assert (n_train, n_val) == (NUM_CASES - 1, 1)
+
+
+@pytest.mark.parametrize("jit,seed", list(itertools.product([True, False], range(2))))
+def test_train_transform_float32_storage(jit, seed):
+    images, label = synthetic.make_case(SHAPE, seed=seed)
+    image = np.stack([images[m] for m in ("t1", "t1ce", "t2", "flair")], -1).astype(np.float32)
+    image = np.where(image != 0, image + 0.25, 0).astype(np.float32)  # not int16-representable
+    record = features.serialize_example("float_case", image, label, SHAPE, np.eye(4), (0, 0, 0))
+    ex = features.parse_raw(tf.constant(record))
+    assert ex["image_dtype"].numpy() == b"float32"
+    config = InputConfig(files="x", crop_shape=(24, 24, 16), jit=jit)
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 3], tf.int64), 3)
+    out = train_transform(ex, seeds, config)
+    ref_image, ref_label = _reference(ex, seeds, config)
+    np.testing.assert_allclose(out["image"].numpy(), ref_image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["label"].numpy(), ref_label)
+    np.testing.assert_array_equal(features.parse_example(tf.constant(record))["image"].numpy(),
+                                  image)
