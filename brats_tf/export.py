@@ -61,7 +61,7 @@ class BratsServingModule(tf.Module):
         # One traced network function, called once (plain) or 8 times (TTA):
         # the TTA graph holds 8 calls of it, not 8 copies of the network.
         self._segment = tf.function(
-            lambda x: inf._seg_output(self.model, x),
+            lambda x: inf.model_probabilities(self.model, x),
             input_signature=[tf.TensorSpec([None, None, None, None, constants.NUM_MODALITIES],
                                            tf.float32)])
         self.serving_default = tf.function(lambda image: self._serve(image, False),
@@ -105,8 +105,8 @@ def export_saved_model(training_model, export_dir, version: int = 1,
     Returns: the version directory.
     """
     version = _check_version(version)
-    et_label = inf._check_et_label(et_label)
-    threshold = inf._check_threshold(threshold)
+    et_label = inf.check_et_label(et_label)
+    threshold = inf.check_threshold(threshold)
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not export_dir.is_dir():
         raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
@@ -180,8 +180,8 @@ class ExportConfig:
         if not self.export_dir:
             raise ValueError("--export_dir is required")
         _check_version(self.version)
-        inf._check_et_label(self.et_label)
-        inf._check_threshold(self.threshold)
+        inf.check_et_label(self.et_label)
+        inf.check_threshold(self.threshold)
 
 
 def run(config: ExportConfig) -> pathlib.Path:
