@@ -27,7 +27,7 @@ import itertools
 import os
 import pathlib
 import tempfile
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np

@@ -58,9 +58,11 @@ def test_layout_and_metadata():
 
 def test_saved_model_cli_shows_both_signatures():
     _, _, version_dir, _ = tiny_export()
+    script = pathlib.Path(sys.executable).with_name("saved_model_cli")  # .venv/bin/
+    command = [str(script)] if script.exists() else [
+        sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     result = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
-         str(version_dir), "--all"],
+        command + ["show", "--dir", str(version_dir), "--all"],
         capture_output=True, text=True, check=True, timeout=120)
     text = result.stdout
     for name in export.SIGNATURES:
