@@ -442,7 +442,8 @@ def paste_crop(sub_volume: np.ndarray, full_shape: Sequence[int], start: Sequenc
 
 
 def _reference(reference):
-    """(shape or None, affine, header) from a path, a nibabel image or (affine, header)."""
+    """(shape or None, affine, header, path or None) from a path, a nibabel image or
+    (affine, header)."""
     import nibabel as nib
 
     if isinstance(reference, (str, os.PathLike)):
@@ -531,6 +532,9 @@ def write_prediction_nifti(label_map: np.ndarray, reference, output_path,
     os.close(fd)
     try:
         nib.save(img, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
         os.replace(tmp, out)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """inference.py: labels <-> regions, padding, normalisation, TTA / ensemble, NIfTI output."""
 
 import itertools
+import os
+import stat
 
 import keras
 import nibabel as nib
@@ -288,6 +290,9 @@ def test_write_prediction_nifti_keeps_reference_geometry(reference, tmp_path):
                                     case_id="Brats18_X_1")
     assert path == out_dir / "Brats18_X_1.nii.gz"
     assert sorted(p.name for p in out_dir.iterdir()) == ["Brats18_X_1.nii.gz"]  # no temp left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     ref, out = nib.load(reference), nib.load(path)
     assert out.shape == ref.shape and out.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), labels)

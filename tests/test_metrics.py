@@ -81,6 +81,17 @@ def test_hd95_matches_brute_force_on_random_blobs(seed, spacing, mode):
     np.testing.assert_array_equal(M.surface(pred), brute_surface(pred))
 
 
+@pytest.mark.parametrize("corner", [(0, 0, 0), (12, 13, 14)])
+def test_hd95_of_masks_touching_the_image_border(corner):
+    """The image border counts as surface (the bounding-box speed-up must keep that)."""
+    shape = (16, 17, 18)
+    truth = cube(shape, corner, 4)
+    pred = cube(shape, tuple(max(c - 2, 0) if c else 0 for c in corner), 3)
+    for mode in M.HD95_MODES:
+        expected = brute_hd95(pred, truth, (1.0, 2.0, 1.5), mode)
+        assert M.hausdorff95(pred, truth, (1.0, 2.0, 1.5), mode) == pytest.approx(expected)
+
+
 def test_empty_mask_rules():
     shape = (10, 12, 5)
     empty = np.zeros(shape, bool)
