@@ -219,6 +219,15 @@ def test_tta_equals_hand_computed_flip_average():
     assert np.abs(tta - plain).max() > 1e-2  # the model really is not equivariant
 
 
+def test_tta_while_loop_equals_unrolled_tta():
+    """The SavedModel's while_loop TTA covers the same 8 flips as the unrolled one."""
+    x = tf.constant(I.normalize_nonzero(make_image(np.random.default_rng(10), (8, 8, 16)))[None])
+    looped = tf.function(lambda t: I.predict_tta_loop_tf(cumsum_model, t))(x).numpy()
+    unrolled = I.predict_tta_tf(cumsum_model, x, tta=True).numpy()
+    np.testing.assert_allclose(looped, unrolled, atol=1e-6)
+    assert np.abs(looped - cumsum_model(x)["seg"].numpy()).max() > 1e-2
+
+
 def test_predict_volume_pads_crops_and_ensembles():
     image = make_image(np.random.default_rng(6), (5, 11, 3))
     seen = []
