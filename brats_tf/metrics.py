@@ -12,9 +12,12 @@ Per region and case (``region_metrics``):
   surface voxel of P the distance in mm to the nearest surface voxel of T
   (``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing``), and
   the same from T to P; HD95 = the 95th percentile (linear interpolation) of
-  the two sets POOLED (MedPy ``hd95``, used by the BraTS 2018-2021 Python
-  evaluations). ``hd95_mode="max_directed"`` gives max(p95(P->T), p95(T->P))
-  (MONAI, DeepMind surface-distance) instead.
+  the two sets POOLED: "the 95th percentile of the symmetric surface
+  distances", MedPy's ``hd95`` (written in 2018 for BraTS participants; the
+  organisers' own implementation is not public). ``hd95_mode="max_directed"``
+  gives max(p95(P->T), p95(T->P)) (MONAI, DeepMind surface-distance) instead;
+  the two agree on the usual shapes and can differ when one direction has a
+  long tail (e.g. scattered false-positive voxels).
 * ``sensitivity`` TP / (TP + FN), ``specificity`` TN / (TN + FP), over all voxels.
 * ``pred_volume_ml``, ``true_volume_ml``: voxel count x voxel volume / 1000.
 
