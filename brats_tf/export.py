@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from brats_tf import constants
 from brats_tf import inference as inf
+from brats_tf.model import config_from_model
 
 INPUT_NAME = "image"
 SIGNATURES = ("serving_default", "serving_tta")
@@ -47,7 +48,13 @@ METADATA_FILE = "assets.extra/brats_tf.json"
 
 
 class BratsServingModule(tf.Module):
-    """tf.Module holding the inference model and the two serving functions."""
+    """tf.Module holding the inference model and the two serving functions.
+
+    ``serving_default(image)`` / ``serving_tta(image)``: image float32
+    [B, D, H, W, 4] raw intensities (``constants.MODALITIES`` order), any D, H,
+    W; return {"probabilities": float32 [B, D, H, W, 3] (``constants.REGIONS``),
+    "labels": uint8 [B, D, H, W]}.
+    """
 
     def __init__(self, inference_model, et_label: int = constants.LABEL_ET,
                  threshold: float = 0.5, multiple: int = constants.SPATIAL_DIVISOR):
@@ -58,12 +65,10 @@ class BratsServingModule(tf.Module):
         self._multiple = multiple
         spec = tf.TensorSpec([None, None, None, None, constants.NUM_MODALITIES], tf.float32,
                              name=INPUT_NAME)
-        # One traced network function, called once (plain) or 8 times (TTA):
-        # the TTA graph holds 8 calls of it, not 8 copies of the network.
-        self._segment = tf.function(
-            lambda x: inf._seg_output(self.model, x),
-            input_signature=[tf.TensorSpec([None, None, None, None, constants.NUM_MODALITIES],
-                                           tf.float32)])
+        # One traced network function, called once (plain) or inside the TTA
+        # while_loop: the SavedModel holds one copy of the network.
+        self._segment = tf.function(lambda x: inf.model_probabilities(self.model, x),
+                                    input_signature=[spec])
         self.serving_default = tf.function(lambda image: self._serve(image, False),
                                            input_signature=[spec])
         self.serving_tta = tf.function(lambda image: self._serve(image, True),
@@ -105,8 +110,8 @@ def export_saved_model(training_model, export_dir, version: int = 1,
     Returns: the version directory.
     """
     version = _check_version(version)
-    et_label = inf._check_et_label(et_label)
-    threshold = inf._check_threshold(threshold)
+    et_label = inf.check_et_label(et_label)
+    threshold = inf.check_threshold(threshold)
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not export_dir.is_dir():
         raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
@@ -123,8 +128,6 @@ def export_saved_model(training_model, export_dir, version: int = 1,
             f"model {model.name!r} takes {channels} input channels, the serving signature "
             f"{constants.NUM_MODALITIES} ({', '.join(constants.MODALITIES)})"
         )
-    from brats_tf.model import config_from_model
-
     multiple = config_from_model(model).spatial_divisor  # 8 for the paper's 4 levels
     module = BratsServingModule(model, et_label, threshold, multiple)
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -180,15 +183,13 @@ class ExportConfig:
         if not self.export_dir:
             raise ValueError("--export_dir is required")
         _check_version(self.version)
-        inf._check_et_label(self.et_label)
-        inf._check_threshold(self.threshold)
+        inf.check_et_label(self.et_label)
+        inf.check_threshold(self.threshold)
 
 
 def run(config: ExportConfig) -> pathlib.Path:
     """Loads the .keras model and exports it; errors are raised with one-line messages."""
     import keras
-
-    import brats_tf.model  # noqa: F401  registers the custom layers
 
     path = pathlib.Path(config.model)
     if not path.is_file():

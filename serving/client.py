@@ -40,22 +40,35 @@ OUTPUT_DTYPES = {"probabilities": np.float32, "labels": np.uint8}
 
 # ------------------------------------------------------------------ reading
 def case_files(case_dir, case_id: str | None = None) -> dict[str, pathlib.Path]:
-    """{modality: path} for ``<case_dir>/<case_id>_<modality>.nii.gz`` (or ``.nii``).
+    """{modality: path} of a case's four volumes, in ``constants.MODALITIES`` order.
 
-    ``case_id`` defaults to the directory's name (the BraTS layout).
+    BraTS 2017-2021 naming ``<case_dir>/<case_id>_{t1,t1ce,t2,flair}.nii.gz``, or
+    BraTS 2023 naming ``<case_id>-{t1n,t1c,t2w,t2f}.nii.gz`` (the same modalities,
+    ``constants.MODALITIES_2023``); ``.nii`` is accepted too. ``case_id``
+    defaults to the directory's name (the BraTS layout).
     """
     case_dir = pathlib.Path(case_dir)
     case_id = case_id or case_dir.name
     if not case_dir.is_dir():
         raise FileNotFoundError(f"case {case_id}: case directory not found: {case_dir}")
-    files = {}
-    for modality in constants.MODALITIES:
-        candidates = [case_dir / f"{case_id}_{modality}{ext}" for ext in (".nii.gz", ".nii")]
-        found = [p for p in candidates if p.is_file()]
-        if not found:
-            raise FileNotFoundError(f"case {case_id}: missing {candidates[0]}")
-        files[modality] = found[0]
-    return files
+
+    def find(modality: str, separator: str) -> pathlib.Path | None:
+        for ext in (".nii.gz", ".nii"):
+            path = case_dir / f"{case_id}{separator}{modality}{ext}"
+            if path.is_file():
+                return path
+        return None
+
+    for modalities, separator in ((constants.MODALITIES_2023, "-"),
+                                  (constants.MODALITIES, "_")):
+        files = {m: find(m, separator) for m in modalities}
+        if any(files.values()):
+            break  # else: report the BraTS 2017-2021 names as missing
+    missing = [m for m, p in files.items() if p is None]
+    if missing:
+        raise FileNotFoundError(
+            f"case {case_id}: missing {case_dir / f'{case_id}{separator}{missing[0]}.nii.gz'}")
+    return dict(zip(constants.MODALITIES, files.values()))
 
 
 def load_case(case_dir, case_id: str | None = None):

@@ -2,6 +2,9 @@
 
 import http.server
 import json
+import pathlib
+import subprocess
+import sys
 import threading
 
 import nibabel as nib
@@ -14,6 +17,7 @@ from brats_tf import inference as I
 from serving import client
 from serving_fixtures import tiny_export
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CASE = "Brats18_TEST_1"
 SHAPE = (20, 28, 13)  # not divisible by 8
 AFFINE = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 126], [0, 0, 1.0, -72], [0, 0, 0, 1]])
@@ -54,6 +58,23 @@ def test_load_case_channel_order_and_errors(case_dir, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), AFFINE), case_dir / f"{CASE}_t2.nii.gz")
     with pytest.raises(ValueError, match=rf"case {CASE}: .*_t2.nii.gz has shape \(5, 5, 5\)"):
         client.load_case(case_dir)
+
+
+def test_case_files_brats2023_naming(tmp_path):
+    d = tmp_path / "BraTS-GLI-00001-000"
+    d.mkdir()
+    for i, modality in enumerate(C.MODALITIES_2023):
+        nib.save(nib.Nifti1Image(np.full((3, 4, 5), i + 1, np.int16), AFFINE),
+                 d / f"{d.name}-{modality}.nii.gz")
+    files = client.case_files(d)
+    assert list(files) == list(C.MODALITIES)
+    assert [p.name for p in files.values()] == [
+        f"{d.name}-{m}.nii.gz" for m in C.MODALITIES_2023]
+    image, _ = client.load_case(d)
+    np.testing.assert_array_equal(image[0, 0, 0], [1, 2, 3, 4])
+    (d / f"{d.name}-t2w.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing .*{d.name}-t2w.nii.gz"):
+        client.case_files(d)
 
 
 @pytest.mark.parametrize("fmt", client.REST_FORMATS)
@@ -144,34 +165,58 @@ class _FakeServing(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_client_run_end_to_end_over_loopback(case_dir, tmp_path):
+@pytest.fixture
+def fake_server():
+    """Base URL of a loopback fake TF Serving that runs the tiny SavedModel."""
     _, _, _, loaded = tiny_export()
     _FakeServing.loaded = loaded
     server = http.server.HTTPServer(("127.0.0.1", 0), _FakeServing)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        out_dir = tmp_path / "preds"
-        out_dir.mkdir()
-        config = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
-                                     server=url, timeout_s=60)
-        path = client.run(config)
-        assert path == out_dir / f"{CASE}.nii.gz"
-        written = nib.load(path)
-        ref = nib.load(case_dir / f"{CASE}_t1.nii.gz")
-        np.testing.assert_allclose(written.affine, ref.affine)
-        assert written.shape == SHAPE and written.get_data_dtype() == np.uint8
-        image, _ = client.load_case(case_dir)
-        expected = serve(loaded, "serving_default", image[None])["labels"][0]
-        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
-        with pytest.raises(FileExistsError, match="--overwrite"):
-            client.run(config)
-        wrong = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
-                                    server=url, model_name="other", overwrite=True)
-        with pytest.raises(RuntimeError, match="HTTP 404: .*no model at /v1/models/other"):
-            client.run(wrong)
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_client_run_end_to_end_over_loopback(case_dir, tmp_path, fake_server):
+    _, _, _, loaded = tiny_export()
+    out_dir = tmp_path / "preds"
+    out_dir.mkdir()
+    config = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
+                                 server=fake_server, timeout_s=60)
+    path = client.run(config)
+    assert path == out_dir / f"{CASE}.nii.gz"
+    written = nib.load(path)
+    ref = nib.load(case_dir / f"{CASE}_t1.nii.gz")
+    np.testing.assert_allclose(written.affine, ref.affine)
+    assert written.shape == SHAPE and written.get_data_dtype() == np.uint8
+    image, _ = client.load_case(case_dir)
+    expected = serve(loaded, "serving_default", image[None])["labels"][0]
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        client.run(config)
+    wrong = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
+                                server=fake_server, model_name="other", overwrite=True)
+    with pytest.raises(RuntimeError, match="HTTP 404: .*no model at /v1/models/other"):
+        client.run(wrong)
+
+
+def test_client_command_line(case_dir, tmp_path, fake_server):
+    out_dir = tmp_path / "cli"
+    out_dir.mkdir()
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "serving.client", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    result = cli(f"--case_dir={tmp_path / 'nope'}", f"--output_dir={out_dir}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"serving.client: error: case nope: case directory not found: {tmp_path / 'nope'}")
+    result = cli(f"--case_dir={case_dir}", f"--output_dir={out_dir}", f"--server={fake_server}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"wrote {out_dir / (CASE + '.nii.gz')}"
+    assert nib.load(out_dir / f"{CASE}.nii.gz").shape == SHAPE

@@ -58,9 +58,11 @@ def test_layout_and_metadata():
 
 def test_saved_model_cli_shows_both_signatures():
     _, _, version_dir, _ = tiny_export()
+    script = pathlib.Path(sys.executable).with_name("saved_model_cli")  # .venv/bin/
+    command = [str(script)] if script.exists() else [
+        sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     result = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
-         str(version_dir), "--all"],
+        command + ["show", "--dir", str(version_dir), "--all"],
         capture_output=True, text=True, check=True, timeout=120)
     text = result.stdout
     for name in export.SIGNATURES:
@@ -164,3 +166,19 @@ def test_cli_exports_and_overwrites(tmp_path):
     np.testing.assert_array_equal(
         labels[clear], I.probabilities_to_labels(expected, et_label=C.LABEL_ET_2023)[clear])
     assert C.LABEL_ET not in labels  # BraTS 2023 labels
+
+
+def test_export_of_mixed_precision_model(tmp_path):
+    """A model trained under mixed_float16 serves float32 in and out, like its Keras model."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(2)
+    model = build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
+                                    blocks_down=(1, 1), blocks_up=(1,)))
+    keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("InitConv").compute_dtype == "float16"
+    loaded = tf.saved_model.load(str(export.export_saved_model(model, tmp_path / "amp")))
+    x = raw_batch((6, 10, 7), seed=3)
+    probs = loaded.signatures["serving_default"](image=tf.constant(x))["probabilities"]
+    assert probs.dtype == tf.float32
+    expected = keras_reference(model, x, tta=False, multiple=2)
+    np.testing.assert_allclose(probs.numpy(), expected, atol=2e-3)

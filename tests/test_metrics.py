@@ -81,6 +81,17 @@ def test_hd95_matches_brute_force_on_random_blobs(seed, spacing, mode):
     np.testing.assert_array_equal(M.surface(pred), brute_surface(pred))
 
 
+@pytest.mark.parametrize("corner", [(0, 0, 0), (12, 13, 14)])
+def test_hd95_of_masks_touching_the_image_border(corner):
+    """The image border counts as surface (the bounding-box speed-up must keep that)."""
+    shape = (16, 17, 18)
+    truth = cube(shape, corner, 4)
+    pred = cube(shape, tuple(max(c - 2, 0) if c else 0 for c in corner), 3)
+    for mode in M.HD95_MODES:
+        expected = brute_hd95(pred, truth, (1.0, 2.0, 1.5), mode)
+        assert M.hausdorff95(pred, truth, (1.0, 2.0, 1.5), mode) == pytest.approx(expected)
+
+
 def test_empty_mask_rules():
     shape = (10, 12, 5)
     empty = np.zeros(shape, bool)
@@ -202,3 +213,24 @@ def test_region_dice_config_round_trip_and_checks():
     assert (clone.region, clone.threshold, clone.name) == ("TC", 0.4, "dice_TC")
     with pytest.raises(ValueError, match="'NET'"):
         M.RegionDice("NET")
+
+
+def test_region_dice_in_compiled_keras_training():
+    """RegionDice works as a compiled metric (traced in Keras's train and test steps)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 4, 4)),
+                              keras.layers.Conv3D(3, 1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy",
+                  metrics=[M.RegionDice(r) for r in C.REGIONS])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 4, 4, 4)).astype(np.float32)
+    y = (rng.random((2, 4, 4, 4, 3)) < 0.4).astype(np.float32)
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert {f"dice_{r}" for r in C.REGIONS} <= set(history.history)
+    logs = model.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
+    probs = model.predict(x, verbose=0)
+    for c, region in enumerate(C.REGIONS):
+        expected = numpy_region_dice(y, probs, c).mean()
+        assert logs[f"dice_{region}"] == pytest.approx(expected, abs=1e-6)
