@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import constants, losses
+from brats_tf import constants, losses, metrics
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from brats_tf.schedules import poly_lr
@@ -149,20 +149,6 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
-def region_dice_sums(labels, probs, threshold: float = 0.5) -> tf.Tensor:
-    """Per-region hard Dice of each example, summed over the batch: [3] float32.
-
-    Predictions thresholded at ``threshold``; an example whose region is empty
-    in both label and prediction scores 1 (the BraTS convention).
-    """
-    t = tf.cast(labels > 0.5, tf.float32)
-    p = tf.cast(tf.cast(probs, tf.float32) > threshold, tf.float32)
-    inter = tf.reduce_sum(t * p, axis=(1, 2, 3))
-    total = tf.reduce_sum(t, axis=(1, 2, 3)) + tf.reduce_sum(p, axis=(1, 2, 3))
-    dice = tf.where(total > 0, 2.0 * inter / tf.maximum(total, 1.0), 1.0)
-    return tf.reduce_sum(dice, axis=0)
-
-
 class Trainer:
     """Builds model and optimizer under the strategy, trains, checkpoints, resumes."""
 
@@ -217,6 +203,8 @@ class Trainer:
             self.optimizer = optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            # Per-region training Dice (thresholded at 0.5), per epoch.
+            self.region_dice = [metrics.RegionDice(region) for region in constants.REGIONS]
         # Checkpoint: weights, optimizer slots and step, epoch, and the random
         # generator states of dropout and VDraw (they are model variables).
         # Keras' SeedGenerator states are model variables that tf.train.Checkpoint
@@ -245,6 +233,7 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def _make_train_step(self):
         model, optimizer, loss_config = self.model, self.optimizer, self.loss_config
+        region_dice = self.region_dice
         strategy = self.strategy
 
         def replica_step(batch):
@@ -261,8 +250,9 @@ class Trainer:
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            for metric in region_dice:
+                metric.update_state(labels, outputs["seg"])
             stats = {name: tf.reduce_sum(value) for name, value in terms.items()}
-            stats["region_dice"] = region_dice_sums(labels, outputs["seg"])
             stats["count"] = local
             return stats
 
@@ -341,6 +331,8 @@ class Trainer:
         progbar = (keras.utils.Progbar(self.steps_per_epoch, unit_name="step")
                    if cfg.verbose and self.is_chief else None)
         totals: dict[str, np.ndarray] = {}
+        for metric in self.region_dice:
+            metric.reset_state()
         skipped = 0
         batch = None
         start = time.perf_counter()
@@ -375,9 +367,8 @@ class Trainer:
         summary = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - start}
         for name in ("loss", "dice", "l2", "kl"):
             summary[name] = float(totals.get(name, 0.0)) / count
-        dice = np.asarray(totals.get("region_dice", np.zeros(3))) / count
-        for region, value in zip(constants.REGIONS, dice):
-            summary[f"dice_{region}"] = float(value)
+        for metric in self.region_dice:
+            summary[metric.name] = float(metric.result())
         summary["skipped_steps"] = skipped
         return summary, batch
 

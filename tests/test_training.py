@@ -80,6 +80,13 @@ def test_one_sgd_step_matches_the_hand_written_gradient(tmp_path):
         np.testing.assert_allclose(var.numpy(), w - 0.1 * g.numpy(), rtol=1e-4, atol=1e-6)
     assert history[0]["lr"] == pytest.approx(0.1)
     assert history[0]["loss"] == pytest.approx(float(tf.reduce_mean(terms["loss"])), rel=1e-5)
+    # Per-region training Dice of the step's (pre-update) predictions, by hand.
+    seg = out["seg"].numpy() > 0.5
+    truth = labels > 0.5
+    for c, region in enumerate(("WT", "TC", "ET")):
+        per_case = [2 * np.sum(seg[i, ..., c] & truth[i, ..., c])
+                    / max(np.sum(seg[i, ..., c]) + np.sum(truth[i, ..., c]), 1) for i in range(2)]
+        assert history[0][f"dice_{region}"] == pytest.approx(np.mean(per_case), abs=1e-6)
 
 
 _MIRRORED = textwrap.dedent(
@@ -117,7 +124,7 @@ _MIRRORED = textwrap.dedent(
         assert trainer.strategy.num_replicas_in_sync == (1 if name == "single" else 2)
         summary = trainer.train()[0]
         np.savez(os.path.join({tmp!r}, name + ".npz"), *trainer.model.get_weights())
-        results[name] = summary["loss"]
+        results[name] = [summary["loss"], summary["dice_WT"], summary["dice_TC"], summary["dice_ET"]]
     np.savez(os.path.join({tmp!r}, "init.npz"), *init)
     print(json.dumps(results))
     """
@@ -130,6 +137,8 @@ def test_mirrored_two_replicas_equal_one_device_with_the_global_batch(tmp_path):
                           timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses_ = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Same loss and the same per-region training Dice (Keras metrics summed
+    # over the replicas).
     assert losses_["single"] == pytest.approx(losses_["mirrored"], rel=1e-5)
     single = np.load(tmp_path / "single.npz")
     mirrored = np.load(tmp_path / "mirrored.npz")
