@@ -175,6 +175,15 @@ def test_group_norm_is_accurate_for_a_large_mean():
     assert np.max(np.abs(one_pass_var / true_var - 1)) > 0.05
 
 
+def test_group_norm_is_accurate_at_full_volume_size():
+    """12.6 M voxels of mean 30: the float32 sums stay accurate (axis-by-axis sums)."""
+    x = (np.random.default_rng(10).normal(size=(1, 128, 128, 96, 8)) + 30).astype(np.float32)
+    got = L.GroupNorm(8)(x).numpy()
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(1, 2, 3), keepdims=True), x64.var(axis=(1, 2, 3), keepdims=True)
+    assert np.max(np.abs(got - (x64 - mean) / np.sqrt(var + 1e-5))) < 5e-5
+
+
 def test_group_norm_rejects_bad_channels():
     with pytest.raises(ValueError, match="channels=12 is not divisible by groups=8"):
         L.GroupNorm(8)(np.zeros((1, 2, 2, 2, 12), np.float32))
