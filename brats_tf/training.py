@@ -165,8 +165,9 @@ class Trainer:
         """Args:
           dataset_fn: see DatasetFn; called once per epoch and input pipeline.
           strategy: overrides config.strategy (tests).
-          epoch_end_fn: called after each epoch's checkpoint with (trainer,
-            epoch, summary); returns extra summary values (e.g. validation Dice).
+          epoch_end_fn: called after each epoch's training, before its
+            checkpoint, with (trainer, epoch, summary); returns extra summary
+            values (e.g. validation Dice), or raises to stop the run.
           optimizer_fn: builds the optimizer from the learning rate; default
             Adam (§3.5). Tests use SGD, whose update, unlike Adam's, is not
             invariant to the gradient's scale.
@@ -206,9 +207,9 @@ class Trainer:
             # Per-region training Dice (thresholded at 0.5), per epoch.
             self.region_dice = [metrics.RegionDice(region) for region in constants.REGIONS]
         # Checkpoint: weights, optimizer slots and step, epoch, and the random
-        # generator states of dropout and VDraw (they are model variables).
-        # Keras' SeedGenerator states are model variables that tf.train.Checkpoint
-        # does not find through the layers: named here by their layer.
+        # generator states of dropout and VDraw: Keras' SeedGenerator states are
+        # model variables that tf.train.Checkpoint does not find through the
+        # layers, so they are named here by their layer.
         rng_states = {
             layer.name: layer.seed_generator.state
             for layer in self.model.layers
@@ -244,7 +245,7 @@ class Trainer:
             with tf.GradientTape() as tape:
                 outputs = model(image, training=True)
                 terms = losses.total_loss(labels, image, outputs, loss_config)
-                loss = tf.reduce_sum(terms["loss"]) / global_batch
+                loss = losses.reduce_per_example(terms["loss"], global_batch)
                 if model.losses:
                     loss += tf.add_n(model.losses) / ctx.num_replicas_in_sync
                 scaled = optimizer.scale_loss(loss)

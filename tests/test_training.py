@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import training
+from brats_tf import losses, training
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.schedules import poly_lr
 
@@ -71,7 +71,6 @@ def test_one_sgd_step_matches_the_hand_written_gradient(tmp_path):
     w0 = [w.numpy() for w in model.trainable_variables]
     with tf.GradientTape() as tape:
         out = model(images, training=True)
-        from brats_tf import losses
         terms = losses.total_loss(labels, images, out, LossConfig(l2_weight=0.0))
         loss = tf.reduce_mean(terms["loss"]) + tf.add_n(model.losses)
     grads = tape.gradient(loss, model.trainable_variables)
@@ -136,10 +135,10 @@ def test_mirrored_two_replicas_equal_one_device_with_the_global_batch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses_ = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
     # Same loss and the same per-region training Dice (Keras metrics summed
     # over the replicas).
-    assert losses_["single"] == pytest.approx(losses_["mirrored"], rel=1e-5)
+    assert results["single"] == pytest.approx(results["mirrored"], rel=1e-5)
     single = np.load(tmp_path / "single.npz")
     mirrored = np.load(tmp_path / "mirrored.npz")
     init = np.load(tmp_path / "init.npz")
