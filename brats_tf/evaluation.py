@@ -262,6 +262,24 @@ def load_model(path) -> LoadedModel:
     raise EvaluationError(f"model {p}: not a .keras file, SavedModel, model_dir or checkpoint")
 
 
+def ensemble_probabilities(models: list[LoadedModel], image: np.ndarray,
+                           tta: bool = False) -> np.ndarray:
+    """Mean of the models' probabilities (§4) on one RAW case [D, H, W, 4] -> [D, H, W, 3].
+
+    The Keras models share one normalisation and padding (``predict_volume`` with
+    the list); each SavedModel normalises inside its signature.
+    """
+    keras_models = [m.model for m in models if not m.raw_input]
+    total = None
+    if keras_models:
+        total = inference.predict_volume(keras_models, image, tta=tta) * len(keras_models)
+    for model in models:
+        if model.raw_input:
+            p = model.predict(image, tta)
+            total = p if total is None else total + p
+    return (total / len(models)).astype(np.float32)
+
+
 def input_channels(model: LoadedModel) -> int | None:
     """The number of input channels the model takes (None when it cannot be told)."""
     if model.raw_input:
@@ -580,11 +598,7 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 if case.case_id in seen:
                     raise EvaluationError(f"case {case.case_id}: found twice in {config.data}")
                 seen.add(case.case_id)
-                probs = None
-                for model in models:  # ensemble: mean of the models' probabilities (§4)
-                    p = model.predict(case.image, config.tta)
-                    probs = p if probs is None else probs + p
-                probs = probs / len(models)
+                probs = ensemble_probabilities(models, case.image, config.tta)
                 labels = inference.probabilities_to_labels(probs, config.threshold, config.et_label)
                 name = f"{PREDICTIONS}/{case.case_id}.nii.gz"
                 inference.write_prediction_nifti(labels, _reference_for(case), staging / name,

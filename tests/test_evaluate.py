@@ -142,8 +142,9 @@ def test_end_to_end(source, data, models, tmp_path, capsys):
 
 
 def test_tfrecords_and_nifti_give_the_same_scores(data, models, tmp_path, capsys):
-    for source in ("tfr", "nii"):
-        code, _, err = run([f"--model={models / 'md' / 'segmenter.keras'}",
+    # the inference model on one, the training model (VAE dropped) on the other
+    for source, name in (("tfr", "segmenter.keras"), ("nii", "model.keras")):
+        code, _, err = run([f"--model={models / 'md' / name}",
                             f"--data={data / source}", f"--output_dir={tmp_path / source}",
                             "--nofigures"], capsys)
         assert code == 0, err
@@ -201,12 +202,14 @@ def test_brats2023_labels(data, nii_2023, models, tmp_path, capsys):
         np.testing.assert_array_equal(p3, np.where(p4 == 4, 3, p4))
 
 
-@pytest.mark.parametrize("second,tta", [("md", False), ("ckpt_md", False), ("export", True)])
+@pytest.mark.parametrize("second,tta", [("md", False), ("ckpt_md", False),
+                                        ("ckpt_prefix", False), ("export", True)])
 def test_model_kinds_and_ensembles_equal_one_model(second, tta, data, models, tmp_path, capsys):
     """An ensemble of identical models = one model; a SavedModel (raw input, normalising
     inside) and a checkpoint model_dir give the probabilities of the .keras model."""
     path = {"md": models / "md", "export": models / "md" / "export" / "1",
-            "ckpt_md": models / "ckpt_md"}[second]
+            "ckpt_md": models / "ckpt_md",
+            "ckpt_prefix": models / "ckpt_md" / "checkpoints" / "ckpt-1"}[second]
     common = [f"--data={data / 'tfr'}", "--fold=0", "--save_probabilities", "--nofigures",
               f"--tta={tta}"]
     assert run([f"--model={models / 'md'}", f"--output_dir={tmp_path / 'one'}"] + common,
