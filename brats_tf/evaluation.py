@@ -74,6 +74,7 @@ def save_final(model, model_dir: str, version: int = 1) -> list[str]:
 # and empty-mask rules: brats_tf/metrics.py; figures: brats_tf/figures.py;
 # user doc: brats_tf/EVALUATION.md.
 
+import collections  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import io  # noqa: E402
@@ -662,7 +663,10 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("wrote %d file(s) to %s", len(written), out)
+    kinds = collections.Counter(name.split("/")[0] for name in written)
+    log.info("read %d case(s) from %s; wrote to %s: %s", n, config.data, out,
+             ", ".join(f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k
+                       for k, v in sorted(kinds.items())))
     return {"summary": summary, "per_case": per_case, "line": line, "written": sorted(written)}
 
 

@@ -118,3 +118,22 @@ def test_write_png_round_trip(tmp_path):
     path = figures.write_png(rgb, tmp_path / "a.png")
     np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(str(path))).numpy(), rgb)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_case_figure_is_the_same_for_a_flipped_storage_order():
+    """The same head stored LPS-like (BraTS: i and j reversed, affine diag(-1, -1, 1)) gives
+    the same picture as when stored RAS: the figure follows the affine, not the array order."""
+    rng = np.random.default_rng(0)
+    shape = (20, 24, 16)
+    t1ce = rng.integers(1, 1000, size=shape).astype(np.float32)
+    truth = np.zeros(shape, np.uint8)
+    truth[3:9, 14:20, 2:6] = 2
+    truth[5:7, 16:18, 3:5] = 4
+    prediction = np.roll(truth, 2, axis=0)
+    ras = figures.case_figure(t1ce, np.eye(4), truth, prediction)
+    lps_affine = np.array([[-1.0, 0, 0, 19], [0, -1.0, 0, 23], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    flip = (slice(None, None, -1), slice(None, None, -1))
+    lps = figures.case_figure(t1ce[flip], lps_affine, truth[flip], prediction[flip])
+    np.testing.assert_array_equal(lps, ras)
+    assert not np.array_equal(figures.case_figure(t1ce[flip], np.eye(4), truth[flip],
+                                                  prediction[flip]), ras)
