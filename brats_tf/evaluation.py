@@ -3,6 +3,11 @@
 Whole volumes from the input pipeline's eval mode (the stored brain box,
 normalised), full-volume inference (padding to a multiple of 8 and back, §3),
 probabilities -> BraTS label map -> nested regions, and per-region Dice.
+
+``evaluate`` (evaluate.py, paper §4): models (``load_models``: model_dirs,
+.keras files, SavedModels, checkpoints; ensembles, TTA) on cases in their
+original grid (``open_cases``: TFRecords or NIfTI folders), BraTS metrics,
+per-case CSV, summaries, NIfTI predictions and figures; see EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -138,16 +143,18 @@ class EvalConfig:
             raise ValueError(f"models must be one or more paths, got {self.models!r}")
         object.__setattr__(self, "models", models)
         for name in ("data", "output_dir"):
-            if not isinstance(getattr(self, name), (str, os.PathLike)) or not str(getattr(self, name)):
-                raise ValueError(f"{name} must be a path, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, str(getattr(self, name)))
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise ValueError(f"{name} must be a path, got {value!r}")
+            object.__setattr__(self, name, str(value))
         if self.fold is not None and (isinstance(self.fold, bool) or not isinstance(self.fold, int)
                                       or self.fold < 0):
             raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
         inference.check_et_label(self.et_label)
         inference.check_threshold(self.threshold)
         if self.hd95_mode not in metrics.HD95_MODES:
-            raise ValueError(f"hd95_mode must be one of {metrics.HD95_MODES}, got {self.hd95_mode!r}")
+            raise ValueError(
+                f"hd95_mode must be one of {metrics.HD95_MODES}, got {self.hd95_mode!r}")
 
 
 # ------------------------------------------------------------------ models
@@ -208,7 +215,8 @@ def _load_checkpoint(prefix: str, config_json: pathlib.Path):
         fields = json.loads(config_json.read_text())["model"]
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         model = build_model(ModelConfig(**fields))
-        tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
+        status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+        status.assert_existing_objects_matched()
     except Exception as e:  # noqa: BLE001
         raise EvaluationError(f"model {prefix}: cannot restore the checkpoint with "
                               f"{config_json}: {_one_line(e)}") from None
@@ -524,8 +532,7 @@ def summary_rows(summary: dict) -> list[dict]:
 def _write_probabilities(probs: np.ndarray, case: EvalCase, path: pathlib.Path) -> None:
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.asarray(probs, np.float32), case.affine)
-    img.header.set_intent("vector", name="WT,TC,ET")
+    img = nib.Nifti1Image(np.asarray(probs, np.float32), case.affine)  # [D, H, W, 3]: WT, TC, ET
     tmp = path.with_name(f".{path.name}.tmp.nii.gz")
     nib.save(img, str(tmp))
     os.replace(tmp, path)
@@ -612,7 +619,8 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 truth = None
                 if case.label is not None:
                     truth = case.label.copy()
-                    truth[truth == constants.LABEL_ET] = config.et_label  # project -> output convention
+                    # the project's ET (4) -> the output convention (4 or 3)
+                    truth[truth == constants.LABEL_ET] = config.et_label
                     per_case[case.case_id] = metrics.case_metrics(
                         labels, truth, case.spacing, config.et_label, config.hd95_mode)
                 if config.figures:

@@ -180,7 +180,8 @@ def nii_2023(data, tmp_path_factory):
             array = np.asarray(img.dataobj)
             if old == "seg":
                 array = np.where(array == 4, 3, array).astype(array.dtype)
-            nib.save(nib.Nifti1Image(array, img.affine, img.header), str(root / cid / f"{cid}-{new}.nii.gz"))
+            nib.save(nib.Nifti1Image(array, img.affine, img.header),
+                     str(root / cid / f"{cid}-{new}.nii.gz"))
     return root
 
 
