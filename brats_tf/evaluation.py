@@ -558,8 +558,7 @@ def _one_line_summary(summary: dict | None, n: int, seconds: float, out: str) ->
 
 
 def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
-             cases: Iterable[EvalCase] | None = None, num_cases: int | None = None,
-             has_labels: bool | None = None) -> dict:
+             cases: Iterable[EvalCase] | None = None, num_cases: int | None = None) -> dict:
     """Predicts every case, scores it, and writes the outputs of EVALUATION.md (§1, §4).
 
     Inputs are checked before any inference (models load and take 4 channels;
@@ -570,8 +569,9 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
 
     Args:
       config: EvalConfig.
-      models, cases, num_cases, has_labels: for library use, already loaded
-        models (``load_models``) and cases (``open_cases``); by default from config.
+      models, cases, num_cases: for library use, already loaded models
+        (``load_models``) and cases (``open_cases``; num_cases sizes the progress
+        bar); by default from config.
     Returns: {"summary": summarize() or None, "per_case": {case_id: case_metrics},
       "line": the one-line summary, "written": [paths relative to output_dir]}.
     Raises: EvaluationError or data_pipeline.convert.BadCaseError, one line.
@@ -584,7 +584,7 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
     if models is None:
         models = load_models(config.models)
     if cases is None:
-        cases, num_cases, has_labels = open_cases(config.data, config.fold)
+        cases, num_cases, _ = open_cases(config.data, config.fold)
     out = pathlib.Path(config.output_dir)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
                                             dir=os.path.dirname(os.path.abspath(out))))
