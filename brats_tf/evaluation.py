@@ -3,6 +3,11 @@
 Whole volumes from the input pipeline's eval mode (the stored brain box,
 normalised), full-volume inference (padding to a multiple of 8 and back, §3),
 probabilities -> BraTS label map -> nested regions, and per-region Dice.
+
+``evaluate`` (evaluate.py, paper §4): models (``load_models``: model_dirs,
+.keras files, SavedModels, checkpoints; ensembles, TTA) on cases in their
+original grid (``open_cases``: TFRecords or NIfTI folders), BraTS metrics,
+per-case CSV, summaries, NIfTI predictions and figures; see EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -63,3 +68,617 @@ def save_final(model, model_dir: str, version: int = 1) -> list[str]:
     export_dir = os.path.join(model_dir, "export")
     version_dir = export_saved_model(model, export_dir, version=version, overwrite=True)
     return [model_path, segmenter_path, str(version_dir)]
+
+
+# =====================================================================
+# Offline evaluation of trained models (evaluate.py; issue 5)
+# =====================================================================
+#
+# Paper §4: single model, TTA (mean of the 8 mirror flips) and ensembles (mean
+# of the models' probabilities); §1: labels and the nested regions. Metrics
+# and empty-mask rules: brats_tf/metrics.py; figures: brats_tf/figures.py;
+# user doc: brats_tf/EVALUATION.md.
+
+import collections  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Iterable, Iterator  # noqa: E402
+
+PER_CASE_CSV = "per_case.csv"
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+RUN_JSON = "evaluation.json"  # written by every run: marks a directory evaluate may overwrite
+PREDICTIONS = "predictions"
+PROBABILITIES = "probabilities"
+FIGURES = "figures"
+
+
+class EvaluationError(ValueError):
+    """A bad input; str() is one line naming the model, case or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``evaluate`` does (evaluate.py's flags).
+
+    Attributes:
+      models: model paths (each a model_dir, a .keras file, a SavedModel dir or
+        a checkpoint); several = an ensemble (§4).
+      data: a TFRecord folder with manifest.json, or a folder of BraTS NIfTI cases.
+      output_dir: everything is written here (nothing elsewhere).
+      fold: with TFRecords, only this fold's (validation) shards; None = all.
+      tta: mean over the 8 mirror flips (§4).
+      et_label: the ET value written in the predictions and read in NIfTI
+        ground truths: 4 (BraTS 2017-2021) or 3 (BraTS 2023+).
+      threshold: a voxel is in a region when p > threshold.
+      hd95_mode: "pooled" (MedPy) or "max_directed" (metrics.HD95_MODES).
+      save_probabilities: also write <case_id>_probabilities.nii.gz (float32 [D, H, W, 3]).
+      figures: write a PNG per case.
+      overwrite: replace an output_dir written by an earlier run.
+      progress: show a tqdm progress bar.
+    """
+
+    models: tuple
+    data: str
+    output_dir: str
+    fold: int | None = None
+    tta: bool = False
+    et_label: int = constants.LABEL_ET
+    threshold: float = 0.5
+    hd95_mode: str = "pooled"
+    save_probabilities: bool = False
+    figures: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        models = (self.models,) if isinstance(self.models, (str, os.PathLike)) else self.models
+        models = tuple(str(m) for m in models)
+        if not models or any(not m.strip() for m in models):
+            raise ValueError(f"models must be one or more paths, got {self.models!r}")
+        object.__setattr__(self, "models", models)
+        for name in ("data", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise ValueError(f"{name} must be a path, got {value!r}")
+            object.__setattr__(self, name, str(value))
+        if self.fold is not None and (isinstance(self.fold, bool) or not isinstance(self.fold, int)
+                                      or self.fold < 0):
+            raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
+        inference.check_et_label(self.et_label)
+        inference.check_threshold(self.threshold)
+        if self.hd95_mode not in metrics.HD95_MODES:
+            raise ValueError(
+                f"hd95_mode must be one of {metrics.HD95_MODES}, got {self.hd95_mode!r}")
+
+
+# ------------------------------------------------------------------ models
+@dataclasses.dataclass
+class LoadedModel:
+    """One model of the ensemble and how it is called.
+
+    ``raw_input``: the model normalises its input itself (a SavedModel's
+    serving signature); otherwise ``predict`` normalises (§3.7) before calling
+    it. Either way the image is normalised exactly once.
+    """
+
+    path: str
+    kind: str  # "keras" | "saved_model" | "checkpoint"
+    model: object
+    raw_input: bool
+
+    def predict(self, image: np.ndarray, tta: bool) -> np.ndarray:
+        """[D, H, W, 4] RAW intensities -> [D, H, W, 3] probabilities (WT, TC, ET)."""
+        if self.raw_input:
+            import tensorflow as tf
+
+            fn = self.model.signatures["serving_tta" if tta else "serving_default"]
+            out = fn(image=tf.constant(np.asarray(image, np.float32)[None]))
+            return np.asarray(out["probabilities"][0], np.float32)
+        return inference.predict_volume(self.model, image, tta=tta, normalize=True)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _load_keras(path: pathlib.Path):
+    import keras
+
+    import brats_tf.layers  # noqa: F401  (registers the custom layers)
+
+    try:
+        model = keras.saving.load_model(str(path), compile=False)
+    except Exception as e:  # noqa: BLE001  Keras raises many types for a bad file
+        raise EvaluationError(f"model {path}: cannot load: {_one_line(e)}") from None
+    return inference.as_inference_model(model)
+
+
+def _load_checkpoint(prefix: str, config_json: pathlib.Path):
+    """The inference model from a tf.train.Checkpoint (keys model/optimizer/epoch/rng)
+    and the ``model`` part of train.py's config.json."""
+    import tensorflow as tf
+
+    from brats_tf.config import ModelConfig
+    from brats_tf.model import build_model
+
+    if not config_json.is_file():
+        raise EvaluationError(f"model {prefix}: no config.json beside the checkpoints "
+                              f"(expected {config_json})")
+    try:
+        fields = json.loads(config_json.read_text())["model"]
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        model = build_model(ModelConfig(**fields))
+        status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+        status.assert_existing_objects_matched()
+    except Exception as e:  # noqa: BLE001
+        raise EvaluationError(f"model {prefix}: cannot restore the checkpoint with "
+                              f"{config_json}: {_one_line(e)}") from None
+    return build_inference_model(model)
+
+
+def load_model(path) -> LoadedModel:
+    """Resolves and loads one model path (see ``EvalConfig.models``).
+
+    * ``*.keras`` file: loaded; a training model becomes its inference model.
+    * folder with ``saved_model.pb`` (``export/<version>/``): loaded with
+      ``tf.saved_model.load``, called through ``serving_default`` /
+      ``serving_tta`` with RAW volumes.
+    * model_dir (train.py): ``segmenter.keras``, else ``model.keras``, else the
+      latest checkpoint of ``checkpoints/`` with ``config.json``.
+    * checkpoint prefix (``.../checkpoints/ckpt-3``) or the checkpoints/ folder:
+      with the model_dir's ``config.json``.
+    Raises EvaluationError (one line naming the path).
+    """
+    import tensorflow as tf
+
+    p = pathlib.Path(path)
+    text = str(path)
+    if p.is_file() and p.suffix == ".keras":
+        return LoadedModel(text, "keras", _load_keras(p), False)
+    if p.is_dir() and (p / "saved_model.pb").is_file():
+        try:
+            loaded = tf.saved_model.load(text)
+        except Exception as e:  # noqa: BLE001
+            raise EvaluationError(f"model {p}: cannot load SavedModel: {_one_line(e)}") from None
+        missing = [s for s in ("serving_default", "serving_tta") if s not in loaded.signatures]
+        if missing:
+            raise EvaluationError(f"model {p}: SavedModel lacks the signature(s) {missing} "
+                                  f"(export it with brats_tf.export)")
+        return LoadedModel(text, "saved_model", loaded, True)
+    if p.is_dir():
+        for name in ("segmenter.keras", "model.keras"):
+            if (p / name).is_file():
+                return LoadedModel(str(p / name), "keras", _load_keras(p / name), False)
+        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        latest = tf.train.latest_checkpoint(str(ckpt_dir))
+        if latest:
+            return LoadedModel(latest, "checkpoint",
+                               _load_checkpoint(latest, ckpt_dir.parent / "config.json"), False)
+        raise EvaluationError(f"model {p}: not a model: no saved_model.pb, segmenter.keras, "
+                              f"model.keras or checkpoints/ inside")
+    if pathlib.Path(text + ".index").is_file():
+        return LoadedModel(text, "checkpoint",
+                           _load_checkpoint(text, p.parent.parent / "config.json"), False)
+    if not p.exists():
+        raise EvaluationError(f"model {p}: no such file or directory")
+    raise EvaluationError(f"model {p}: not a .keras file, SavedModel, model_dir or checkpoint")
+
+
+def ensemble_probabilities(models: list[LoadedModel], image: np.ndarray,
+                           tta: bool = False) -> np.ndarray:
+    """Mean of the models' probabilities (§4) on one RAW case [D, H, W, 4] -> [D, H, W, 3].
+
+    The Keras models share one normalisation and padding (``predict_volume`` with
+    the list); each SavedModel normalises inside its signature.
+    """
+    keras_models = [m.model for m in models if not m.raw_input]
+    total = None
+    if keras_models:
+        total = inference.predict_volume(keras_models, image, tta=tta) * len(keras_models)
+    for model in models:
+        if model.raw_input:
+            p = model.predict(image, tta)
+            total = p if total is None else total + p
+    return (total / len(models)).astype(np.float32)
+
+
+def input_channels(model: LoadedModel) -> int | None:
+    """The number of input channels the model takes (None when it cannot be told)."""
+    if model.raw_input:
+        spec = model.model.signatures["serving_default"].structured_input_signature[1]
+        shape = next(iter(spec.values())).shape
+    else:
+        inputs = getattr(model.model, "inputs", None)
+        if not inputs:
+            return None
+        shape = inputs[0].shape
+    return None if shape[-1] is None else int(shape[-1])
+
+
+def load_models(paths) -> list[LoadedModel]:
+    """``load_model`` for each path; checks each takes the 4 modalities."""
+    models = []
+    for path in paths:
+        model = load_model(path)
+        channels = input_channels(model)
+        if channels is not None and channels != constants.NUM_MODALITIES:
+            raise EvaluationError(
+                f"model {path}: takes {channels} input channels, the data has "
+                f"{constants.NUM_MODALITIES} ({', '.join(constants.MODALITIES)})")
+        log.info("model %s: %s from %s", path, model.kind, model.path)
+        models.append(model)
+    return models
+
+
+# ------------------------------------------------------------------- cases
+@dataclasses.dataclass
+class EvalCase:
+    """One case in its ORIGINAL grid.
+
+    image: [D, H, W, 4] float32 RAW intensities (``constants.MODALITIES`` order);
+    label: [D, H, W] uint8 in the 2017-2021 values (ET = 4), or None (unlabelled);
+    affine: 4x4; spacing: voxel size in mm along D, H, W; reference: the NIfTI
+    path whose header the prediction copies (None: a header is made from the affine).
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    spacing: tuple
+    reference: str | None
+    source: str
+
+
+def spacing_from_affine(affine) -> tuple[float, float, float]:
+    """Voxel size in mm along the array axes: the column norms of the affine's 3x3 part."""
+    affine = np.asarray(affine, np.float64)
+    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+def is_tfrecord_dir(data) -> bool:
+    return os.path.isfile(os.path.join(str(data), "manifest.json"))
+
+
+def _tfrecord_source(data: str, fold: int | None):
+    """(files, number of cases, has_labels) of a converter output folder."""
+    from data_pipeline import convert
+
+    try:
+        manifest = convert.read_manifest(data)
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"data {data}: cannot read manifest.json: {_one_line(e)}") from None
+    if fold is None:
+        shards = manifest["shards"]
+    else:
+        folds = manifest["options"]["folds"]
+        if not 0 <= fold < folds:
+            raise EvaluationError(f"fold must be in [0, {folds}) for {data}, got {fold}")
+        shards = [s for s in manifest["shards"] if s["fold"] == fold]
+    files = [os.path.join(manifest["dir"], s["file"]) for s in shards]
+    for f in files:
+        if not os.path.isfile(f):
+            raise EvaluationError(f"data {data}: shard {f} listed in manifest.json is missing")
+    if not files:
+        raise EvaluationError(f"data {data}: no shard (fold {fold})")
+    count = sum(len(s["cases"]) if isinstance(s["cases"], list) else int(s["cases"])
+                for s in shards)
+    return files, count, bool(manifest.get("has_labels", True))
+
+
+def _tfrecord_cases(files) -> Iterator[EvalCase]:
+    import tensorflow as tf
+
+    from data_pipeline import features
+
+    def decode(serialized):
+        ex = features.parse_raw(serialized)
+        image, label = features.decode_volumes(ex)
+        return {"case_id": ex["case_id"], "image": image, "label": label,
+                "has_label": ex["has_label"], "box_start": ex["box_start"],
+                "original_shape": ex["original_shape"], "affine": ex["affine"]}
+
+    ds = tf.data.TFRecordDataset(files, features.COMPRESSION).map(decode)
+    it = iter(ds)
+    while True:
+        try:
+            ex = next(it)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            raise EvaluationError(f"data: cannot read a record of {files}: "
+                                  f"{_one_line(e)}") from None
+        shape, start = ex["original_shape"].numpy(), ex["box_start"].numpy()
+        affine = ex["affine"].numpy()
+        label = None
+        if bool(ex["has_label"].numpy()):
+            label = inference.paste_crop(ex["label"].numpy(), shape, start)
+        yield EvalCase(
+            case_id=ex["case_id"].numpy().decode(),
+            image=inference.paste_crop(ex["image"].numpy(), shape, start),
+            label=label, affine=affine, spacing=spacing_from_affine(affine),
+            reference=None, source=f"TFRecord {', '.join(os.path.basename(f) for f in files)}")
+
+
+def _nifti_cases(cases, require_label: bool) -> Iterator[EvalCase]:
+    import nibabel as nib
+
+    from data_pipeline import convert
+
+    for case in cases:
+        loaded = convert.load_case(case, require_label)  # BadCaseError: one line, case and file
+        ref = case.images[constants.MODALITIES[0]]
+        label = None
+        if loaded.label is not None:
+            label = inference.paste_crop(loaded.label, loaded.original_shape, loaded.box_start)
+        yield EvalCase(
+            case_id=case.case_id,
+            image=inference.paste_crop(loaded.image.astype(np.float32), loaded.original_shape,
+                                       loaded.box_start),
+            label=label, affine=loaded.affine,
+            spacing=tuple(float(z) for z in nib.load(ref).header.get_zooms()[:3]),
+            reference=ref, source=case.folder)
+
+
+def open_cases(data: str, fold: int | None = None):
+    """(iterable of EvalCase, number of cases, has_labels) for a TFRecord or NIfTI folder.
+
+    Cheap checks run now (manifest, shards present, every modality file
+    present); the volumes are read lazily, one case at a time.
+    """
+    from data_pipeline import convert, layouts
+
+    if not os.path.isdir(data):
+        raise EvaluationError(f"data {data}: not a folder")
+    if is_tfrecord_dir(data):
+        files, count, has_labels = _tfrecord_source(data, fold)
+        log.info("data: %d TFRecord shard(s), %d case(s), %s, from %s", len(files), count,
+                 "labelled" if has_labels else "unlabelled", data)
+        return _tfrecord_cases(files), count, has_labels
+    if fold is not None:
+        raise EvaluationError(f"fold {fold} given but data {data} is not a TFRecord folder "
+                              f"(no manifest.json)")
+    try:
+        cases = layouts.find_cases(data)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvaluationError(f"data {data}: {_one_line(e)}") from None
+    has_labels = any(c.label is not None for c in cases)
+    for case in cases:
+        convert.check_files(case, has_labels)  # a missing modality: one line, before any work
+    log.info("data: %d NIfTI case(s), %s, from %s", len(cases),
+             "labelled" if has_labels else "unlabelled", data)
+    return _nifti_cases(cases, has_labels), len(cases), has_labels
+
+
+# ----------------------------------------------------------------- outputs
+def _inside(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(config: EvalConfig) -> None:
+    """Refuses an output_dir that is / is inside / holds an input, or a non-empty
+    folder without ``overwrite`` (and with it, one not written by evaluate)."""
+    out = config.output_dir
+    for name, path in [("data", config.data)] + [("model", m) for m in config.models]:
+        if os.path.exists(path) and (_inside(out, path) or _inside(path, out)):
+            raise EvaluationError(f"output_dir {out} is, is inside or contains the {name} "
+                                  f"input {path}: choose another folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EvaluationError(f"output_dir {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not config.overwrite:
+            raise EvaluationError(f"output_dir {out} is not empty (pass --overwrite to replace "
+                                  f"an earlier evaluation)")
+        if not os.path.isfile(os.path.join(out, RUN_JSON)):
+            raise EvaluationError(f"output_dir {out} is not empty and holds no {RUN_JSON} of an "
+                                  f"earlier evaluation: refusing to overwrite it")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise EvaluationError(f"output_dir {out}: parent folder {parent} does not exist")
+
+
+def _columns():
+    return ["case_id"] + [f"{region}_{m}" for region in constants.REGIONS for m in metrics.METRICS]
+
+
+def per_case_rows(results: dict) -> list[dict]:
+    """{case_id: case_metrics} -> CSV rows (case_id, then <region>_<metric>)."""
+    rows = []
+    for case_id, scores in results.items():
+        row = {"case_id": case_id}
+        for region in constants.REGIONS:
+            for m in metrics.METRICS:
+                row[f"{region}_{m}"] = scores[region][m]
+        rows.append(row)
+    return rows
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv_text(header, rows) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(float(v)) if isinstance(v, (float, np.floating)) else v)
+                         for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """summarize() -> rows (statistic, <region>_<metric>...), as the BraTS server's table."""
+    rows = []
+    for stat in metrics.STATISTICS:
+        row = {"statistic": stat}
+        for region in constants.REGIONS:
+            for m in metrics.METRICS:
+                row[f"{region}_{m}"] = summary[region][m][stat]
+        rows.append(row)
+    return rows
+
+
+def _write_probabilities(probs: np.ndarray, case: EvalCase, path: pathlib.Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(probs, np.float32), case.affine)  # [D, H, W, 3]: WT, TC, ET
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+def _reference_for(case: EvalCase):
+    import nibabel as nib
+
+    if case.reference is not None:
+        return case.reference
+    header = nib.Nifti1Header()
+    header.set_data_shape(case.image.shape[:3])
+    header.set_zooms(case.spacing)
+    return case.affine, header
+
+
+def _one_line_summary(summary: dict | None, n: int, seconds: float, out: str) -> str:
+    if summary is None:
+        return f"evaluated {n} case(s) without labels in {seconds:.0f} s: predictions in {out}"
+    parts = [f"{r} Dice {summary[r]['dice']['mean']:.4f} HD95 {summary[r]['hd95']['mean']:.2f} mm"
+             for r in constants.REGIONS]
+    return f"{n} case(s) in {seconds:.0f} s: " + " | ".join(parts) + f" -> {out}"
+
+
+def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
+             cases: Iterable[EvalCase] | None = None, num_cases: int | None = None) -> dict:
+    """Predicts every case, scores it, and writes the outputs of EVALUATION.md (§1, §4).
+
+    Inputs are checked before any inference (models load and take 4 channels;
+    output_dir is not an input and is empty or an earlier evaluation; every
+    modality file present). Everything is written into a hidden staging folder
+    beside output_dir and renamed to output_dir at the end: on any error the
+    staging folder is removed and nothing is left.
+
+    Args:
+      config: EvalConfig.
+      models, cases, num_cases: for library use, already loaded models
+        (``load_models``) and cases (``open_cases``; num_cases sizes the progress
+        bar); by default from config.
+    Returns: {"summary": summarize() or None, "per_case": {case_id: case_metrics},
+      "line": the one-line summary, "written": [paths relative to output_dir]}.
+    Raises: EvaluationError or data_pipeline.convert.BadCaseError, one line.
+    """
+    import tqdm
+
+    from brats_tf import figures
+
+    check_output_dir(config)
+    if models is None:
+        models = load_models(config.models)
+    if cases is None:
+        cases, num_cases, _ = open_cases(config.data, config.fold)
+    out = pathlib.Path(config.output_dir)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
+                                            dir=os.path.dirname(os.path.abspath(out))))
+    start = time.monotonic()
+    try:
+        (staging / PREDICTIONS).mkdir()
+        if config.save_probabilities:
+            (staging / PROBABILITIES).mkdir()
+        if config.figures:
+            (staging / FIGURES).mkdir()
+        per_case: dict = {}
+        written: list[str] = []
+        seen: set = set()
+        n = 0  # cases done (a disabled tqdm does not count)
+        bar = tqdm.tqdm(total=num_cases, unit="case", disable=not config.progress,
+                        desc="evaluate", dynamic_ncols=True)
+        with bar:
+            for case in cases:
+                if case.case_id in seen:
+                    raise EvaluationError(f"case {case.case_id}: found twice in {config.data}")
+                seen.add(case.case_id)
+                probs = ensemble_probabilities(models, case.image, config.tta)
+                labels = inference.probabilities_to_labels(probs, config.threshold, config.et_label)
+                name = f"{PREDICTIONS}/{case.case_id}.nii.gz"
+                inference.write_prediction_nifti(labels, _reference_for(case), staging / name,
+                                                 case_id=case.case_id, et_label=config.et_label)
+                written.append(name)
+                if config.save_probabilities:
+                    name = f"{PROBABILITIES}/{case.case_id}_probabilities.nii.gz"
+                    _write_probabilities(probs, case, staging / name)
+                    written.append(name)
+                truth = None
+                if case.label is not None:
+                    truth = case.label.copy()
+                    # the project's ET (4) -> the output convention (4 or 3)
+                    truth[truth == constants.LABEL_ET] = config.et_label
+                    per_case[case.case_id] = metrics.case_metrics(
+                        labels, truth, case.spacing, config.et_label, config.hd95_mode)
+                if config.figures:
+                    rgb = figures.case_figure(
+                        case.image[..., constants.MODALITIES.index("t1ce")], case.affine, truth,
+                        labels, et_label=config.et_label, title=case.case_id)
+                    name = f"{FIGURES}/{case.case_id}.png"
+                    figures.write_png(rgb, staging / name)
+                    written.append(name)
+                log.debug("case %s from %s: done", case.case_id, case.source)
+                bar.update(1)
+                n += 1
+                if per_case.get(case.case_id):
+                    s = per_case[case.case_id]
+                    bar.set_postfix_str(" ".join(f"{r} {s[r]['dice']:.3f}"
+                                                 for r in constants.REGIONS))
+        if n == 0:
+            raise EvaluationError(f"data {config.data}: no case")
+        summary = None
+        if per_case:
+            if len(per_case) != n:
+                raise EvaluationError(f"data {config.data}: {n - len(per_case)} case(s) "
+                                      f"without labels among labelled ones")
+            summary = metrics.summarize(per_case)
+            _write_text(staging / PER_CASE_CSV, _csv_text(_columns(), per_case_rows(per_case)))
+            _write_text(staging / SUMMARY_CSV,
+                        _csv_text(["statistic"] + _columns()[1:], summary_rows(summary)))
+            _write_text(staging / SUMMARY_JSON, json.dumps(
+                {"num_cases": n, "statistics": list(metrics.STATISTICS), "summary": summary},
+                indent=1))
+            written += [PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON]
+        seconds = time.monotonic() - start
+        line = _one_line_summary(summary, n, seconds, str(out))
+        run = {"config": dataclasses.asdict(config),
+               "models": [{"path": m.path, "kind": m.kind} for m in models],
+               "num_cases": n, "has_labels": bool(per_case), "seconds": round(seconds, 1),
+               "summary_line": line, "written": sorted(written)}
+        _write_text(staging / RUN_JSON, json.dumps(run, indent=1))
+        written.append(RUN_JSON)
+        os.chmod(staging, 0o777 & ~_umask())
+        if out.exists():  # checked above: empty, or an earlier evaluation with overwrite
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, trash)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    kinds = collections.Counter(name.split("/")[0] for name in written)
+    log.info("read %d case(s) from %s; wrote to %s: %s", n, config.data, out,
+             ", ".join(f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k
+                       for k, v in sorted(kinds.items())))
+    return {"summary": summary, "per_case": per_case, "line": line, "written": sorted(written)}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

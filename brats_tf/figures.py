@@ -1,0 +1,281 @@
+"""Per-case PNG figures: T1ce with the ground truth and the prediction overlaid (paper Fig. 2).
+
+One RGB image per case, a grid of 2 rows x 3 columns (1 row without labels):
+
+    row 0 "GROUND TRUTH":  axial | sagittal | coronal
+    row 1 "PREDICTION":    axial | sagittal | coronal
+
+each panel a slice of T1ce (grey, 1st-99th percentile of the brain's non-zero
+voxels mapped to 0-255) through the tumour's centre of mass (the WT of the
+ground truth; of the prediction when there is no ground truth; the volume's
+centre when both are empty), the label map blended over it. A legend strip
+names the colours (``LABEL_COLOURS``): NCR/NET (1) red, ED (2) green, ET (4,
+or 3 in BraTS 2023) yellow.
+
+Orientation (``display_slices``): the volume is first reoriented to RAS+ with
+its affine (nibabel ``io_orientation``), then shown in the RADIOLOGICAL
+convention of ITK-SNAP and of the BraTS figures: superior (axial: anterior) at
+the top, the patient's right on the image's left; sagittal slices show
+anterior on the left. So the brain looks upright whatever the storage order
+(BraTS files are stored LPS-like, affine diag(-1, -1, 1)).
+
+Layouts: volumes are [D, H, W] (nibabel i, j, k axes), images [rows, cols, 3] uint8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+from brats_tf import constants
+
+# RGB of each label value in the overlay.
+LABEL_COLOURS = {
+    constants.LABEL_NCR_NET: (255, 0, 0),  # red: necrotic / non-enhancing core
+    constants.LABEL_ED: (0, 255, 0),  # green: edema
+    constants.LABEL_ET: (255, 255, 0),  # yellow: enhancing tumour
+}
+LEGEND = (("NCR/NET", constants.LABEL_NCR_NET), ("ED", constants.LABEL_ED),
+          ("ET", constants.LABEL_ET))
+VIEWS = ("AXIAL", "SAGITTAL", "CORONAL")
+ROW_TITLES = ("GROUND TRUTH", "PREDICTION")
+DEFAULT_ALPHA = 0.5
+MIN_PANEL = 200  # pixels: small volumes are enlarged (nearest neighbour) to at least this
+
+# A 5x7 bitmap font for the captions (upper case, digits, a few signs).
+_FONT = {
+    "A": ("01110", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "B": ("11110", "10001", "10001", "11110", "10001", "10001", "11110"),
+    "C": ("01110", "10001", "10000", "10000", "10000", "10001", "01110"),
+    "D": ("11110", "10001", "10001", "10001", "10001", "10001", "11110"),
+    "E": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
+    "F": ("11111", "10000", "10000", "11110", "10000", "10000", "10000"),
+    "G": ("01110", "10001", "10000", "10111", "10001", "10001", "01111"),
+    "H": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "I": ("01110", "00100", "00100", "00100", "00100", "00100", "01110"),
+    "J": ("00111", "00010", "00010", "00010", "00010", "10010", "01100"),
+    "K": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
+    "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
+    "M": ("10001", "11011", "10101", "10101", "10001", "10001", "10001"),
+    "N": ("10001", "11001", "10101", "10011", "10001", "10001", "10001"),
+    "O": ("01110", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "P": ("11110", "10001", "10001", "11110", "10000", "10000", "10000"),
+    "Q": ("01110", "10001", "10001", "10001", "10101", "10010", "01101"),
+    "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
+    "S": ("01111", "10000", "10000", "01110", "00001", "00001", "11110"),
+    "T": ("11111", "00100", "00100", "00100", "00100", "00100", "00100"),
+    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "V": ("10001", "10001", "10001", "10001", "10001", "01010", "00100"),
+    "W": ("10001", "10001", "10001", "10101", "10101", "10101", "01010"),
+    "X": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+    "Y": ("10001", "10001", "01010", "00100", "00100", "00100", "00100"),
+    "Z": ("11111", "00001", "00010", "00100", "01000", "10000", "11111"),
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+    "/": ("00001", "00010", "00010", "00100", "01000", "01000", "10000"),
+    "=": ("00000", "00000", "11111", "00000", "11111", "00000", "00000"),
+    "-": ("00000", "00000", "00000", "11111", "00000", "00000", "00000"),
+    "_": ("00000", "00000", "00000", "00000", "00000", "00000", "11111"),
+    ".": ("00000", "00000", "00000", "00000", "00000", "01100", "01100"),
+    ":": ("00000", "01100", "01100", "00000", "01100", "01100", "00000"),
+    "(": ("00010", "00100", "01000", "01000", "01000", "00100", "00010"),
+    ")": ("01000", "00100", "00010", "00010", "00010", "00100", "01000"),
+    " ": ("00000",) * 7,
+}
+_TEXT_SCALE = 2
+_GLYPH_W, _GLYPH_H = 6 * _TEXT_SCALE, 7 * _TEXT_SCALE  # 1 column of spacing per glyph
+
+
+def draw_text(canvas: np.ndarray, text: str, top: int, left: int,
+              colour=(255, 255, 255)) -> None:
+    """Draws ``text`` (unknown characters as blanks) into [rows, cols, 3] in place."""
+    for n, char in enumerate(str(text).upper()):
+        glyph = _FONT.get(char, _FONT[" "])
+        x0 = left + n * _GLYPH_W
+        for r, bits in enumerate(glyph):
+            for c, bit in enumerate(bits):
+                if bit == "1":
+                    y, x = top + r * _TEXT_SCALE, x0 + c * _TEXT_SCALE
+                    canvas[y:y + _TEXT_SCALE, x:x + _TEXT_SCALE] = colour
+
+
+def _check_volume(name: str, volume, ndim: int = 3) -> np.ndarray:
+    volume = np.asarray(volume)
+    if volume.ndim != ndim:
+        raise ValueError(f"{name} must be a [D, H, W] volume, got shape {volume.shape}")
+    return volume
+
+
+def to_ras(volume: np.ndarray, affine) -> np.ndarray:
+    """``volume`` [D, H, W] reoriented (flips / axis swaps only) so its axes point R, A, S."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(volume, ornt)
+
+
+def display_slices(volume_ras: np.ndarray, centre) -> dict[str, np.ndarray]:
+    """The three 2-D views of a RAS+ volume through voxel ``centre`` = (x, y, z), radiological.
+
+    axial = v[:, :, z] with anterior up and right on the left; sagittal = v[x, :, :]
+    with superior up and anterior on the left; coronal = v[:, y, :] with superior up
+    and right on the left. Each is ``slice.T[::-1, ::-1]``.
+    """
+    x, y, z = (int(c) for c in centre)
+    return {
+        "AXIAL": volume_ras[:, :, z].T[::-1, ::-1],
+        "SAGITTAL": volume_ras[x, :, :].T[::-1, ::-1],
+        "CORONAL": volume_ras[:, y, :].T[::-1, ::-1],
+    }
+
+
+def tumour_centre(*label_maps) -> tuple[int, int, int]:
+    """Rounded centre of mass of the first non-empty label map's tumour (any label > 0);
+    the volume's centre when all are empty."""
+    shape = None
+    for labels in label_maps:
+        if labels is None:
+            continue
+        labels = np.asarray(labels)
+        shape = labels.shape
+        if labels.any():
+            return tuple(int(round(c)) for c in np.argwhere(labels > 0).mean(axis=0))
+    if shape is None:
+        raise ValueError("tumour_centre needs at least one label map")
+    return tuple(n // 2 for n in shape)
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """Intensities -> uint8 grey: the 1st-99th percentile of the non-zero voxels to 0-255."""
+    image = np.asarray(image, np.float64)
+    values = image[image != 0]
+    if values.size == 0:
+        return np.zeros(image.shape, np.uint8)
+    lo, hi = np.percentile(values, [1, 99])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip(np.rint((image - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def overlay(grey_image: np.ndarray, labels: np.ndarray, alpha: float = DEFAULT_ALPHA,
+            et_label: int = constants.LABEL_ET) -> np.ndarray:
+    """RGB [rows, cols, 3] uint8: ``grey_image`` with each label's colour blended in.
+
+    Where label v > 0: rgb = round((1 - alpha) * grey + alpha * LABEL_COLOURS[v]);
+    elsewhere the grey value in all three channels. ``et_label`` 3 (BraTS 2023)
+    is drawn in ET's colour.
+    """
+    grey_image, labels = np.asarray(grey_image), np.asarray(labels)
+    if grey_image.shape != labels.shape or grey_image.ndim != 2:
+        raise ValueError(f"grey image and labels must be 2-D of one shape, got "
+                         f"{grey_image.shape} and {labels.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    rgb = np.repeat(grey_image.astype(np.float64)[..., None], 3, axis=-1)
+    colours = dict(LABEL_COLOURS)
+    colours[et_label] = LABEL_COLOURS[constants.LABEL_ET]
+    for value, colour in colours.items():
+        mask = labels == value
+        rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(colour, np.float64)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def case_figure(t1ce: np.ndarray, affine, truth: np.ndarray | None, prediction: np.ndarray,
+                et_label: int = constants.LABEL_ET, alpha: float = DEFAULT_ALPHA,
+                title: str = "") -> np.ndarray:
+    """The module docstring's figure as an RGB array [rows, cols, 3] uint8.
+
+    Args:
+      t1ce: [D, H, W] raw T1ce intensities (original grid).
+      affine: the 4x4 voxel-to-world affine of the volumes.
+      truth: [D, H, W] ground-truth label map, or None (prediction only).
+      prediction: [D, H, W] predicted label map (0, 1, 2, ``et_label``).
+    """
+    t1ce = _check_volume("t1ce", t1ce)
+    prediction = _check_volume("prediction", prediction)
+    maps = [("PREDICTION", prediction)]
+    if truth is not None:
+        truth = _check_volume("truth", truth)
+        maps.insert(0, ("GROUND TRUTH", truth))
+    for name, labels in maps:
+        if labels.shape != t1ce.shape:
+            raise ValueError(f"{name.lower()} shape {labels.shape} != t1ce shape {t1ce.shape}")
+    t1_ras = to_ras(grey(t1ce), affine)
+    ras_maps = [(name, to_ras(labels, affine)) for name, labels in maps]
+    centre = tumour_centre(*(labels for _, labels in ras_maps))
+    grey_views = display_slices(t1_ras, centre)
+    side = max(t1_ras.shape)
+    scale = max(1, math.ceil(MIN_PANEL / side))
+    panel = side * scale
+    gap, header = 4, _GLYPH_H + 8
+    legend_h = _GLYPH_H + 12
+    rows = len(ras_maps)
+    height = header + rows * (header + panel + gap) + legend_h
+    width = 3 * panel + 4 * gap
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for c, view in enumerate(VIEWS):  # column captions: view and slice index
+        index = {"AXIAL": centre[2], "SAGITTAL": centre[0], "CORONAL": centre[1]}[view]
+        text = f"{view} {index}"
+        draw_text(canvas, text, 4, gap + c * (panel + gap) + (panel - len(text) * _GLYPH_W) // 2)
+    for r, (name, labels) in enumerate(ras_maps):
+        top = header + r * (header + panel + gap)
+        draw_text(canvas, name, top + 4, gap)
+        label_views = display_slices(labels, centre)
+        for c, view in enumerate(VIEWS):
+            rgb = overlay(grey_views[view], label_views[view], alpha, et_label)
+            rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+            y0 = top + header + (panel - rgb.shape[0]) // 2
+            x0 = gap + c * (panel + gap) + (panel - rgb.shape[1]) // 2
+            canvas[y0:y0 + rgb.shape[0], x0:x0 + rgb.shape[1]] = rgb
+    # legend: a colour swatch and the label's name
+    y = height - legend_h + 6
+    x = gap
+    for name, value in LEGEND:
+        shown = et_label if value == constants.LABEL_ET else value
+        canvas[y:y + _GLYPH_H, x:x + _GLYPH_H] = LABEL_COLOURS[value]
+        text = f"{name} ({shown})"
+        draw_text(canvas, text, y, x + _GLYPH_H + 6)
+        x += _GLYPH_H + 6 + (len(text) + 2) * _GLYPH_W
+    if title and x + len(title) * _GLYPH_W < width:  # the case id, right-aligned
+        draw_text(canvas, title, y, width - gap - len(title) * _GLYPH_W)
+    return canvas
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB [rows, cols, 3] uint8 array (``tf.io.encode_png``)."""
+    import tensorflow as tf
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected [rows, cols, 3] uint8, got {rgb.shape} {rgb.dtype}")
+    return tf.io.encode_png(rgb).numpy()
+
+
+def write_png(rgb: np.ndarray, path) -> pathlib.Path:
+    """Writes ``rgb`` as a PNG under a temporary name, then renames it to ``path``."""
+    path = pathlib.Path(path)
+    data = encode_png(rgb)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

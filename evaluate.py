@@ -1,0 +1,92 @@
+"""Evaluates trained models on BraTS data the way the BraTS challenge does (paper §4).
+
+    python evaluate.py --model=runs/b18 --data=data/brats18 --fold=0 --output_dir=eval/b18_f0
+    python evaluate.py --model=runs/a,runs/b,runs/c --tta --data=/data/BraTS2018_Validation \
+        --output_dir=eval/val_ens3          # ensemble + TTA on an unlabelled NIfTI set
+
+--model: a comma list (several = an ensemble, the mean of the probabilities);
+each a train.py model_dir (segmenter.keras, else model.keras, else the latest
+checkpoint + config.json), a .keras file, a SavedModel folder (export/<n>/),
+or a checkpoint prefix. --data: the converter's TFRecord folder
+(manifest.json; --fold=k: only fold k's shards) or a folder of BraTS NIfTI
+cases (2018-2023 layouts; without seg files: predictions only).
+
+Writes into --output_dir (refused when it is / is inside / contains an input,
+or is not empty without --overwrite): predictions/<case_id>.nii.gz (uint8 labels,
+the original grid, affine and header), probabilities/ (--save_probabilities),
+figures/<case_id>.png, per_case.csv, summary.csv, summary.json, evaluation.json.
+See brats_tf/EVALUATION.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_list("model", None, "Model path(s), comma separated (several: an ensemble): a "
+                  "model_dir, a .keras file, a SavedModel folder or a checkpoint prefix.")
+flags.DEFINE_string("data", None, "A TFRecord folder with manifest.json, or a folder of BraTS "
+                    "NIfTI cases.")
+flags.DEFINE_string("output_dir", None, "Where everything is written; not an input folder.")
+flags.DEFINE_integer("fold", None, "TFRecords only: evaluate this fold's shards (the validation "
+                     "fold of train.py --fold); default all.", lower_bound=0)
+flags.DEFINE_boolean("tta", False, "Test-time augmentation: mean of the 8 mirror flips (§4).")
+flags.DEFINE_enum("et_label", "4", ["4", "3"], "Enhancing tumour label: 4 (BraTS 2017-2021) or "
+                  "3 (BraTS 2023+), in the written predictions and the metrics.")
+flags.DEFINE_float("threshold", 0.5, "A voxel is in a region when p > threshold.",
+                   lower_bound=0.0, upper_bound=0.999999)
+flags.DEFINE_enum("hd95_mode", "pooled", ["pooled", "max_directed"],
+                  "HD95: 95th percentile of both directions' surface distances pooled (MedPy), "
+                  "or the max of the two directed 95th percentiles (MONAI).")
+flags.DEFINE_boolean("save_probabilities", False, "Also write the WT/TC/ET probabilities "
+                     "(float32 NIfTI, 3 components).")
+flags.DEFINE_boolean("figures", True, "Write a PNG per case (T1ce, truth and prediction).")
+flags.DEFINE_boolean("overwrite", False, "Replace an output_dir written by an earlier run.")
+flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+log = logging.getLogger("evaluate")
+
+
+def config_from_flags():
+    """FLAGS -> a frozen EvalConfig (ValueError quoting the bad value)."""
+    from brats_tf.evaluation import EvalConfig
+
+    for name in ("model", "data", "output_dir"):
+        if not FLAGS[name].value:
+            raise ValueError(f"--{name} is required")
+    return EvalConfig(models=tuple(FLAGS.model), data=FLAGS.data, output_dir=FLAGS.output_dir,
+                      fold=FLAGS.fold, tta=FLAGS.tta, et_label=int(FLAGS.et_label),
+                      threshold=FLAGS.threshold, hd95_mode=FLAGS.hd95_mode,
+                      save_probabilities=FLAGS.save_probabilities, figures=FLAGS.figures,
+                      overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"evaluate.py: error: unexpected arguments: {' '.join(argv[1:])}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:
+        config = config_from_flags()
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    log.info("configuration: %s", config)
+    from brats_tf import evaluation
+    from data_pipeline.convert import BadCaseError
+
+    try:
+        result = evaluation.evaluate(config)
+    except (evaluation.EvaluationError, BadCaseError, ValueError, OSError) as e:
+        sys.exit(f"evaluate.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    print(result["line"])
+
+
+if __name__ == "__main__":
+    app.run(main)
