@@ -138,13 +138,6 @@ def configs_from_flags():
     return model_config, loss_config, train_config, data
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"train.py: error: unexpected arguments: {' '.join(argv[1:])}")
@@ -159,15 +152,16 @@ def main(argv):
     import tensorflow as tf
 
     from brats_tf import evaluation
+    from brats_tf.io_utils import write_text_atomic
     from data_pipeline.input import InputConfig, make_dataset
 
     os.makedirs(train_config.model_dir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
+    write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
                        FLAGS.flags_into_string())
     resolved = {"model": dataclasses.asdict(model_config), "loss": dataclasses.asdict(loss_config),
                 "train": dataclasses.asdict(train_config), "data": data}
-    _write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
+    write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
                        json.dumps(resolved, indent=2, sort_keys=True))
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     log.info("configuration: %s", json.dumps(resolved, sort_keys=True))

@@ -12,13 +12,23 @@ per-case CSV, summaries, NIfTI predictions and figures; see EVALUATION.md.
 
 from __future__ import annotations
 
+import collections
+import csv
+import dataclasses
+import io
+import json
 import logging
 import os
+import pathlib
 import shutil
+import tempfile
+import time
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from brats_tf import constants, inference, metrics
+from brats_tf.io_utils import write_text_atomic
 from brats_tf.model import build_inference_model
 
 log = logging.getLogger("brats_tf.evaluation")
@@ -78,16 +88,6 @@ def save_final(model, model_dir: str, version: int = 1) -> list[str]:
 # of the models' probabilities); §1: labels and the nested regions. Metrics
 # and empty-mask rules: brats_tf/metrics.py; figures: brats_tf/figures.py;
 # user doc: brats_tf/EVALUATION.md.
-
-import collections  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Iterable, Iterator  # noqa: E402
 
 PER_CASE_CSV = "per_case.csv"
 SUMMARY_JSON = "summary.json"
@@ -501,12 +501,6 @@ def per_case_rows(results: dict) -> list[dict]:
     return rows
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv_text(header, rows) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
@@ -645,10 +639,10 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 raise EvaluationError(f"data {config.data}: {n - len(per_case)} case(s) "
                                       f"without labels among labelled ones")
             summary = metrics.summarize(per_case)
-            _write_text(staging / PER_CASE_CSV, _csv_text(_columns(), per_case_rows(per_case)))
-            _write_text(staging / SUMMARY_CSV,
+            write_text_atomic(staging / PER_CASE_CSV, _csv_text(_columns(), per_case_rows(per_case)))
+            write_text_atomic(staging / SUMMARY_CSV,
                         _csv_text(["statistic"] + _columns()[1:], summary_rows(summary)))
-            _write_text(staging / SUMMARY_JSON, json.dumps(
+            write_text_atomic(staging / SUMMARY_JSON, json.dumps(
                 {"num_cases": n, "statistics": list(metrics.STATISTICS), "summary": summary},
                 indent=1))
             written += [PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON]
@@ -658,7 +652,7 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                "models": [{"path": m.path, "kind": m.kind} for m in models],
                "num_cases": n, "has_labels": bool(per_case), "seconds": round(seconds, 1),
                "summary_line": line, "written": sorted(written)}
-        _write_text(staging / RUN_JSON, json.dumps(run, indent=1))
+        write_text_atomic(staging / RUN_JSON, json.dumps(run, indent=1))
         written.append(RUN_JSON)
         os.chmod(staging, 0o777 & ~_umask())
         if out.exists():  # checked above: empty, or an earlier evaluation with overwrite

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from brats_tf import constants, losses, metrics
 from brats_tf.config import LossConfig, ModelConfig
+from brats_tf.io_utils import write_json_atomic
 from brats_tf.model import build_inference_model, build_model
 from brats_tf.schedules import poly_lr
 
@@ -391,11 +392,3 @@ class Trainer:
         tf.summary.image("input_flair", (flair - low) / tf.maximum(high - low, 1e-6))
         tf.summary.image("label_WT_TC_ET", label[:, :, :, k, :])
         tf.summary.image("prediction_WT_TC_ET", tf.cast(seg[:, :, :, k, :], tf.float32))
-
-
-def write_json_atomic(path: str, payload) -> None:
-    """Writes JSON to ``path`` through a temporary file and a rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
