@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from brats_tf.constants import NUM_MODALITIES
+from brats_tf.inference import paste_crop
 
 FEATURE_SPEC_VERSION = 2  # 2: image as byte planes
 COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)
@@ -226,14 +227,13 @@ def parse_example(serialized):
 
 def uncrop(array, box_start, original_shape):
     """Pastes a [d, h, w, ...] array (stored crop, or a prediction on it) back into
-    zeros of the original grid [*original_shape, ...], at box_start (NumPy)."""
-    array = np.asarray(array)
-    start = [int(s) for s in np.asarray(box_start).reshape(-1)]
-    shape = tuple(int(s) for s in np.asarray(original_shape).reshape(-1))
-    out = np.zeros(shape + array.shape[3:], dtype=array.dtype)
-    box = tuple(slice(s, s + n) for s, n in zip(start, array.shape[:3]))
-    out[box] = array
-    return out
+    zeros of the original grid [*original_shape, ...], at box_start (NumPy).
+
+    The features' argument order for ``brats_tf.inference.paste_crop``, which
+    does the work (and checks that the box fits)."""
+    start = np.asarray(box_start).reshape(-1)
+    shape = np.asarray(original_shape).reshape(-1)
+    return paste_crop(array, shape, start)
 
 
 def nonzero_box(arrays):
