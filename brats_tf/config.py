@@ -44,6 +44,11 @@ class ModelConfig:
       l2_weight: L2 weight on every convolution kernel (1e-5).
       vae: build the VAE branch (training model only; off = ablation).
       seed: seed of VDraw's sampling and of the dropout (None: random).
+      recompute_levels: gradient checkpointing (issue 6): the ResNet blocks
+        of the finest ``recompute_levels`` levels (encoder, decoder and VAE)
+        recompute their activations in the backward pass instead of keeping
+        them; 0 = off (the paper), 1 = the full-resolution blocks. Same
+        results, less memory, a little more time.
     """
 
     input_shape: tuple[int, int, int] = constants.PAPER_CROP
@@ -59,6 +64,7 @@ class ModelConfig:
     l2_weight: float = 1e-5
     vae: bool = True
     seed: int | None = None
+    recompute_levels: int = 0
 
     def __post_init__(self):
         owner = "ModelConfig"
@@ -92,6 +98,10 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
         _non_negative(owner, "l2_weight", self.l2_weight)
+        if (isinstance(self.recompute_levels, bool) or not isinstance(self.recompute_levels, int)
+                or not 0 <= self.recompute_levels <= self.levels):
+            raise ValueError(f"{owner}.recompute_levels must be an integer in [0, {self.levels}], "
+                             f"got {self.recompute_levels!r}")
         divisor = self.train_divisor if self.vae else self.spatial_divisor
         bad = [n for n in self.input_shape if n % divisor]
         if bad:

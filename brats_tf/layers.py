@@ -137,11 +137,19 @@ class ResNetBlock(keras.layers.Layer):
       filters: channels of the input and output.
       groups: GroupNormalization groups (the paper: 8).
       l2_weight: L2 weight on both convolution kernels (the paper: 1e-5).
+      recompute: gradient checkpointing (``tf.recompute_grad``): in training,
+        keep only the block's input for the backward pass and recompute the
+        GN/ReLU/conv activations from it there. Same values and gradients,
+        about one more forward pass of the block, and far less memory: at the
+        paper crop each full-resolution activation is 32 x 3.9M floats = 0.5 GB
+        and a block keeps about six of them (benchmarks/model_step.py
+        --recompute). The block has no random ops, so recomputing is exact.
 
     Input/output: [B, D, H, W, filters].
     """
 
-    def __init__(self, filters: int, groups: int = 8, l2_weight: float = 0.0, **kwargs):
+    def __init__(self, filters: int, groups: int = 8, l2_weight: float = 0.0,
+                 recompute: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters = _check_positive_int("filters", filters)
         self.groups = _check_positive_int("groups", groups)
@@ -152,6 +160,7 @@ class ResNetBlock(keras.layers.Layer):
         if l2_weight < 0:
             raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
         self.l2_weight = float(l2_weight)
+        self.recompute = bool(recompute)
         self.norm1 = GroupNorm(groups, epsilon=1e-5, name="gn1")
         self.conv1 = conv3d(filters, 3, l2_weight=self.l2_weight, name="conv1")
         self.norm2 = GroupNorm(groups, epsilon=1e-5, name="gn2")
@@ -171,21 +180,28 @@ class ResNetBlock(keras.layers.Layer):
         self.conv2.build(shape)
         self.built = True
 
-    def call(self, inputs):
+    def _residual(self, inputs):
         x = self.norm1(inputs)
         x = tf.nn.relu(x)
         x = self.conv1(x)
         x = self.norm2(x)
         x = tf.nn.relu(x)
-        x = self.conv2(x)
-        return x + inputs
+        return self.conv2(x)
+
+    def call(self, inputs, training=None):
+        if self.recompute and training:
+            residual = tf.recompute_grad(self._residual)(inputs)
+        else:
+            residual = self._residual(inputs)
+        return residual + inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, groups=self.groups, l2_weight=self.l2_weight)
+        config.update(filters=self.filters, groups=self.groups, l2_weight=self.l2_weight,
+                      recompute=self.recompute)
         return config
 
 

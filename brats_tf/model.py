@@ -64,6 +64,7 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
         for i in range(n_blocks):
             name = f"EncoderBlock{level}_{i}"
             x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
+                                                  recompute=level < cfg.recompute_levels,
                                                   name=name))(x)
         features.append(x)
     return features
@@ -82,6 +83,7 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
         for i in range(cfg.blocks_up[level]):
             name = f"DecoderBlock{level}_{i}"
             x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
+                                                  recompute=level < cfg.recompute_levels,
                                                   name=name))(x)
     x = stage("DecoderEnd_Conv1", lambda: L.conv3d(cfg.num_classes, 1, l2_weight=cfg.l2_weight,
                                                    name="DecoderEnd_Conv1"))(x)
@@ -123,8 +125,9 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
                                                         name=f"VUp{level}_Conv1"))(x)
         x = stage(f"VUp{level}_Upsample", lambda: L.TrilinearUpSampling3D(
             2, name=f"VUp{level}_Upsample"))(x)
-        x = stage(f"VBlock{level}_0", lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
-                                                            name=f"VBlock{level}_0"))(x)
+        x = stage(f"VBlock{level}_0", lambda: L.ResNetBlock(
+            filters, cfg.groups, cfg.l2_weight, recompute=level < cfg.recompute_levels,
+            name=f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
     recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.l2_weight,
                                            name="Vend", dtype="float32"))(x)
@@ -170,6 +173,8 @@ def config_from_model(model: keras.Model) -> ModelConfig:
     block = model.get_layer("EncoderBlock0_0")
     image_shape = model.inputs[0].shape
     vae = "Vend" in names
+    recompute_levels = sum(
+        1 for level in down if model.get_layer(f"EncoderBlock{level}_0").recompute)
     input_shape = tuple(image_shape[1:4])
     if None in input_shape:  # an inference model: any size; keep a valid placeholder
         input_shape = (2 ** len(down),) * 3
@@ -184,6 +189,7 @@ def config_from_model(model: keras.Model) -> ModelConfig:
         dropout=model.get_layer("InitDropout").rate,
         l2_weight=block.l2_weight,
         vae=vae,
+        recompute_levels=recompute_levels,
     )
 
 

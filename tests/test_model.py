@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from brats_tf import losses
 from brats_tf.config import ModelConfig
-from brats_tf.layers import GroupNorm
+from brats_tf.layers import GroupNorm, ResNetBlock
 from brats_tf.model import build_inference_model, build_model, config_from_model
 
 TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
@@ -294,3 +294,76 @@ def test_a_few_adam_steps_reduce_the_total_loss():
     assert float(last["loss"][0]) < 0.85 * float(first["loss"][0])
     assert float(last["dice"][0]) < float(first["dice"][0])
     assert float(last["l2"][0]) < float(first["l2"][0])
+
+
+# ------------------------------------------------- gradient checkpointing
+def _loss_and_grads(cfg, weights, image, labels, graph):
+    keras.utils.set_random_seed(7)
+    model = build_model(cfg)
+    model.set_weights(weights)
+
+    def run():
+        with tf.GradientTape() as tape:
+            out = model(image, training=True)
+            loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
+            loss += tf.add_n(model.losses)
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    loss, grads = tf.function(run)() if graph else run()
+    return model, loss.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("levels,graph", [(1, False), (1, True), (4, True)])
+def test_recompute_gives_the_same_loss_and_gradients(levels, graph):
+    """--recompute: same loss and gradients as keeping the activations (VDraw and
+    dropout draw the same numbers: same seed, fresh model, one call)."""
+    cfg = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=3)
+    keras.utils.set_random_seed(7)
+    weights = build_model(cfg).get_weights()
+    rng = np.random.default_rng(8)
+    image = rng.normal(size=(1, 32, 32, 32, 4)).astype(np.float32)
+    labels = (rng.random((1, 32, 32, 32, 3)) > 0.7).astype(np.float32)
+    _, want_loss, want = _loss_and_grads(cfg, weights, image, labels, graph)
+    rcfg = ModelConfig(**{**cfg.__dict__, "recompute_levels": levels})
+    model, loss, got = _loss_and_grads(rcfg, weights, image, labels, graph)
+    blocks = [layer for layer in model.layers if isinstance(layer, ResNetBlock)]
+    assert sum(b.recompute for b in blocks) == {1: 3, 4: 15}[levels]  # enc + dec + VAE blocks
+    assert config_from_model(model).recompute_levels == levels
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    # Float noise only: the summation order inside the ops may differ. Some
+    # gradients are ~0 by construction (a conv bias right before a GroupNorm
+    # with one channel per group), so the absolute tolerance is relative to
+    # the largest gradient of the model.
+    scale = max(np.abs(w).max() for w in want)
+    for g, w, v in zip(got, want, model.trainable_variables):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=v.path)
+
+
+def test_recompute_runs_the_block_again_in_the_backward_pass(monkeypatch):
+    """The checkpointed block's forward runs twice per training step (once
+    forward, once recomputed for the gradient); without recompute, once."""
+    calls = []
+    original = ResNetBlock._residual
+
+    def counted(self, inputs):
+        calls.append(self.name)
+        return original(self, inputs)
+
+    monkeypatch.setattr(ResNetBlock, "_residual", counted)
+    x = tf.constant(np.random.default_rng(9).normal(size=(1, 8, 8, 8, 8)).astype(np.float32))
+    for recompute, expected in ((False, 1), (True, 2)):
+        block = ResNetBlock(8, groups=2, recompute=recompute, name=f"b{int(recompute)}")
+        block.build(x.shape)
+        calls.clear()
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(block(x, training=True) ** 2)
+        tape.gradient(y, block.trainable_variables)
+        assert len(calls) == expected, (recompute, calls)
+    calls.clear()
+    block(x, training=False)  # inference: never wrapped
+    assert len(calls) == 1
+
+
+def test_recompute_levels_is_checked():
+    with pytest.raises(ValueError, match=r"recompute_levels must be an integer in \[0, 4\]"):
+        ModelConfig(recompute_levels=5)

@@ -65,6 +65,7 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
         (["--fold=9"], "--fold=9"),
         (["--crop=32,x,32"], "--crop must be integers"),
         (["--strategy=multi_worker"], "TF_CONFIG"),
+        (["--recompute", "--recompute_levels=5"], r"recompute_levels must be an integer in [0, 4]"),
     ],
 )
 def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message):
