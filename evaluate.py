@@ -38,6 +38,9 @@ flags.DEFINE_string("output_dir", None, "Where everything is written; not an inp
 flags.DEFINE_integer("fold", None, "TFRecords only: evaluate this fold's shards (the validation "
                      "fold of train.py --fold); default all.", lower_bound=0)
 flags.DEFINE_boolean("tta", False, "Test-time augmentation: mean of the 8 mirror flips (§4).")
+flags.DEFINE_boolean("crop_to_brain", True, "Run Keras models on the brain's bounding box "
+                     "(2.6x fewer voxels on BraTS); false: the whole padded volume (the paper). "
+                     "A SavedModel does what it was exported with.")
 flags.DEFINE_enum("et_label", "4", ["4", "3"], "Enhancing tumour label: 4 (BraTS 2017-2021) or "
                   "3 (BraTS 2023+), in the written predictions and the metrics.")
 flags.DEFINE_float("threshold", 0.5, "A voxel is in a region when p > threshold.",
@@ -63,7 +66,8 @@ def config_from_flags():
             raise ValueError(f"--{name} is required")
     return EvalConfig(models=tuple(FLAGS.model), data=FLAGS.data, output_dir=FLAGS.output_dir,
                       fold=FLAGS.fold, tta=FLAGS.tta, et_label=int(FLAGS.et_label),
-                      threshold=FLAGS.threshold, hd95_mode=FLAGS.hd95_mode,
+                      threshold=FLAGS.threshold, crop_to_brain=FLAGS.crop_to_brain,
+                      hd95_mode=FLAGS.hd95_mode,
                       save_probabilities=FLAGS.save_probabilities, figures=FLAGS.figures,
                       overwrite=FLAGS.overwrite, progress=FLAGS.progress)
 

@@ -113,6 +113,8 @@ class EvalConfig:
       output_dir: everything is written here (nothing elsewhere).
       fold: with TFRecords, only this fold's (validation) shards; None = all.
       tta: mean over the 8 mirror flips (§4).
+      crop_to_brain: run Keras models on the brain's bounding box
+        (``inference.brain_box``); False: the whole padded volume (the paper).
       et_label: the ET value written in the predictions and read in NIfTI
         ground truths: 4 (BraTS 2017-2021) or 3 (BraTS 2023+).
       threshold: a voxel is in a region when p > threshold.
@@ -130,6 +132,7 @@ class EvalConfig:
     tta: bool = False
     et_label: int = constants.LABEL_ET
     threshold: float = 0.5
+    crop_to_brain: bool = True
     hd95_mode: str = "pooled"
     save_probabilities: bool = False
     figures: bool = True
@@ -172,15 +175,19 @@ class LoadedModel:
     model: object
     raw_input: bool
 
-    def predict(self, image: np.ndarray, tta: bool) -> np.ndarray:
-        """[D, H, W, 4] RAW intensities -> [D, H, W, 3] probabilities (WT, TC, ET)."""
+    def predict(self, image: np.ndarray, tta: bool, crop_to_brain: bool = True) -> np.ndarray:
+        """[D, H, W, 4] RAW intensities -> [D, H, W, 3] probabilities (WT, TC, ET).
+
+        ``crop_to_brain`` applies to Keras models; a SavedModel does what it
+        was exported with (its assets.extra/brats_tf.json says)."""
         if self.raw_input:
             import tensorflow as tf
 
             fn = self.model.signatures["serving_tta" if tta else "serving_default"]
             out = fn(image=tf.constant(np.asarray(image, np.float32)[None]))
             return np.asarray(out["probabilities"][0], np.float32)
-        return inference.predict_volume(self.model, image, tta=tta, normalize=True)
+        return inference.predict_volume(self.model, image, tta=tta, normalize=True,
+                                        crop_to_brain=crop_to_brain)
 
 
 def _one_line(e: BaseException) -> str:
@@ -272,7 +279,7 @@ def load_model(path) -> LoadedModel:
 
 
 def ensemble_probabilities(models: list[LoadedModel], image: np.ndarray,
-                           tta: bool = False) -> np.ndarray:
+                           tta: bool = False, crop_to_brain: bool = True) -> np.ndarray:
     """Mean of the models' probabilities (§4) on one RAW case [D, H, W, 4] -> [D, H, W, 3].
 
     The Keras models share one normalisation and padding (``predict_volume`` with
@@ -281,7 +288,8 @@ def ensemble_probabilities(models: list[LoadedModel], image: np.ndarray,
     keras_models = [m.model for m in models if not m.raw_input]
     total = None
     if keras_models:
-        total = inference.predict_volume(keras_models, image, tta=tta) * len(keras_models)
+        total = inference.predict_volume(keras_models, image, tta=tta,
+                                         crop_to_brain=crop_to_brain) * len(keras_models)
     for model in models:
         if model.raw_input:
             p = model.predict(image, tta)
@@ -600,7 +608,8 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 if case.case_id in seen:
                     raise EvaluationError(f"case {case.case_id}: found twice in {config.data}")
                 seen.add(case.case_id)
-                probs = ensemble_probabilities(models, case.image, config.tta)
+                probs = ensemble_probabilities(models, case.image, config.tta,
+                                               config.crop_to_brain)
                 labels = inference.probabilities_to_labels(probs, config.threshold, config.et_label)
                 name = f"{PREDICTIONS}/{case.case_id}.nii.gz"
                 inference.write_prediction_nifti(labels, _reference_for(case), staging / name,

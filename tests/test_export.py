@@ -182,3 +182,36 @@ def test_export_of_mixed_precision_model(tmp_path):
     assert probs.dtype == tf.float32
     expected = keras_reference(model, x, tta=False, multiple=2)
     np.testing.assert_allclose(probs.numpy(), expected, atol=2e-3)
+
+
+def test_brain_box_in_the_graph_matches_numpy_and_can_be_turned_off(tmp_path):
+    """A head with zero background around it: the default SavedModel runs the
+    network on the brain's box (as inference.predict_volume); one exported with
+    crop_to_brain=False runs the whole padded volume (the paper)."""
+    model, _, version_dir, loaded = tiny_export()
+    x = np.zeros((1, 30, 36, 21, C.NUM_MODALITIES), np.float32)
+    x[:, 6:22, 5:30, 3:19] = raw_batch((16, 25, 16), seed=9)
+    x[:, 6:22, 5:30, 3:19][x[:, 6:22, 5:30, 3:19] == 0] = 1.0  # a solid brain
+    assert json.loads((version_dir / export.METADATA_FILE).read_text())["crop_to_brain"]
+    image = x[0]
+    start, size = I.brain_box(I.normalize_nonzero(image))
+    assert size == (16, 32, 16)  # 16 x 25 x 16 grown to multiples of 8
+    box = tuple(slice(s, s + n) for s, n in zip(start, size))
+    expected_box = I.paste_crop(keras_reference(model, image[box][None], tta=False)[0],
+                                image.shape[:3], start)
+    expected_full = keras_reference(model, x, tta=False)[0]
+    assert np.abs(expected_box - expected_full).max() > 1e-3  # the two really differ
+
+    boxed = loaded.signatures["serving_default"](image=tf.constant(x))
+    np.testing.assert_allclose(boxed["probabilities"].numpy()[0], expected_box, atol=2e-5)
+    outside = np.ones(image.shape[:3], bool)
+    outside[box] = False
+    assert not boxed["labels"].numpy()[0][outside].any()
+    np.testing.assert_allclose(I.predict_volume(model, image), expected_box, atol=2e-5)
+
+    whole = tf.saved_model.load(str(export.export_saved_model(model, tmp_path / "whole",
+                                                              crop_to_brain=False)))
+    out = whole.signatures["serving_default"](image=tf.constant(x))["probabilities"].numpy()[0]
+    np.testing.assert_allclose(out, expected_full, atol=2e-5)
+    np.testing.assert_allclose(I.predict_volume(model, image, crop_to_brain=False),
+                               expected_full, atol=2e-5)

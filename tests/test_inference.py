@@ -352,3 +352,108 @@ def test_write_prediction_nifti_errors(reference, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing_flair"):
         I.write_prediction_nifti(labels, tmp_path / "missing_flair.nii.gz", tmp_path / "d.nii.gz")
     assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
+
+
+# ------------------------------------------------------------------ brain box
+def _box_image(shape, lo, hi, channel=2):
+    image = np.zeros(shape + (4,), np.float32)
+    image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2], channel] = 7.0
+    return image
+
+
+@pytest.mark.parametrize(
+    "shape,lo,hi,margin,start,size",
+    [
+        # bbox 10..29 (20) -> 24 centred: start 10 - 2 = 8
+        ((40, 40, 40), (10, 10, 10), (30, 30, 30), 0, (8, 8, 8), (24, 24, 24)),
+        # exactly multiples: unchanged; with margin 2, 6..26 (20) -> 24 from 4,
+        # 6..42 (36) -> 40 from 4, 6..18 (12) -> 16 from 4
+        ((40, 48, 40), (8, 8, 8), (24, 40, 16), 0, (8, 8, 8), (16, 32, 8)),
+        ((40, 48, 40), (8, 8, 8), (24, 40, 16), 2, (4, 4, 4), (24, 40, 16)),
+        # at the border: shifted to stay inside
+        ((40, 40, 40), (0, 35, 0), (3, 40, 40), 0, (0, 32, 0), (8, 8, 40)),
+        # an axis of 155 that cannot hold 160: the whole axis (padded later)
+        ((16, 16, 155), (4, 4, 0), (12, 12, 155), 0, (4, 4, 0), (8, 8, 155)),
+        # 1-voxel brain
+        ((16, 16, 16), (5, 5, 5), (6, 6, 6), 0, (2, 2, 2), (8, 8, 8)),
+    ],
+)
+def test_brain_box_hand_computed(shape, lo, hi, margin, start, size):
+    image = _box_image(shape, lo, hi)
+    assert I.brain_box(image, 8, margin) == (start, size)
+    got = [tuple(t.numpy()) for t in I.brain_box_tf(tf.constant(image[None]), 8, margin)]
+    assert got == [start, size]
+
+
+def test_brain_box_empty_image_is_the_whole_volume():
+    image = np.zeros((9, 10, 11, 4), np.float32)
+    assert I.brain_box(image) == ((0, 0, 0), (9, 10, 11))
+    got = [tuple(t.numpy()) for t in I.brain_box_tf(tf.constant(image[None]))]
+    assert got == [(0, 0, 0), (9, 10, 11)]
+    with pytest.raises(ValueError, match="margin"):
+        I.brain_box(image, margin=-1)
+
+
+def test_brain_box_numpy_and_graph_agree_on_random_masks():
+    rng = np.random.default_rng(11)
+    for _ in range(25):
+        shape = tuple(int(n) for n in rng.integers(5, 40, 3))
+        lo = [int(rng.integers(0, n)) for n in shape]
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, shape)]
+        image = _box_image(shape, lo, hi, channel=int(rng.integers(0, 4)))
+        margin = int(rng.integers(0, 4))
+        start, size = I.brain_box(image, 8, margin)
+        for s, n, a, b, d in zip(start, size, lo, hi, shape):
+            assert 0 <= s and s + n <= d  # inside the volume
+            assert s <= max(a - margin, 0) and s + n >= min(b + margin, d)  # holds the brain
+            assert n % 8 == 0 or n == d  # a multiple of 8 where the volume allows
+        got = [tuple(t.numpy()) for t in I.brain_box_tf(tf.constant(image[None]), 8, margin)]
+        assert got == [start, size]
+
+
+def test_brain_box_tf_takes_the_union_over_the_batch():
+    a = _box_image((32, 32, 32), (2, 2, 2), (5, 5, 5))
+    b = _box_image((32, 32, 32), (20, 20, 20), (30, 30, 30))
+    start, size = I.brain_box_tf(tf.constant(np.stack([a, b])))
+    assert I.brain_box(a + b) == (tuple(start.numpy()), tuple(size.numpy()))
+
+
+def test_predict_volume_crops_to_the_brain_and_pastes_back():
+    rng = np.random.default_rng(12)
+    image = np.zeros((20, 24, 13, 4), np.float32)
+    image[5:15, 3:20, 2:10] = rng.uniform(50, 900, (10, 17, 8, 4))
+    seen = []
+
+    def recording(x):
+        seen.append(tuple(x.shape))
+        return cumsum_model(x)
+
+    probs = I.predict_volume(recording, image)
+    start, size = I.brain_box(image)
+    assert seen == [(1,) + size + (4,)] and size == (16, 24, 8)
+    x = I.normalize_nonzero(image)
+    sub = x[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+    expected = np.zeros((20, 24, 13, 3), np.float32)
+    expected[start[0]:start[0] + size[0], start[1]:start[1] + size[1],
+             start[2]:start[2] + size[2]] = cumsum_numpy(sub[None].astype(np.float64))[0]
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    # the paper's way: the whole volume, padded to 24 x 24 x 16
+    seen.clear()
+    whole = I.predict_volume(recording, image, crop_to_brain=False)
+    assert seen == [(1, 24, 24, 16, 4)]
+    padded, pads = I.pad_to_multiple(x)
+    np.testing.assert_allclose(
+        whole, I.crop_back(cumsum_numpy(padded[None].astype(np.float64))[0], pads), atol=1e-5)
+
+
+def test_predict_volume_runs_a_keras_model_as_one_cached_graph():
+    keras.utils.set_random_seed(0)
+    model = build_inference_model(build_model(
+        ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
+    rng = np.random.default_rng(13)
+    first = I.predict_volume(model, make_image(rng, (8, 16, 8)))
+    fn = I._GRAPH_FNS[model][False]
+    I.predict_volume(model, make_image(rng, (16, 8, 8)))  # another size: same function
+    assert I._GRAPH_FNS[model][False] is fn
+    assert fn.experimental_get_tracing_count() <= 2  # a relaxed (None-size) trace at most
+    assert first.shape == (8, 16, 8, 3)
