@@ -307,3 +307,24 @@ def test_multi_worker_two_local_workers_end_with_identical_weights(tmp_path):
     # Only the chief (worker 0) keeps checkpoints, in model_dir/checkpoints.
     assert (tmp_path / "run" / "checkpoints" / "checkpoint").exists()
     assert not list((tmp_path / "run").glob(".worker_*"))
+
+
+def test_epoch_iterators_are_destroyed_off_the_main_thread():
+    """Destroying a used epoch iterator can block for seconds; the Trainer
+    leaves it to a helper thread (training._release_in_background)."""
+    import threading
+
+    destroyed = []
+    done = threading.Event()
+
+    class Probe:
+        def __del__(self):
+            destroyed.append(threading.current_thread())
+            done.set()
+
+    holder = [Probe()]
+    thread = training._release_in_background(holder)
+    thread.join(10)
+    assert done.is_set() and not thread.daemon
+    assert destroyed and destroyed[0] is not threading.main_thread()
+    assert holder == []
