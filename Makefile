@@ -33,8 +33,10 @@ demo: venv
 	else echo "evaluate.py is not built yet: skipped the evaluation"; fi
 	@echo "demo done: data in $(DEMO_DIR)/nifti and $(DEMO_DIR)/tfrecord, run (checkpoints, logs, history.json, model.keras, export/1) in $(DEMO_DIR)/run, evaluation in $(DEMO_DIR)/eval"
 
+# Every benchmark (~15 min on 2 cores, run it on an idle machine): writes
+# benchmarks/results.json and benchmarks/RESULTS.md (README quotes it).
 bench: venv
-	$(PY) benchmarks/model_step.py --json_out=benchmarks/model_step.json
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

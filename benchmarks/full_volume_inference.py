@@ -1,20 +1,34 @@
-"""Full-size check of the serving path: the paper network on a 240x240x155 case.
+"""Full-volume inference of the paper network on one 4 x 240 x 240 x 155 case.
 
-Builds the paper's network (random weights, Table 1 sizes), exports it with
-brats_tf.export, loads the SavedModel and runs ``serving_default`` on a
-synthetic raw 240x240x155x4 volume; compares with ``inference.predict_volume``
-(Keras model, NumPy normalisation and padding 155 -> 160) and prints the
-seconds of each and the peak resident memory.
+The issue 6 target on the 2-core CPU: one model, no TTA, raw volume -> label
+map in <= 15 s and <= 4 GB. Each configuration runs in a fresh subprocess, so
+its peak resident memory is its own:
 
-  python benchmarks/full_volume_inference.py [--tta]
+* ``keras``: ``inference.predict_volume`` (what evaluate.py does with a
+  .keras model or a model_dir) + ``probabilities_to_labels``;
+* ``saved_model``: the exported SavedModel's ``serving_default`` /
+  ``serving_tta`` (what TF Serving runs), which returns the label map;
 
-The paper reports 0.4 s per volume on one V100 (§4); this measures the CPU.
+each with the crop to the brain's bounding box (the default) or the whole
+volume padded to 240 x 240 x 160 (``--crop_to_brain=false``, the paper), and
+with or without TTA (8 flips). The case is a synthetic BraTS-like head at the
+real size (data_pipeline.synthetic: brain ~140 x 173 x 133 voxels, like
+BraTS); the network has random weights (timing does not depend on them).
+The first call (tracing) is reported apart from the timed calls.
+
+  python benchmarks/full_volume_inference.py                   # the default set
+  python benchmarks/full_volume_inference.py --configs=keras:crop,saved_model:crop:tta
+  python benchmarks/full_volume_inference.py --json_out=benchmarks/full_volume_inference.json
+
+The paper reports 0.4 s per volume on one V100 (§4).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,52 +36,135 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from brats_tf import constants, export, inference  # noqa: E402
-from brats_tf.config import ModelConfig  # noqa: E402
-from brats_tf.model import build_inference_model, build_model  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
+                  "Configurations, each path:crop|full[:tta], path keras or saved_model.")
+flags.DEFINE_integer("repeats", 2, "Timed calls after the first (tracing) call.", lower_bound=1)
+flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Keras dtype policy of the network (mixed_float16: GPU; mixed_bfloat16: "
+                  "CPUs with AVX512-BF16/AMX or GPUs).")
+flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+flags.DEFINE_string("_single", None, "Internal: run this one configuration in this process.")
 
 
-def main() -> None:
-    tta = "--tta" in sys.argv[1:]
-    signature = "serving_tta" if tta else "serving_default"
+def _parse(config: str) -> dict:
+    parts = config.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("keras", "saved_model") or \
+            parts[1] not in ("crop", "full") or (len(parts) == 3 and parts[2] != "tta"):
+        raise app.UsageError(f"--configs: bad entry {config!r}; use path:crop|full[:tta] with "
+                             f"path keras or saved_model")
+    return {"path": parts[0], "crop_to_brain": parts[1] == "crop", "tta": len(parts) == 3}
+
+
+def _case():
+    import numpy as np
+
+    from brats_tf import constants
+    from data_pipeline.synthetic import make_case
+
+    images, label = make_case(constants.BRATS_SHAPE, seed=0)
+    image = np.stack([images[m] for m in constants.MODALITIES], axis=-1).astype(np.float32)
+    return image, label
+
+
+def _run_one(config: dict) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from brats_tf import export, inference
+    from brats_tf.config import ModelConfig
+    from brats_tf.model import build_inference_model, build_model
+
+    image, _ = _case()
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig())
-    rng = np.random.default_rng(0)
-    shape = constants.BRATS_SHAPE
-    image = rng.uniform(50, 1000, shape + (constants.NUM_MODALITIES,)).astype(np.float32)
-    grid = np.indices(shape).transpose(1, 2, 3, 0)
-    brain = np.linalg.norm((grid - np.array(shape) / 2) / (np.array(shape) / 2.4), axis=-1) < 1
-    image[~brain] = 0.0
+    model = build_model(ModelConfig(init_filters=FLAGS.init_filters))
+    tmp = tempfile.TemporaryDirectory()
+    if config["path"] == "keras":
+        segmenter = build_inference_model(model)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        version_dir = export.export_saved_model(model, tmp)
-        print(f"export: {time.perf_counter() - t:.1f} s -> {version_dir}")
-        loaded = tf.saved_model.load(str(version_dir))
-        fn = loaded.signatures[signature]
-        t = time.perf_counter()
-        out = fn(image=tf.constant(image[None]))
-        served = out["probabilities"].numpy()[0]
-        print(f"{signature} on {'x'.join(map(str, shape))}: {time.perf_counter() - t:.1f} s, "
-              f"outputs {out['probabilities'].shape} {out['labels'].shape} {out['labels'].dtype}")
+        def predict():
+            probs = inference.predict_volume(segmenter, image, tta=config["tta"],
+                                             crop_to_brain=config["crop_to_brain"])
+            return inference.probabilities_to_labels(probs)
+    else:
+        version = export.export_saved_model(model, tmp.name,
+                                            crop_to_brain=config["crop_to_brain"])
+        del model
+        fn = tf.saved_model.load(str(version)).signatures[
+            "serving_tta" if config["tta"] else "serving_default"]
 
-    infer = build_inference_model(model)
+        def predict():
+            return fn(image=tf.constant(image[None]))["labels"].numpy()[0]
+
+    start, size = inference.brain_box(image)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    probs = inference.predict_volume(infer, image, tta=tta)
-    print(f"predict_volume (Keras): {time.perf_counter() - t:.1f} s")
-    diff = float(np.abs(served - probs).max())
-    labels_equal = float(np.mean(inference.probabilities_to_labels(probs)
-                                 == out["labels"].numpy()[0]))
-    print(f"max |SavedModel - Keras| = {diff:.2e}; labels equal on {100 * labels_equal:.4f}% "
-          f"of voxels")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
-    if diff > 1e-4:
-        sys.exit(f"SavedModel and Keras disagree: max difference {diff}")
+    labels = predict()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(FLAGS.repeats):
+        t = time.perf_counter()
+        labels = predict()
+        times.append(time.perf_counter() - t)
+    tmp.cleanup()
+    gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
+                if tf.config.list_physical_devices("GPU") else None)
+    assert labels.shape == image.shape[:3], labels.shape
+    return {
+        "path": config["path"],
+        "crop_to_brain": config["crop_to_brain"],
+        "tta": config["tta"],
+        "input": "x".join(map(str, image.shape)),
+        "network_input": "x".join(str(-(-n // 8) * 8) for n in (
+            size if config["crop_to_brain"] else image.shape[:3])),
+        "init_filters": FLAGS.init_filters,
+        "precision": FLAGS.precision,
+        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+        "first_call_s": round(first, 2),
+        "seconds": round(float(np.median(times)), 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "rss_before_gib": round(rss0 / 2**20, 2),
+        "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
+    }
+
+
+def main(argv):
+    del argv
+    if FLAGS._single:
+        print(json.dumps(_run_one(_parse(FLAGS._single))))
+        return
+    configs = [(c, _parse(c)) for c in FLAGS.configs]
+    machine = describe()
+    print(f"machine: {machine}")
+    results = []
+    for text, _ in configs:
+        args = [sys.executable, os.path.abspath(__file__), f"--_single={text}",
+                f"--repeats={FLAGS.repeats}", f"--init_filters={FLAGS.init_filters}",
+                f"--precision={FLAGS.precision}"]
+        print(f"running {text} ...", flush=True)
+        proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"benchmark {text} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"  {r['path']:<11} {'crop' if r['crop_to_brain'] else 'full':<4} "
+              f"{'tta' if r['tta'] else 'one':<3}: {r['seconds']:.1f} s per case "
+              f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
+              f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
+    if FLAGS.json_out:
+        tmp = FLAGS.json_out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"machine": machine, "results": results}, f, indent=2)
+        os.replace(tmp, FLAGS.json_out)
+        print(f"wrote {FLAGS.json_out}")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

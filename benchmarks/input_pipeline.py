@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
@@ -37,6 +38,7 @@ flags.DEFINE_list("shape", [str(s) for s in BRATS_SHAPE], "Case size D,H,W.")
 flags.DEFINE_list("crop", [str(s) for s in PAPER_CROP], "Training crop D,H,W.")
 flags.DEFINE_integer("epochs", 5, "Timed epochs of the training pipeline.", lower_bound=1)
 flags.DEFINE_integer("cases_per_shard", 1, "Converter cases per shard.", lower_bound=1)
+flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_string("work_dir", None, "Folder for the cases and shards (default: a temp dir, removed).")
 
 
@@ -108,16 +110,29 @@ def main(argv):
         config = input_lib.InputConfig(files=pattern, crop_shape=crop, batch_size=1)
         train_rate = time_epochs(f"train input, {crop_name} crops + augmentation, batch 1",
                                  input_lib.make_dataset(config), FLAGS.epochs)
-        time_epochs("  same, cache=True (decompressed examples kept in memory)",
-                    input_lib.make_dataset(dataclasses.replace(config, cache=True)), FLAGS.epochs)
+        cached_rate = time_epochs(
+            "  same, cache=True (decompressed examples kept in memory)",
+            input_lib.make_dataset(dataclasses.replace(config, cache=True)), FLAGS.epochs)
         time_epochs("  same, deterministic=True",
                     input_lib.make_dataset(dataclasses.replace(config, deterministic=True)), 1)
         time_epochs("  same, jit=False (no XLA)",
                     input_lib.make_dataset(dataclasses.replace(config, jit=False)), 1)
-        time_epochs("eval input, whole volumes", input_lib.make_dataset(
+        eval_rate = time_epochs("eval input, whole volumes", input_lib.make_dataset(
             input_lib.InputConfig(files=pattern, mode="eval")), 1)
         print(f"target >= 4 cases/s (train input, default config): "
               f"{'met' if train_rate >= 4 else 'NOT met'}")
+        if FLAGS.json_out:
+            result = {"machine": machine(), "case_shape": "x".join(map(str, shape)),
+                      "crop": crop_name, "num_cases": FLAGS.num_cases,
+                      "train_cases_per_s": round(train_rate, 2),
+                      "train_cached_cases_per_s": round(cached_rate, 2),
+                      "eval_cases_per_s": round(eval_rate, 2),
+                      "convert_cases_per_s": round(convert_rate, 2)}
+            tmp = FLAGS.json_out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, FLAGS.json_out)
+            print(f"wrote {FLAGS.json_out}")
     finally:
         if FLAGS.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from benchmarks.machine import describe  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("crops", ["64,64,64", "160,192,128"],
@@ -40,23 +41,14 @@ flags.DEFINE_integer("warmup", 1, "Untimed steps first (tracing, allocator warm-
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
                   "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
+flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the ResNet blocks of "
+                     "the finest levels (train.py --recompute); 0: off.", lower_bound=0)
 flags.DEFINE_integer("matmul_n", 4096, "Size of the reference float32 matrix product.",
                      lower_bound=256)
+flags.DEFINE_integer("gpu_memory_limit_mb", None, "GPU only: cap the first GPU's memory (e.g. "
+                     "16000 to check that a step fits a 16 GB card).", lower_bound=256)
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_string("_single", None, "Internal: time this one crop in this process.")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores"
 
 
 def _matmul_gflops(n: int) -> float:
@@ -82,11 +74,16 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
 
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus and FLAGS.gpu_memory_limit_mb:
+        tf.config.set_logical_device_configuration(
+            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=FLAGS.gpu_memory_limit_mb)])
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     matmul = _matmul_gflops(FLAGS.matmul_n)
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters))
+    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
+                                    recompute_levels=FLAGS.recompute_levels))
     optimizer = keras.optimizers.Adam(1e-4)
     rng = np.random.default_rng(0)
     image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
@@ -113,12 +110,15 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         step(image, labels).numpy()
         times.append(time.perf_counter() - t)
     sec = float(np.median(times))
+    gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
+                if gpus else None)
     gflop = flops.train_step_flops(model) / 1e9
     return {
         "crop": "x".join(map(str, crop)),
         "init_filters": FLAGS.init_filters,
         "precision": FLAGS.precision,
         "jit_compile": FLAGS.jit_compile,
+        "recompute_levels": FLAGS.recompute_levels,
         "params": model.count_params(),
         "warmup_s": round(first, 2),
         "sec_per_step": round(sec, 3),
@@ -129,6 +129,10 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         # ru_maxrss is in KiB on Linux; the baseline is the interpreter + TF.
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "baseline_rss_gib": round(rss0 / 2**20, 2),
+        "device": gpus and tf.config.experimental.get_device_details(gpus[0]).get(
+            "device_name", "GPU") or "CPU",
+        "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
+        "gpu_memory_limit_mb": FLAGS.gpu_memory_limit_mb if gpus else None,
     }
 
 
@@ -148,13 +152,15 @@ def main(argv):
     if FLAGS._single:
         print(json.dumps(_time_one(_parse_crops([FLAGS._single])[0])))
         return
-    machine = _machine()
+    machine = describe()
     print(f"machine: {machine}")
     results = []
     for crop in _parse_crops(FLAGS.crops):
         args = [sys.executable, os.path.abspath(__file__), f"--_single={','.join(map(str, crop))}"]
-        for name in ("init_filters", "steps", "warmup", "precision", "jit_compile", "matmul_n"):
-            args.append(f"--{name}={FLAGS[name].value}")
+        for name in ("init_filters", "steps", "warmup", "precision", "jit_compile", "matmul_n",
+                     "recompute_levels", "gpu_memory_limit_mb"):
+            if FLAGS[name].value is not None:
+                args.append(f"--{name}={FLAGS[name].value}")
         print(f"timing crop {crop} ...", flush=True)
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -162,10 +168,12 @@ def main(argv):
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(result)
         print(
-            f"  {result['crop']} width {result['init_filters']} {result['precision']}: "
+            f"  {result['crop']} width {result['init_filters']} {result['precision']} "
+            f"recompute_levels {result['recompute_levels']}: "
             f"{result['sec_per_step']:.3f} s/step, {result['gflop_per_step']:.1f} GFLOP/step, "
             f"{result['gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% of "
-            f"matmul {result['matmul_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_gib']} GiB",
+            f"matmul {result['matmul_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_gib']} GiB"
+            + (f", GPU peak {result['gpu_peak_gib']} GiB" if result["gpu_peak_gib"] else ""),
             flush=True,
         )
     if FLAGS.json_out:

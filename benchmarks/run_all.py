@@ -1,0 +1,151 @@
+"""Runs every benchmark and writes one table: benchmarks/results.json and
+benchmarks/RESULTS.md (README's benchmark section quotes the latter).
+
+  make bench                                    # = python benchmarks/run_all.py
+  python benchmarks/run_all.py --quick          # 64^3 step + inference + input only
+
+Each benchmark runs as its own process (its own peak memory) one after the
+other; run it on an otherwise idle machine, as the figures are wall-clock
+times. The issue 6 targets are checked and printed as met / NOT met; GPU rows
+come from the device machine when one is lent (benchmarks/gpu.md) and are
+otherwise left "not measured".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks.machine import describe  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_boolean("quick", False, "Skip the paper-crop training steps (~4 min each).")
+flags.DEFINE_boolean("render_only", False, "Only re-make RESULTS.md from out_dir/results.json "
+                     "(e.g. after adding GPU rows to it by hand from benchmarks/gpu.md runs).")
+flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
+                    "Where results.json and RESULTS.md go.")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS = {
+    "step_fraction_of_matmul": 0.70,
+    "recompute_peak_gib": 8.0 * 1e9 / 2**30,  # 8 GB
+    "inference_seconds": 15.0,
+    "inference_peak_gib": 4.0 * 1e9 / 2**30,  # 4 GB
+    "input_cases_per_s": 4.0,
+}
+
+
+def _run(script: str, *args: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        cmd = [sys.executable, os.path.join(HERE, script), f"--json_out={out}", *args]
+        print("$", " ".join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, check=False)
+        if proc.returncode:
+            sys.exit(f"run_all: {script} {' '.join(args)} failed with exit code {proc.returncode}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def measure() -> dict:
+    """Runs every benchmark; returns the results.json content."""
+    steps = []
+    steps += _run("model_step.py", "--crops=64,64,64", "--steps=3")["results"]
+    if not FLAGS.quick:
+        steps += _run("model_step.py", "--crops=160,192,128", "--steps=2")["results"]
+        for levels in ("1", "2"):
+            steps += _run("model_step.py", "--crops=160,192,128", "--steps=1",
+                          f"--recompute_levels={levels}")["results"]
+    inference = _run("full_volume_inference.py")["results"]
+    pipeline = _run("input_pipeline.py", "--epochs=3")
+    return {"machine": describe(), "date": datetime.date.today().isoformat(), "steps": steps,
+            "inference": inference, "input_pipeline": pipeline}
+
+
+def render(results: dict) -> str:
+    """The Markdown table of results.json, each row with its issue 6 target."""
+    rows = []
+    for r in results["steps"]:
+        if r["recompute_levels"]:  # recomputation is extra work, not counted in the FLOPs
+            target = (f"peak ≤ 8 GB: "
+                      f"{_met(r['peak_rss_gib'] <= TARGETS['recompute_peak_gib'])}")
+        else:
+            target = (f"≥ {TARGETS['step_fraction_of_matmul']:.0%} of matmul: "
+                      f"{_met(r['fraction_of_matmul'] >= TARGETS['step_fraction_of_matmul'])}")
+        rows.append((f"training step {r['crop']}, width {r['init_filters']}, {r['precision']}"
+                     + (f", recompute {r['recompute_levels']} level(s)"
+                        if r["recompute_levels"] else ""),
+                     f"{r['sec_per_step']:.2f} s/step, {r['gflops']:.0f} GFLOP/s = "
+                     f"{100 * r['fraction_of_matmul']:.1f}% of matmul "
+                     f"({r['matmul_gflops']:.0f})",
+                     f"{r['peak_rss_gib']:.1f} GiB", target))
+    for r in results["inference"]:
+        name = (f"inference {r['input']}, {r['path']}, "
+                f"{'brain box' if r['crop_to_brain'] else 'whole volume'} "
+                f"({r['network_input']}){', TTA 8 flips' if r['tta'] else ''}")
+        target = "—"
+        if not r["tta"]:
+            ok = (r["seconds"] <= TARGETS["inference_seconds"]
+                  and r["peak_rss_gib"] <= TARGETS["inference_peak_gib"])
+            target = f"≤ 15 s and ≤ 4 GB: {_met(ok)}"
+        rows.append((name, f"{r['seconds']:.1f} s/case (first call {r['first_call_s']:.1f} s)",
+                     f"{r['peak_rss_gib']:.1f} GiB", target))
+    pipeline = results["input_pipeline"]
+    rows.append((f"input pipeline, {pipeline['crop']} crops of {pipeline['case_shape']} + "
+                 f"augmentation",
+                 f"{pipeline['train_cases_per_s']:.1f} cases/s "
+                 f"({pipeline['train_cached_cases_per_s']:.1f} cached)", "—",
+                 f"≥ 4 cases/s: {_met(pipeline['train_cases_per_s'] >= 4)}"))
+
+    if not any(r.get("device", "CPU") != "CPU" for r in results["steps"] + results["inference"]):
+        why = "not measured: no GPU was lent (recipe: benchmarks/gpu.md)"
+        rows += [("GPU: training step 160x192x128, width 32, mixed_float16, one H100", why, "—",
+                  "≤ 0.25 s"),
+                 ("GPU: full-volume inference, one H100", why, "—", "≤ 0.1 s"),
+                 ("GPU: paper config + recompute within 16 GB of GPU memory", why, "—",
+                  "fits")]
+    lines = [f"Measured {results['date']} on {results['machine']} "
+             f"(`python benchmarks/run_all.py`).", "",
+             "| benchmark | result | peak RSS | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    for note in results.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv):
+    del argv
+    json_path = os.path.join(FLAGS.out_dir, "results.json")
+    if FLAGS.render_only:
+        with open(json_path) as f:
+            results = json.load(f)
+    else:
+        results = measure()
+        os.makedirs(FLAGS.out_dir, exist_ok=True)
+        _write(json_path, json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    _write(os.path.join(FLAGS.out_dir, "RESULTS.md"), table)
+    print(table)
+    print(f"wrote {json_path} and RESULTS.md")
+
+
+if __name__ == "__main__":
+    app.run(main)
