@@ -5,8 +5,9 @@ of the box. Each case is a skull-stripped, brain-shaped head (zero outside the
 brain) with white matter, grey matter and CSF (outer rim and two ventricles), a
 smooth multiplicative bias field and Gaussian noise; a tumour of random
 position, size and irregular shape: edema (2) around a tumour core made of an
-enhancing rim (4) around a necrotic core (1). LGG-like cases have a
-non-enhancing core (label 1 only, no 4). Contrasts follow real scans: edema
+enhancing rim (4) around a necrotic core (1), in BraTS-like proportions
+(HGG: core ~1/3 of the whole tumour, necrosis ~1/3 of the core, the rim at
+least 1/5 of it). LGG-like cases have a non-enhancing core (label 1 only, no 4). Contrasts follow real scans: edema
 bright on T2 and FLAIR, enhancing rim bright on T1ce, necrotic core dark on T1
 and T1ce, CSF bright on T2 and dark on FLAIR.
 
@@ -44,6 +45,11 @@ _NOISE_STD = 0.03  # relative to the brightest class
 _CASE_ID = "Brats18_SYN_{:04d}_1"
 _MAX_TUMOUR_DRAWS = 20
 _MIN_PART_VOXELS = 8
+# HGG: the enhancing rim holds at least this share of the tumour core, so
+# every HGG case has a complete rim (BraTS-like: necrosis ~1/3 of the core).
+# Real cases with a tiny ET exist; at the demo's 96 x 96 x 64 a rim of a few
+# voxels is noise, not something the demo network can be asked to find.
+_MIN_ET_SHARE_OF_CORE = 0.2
 
 
 def _smooth_field(shape, rng, cells=5):
@@ -81,10 +87,10 @@ def _tumour(shape, rng, centre, radii, brain, lgg):
     # Lumpy boundaries: fields that vary on a scale of a few voxels at any size.
     cells = max(6, int(round(min(shape) / 8)))
     edema = brain & (d + 0.22 * _smooth_field(shape, rng, cells) < 1.0)
-    core_radius = rng.uniform(0.5, 0.7)
+    core_radius = rng.uniform(0.62, 0.82)
     core = edema & (d + 0.15 * _smooth_field(shape, rng, cells) < core_radius)
     necrosis = core & (d + 0.1 * _smooth_field(shape, rng, cells)
-                       < core_radius * rng.uniform(0.4, 0.6))
+                       < core_radius * rng.uniform(0.55, 0.8))
     return edema, core, necrosis
 
 
@@ -131,7 +137,8 @@ def make_case(shape=DEFAULT_SHAPE, seed=0, lgg=False):
     for _ in range(_MAX_TUMOUR_DRAWS):
         edema, core, necrosis = _tumour(shape, rng, centre, radii, brain, lgg)
         parts = (edema & ~core, necrosis, core & ~necrosis) if not lgg else (edema & ~core, core)
-        if min(p.sum() for p in parts) >= _MIN_PART_VOXELS:
+        rim_ok = lgg or (core & ~necrosis).sum() >= _MIN_ET_SHARE_OF_CORE * core.sum()
+        if min(p.sum() for p in parts) >= _MIN_PART_VOXELS and rim_ok:
             break
     label = np.full(shape, LABEL_BACKGROUND, dtype=np.uint8)
     label[edema] = LABEL_ED
