@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, run_measurement, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
@@ -149,21 +148,14 @@ def main(argv):
                 f"--repeats={FLAGS.repeats}", f"--init_filters={FLAGS.init_filters}",
                 f"--precision={FLAGS.precision}"]
         print(f"running {text} ...", flush=True)
-        proc = subprocess.run(args, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.exit(f"benchmark {text} failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = run_measurement(args, text)
         results.append(r)
         print(f"  {r['path']:<11} {'crop' if r['crop_to_brain'] else 'full':<4} "
               f"{'tta' if r['tta'] else 'one':<3}: {r['seconds']:.1f} s per case "
               f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
               f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
     if FLAGS.json_out:
-        tmp = FLAGS.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"machine": machine, "results": results}, f, indent=2)
-        os.replace(tmp, FLAGS.json_out)
-        print(f"wrote {FLAGS.json_out}")
+        write_json(FLAGS.json_out, {"machine": machine, "results": results})
 
 
 if __name__ == "__main__":

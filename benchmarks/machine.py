@@ -1,9 +1,13 @@
-"""What the benchmarks ran on, for their printed and JSON results."""
+"""Shared by the benchmarks: the machine's description, running one
+measurement in a fresh subprocess (its own peak memory), writing JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 
 
 def describe() -> str:
@@ -18,3 +22,22 @@ def describe() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def run_measurement(args: list[str], what: str) -> dict:
+    """Runs ``args`` (a benchmark re-invoking itself for one measurement);
+    returns the JSON object on its last stdout line. Exits with the tail of
+    its stderr if it fails."""
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        sys.exit(f"benchmark {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` through a temporary file (no half-written file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, run_measurement, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("crops", ["64,64,64", "160,192,128"],
@@ -162,10 +161,7 @@ def main(argv):
             if FLAGS[name].value is not None:
                 args.append(f"--{name}={FLAGS[name].value}")
         print(f"timing crop {crop} ...", flush=True)
-        proc = subprocess.run(args, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.exit(f"benchmark for crop {crop} failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = run_measurement(args, f"for crop {crop}")
         results.append(result)
         print(
             f"  {result['crop']} width {result['init_filters']} {result['precision']} "
@@ -177,11 +173,7 @@ def main(argv):
             flush=True,
         )
     if FLAGS.json_out:
-        tmp = FLAGS.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"machine": machine, "results": results}, f, indent=2)
-        os.replace(tmp, FLAGS.json_out)
-        print(f"wrote {FLAGS.json_out}")
+        write_json(FLAGS.json_out, {"machine": machine, "results": results})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""benchmarks/run_all.py's table: each figure checked against its issue 6 target
+(no timing here: the figures are made up, the verdicts are what is tested)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _step(crop, fraction, rss, levels=0):
+    return {"crop": crop, "init_filters": 32, "precision": "float32", "recompute_levels": levels,
+            "sec_per_step": 1.0, "gflops": 100.0, "fraction_of_matmul": fraction,
+            "matmul_gflops": 300.0, "peak_rss_gib": rss, "device": "CPU"}
+
+
+def _inference(seconds, rss, tta=False):
+    return {"path": "keras", "crop_to_brain": True, "tta": tta, "input": "240x240x155x4",
+            "network_input": "136x184x136", "seconds": seconds, "first_call_s": seconds + 1,
+            "peak_rss_gib": rss, "device": "CPU"}
+
+
+def test_render_only_marks_each_target(tmp_path):
+    results = {
+        "machine": "test machine", "date": "2026-01-01",
+        "steps": [_step("64x64x64", 0.70, 2.0), _step("160x192x128", 0.699, 16.0),
+                  _step("160x192x128", 0.5, 7.4, levels=1),   # 7.4 GiB = 7.95 GB
+                  _step("160x192x128", 0.5, 7.5, levels=2)],  # 7.5 GiB = 8.05 GB
+        "inference": [_inference(15.0, 3.7), _inference(15.1, 1.0), _inference(1.0, 3.8),
+                      _inference(99.0, 99.0, tta=True)],
+        "input_pipeline": {"crop": "160x192x128", "case_shape": "240x240x155",
+                           "train_cases_per_s": 3.9, "train_cached_cases_per_s": 9.0},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"),
+                           "--render_only", f"--out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "RESULTS.md").read_text()
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()
+                if line.startswith("| ") and not line.startswith("| benchmark")]
+    assert verdicts[:9] == [
+        "≥ 70% of matmul: met", "≥ 70% of matmul: NOT met",
+        "peak ≤ 8 GB: met", "peak ≤ 8 GB: NOT met",
+        "≤ 15 s and ≤ 4 GB: met", "≤ 15 s and ≤ 4 GB: NOT met", "≤ 15 s and ≤ 4 GB: NOT met",
+        "—", "≥ 4 cases/s: NOT met"]
+    assert "not measured" in table  # no GPU rows in the results: marked, not invented
+    assert json.loads((tmp_path / "results.json").read_text()) == results  # input untouched
