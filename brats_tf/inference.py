@@ -353,6 +353,7 @@ def predict_tta_loop_tf(model: Callable, x: tf.Tensor) -> tf.Tensor:
         lambda i, _: i < len(FLIP_AXES), body,
         (tf.constant(0), tf.zeros(out_shape, tf.float32)),
         shape_invariants=(tf.TensorShape([]), tf.TensorShape([None] * 4 + [None])),
+        parallel_iterations=1,  # else up to 10 flips' activations are alive at once
     )
     return total / float(len(FLIP_AXES))
 
