@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe, run_measurement, write_json  # noqa: E402
+from benchmarks.machine import describe, run_measurement  # noqa: E402
+from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
@@ -155,7 +156,8 @@ def main(argv):
               f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
               f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
     if FLAGS.json_out:
-        write_json(FLAGS.json_out, {"machine": machine, "results": results})
+        write_json_atomic(FLAGS.json_out, {"machine": machine, "results": results})
+        print(f"wrote {FLAGS.json_out}")
 
 
 if __name__ == "__main__":

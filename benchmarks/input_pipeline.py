@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
@@ -30,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from brats_tf.constants import BRATS_SHAPE, PAPER_CROP  # noqa: E402
+from brats_tf.io_utils import write_json_atomic  # noqa: E402
 from data_pipeline import convert, input as input_lib, synthetic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -128,10 +128,7 @@ def main(argv):
                       "train_cached_cases_per_s": round(cached_rate, 2),
                       "eval_cases_per_s": round(eval_rate, 2),
                       "convert_cases_per_s": round(convert_rate, 2)}
-            tmp = FLAGS.json_out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(tmp, FLAGS.json_out)
+            write_json_atomic(FLAGS.json_out, result)
             print(f"wrote {FLAGS.json_out}")
     finally:
         if FLAGS.work_dir is None:

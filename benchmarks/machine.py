@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: the machine's description, running one
-measurement in a fresh subprocess (its own peak memory), writing JSON."""
+"""Shared by the benchmarks: the machine's description and running one
+measurement in a fresh subprocess (its own peak memory). Files are written
+with brats_tf.io_utils (atomic)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,3 @@ def run_measurement(args: list[str], what: str) -> dict:
         sys.exit(f"benchmark {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-
-def write_json(path: str, obj) -> None:
-    """Writes ``obj`` as JSON to ``path`` through a temporary file (no half-written file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe, run_measurement, write_json  # noqa: E402
+from benchmarks.machine import describe, run_measurement  # noqa: E402
+from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("crops", ["64,64,64", "160,192,128"],
@@ -173,7 +174,8 @@ def main(argv):
             flush=True,
         )
     if FLAGS.json_out:
-        write_json(FLAGS.json_out, {"machine": machine, "results": results})
+        write_json_atomic(FLAGS.json_out, {"machine": machine, "results": results})
+        print(f"wrote {FLAGS.json_out}")
 
 
 if __name__ == "__main__":

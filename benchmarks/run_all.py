@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
+from brats_tf.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_boolean("quick", False, "Skip the paper-crop training steps (~4 min each).")
@@ -125,12 +126,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv):
     del argv
     json_path = os.path.join(FLAGS.out_dir, "results.json")
@@ -140,9 +135,9 @@ def main(argv):
     else:
         results = measure()
         os.makedirs(FLAGS.out_dir, exist_ok=True)
-        _write(json_path, json.dumps(results, indent=2) + "\n")
+        write_json_atomic(json_path, results)
     table = render(results)
-    _write(os.path.join(FLAGS.out_dir, "RESULTS.md"), table)
+    write_text_atomic(os.path.join(FLAGS.out_dir, "RESULTS.md"), table)
     print(table)
     print(f"wrote {json_path} and RESULTS.md")
 
