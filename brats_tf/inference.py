@@ -141,8 +141,12 @@ def crop_back_tf(x: tf.Tensor, pads: tf.Tensor) -> tf.Tensor:
     begin = tf.concat([[0], pads[:, 0], tf.zeros([rank - 4], tf.int32)], axis=0)
     size = tf.concat([[-1], shape[1:4] - pads[:, 0] - pads[:, 1],
                       tf.fill([rank - 4], -1)], axis=0)
-    out = tf.slice(x, begin, size)
-    # keep the static batch and channel sizes (tf.slice with -1 sizes loses them)
+    return _static_batch_and_channels(tf.slice(x, begin, size), x)
+
+
+def _static_batch_and_channels(out: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """``out`` (a spatial crop or pad of ``x``) with ``x``'s static batch and
+    channel sizes, which tf.slice with -1 sizes and tf.pad lose."""
     if x.shape.rank is not None:
         out.set_shape(x.shape[:1].concatenate([None] * 3).concatenate(x.shape[4:]))
     return out
@@ -216,9 +220,7 @@ def brain_box_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
 def crop_box_tf(x: tf.Tensor, start: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     """x[:, start:start + size, :] for [B, D, H, W, C]."""
     out = tf.slice(x, tf.concat([[0], start, [0]], 0), tf.concat([[-1], size, [-1]], 0))
-    if x.shape.rank is not None:
-        out.set_shape(x.shape[:1].concatenate([None] * 3).concatenate(x.shape[4:]))
-    return out
+    return _static_batch_and_channels(out, x)
 
 
 def paste_box_tf(x: tf.Tensor, start: tf.Tensor, full_spatial: tf.Tensor) -> tf.Tensor:
@@ -226,10 +228,7 @@ def paste_box_tf(x: tf.Tensor, start: tf.Tensor, full_spatial: tf.Tensor) -> tf.
     after = full_spatial - start - tf.shape(x)[1:4]
     pads = tf.concat([tf.zeros((1, 2), tf.int32), tf.stack([start, after], axis=1),
                       tf.zeros((1, 2), tf.int32)], axis=0)
-    out = tf.pad(x, pads)
-    if x.shape.rank is not None:
-        out.set_shape(x.shape[:1].concatenate([None] * 3).concatenate(x.shape[4:]))
-    return out
+    return _static_batch_and_channels(tf.pad(x, pads), x)
 
 
 # ----------------------------------------------------------- normalisation
@@ -378,7 +377,8 @@ _GRAPH_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _graph_predict(model, tta: bool) -> Callable:
-    """``predict_tta_tf(model, ., tta)`` as a tf.function, one per (model, tta).
+    """``model``'s probabilities (TTA-averaged with ``tta``) as a tf.function,
+    one per (model, tta); other callables run as they are (``predict_tta_tf``).
 
     Run as a graph, each activation is freed as soon as its last consumer has
     run; a Keras functional model called eagerly keeps every layer's output
@@ -431,8 +431,7 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
     x = normalize_nonzero(image) if normalize else image.astype(np.float32)
     if crop_to_brain:
         start, size = brain_box(x, multiple, margin)
-        x = x[start[0]:start[0] + size[0], start[1]:start[1] + size[1],
-              start[2]:start[2] + size[2]]
+        x = x[tuple(slice(s, s + n) for s, n in zip(start, size))]
     padded, pads = pad_to_multiple(x, multiple, pad_mode)
     batch = tf.constant(padded[None])
     total = None

@@ -7,9 +7,10 @@ smooth multiplicative bias field and Gaussian noise; a tumour of random
 position, size and irregular shape: edema (2) around a tumour core made of an
 enhancing rim (4) around a necrotic core (1), in BraTS-like proportions
 (HGG: core ~1/3 of the whole tumour, necrosis ~1/3 of the core, the rim at
-least 1/5 of it). LGG-like cases have a non-enhancing core (label 1 only, no 4). Contrasts follow real scans: edema
-bright on T2 and FLAIR, enhancing rim bright on T1ce, necrotic core dark on T1
-and T1ce, CSF bright on T2 and dark on FLAIR.
+least 1/5 of it). LGG-like cases have a non-enhancing core (label 1 only, no
+4). Contrasts follow real scans: edema bright on T2 and FLAIR, enhancing rim
+bright on T1ce, necrotic core dark on T1 and T1ce, CSF bright on T2 and dark
+on FLAIR.
 
     python -m data_pipeline.synthetic --output_dir data/synthetic --num_cases 20
     python -m data_pipeline.synthetic --output_dir /tmp/full --num_cases 4 --shape 240,240,155
