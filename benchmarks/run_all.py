@@ -111,7 +111,8 @@ def render(results: dict) -> str:
                  f"≥ 4 cases/s: {_met(pipeline['train_cases_per_s'] >= 4)}"))
 
     if not any(r.get("device", "CPU") != "CPU" for r in results["steps"] + results["inference"]):
-        why = "not measured: no GPU was lent (recipe: benchmarks/gpu.md)"
+        why = ("not measured: the lent GPU machine has no TensorFlow and only CUDA 13 "
+               "(benchmarks/gpu.md)")
         rows += [("GPU: training step 160x192x128, width 32, mixed_float16, one H100", why, "—",
                   "≤ 0.25 s"),
                  ("GPU: full-volume inference, one H100", why, "—", "≤ 0.1 s"),
