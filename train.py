@@ -79,6 +79,17 @@ flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "skip"],
 flags.DEFINE_integer("seed", 0, "Seed of weights, dropout, VAE sampling, data order.")
 flags.DEFINE_boolean("deterministic", False, "Deterministic ops and data (slower).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on CPU).")
+flags.DEFINE_boolean("system_allocator", False,
+                     "CPU: take large tensors from malloc (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true), "
+                     "which returns them to the OS when freed, instead of oneDNN's memory pool, "
+                     "which keeps its high-water mark and fragments. With --recompute at the "
+                     "paper crop: peak 7.7 instead of 9.0 GiB, but the step ~50% slower (README).")
+flags.DEFINE_integer("inter_op_threads", None,
+                     "TensorFlow's inter-op thread pool (ops run side by side). 1 runs one op at "
+                     "a time, so the decoder's and the VAE branch's backward passes do not hold "
+                     "their full-size activations at the same time (README, Benchmarks). "
+                     "Default: 1 with --recompute and --strategy=default, else TensorFlow's "
+                     "choice.", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", 3, "Epoch checkpoints kept.", lower_bound=1)
 flags.DEFINE_integer("validate_every", 0, "Validate on the held-out fold every K epochs "
                      "(0: only after the last epoch; needs --fold >= 0).", lower_bound=0)
@@ -152,11 +163,18 @@ def main(argv):
         model_config, loss_config, train_config, data = configs_from_flags()
     except ValueError as e:  # one line, before anything is written
         sys.exit(f"train.py: error: {e}")
+    if FLAGS.system_allocator:  # read when TensorFlow makes its CPU device
+        os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "true"
     # Only now import TensorFlow: the strategy must be created before any op.
-    from brats_tf import training
-    strategy = training.make_strategy(train_config.strategy, train_config.devices)
-
     import tensorflow as tf
+
+    from brats_tf import training
+    inter_op_threads = FLAGS.inter_op_threads
+    if inter_op_threads is None and FLAGS.recompute and train_config.strategy == "default":
+        inter_op_threads = 1
+    if inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation
     from brats_tf.io_utils import write_text_atomic
@@ -167,7 +185,11 @@ def main(argv):
     write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
                        FLAGS.flags_into_string())
     resolved = {"model": dataclasses.asdict(model_config), "loss": dataclasses.asdict(loss_config),
-                "train": dataclasses.asdict(train_config), "data": data}
+                "train": dataclasses.asdict(train_config), "data": data,
+                "runtime": {"inter_op_threads": (  # as TensorFlow reports it
+                    tf.config.threading.get_inter_op_parallelism_threads()
+                    or "tensorflow default"),
+                "system_allocator": os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true"}}
     write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
                        json.dumps(resolved, indent=2, sort_keys=True))
     logging.getLogger("tensorflow").setLevel(logging.WARNING)

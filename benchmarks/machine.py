@@ -25,11 +25,12 @@ def describe() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
-def run_measurement(args: list[str], what: str) -> dict:
-    """Runs ``args`` (a benchmark re-invoking itself for one measurement);
-    returns the JSON object on its last stdout line. Exits with the tail of
-    its stderr if it fails."""
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+def run_measurement(args: list[str], what: str, env: dict | None = None) -> dict:
+    """Runs ``args`` (a benchmark re-invoking itself for one measurement), with
+    ``env`` added to the environment; returns the JSON object on its last
+    stdout line. Exits with the tail of its stderr if it fails."""
+    proc = subprocess.run(args, capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
     if proc.returncode:
         sys.exit(f"benchmark {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

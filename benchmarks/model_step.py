@@ -43,6 +43,13 @@ flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bf
 flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
 flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the ResNet blocks of "
                      "the finest levels (train.py --recompute); 0: off.", lower_bound=0)
+flags.DEFINE_integer("inter_op_threads", None, "TensorFlow's inter-op threads; default: 1 "
+                     "with --recompute_levels (as train.py --recompute), else TF's choice.",
+                     lower_bound=1)
+flags.DEFINE_boolean("system_allocator", False, "Measure with TF_ONEDNN_USE_SYSTEM_ALLOCATOR="
+                     "true (train.py --system_allocator): large tensors from malloc, returned "
+                     "to the OS when freed, instead of oneDNN's pool that keeps its high-water "
+                     "mark; less peak memory, slower.")
 flags.DEFINE_integer("matmul_n", 4096, "Size of the reference float32 matrix product.",
                      lower_bound=256)
 flags.DEFINE_integer("gpu_memory_limit_mb", None, "GPU only: cap the first GPU's memory (e.g. "
@@ -74,6 +81,9 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
 
+    inter_op = FLAGS.inter_op_threads or (1 if FLAGS.recompute_levels else None)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     gpus = tf.config.list_physical_devices("GPU")
     if gpus and FLAGS.gpu_memory_limit_mb:
         tf.config.set_logical_device_configuration(
@@ -110,6 +120,12 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         step(image, labels).numpy()
         times.append(time.perf_counter() - t)
     sec = float(np.median(times))
+    try:  # oneDNN's pooled CPU allocator (tensors), without the libraries' memory
+        tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
+    except ValueError:  # no allocator statistics (e.g. TF_ENABLE_ONEDNN_OPTS=0)
+        tensor_peak = None
+    if os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true":
+        tensor_peak = None  # malloc'd tensors are not counted
     gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
                 if gpus else None)
     gflop = flops.train_step_flops(model) / 1e9
@@ -119,6 +135,8 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         "precision": FLAGS.precision,
         "jit_compile": FLAGS.jit_compile,
         "recompute_levels": FLAGS.recompute_levels,
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
+        "system_allocator": os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true",
         "params": model.count_params(),
         "warmup_s": round(first, 2),
         "sec_per_step": round(sec, 3),
@@ -129,6 +147,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         # ru_maxrss is in KiB on Linux; the baseline is the interpreter + TF.
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "baseline_rss_gib": round(rss0 / 2**20, 2),
+        "cpu_tensor_peak_gib": None if tensor_peak is None else round(tensor_peak, 2),
         "device": gpus and tf.config.experimental.get_device_details(gpus[0]).get(
             "device_name", "GPU") or "CPU",
         "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
@@ -158,18 +177,22 @@ def main(argv):
     for crop in _parse_crops(FLAGS.crops):
         args = [sys.executable, os.path.abspath(__file__), f"--_single={','.join(map(str, crop))}"]
         for name in ("init_filters", "steps", "warmup", "precision", "jit_compile", "matmul_n",
-                     "recompute_levels", "gpu_memory_limit_mb"):
+                     "recompute_levels", "gpu_memory_limit_mb", "inter_op_threads"):
             if FLAGS[name].value is not None:
                 args.append(f"--{name}={FLAGS[name].value}")
         print(f"timing crop {crop} ...", flush=True)
-        result = run_measurement(args, f"for crop {crop}")
+        env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "true"} if FLAGS.system_allocator else None
+        result = run_measurement(args, f"for crop {crop}", env=env)
         results.append(result)
         print(
             f"  {result['crop']} width {result['init_filters']} {result['precision']} "
-            f"recompute_levels {result['recompute_levels']}: "
+            f"recompute_levels {result['recompute_levels']}"
+            f"{' system allocator' if result['system_allocator'] else ''}: "
             f"{result['sec_per_step']:.3f} s/step, {result['gflop_per_step']:.1f} GFLOP/step, "
             f"{result['gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% of "
             f"matmul {result['matmul_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_gib']} GiB"
+            + (f" (tensors {result['cpu_tensor_peak_gib']} GiB)"
+               if result.get("cpu_tensor_peak_gib") else "")
             + (f", GPU peak {result['gpu_peak_gib']} GiB" if result["gpu_peak_gib"] else ""),
             flush=True,
         )

@@ -66,9 +66,10 @@ def measure() -> dict:
     steps += _run("model_step.py", "--crops=64,64,64", "--steps=3")["results"]
     if not FLAGS.quick:
         steps += _run("model_step.py", "--crops=160,192,128", "--steps=2")["results"]
-        for levels in ("1", "2"):
+        for extra in (["--recompute_levels=1"], ["--recompute_levels=2"],
+                      ["--recompute_levels=2", "--system_allocator"]):
             steps += _run("model_step.py", "--crops=160,192,128", "--steps=1",
-                          f"--recompute_levels={levels}")["results"]
+                          *extra)["results"]
     inference = _run("full_volume_inference.py")["results"]
     pipeline = _run("input_pipeline.py", "--epochs=3")
     return {"machine": describe(), "date": datetime.date.today().isoformat(), "steps": steps,
@@ -87,7 +88,8 @@ def render(results: dict) -> str:
                       f"{_met(r['fraction_of_matmul'] >= TARGETS['step_fraction_of_matmul'])}")
         rows.append((f"training step {r['crop']}, width {r['init_filters']}, {r['precision']}"
                      + (f", recompute {r['recompute_levels']} level(s)"
-                        if r["recompute_levels"] else ""),
+                        if r["recompute_levels"] else "")
+                     + (", system allocator" if r.get("system_allocator") else ""),
                      f"{r['sec_per_step']:.2f} s/step, {r['gflops']:.0f} GFLOP/s = "
                      f"{100 * r['fraction_of_matmul']:.1f}% of matmul "
                      f"({r['matmul_gflops']:.0f})",

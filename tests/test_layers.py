@@ -162,6 +162,69 @@ def test_group_norm_matches_numpy_and_keras(shape, groups):
         np.testing.assert_allclose(g_ours.numpy(), g_keras.numpy(), rtol=1e-3, atol=1e-4)
 
 
+def _group_norm_grads_np(x, gamma, dy, groups, eps=1e-5):
+    """float64 gradients of sum(dy * GroupNorm(x)) by the textbook formula."""
+    b, d, h, w, c = x.shape
+    g = x.reshape(b, d, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 3, 5), keepdims=True)
+    rstd = 1 / np.sqrt(g.var(axis=(1, 2, 3, 5), keepdims=True) + eps)
+    xhat = (g - mean) * rstd
+    dyg = dy.reshape(g.shape)
+    dxhat = dyg * gamma.reshape(groups, c // groups)
+    axes = (1, 2, 3, 5)
+    dx = rstd * (dxhat - dxhat.mean(axis=axes, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+    d_gamma = (dyg * xhat).sum(axis=(0, 1, 2, 3)).reshape(c)
+    return dx.reshape(x.shape), d_gamma, dy.sum(axis=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_group_norm_gradient_matches_float64_formula(offset):
+    """The hand-written backward pass (custom gradient) against float64 NumPy,
+    also for inputs with a large mean (no cancellation in the sums)."""
+    rng = np.random.default_rng(11)
+    shape, groups = (2, 6, 5, 4, 16), 4
+    x = (rng.normal(size=shape) * 2 + offset).astype(np.float32)
+    gamma = rng.normal(size=16).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    layer = L.GroupNorm(groups)
+    layer.build(shape)
+    layer.gamma.assign(gamma)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(layer(xt) * dy)
+    got = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    want = _group_norm_grads_np(x.astype(np.float64), gamma.astype(np.float64),
+                                dy.astype(np.float64), groups)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=2e-5 * np.abs(w).max())
+
+
+def test_group_norm_gradient_under_mixed_float16():
+    """float16 in and out, float32 inside: the input gradient is float16 and
+    matches the float32 layer's to float16 rounding."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(1, 4, 4, 4, 16)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    grads = []
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            layer = L.GroupNorm(8)
+            xt = tf.constant(x, layer.compute_dtype)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                loss = tf.reduce_sum(tf.cast(layer(xt), tf.float32) * dy)
+            grads.append(tape.gradient(loss, [xt, layer.gamma]))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert grads[1][0].dtype == tf.float16 and grads[1][1].dtype == tf.float32
+    np.testing.assert_allclose(grads[1][0].numpy().astype(np.float32), grads[0][0].numpy(),
+                               rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(grads[1][1].numpy(), grads[0][1].numpy(), rtol=1e-2, atol=1e-2)
+
+
 def test_group_norm_is_accurate_for_a_large_mean():
     """Two-pass statistics: mean 100, std 0.05 normalises; one-pass float32 would not."""
     x = (np.random.default_rng(9).normal(size=(1, 8, 8, 8, 8)) * 0.05 + 100).astype(np.float32)
