@@ -105,6 +105,22 @@ def test_trilinear_unknown_spatial_size_and_float16():
     np.testing.assert_allclose(y16.numpy(), _trilinear_np(x, (2, 2, 2)), atol=1e-2)
 
 
+def test_trilinear_gradient_is_the_adjoint():
+    """The layer is linear: <up(x), w> == <x, grad_x <up(x), w>>, with the
+    gradient checked against finite differences as well."""
+    rng = np.random.default_rng(13)
+    layer = L.TrilinearUpSampling3D((2, 3, 2))
+    x = tf.constant(rng.normal(size=(1, 3, 2, 4, 2)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(1, 6, 6, 8, 2)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        inner = tf.reduce_sum(layer(x) * w)
+    grad = tape.gradient(inner, x)
+    np.testing.assert_allclose(float(tf.reduce_sum(x * grad)), float(inner), rtol=1e-5)
+    theoretical, numerical = tf.test.compute_gradient(lambda v: layer(v) * w, [x], delta=1e-2)
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-3)
+
+
 @pytest.mark.parametrize("size", [0, (2, 2), (2, -1, 2), 1.5])
 def test_trilinear_rejects_bad_size(size):
     with pytest.raises(ValueError, match="size"):
