@@ -1,11 +1,18 @@
 """Profiles one training step op by op (TF profiler trace, aggregated by op type).
 
   python benchmarks/profile_step.py --crop=64,64,64 [--top=25]
+  python benchmarks/profile_step.py --crop=80,96,64 --memory --recompute_levels=2
 
 Prints the share of the step's CPU time spent in each TensorFlow op type
 (Conv3D, Conv3DBackpropFilterV2, Sum, Mul, ...), from the host XPlane of a
 profiler trace of two steps after a warm-up step: the first thing to read
 before optimising anything (issue 6).
+
+--memory instead lists the tensors alive at the step's memory peak (the op
+that made each, its shape and size, largest first), from TensorFlow's memory
+profile of one step. It needs the profiler's converter, `pip install xprof`
+(not in requirements.txt). Memory scales with the crop, so a crop 1/8 of the
+paper's shows the same picture in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -24,11 +31,51 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("crop", ["64", "64", "64"], "Crop D,H,W (divisible by 16).")
 flags.DEFINE_integer("init_filters", 32, "Network width.", lower_bound=8)
-flags.DEFINE_integer("top", 25, "Op types to print.", lower_bound=1)
+flags.DEFINE_integer("top", 25, "Op types (or, with --memory, tensors) to print.",
+                     lower_bound=1)
+flags.DEFINE_boolean("memory", False, "List the tensors alive at the memory peak instead "
+                     "(needs `pip install xprof`).")
+flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the finest levels' "
+                     "blocks, as train.py --recompute; with it one op runs at a time.",
+                     lower_bound=0)
+
+
+def _memory_report(logdir: str) -> None:
+    """Prints the allocations alive at the peak of TensorFlow's CPU allocator."""
+    import json
+
+    from xprof.convert import raw_to_tool_data
+
+    path = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0]
+    data, _ = raw_to_tool_data.xspace_to_tool_data([path], "memory_profile", {})
+    profile = json.loads(data)
+    for allocator, per in profile["memoryProfilePerAllocator"].items():
+        summary = per["profileSummary"]
+        snapshots, special = per["memoryProfileSnapshots"], per["specialAllocations"]
+        rows = []
+        for active in per["activeAllocations"]:
+            index = int(active["snapshotIndex"])
+            meta = (snapshots[index]["activityMetadata"] if index >= 0
+                    else special[int(active["specialIndex"])])
+            rows.append((int(meta["allocationBytes"]), meta["tfOpName"],
+                         meta.get("tensorShape", "?")))
+        rows.sort(reverse=True)
+        peak = int(summary["peakStats"]["peakBytesInUse"]) / 2**30
+        print(f"allocator {allocator}: peak {peak:.2f} GiB in use; alive at the peak "
+              f"({len(rows)} allocations, {sum(r[0] for r in rows) / 2**30:.2f} GiB):")
+        for size, op, shape in rows[:FLAGS.top]:
+            if op == "unused preallocated device memory":  # the profile's name for it
+                op = "(in use before the traced step: variables, optimizer slots, inputs)"
+            print(f"  {size / 2**20:9.1f} MiB  {shape:24s} {op}")
 
 
 def main(argv):
     del argv
+    if FLAGS.memory:
+        try:
+            import xprof  # noqa: F401
+        except ImportError:
+            sys.exit("profile_step.py: --memory needs the profiler's converter: pip install xprof")
     import keras
     import numpy as np
     import tensorflow as tf
@@ -38,8 +85,11 @@ def main(argv):
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
 
+    if FLAGS.recompute_levels:  # as train.py --recompute
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     crop = tuple(int(c) for c in FLAGS.crop)
-    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters))
+    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
+                                    recompute_levels=FLAGS.recompute_levels))
     optimizer = keras.optimizers.Adam(1e-4)
     rng = np.random.default_rng(0)
     image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
@@ -62,6 +112,13 @@ def main(argv):
     step().numpy()
     print(f"one step: {time.perf_counter() - t:.2f} s wall")
     logdir = tempfile.mkdtemp(prefix="brats_profile_")
+    if FLAGS.memory:
+        tf.profiler.experimental.start(
+            logdir, options=tf.profiler.experimental.ProfilerOptions(host_tracer_level=3))
+        step().numpy()
+        tf.profiler.experimental.stop()
+        _memory_report(logdir)
+        return
     tf.profiler.experimental.start(logdir)
     for _ in range(2):
         step().numpy()

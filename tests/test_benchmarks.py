@@ -47,3 +47,18 @@ def test_render_only_marks_each_target(tmp_path):
         "—", "≥ 4 cases/s: NOT met"]
     assert "not measured" in table  # no GPU rows in the results: marked, not invented
     assert json.loads((tmp_path / "results.json").read_text()) == results  # input untouched
+
+
+def test_memory_profile_without_xprof_fails_in_one_line():
+    """profile_step.py --memory needs xprof (not a requirement): a one-line
+    error that says how to get it, before TensorFlow starts."""
+    code = ("import runpy, sys\n"
+            "sys.modules['xprof'] = None\n"  # makes `import xprof` fail, installed or not
+            "sys.argv = ['profile_step.py', '--memory']\n"
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'profile_step.py')!r}, "
+            "run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "profile_step.py: --memory needs the profiler's converter: pip install xprof")
