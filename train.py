@@ -84,7 +84,7 @@ flags.DEFINE_boolean("system_allocator", False,
                      "CPU: take large tensors from malloc (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true), "
                      "which returns them to the OS when freed, instead of oneDNN's memory pool, "
                      "which keeps its high-water mark and fragments. With --recompute at the "
-                     "paper crop: peak 7.7 instead of 9.0 GiB, but the step ~50% slower (README).")
+                     "paper crop: peak 7.7-8.0 instead of 8.4 GiB, but the step ~60% slower (README).")
 flags.DEFINE_integer("inter_op_threads", None,
                      "TensorFlow's inter-op thread pool (ops run side by side). 1 runs one op at "
                      "a time, so the decoder's and the VAE branch's backward passes do not hold "
@@ -170,11 +170,8 @@ def main(argv):
     import tensorflow as tf
 
     from brats_tf import training
-    inter_op_threads = FLAGS.inter_op_threads
-    if inter_op_threads is None and FLAGS.recompute and train_config.strategy == "default":
-        inter_op_threads = 1
-    if inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    training.set_inter_op_threads(FLAGS.inter_op_threads, FLAGS.recompute,
+                                  one_device=train_config.strategy == "default")
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation

@@ -80,10 +80,10 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     from brats_tf import flops, losses
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
+    from brats_tf.training import set_inter_op_threads
 
-    inter_op = FLAGS.inter_op_threads or (1 if FLAGS.recompute_levels else None)
-    if inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    set_inter_op_threads(FLAGS.inter_op_threads, recompute=FLAGS.recompute_levels > 0)
+    system_allocator = os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true"
     gpus = tf.config.list_physical_devices("GPU")
     if gpus and FLAGS.gpu_memory_limit_mb:
         tf.config.set_logical_device_configuration(
@@ -120,12 +120,12 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         step(image, labels).numpy()
         times.append(time.perf_counter() - t)
     sec = float(np.median(times))
-    try:  # oneDNN's pooled CPU allocator (tensors), without the libraries' memory
-        tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
-    except ValueError:  # no allocator statistics (e.g. TF_ENABLE_ONEDNN_OPTS=0)
-        tensor_peak = None
-    if os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true":
-        tensor_peak = None  # malloc'd tensors are not counted
+    tensor_peak = None  # malloc'd tensors (system allocator) are not counted
+    if not system_allocator:
+        try:  # oneDNN's pooled CPU allocator (tensors), without the libraries' memory
+            tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
+        except ValueError:  # no allocator statistics (e.g. TF_ENABLE_ONEDNN_OPTS=0)
+            pass
     gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
                 if gpus else None)
     gflop = flops.train_step_flops(model) / 1e9
@@ -136,7 +136,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         "jit_compile": FLAGS.jit_compile,
         "recompute_levels": FLAGS.recompute_levels,
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
-        "system_allocator": os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true",
+        "system_allocator": system_allocator,
         "params": model.count_params(),
         "warmup_s": round(first, 2),
         "sec_per_step": round(sec, 3),

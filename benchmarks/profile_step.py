@@ -84,9 +84,9 @@ def main(argv):
     from brats_tf import losses
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
+    from brats_tf.training import set_inter_op_threads
 
-    if FLAGS.recompute_levels:  # as train.py --recompute
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+    set_inter_op_threads(None, recompute=FLAGS.recompute_levels > 0)  # as train.py
     crop = tuple(int(c) for c in FLAGS.crop)
     model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
                                     recompute_levels=FLAGS.recompute_levels))

@@ -281,15 +281,13 @@ class TrilinearUpSampling3D(keras.layers.Layer):
         c = inputs.shape[-1] if inputs.shape[-1] is not None else shape[4]
         x = inputs
         if fh > 1 or fw > 1:
+            x = tf.reshape(x, [b * d, h, w, c])
             h, w = h * fh, w * fw
-            x = tf.image.resize(tf.reshape(x, [b * d, h // fh, w // fw, c]), [h, w],
-                                method="bilinear")
-            x = tf.reshape(x, [b, d, h, w, c])
+            x = tf.reshape(tf.image.resize(x, [h, w], method="bilinear"), [b, d, h, w, c])
         if fd > 1:
+            x = tf.reshape(x, [b, d, h * w, c])
             d = d * fd
-            x = tf.image.resize(tf.reshape(x, [b, d // fd, h * w, c]), [d, h * w],
-                                method="bilinear")
-            x = tf.reshape(x, [b, d, h, w, c])
+            x = tf.reshape(tf.image.resize(x, [d, h * w], method="bilinear"), [b, d, h, w, c])
         x = tf.cast(x, inputs.dtype)  # bilinear resize returns float32
         x.set_shape(self.compute_output_shape(tuple(inputs.shape)))
         return x

@@ -140,6 +140,21 @@ class TrainConfig:
                 )
 
 
+def set_inter_op_threads(requested: int | None, recompute: bool,
+                         one_device: bool = True) -> None:
+    """Sets TensorFlow's inter-op thread pool; call before TensorFlow starts.
+
+    ``requested`` wins; otherwise gradient checkpointing on one device runs one
+    op at a time, so that the decoder's and the VAE branch's backward passes
+    (each recomputing full-resolution activations) do not overlap; otherwise
+    TensorFlow chooses. tf.config.threading.get_inter_op_parallelism_threads()
+    reads back what was set (0: TensorFlow's default).
+    """
+    threads = requested or (1 if recompute and one_device else None)
+    if threads:
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def make_strategy(name: str, devices: tuple[str, ...] = ()) -> tf.distribute.Strategy:
     """The tf.distribute strategy for ``name`` (see TrainConfig.strategy).
 
