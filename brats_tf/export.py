@@ -79,20 +79,16 @@ class BratsServingModule(tf.Module):
                                        input_signature=[spec])
 
     def _serve(self, image: tf.Tensor, tta: bool) -> dict:
-        x = inf.normalize_nonzero_tf(image)
-        full = tf.shape(x)[1:4]
-        if self._crop_to_brain:
-            start, size = inf.brain_box_tf(x, self._multiple)
-            x = inf.crop_box_tf(x, start, size)
-        x, pads = inf.pad_to_multiple_tf(x, self._multiple, "symmetric")
-        if tta:
-            probs = inf.predict_tta_loop_tf(self._segment, x)
-        else:
-            probs = self._segment(x)
-        probs = tf.ensure_shape(probs, [None, None, None, None, constants.NUM_REGIONS])
-        probs = inf.crop_back_tf(probs, pads)
-        if self._crop_to_brain:
-            probs = inf.paste_box_tf(probs, start, full)
+        def predict(x):
+            if tta:
+                probs = inf.predict_tta_loop_tf(self._segment, x)
+            else:
+                probs = self._segment(x)
+            return tf.ensure_shape(probs, [None, None, None, None, constants.NUM_REGIONS])
+
+        # the same pipeline as inference.predict_volume
+        probs = inf.volume_probabilities_tf(predict, image, crop_to_brain=self._crop_to_brain,
+                                            multiple=self._multiple, pad_mode="symmetric")
         labels = inf.probabilities_to_labels_tf(probs, self._threshold, self._et_label)
         return {"probabilities": tf.identity(probs, name="probabilities"),
                 "labels": tf.identity(labels, name="labels")}

@@ -232,6 +232,14 @@ def paste_box_tf(x: tf.Tensor, start: tf.Tensor, full_spatial: tf.Tensor) -> tf.
 
 
 # ----------------------------------------------------------- normalisation
+def _check_raw_image(image: np.ndarray) -> None:
+    """ValueError unless ``image`` is real-valued and finite."""
+    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise ValueError(f"expected a real-valued image, got dtype {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+        raise ValueError("image contains NaN or infinite values")
+
+
 def normalize_nonzero(image: np.ndarray) -> np.ndarray:
     """Per channel zero mean / unit std over that channel's NON-ZERO voxels (§3.7).
 
@@ -249,11 +257,8 @@ def normalize_nonzero(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim not in (4, 5):
         raise ValueError(f"expected [D, H, W, C] or [B, D, H, W, C], got shape {image.shape}")
-    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
-        raise ValueError(f"expected a real-valued image, got dtype {image.dtype}")
+    _check_raw_image(image)
     x = image.astype(np.float64)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("image contains NaN or infinite values")
     axes = (0, 1, 2) if image.ndim == 4 else (1, 2, 3)
     mask = x != 0
     count = mask.sum(axis=axes, keepdims=True)
@@ -376,28 +381,63 @@ def as_inference_model(model):
 _GRAPH_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _graph_predict(model, tta: bool) -> Callable:
-    """``model``'s probabilities (TTA-averaged with ``tta``) as a tf.function,
-    one per (model, tta); other callables run as they are (``predict_tta_tf``).
+def volume_probabilities_tf(predict: Callable, x: tf.Tensor, normalize: bool = True,
+                            crop_to_brain: bool = True,
+                            multiple: int = constants.SPATIAL_DIVISOR,
+                            pad_mode: str = "symmetric", margin: int = 0) -> tf.Tensor:
+    """``predict_volume``'s whole pipeline in TF ops, for [B, D, H, W, C] raw cases.
+
+    Normalise (``normalize_nonzero_tf``), crop to the brain's box
+    (``brain_box_tf``; one box for the batch), pad to ``multiple``, ``predict``
+    (a callable [B, d, h, w, C] -> [B, d, h, w, 3] probabilities), crop the
+    padding back, paste the box into a zero volume. Returns float32
+    [B, D, H, W, 3]. The SavedModel's signatures and ``predict_volume`` share it.
+    """
+    full = tf.shape(x)[1:4]
+    x = normalize_nonzero_tf(x) if normalize else tf.cast(x, tf.float32)
+    if crop_to_brain:
+        start, size = brain_box_tf(x, multiple, margin)
+        x = crop_box_tf(x, start, size)
+    x, pads = pad_to_multiple_tf(x, multiple, pad_mode)
+    probs = crop_back_tf(tf.cast(predict(x), tf.float32), pads)
+    if crop_to_brain:
+        probs = paste_box_tf(probs, start, full)
+    return probs
+
+
+def _volume_fn(model, tta: bool, channels: int, **options) -> Callable:
+    """``volume_probabilities_tf`` for ``model`` (TTA-averaged with ``tta``): a
+    tf.function for a Keras model, cached per (model, tta, options); other
+    callables run it eagerly as they are.
 
     Run as a graph, each activation is freed as soon as its last consumer has
     run; a Keras functional model called eagerly keeps every layer's output
-    until the call returns (at 240 x 240 x 160 x 32 one is 1.2 GB). TTA runs
-    the flips in a ``tf.while_loop`` (``predict_tta_loop_tf``). Spatial
-    sizes are dynamic (``reduce_retracing``), so cases of different sizes
-    share one trace.
+    until the call returns (at 240 x 240 x 160 x 32 one is 1.2 GB). The
+    normalisation, box, padding and paste run in the graph too (on the GPU
+    when there is one): in NumPy they took 1.6 s per BraTS case, 9x the
+    network's time on an H200. TTA runs the flips in a ``tf.while_loop``
+    (``predict_tta_loop_tf``). The input signature leaves the sizes unknown:
+    cases of different sizes share one trace, and it avoids a TensorFlow 2.21
+    bug: with static sizes, oneDNN's graph rewrite folds the constant
+    ``tf.pad`` into the first 3x3x3 'same' convolution and drops that
+    convolution's own padding (30 x 36 x 21 padded to 32 x 40 x 24 came out of
+    the convolution as 30 x 38 x 22; ``tests/test_inference.py``).
     """
     if not isinstance(model, keras.Model):
-        return lambda x: predict_tta_tf(model, x, tta=tta)
+        return lambda x: volume_probabilities_tf(
+            lambda t: predict_tta_tf(model, t, tta=tta), x, **options)
     fns = _GRAPH_FNS.setdefault(model, {})
-    if tta not in fns:
+    key = (tta, channels) + tuple(sorted(options.items()))
+    if key not in fns:
         ref = weakref.ref(model)  # the cache must not keep the model alive
         if tta:  # the 8 flips one after another: the memory of one prediction
-            fn = lambda x: predict_tta_loop_tf(ref(), x)  # noqa: E731
+            predict = lambda t: predict_tta_loop_tf(ref(), t)  # noqa: E731
         else:
-            fn = lambda x: model_probabilities(ref(), x)  # noqa: E731
-        fns[tta] = tf.function(fn, reduce_retracing=True)
-    return fns[tta]
+            predict = lambda t: model_probabilities(ref(), t)  # noqa: E731
+        spec = tf.TensorSpec([None, None, None, None, channels], tf.float32)
+        fns[key] = tf.function(lambda x: volume_probabilities_tf(predict, x, **options),
+                               input_signature=[spec])
+    return fns[key]
 
 
 def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool = True,
@@ -406,12 +446,14 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
                    margin: int = 0) -> np.ndarray:
     """Full-volume segmentation probabilities of one case (§3.7, "Network", §4).
 
-    Normalises (``normalize_nonzero``; pass ``normalize=False`` for an image
-    that is already normalised), crops to the brain's box (``brain_box``;
-    ``crop_to_brain=False`` runs the whole volume as the paper does), zero-pads
-    to a multiple of 8, predicts, crops back; voxels outside the box get
-    probability 0. ``tta``: mean over the 8 mirror flips. ``models`` a list:
-    ensemble, the mean of the models' (TTA-averaged) probabilities.
+    Normalises (``normalize_nonzero``'s statistics, in TF float64; pass
+    ``normalize=False`` for an image that is already normalised), crops to
+    the brain's box (``brain_box``; ``crop_to_brain=False`` runs the whole
+    volume as the paper does), zero-pads to a multiple of 8, predicts, crops
+    back; voxels outside the box get probability 0. ``tta``: mean over the 8
+    mirror flips. ``models`` a list: ensemble, the mean of the models'
+    (TTA-averaged) probabilities. All of it runs in TF
+    (``volume_probabilities_tf``), as one graph per Keras model.
 
     Args:
       models: a Keras model from ``build_model``/``build_inference_model`` (a
@@ -428,21 +470,22 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
     image = np.asarray(image)
     if image.ndim != 4:
         raise ValueError(f"image must be one case [D, H, W, C], got shape {image.shape}")
-    x = normalize_nonzero(image) if normalize else image.astype(np.float32)
-    if crop_to_brain:
-        start, size = brain_box(x, multiple, margin)
-        x = x[tuple(slice(s, s + n) for s, n in zip(start, size))]
-    padded, pads = pad_to_multiple(x, multiple, pad_mode)
-    batch = tf.constant(padded[None])
+    multiple = _check_multiple(multiple)
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"margin must be an integer >= 0, got {margin!r}")
+    if normalize:
+        _check_raw_image(image)  # the statistics are float64 in the graph
+    batch = tf.constant(image[None].astype(np.float32, copy=False))
+    options = dict(normalize=bool(normalize), crop_to_brain=bool(crop_to_brain),
+                   multiple=multiple, pad_mode=pad_mode, margin=int(margin))
     total = None
     for model in models:
         model = as_inference_model(model)  # held here: the cache only refers to it weakly
-        y = _graph_predict(model, tta)(batch).numpy()
+        y = _volume_fn(model, tta, image.shape[-1], **options)(batch).numpy()[0]
         total = y if total is None else total + y
-    probs = crop_back(total[0] / len(models), pads)
-    if crop_to_brain:
-        probs = paste_crop(probs, image.shape[:3], start)
-    return np.ascontiguousarray(probs, dtype=np.float32)
+    return np.ascontiguousarray(total / len(models), dtype=np.float32)
 
 
 # ------------------------------------------------------------------ labels

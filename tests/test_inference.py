@@ -452,8 +452,24 @@ def test_predict_volume_runs_a_keras_model_as_one_cached_graph():
         ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
     rng = np.random.default_rng(13)
     first = I.predict_volume(model, make_image(rng, (8, 16, 8)))
-    fn = I._GRAPH_FNS[model][False]
+    (fn,) = I._GRAPH_FNS[model].values()
     I.predict_volume(model, make_image(rng, (16, 8, 8)))  # another size: same function
-    assert I._GRAPH_FNS[model][False] is fn
+    assert list(I._GRAPH_FNS[model].values()) == [fn]
     assert fn.experimental_get_tracing_count() <= 2  # a relaxed (None-size) trace at most
     assert first.shape == (8, 16, 8, 3)
+
+
+def test_predict_volume_graph_pads_like_numpy_at_sizes_not_divisible_by_8():
+    """The whole pipeline runs in one graph; its padding must reach the network
+    as NumPy's does. (With static sizes TF 2.21's oneDNN rewrite folds the pad
+    into the first 'same' convolution and loses that convolution's padding:
+    predict_volume's graph keeps the sizes unknown.)"""
+    keras.utils.set_random_seed(0)
+    model = build_inference_model(build_model(
+        ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
+    image = make_image(np.random.default_rng(14), (13, 10, 9))
+    probs = I.predict_volume(model, image, crop_to_brain=False)
+    padded, pads = I.pad_to_multiple(I.normalize_nonzero(image))
+    assert padded.shape[:3] == (16, 16, 16)
+    expected = I.crop_back(model(padded[None], training=False)["seg"].numpy()[0], pads)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
