@@ -279,7 +279,12 @@ class TrilinearUpSampling3D(keras.layers.Layer):
         shape = tf.shape(inputs)
         b, d, h, w = shape[0], shape[1], shape[2], shape[3]
         c = inputs.shape[-1] if inputs.shape[-1] is not None else shape[4]
-        x = inputs
+        # float16/bfloat16 (mixed precision) are resized in float32, which
+        # the bilinear kernel computes in anyway: with a float16 image, XLA
+        # (jit_compile) lowers the resize's gradient to a float32 tensor that
+        # then meets float16 ones ("Seen floating point types of different
+        # precisions ... mixed precision is disallowed"; test_layers.py).
+        x = inputs if inputs.dtype in (tf.float32, tf.float64) else tf.cast(inputs, tf.float32)
         if fh > 1 or fw > 1:
             x = tf.reshape(x, [b * d, h, w, c])
             h, w = h * fh, w * fw

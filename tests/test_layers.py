@@ -121,6 +121,31 @@ def test_trilinear_gradient_is_the_adjoint():
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-3)
 
 
+def test_trilinear_float16_gradient_compiles_with_xla():
+    """Under XLA a float16 resize's gradient came out float32 and met the
+    float16 ReLU gradient ("mixed precision is disallowed"): the layer resizes
+    in float32. The gradient equals the float32 one (the layer is linear)."""
+    rng = np.random.default_rng(21)
+    layers = {tf.float16: L.TrilinearUpSampling3D(2, dtype="mixed_float16"),
+              tf.float32: L.TrilinearUpSampling3D(2)}
+    x = rng.normal(size=(1, 2, 3, 2, 4)).astype(np.float32)
+    w = rng.normal(size=(1, 4, 6, 4, 4)).astype(np.float32)
+
+    def grad(dtype, jit):
+        @tf.function(jit_compile=jit)
+        def f(v, w):
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                y = tf.nn.relu(layers[dtype](v))
+                loss = tf.reduce_sum(tf.cast(y * w, tf.float32))
+            return tape.gradient(loss, v)
+        return f(tf.constant(x, dtype), tf.constant(w, dtype)).numpy()
+
+    g16 = grad(tf.float16, True)
+    assert g16.dtype == np.float16
+    np.testing.assert_allclose(g16.astype(np.float32), grad(tf.float32, False), atol=2e-2)
+
+
 @pytest.mark.parametrize("size", [0, (2, 2), (2, -1, 2), 1.5])
 def test_trilinear_rejects_bad_size(size):
     with pytest.raises(ValueError, match="size"):
