@@ -114,8 +114,8 @@ def _run_one(config: dict) -> dict:
         labels = predict()
         times.append(time.perf_counter() - t)
     tmp.cleanup()
-    gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
-                if tf.config.list_physical_devices("GPU") else None)
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu_peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30 if gpus else None
     assert labels.shape == image.shape[:3], labels.shape
     return {
         "path": config["path"],
@@ -126,7 +126,8 @@ def _run_one(config: dict) -> dict:
             size if config["crop_to_brain"] else image.shape[:3])),
         "init_filters": FLAGS.init_filters,
         "precision": FLAGS.precision,
-        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+        "device": (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+                   if gpus else "CPU"),
         "first_call_s": round(first, 2),
         "seconds": round(float(np.median(times)), 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -33,6 +33,9 @@ flags.DEFINE_boolean("render_only", False, "Only re-make RESULTS.md from out_dir
                      "(e.g. after adding GPU rows to it by hand from benchmarks/gpu.md runs).")
 flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
                     "Where results.json and RESULTS.md go.")
+flags.DEFINE_string("gpu_dir", None, "GPU runs (model_step.py / full_volume_inference.py JSON, "
+                    "each with a 'gpu' name added) to add to the table; default: "
+                    "out_dir/gpu_runs (benchmarks/gpu.md).")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {
@@ -41,6 +44,9 @@ TARGETS = {
     "inference_seconds": 15.0,
     "inference_peak_gib": 4.0 * 1e9 / 2**30,  # 4 GB
     "input_cases_per_s": 4.0,
+    "gpu_step_seconds": 0.25,  # one H100, mixed_float16, paper crop
+    "gpu_inference_seconds": 0.1,
+    "gpu_memory_gib": 16.0 * 1e9 / 2**30,  # 16 GB
 }
 
 
@@ -76,7 +82,62 @@ def measure() -> dict:
             "inference": inference, "input_pipeline": pipeline}
 
 
-def render(results: dict) -> str:
+def load_gpu_runs(gpu_dir: str) -> list[dict]:
+    """The GPU runs' JSON files in gpu_dir (none: an empty list), by name."""
+    if not os.path.isdir(gpu_dir):
+        return []
+    runs = []
+    for name in sorted(os.listdir(gpu_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(gpu_dir, name)) as f:
+                runs.append(json.load(f))
+    return runs
+
+
+def _gpu_rows(runs: list[dict]) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """Table rows of the GPU runs (the targets are for one H100), and notes."""
+    rows, notes = [], []
+    for run in runs:
+        gpu = run["gpu"]
+        h100 = "H100" in gpu
+        note = ""
+        if run.get("note"):
+            notes.append(f"{'*' * (len(notes) + 1)} {run['note']}")
+            note = " " + "\\*" * len(notes)
+        for r in run["results"]:
+            if "sec_per_step" in r:
+                cap = r.get("gpu_memory_limit_mb")
+                name = (f"GPU {gpu}: training step {r['crop']}, width {r['init_filters']}, "
+                        f"{r['precision']}" + (", XLA" if r.get("jit_compile") else "")
+                        + (f", recompute {r['recompute_levels']} level(s)"
+                           if r["recompute_levels"] else "")
+                        + (f", memory capped at {cap} MB" if cap else ""))
+                result = f"{r['sec_per_step']:.3f} s/step (GPU peak {r['gpu_peak_gib']:.1f} GiB)"
+                target = "— (the targets are for an H100)"
+                if h100 and cap:  # TensorFlow's cap is in MiB; 16 GB cards hold ~16000
+                    target = ("trains within 16 GB: "
+                              + _met(r["gpu_peak_gib"] <= TARGETS["gpu_memory_gib"]))
+                elif h100:
+                    target = (f"≤ {TARGETS['gpu_step_seconds']} s: "
+                              + _met(r["sec_per_step"] <= TARGETS["gpu_step_seconds"]))
+            else:
+                name = (f"GPU {gpu}: inference {r['input']}, {r['path']}, "
+                        f"{'brain box' if r['crop_to_brain'] else 'whole volume'} "
+                        f"({r['network_input']}), {r['precision']}"
+                        f"{', TTA 8 flips' if r['tta'] else ''}")
+                result = (f"{r['seconds']:.2f} s/case (first call {r['first_call_s']:.1f} s; "
+                          f"GPU peak {r['gpu_peak_gib']:.1f} GiB)")
+                target = "— (the targets are for an H100)"
+                if h100 and not r["tta"]:
+                    target = (f"≤ {TARGETS['gpu_inference_seconds']} s: "
+                              + _met(r["seconds"] <= TARGETS["gpu_inference_seconds"]))
+                elif h100:
+                    target = "—"
+            rows.append((name + note, result, f"{r['peak_rss_gib']:.1f} GiB", target))
+    return rows, notes
+
+
+def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
     """The Markdown table of results.json, each row with its issue 6 target."""
     rows = []
     for r in results["steps"]:
@@ -112,9 +173,11 @@ def render(results: dict) -> str:
                  f"({pipeline['train_cached_cases_per_s']:.1f} cached)", "—",
                  f"≥ 4 cases/s: {_met(pipeline['train_cases_per_s'] >= 4)}"))
 
-    if not any(r.get("device", "CPU") != "CPU" for r in results["steps"] + results["inference"]):
-        why = ("not measured: the lent GPU machine has no TensorFlow and only CUDA 13 "
-               "(benchmarks/gpu.md)")
+    gpu_rows, gpu_notes = _gpu_rows(gpu_runs or [])
+    rows += gpu_rows
+    if not gpu_runs and not any(r.get("device", "CPU") != "CPU"
+                                for r in results["steps"] + results["inference"]):
+        why = "not measured: no GPU runs in gpu_runs/ (benchmarks/gpu.md)"
         rows += [("GPU: training step 160x192x128, width 32, mixed_float16, one H100", why, "—",
                   "≤ 0.25 s"),
                  ("GPU: full-volume inference, one H100", why, "—", "≤ 0.1 s"),
@@ -124,6 +187,14 @@ def render(results: dict) -> str:
              f"(`python benchmarks/run_all.py`).", "",
              "| benchmark | result | peak RSS | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if gpu_runs:
+        dates = ", ".join(sorted({run["date"] for run in gpu_runs}))
+        lines += ["", f"GPU rows: measured {dates} on lent machines (16 CPU cores; "
+                      f"{gpu_runs[0].get('software', 'TensorFlow')}); each run's JSON and "
+                      f"command is in benchmarks/gpu_runs/, how in benchmarks/gpu.md. Peak RSS "
+                      f"there is the host process's."]
+        for n in gpu_notes:
+            lines += ["", n.replace("*", "\\*", n.index(" "))]
     for note in results.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -139,7 +210,8 @@ def main(argv):
         results = measure()
         os.makedirs(FLAGS.out_dir, exist_ok=True)
         write_json_atomic(json_path, results)
-    table = render(results)
+    table = render(results, load_gpu_runs(FLAGS.gpu_dir or os.path.join(FLAGS.out_dir,
+                                                                        "gpu_runs")))
     write_text_atomic(os.path.join(FLAGS.out_dir, "RESULTS.md"), table)
     print(table)
     print(f"wrote {json_path} and RESULTS.md")
