@@ -132,7 +132,11 @@ class GroupNorm(keras.layers.Layer):
                 # per-channel sums, then dx) and two full-size temporaries,
                 # where autodiff of the forward keeps about five.
                 dy = tf.cast(d_outputs, tf.float32)
-                xc = tf.cast(inputs, tf.float32) - mean
+                # xc needs only forward values: without the dependency on dy
+                # the executor may make it long before this layer's gradient
+                # arrives (at the recompute peak, two layers' xc were alive).
+                with tf.control_dependencies([dy]):
+                    xc = tf.cast(inputs, tf.float32) - mean
                 sum_dy = _spatial_sum(dy)  # [B, C]
                 sum_dy_xc = _spatial_sum(dy * xc)  # [B, C]
                 rstd_c = rstd[:, 0, 0, 0, :]
@@ -245,6 +249,32 @@ class ResNetBlock(keras.layers.Layer):
         return config
 
 
+def _resize_bilinear(images: tf.Tensor, size) -> tf.Tensor:
+    """``tf.image.resize(images, size, "bilinear")`` of float32 [N, H, W, C],
+    whose gradient keeps only the input's shape, not the input.
+
+    TensorFlow's gradient of the resize (``ResizeBilinearGrad``) reads the
+    original image for its shape alone, but that keeps it alive from the
+    forward pass to the backward one: in the trilinear upsampling, the
+    half-upsampled intermediate (half a full-resolution activation) and the
+    low-resolution input. Here zeros of that shape are made when the
+    gradient runs, and freed right after.
+    """
+
+    @tf.custom_gradient
+    def resize(x):
+        shape, dtype = tf.shape(x), x.dtype
+
+        def grad(dy):  # dy: float32, the resize's output type
+            return tf.raw_ops.ResizeBilinearGrad(
+                grads=tf.cast(dy, tf.float32), original_image=tf.zeros(shape, dtype),
+                align_corners=False, half_pixel_centers=True)
+
+        return tf.image.resize(x, size, method="bilinear"), grad
+
+    return resize(images)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class TrilinearUpSampling3D(keras.layers.Layer):
     """Trilinear upsampling of [B, D, H, W, C] by an integer factor per axis.
@@ -288,11 +318,11 @@ class TrilinearUpSampling3D(keras.layers.Layer):
         if fh > 1 or fw > 1:
             x = tf.reshape(x, [b * d, h, w, c])
             h, w = h * fh, w * fw
-            x = tf.reshape(tf.image.resize(x, [h, w], method="bilinear"), [b, d, h, w, c])
+            x = tf.reshape(_resize_bilinear(x, [h, w]), [b, d, h, w, c])
         if fd > 1:
             x = tf.reshape(x, [b, d, h * w, c])
             d = d * fd
-            x = tf.reshape(tf.image.resize(x, [d, h * w], method="bilinear"), [b, d, h, w, c])
+            x = tf.reshape(_resize_bilinear(x, [d, h * w]), [b, d, h, w, c])
         x = tf.cast(x, inputs.dtype)  # bilinear resize returns float32
         x.set_shape(self.compute_output_shape(tuple(inputs.shape)))
         return x

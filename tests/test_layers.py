@@ -121,6 +121,29 @@ def test_trilinear_gradient_is_the_adjoint():
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-3)
 
 
+def test_trilinear_gradient_does_not_keep_the_resized_images():
+    """The resize's gradient needs the original image's shape only: the
+    layer's gradient graph feeds ResizeBilinearGrad zeros made in the backward
+    pass, so the forward tensors (the half-upsampled intermediate, the input)
+    are not kept alive for it."""
+    layer = L.TrilinearUpSampling3D(2)
+    w = tf.constant(np.random.default_rng(22).normal(size=(1, 4, 6, 4, 2)).astype(np.float32))
+
+    @tf.function
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * w)
+        return tape.gradient(loss, x)
+
+    graph = grad.get_concrete_function(tf.TensorSpec((1, 2, 3, 2, 2), tf.float32)).graph
+    grads = [op for op in graph.get_operations() if op.type == "ResizeBilinearGrad"]
+    assert len(grads) == 2  # H, W then D
+    for op in grads:
+        assert op.inputs[1].op.type in ("Fill", "Const", "ZerosLike", "BroadcastTo"), \
+            op.inputs[1].op.type
+
+
 def test_trilinear_float16_gradient_compiles_with_xla():
     """Under XLA a float16 resize's gradient came out float32 and met the
     float16 ReLU gradient ("mixed precision is disallowed"): the layer resizes
