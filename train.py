@@ -54,8 +54,9 @@ flags.DEFINE_boolean("vae", True, "Train with the VAE branch (off: the ablation)
 flags.DEFINE_boolean("recompute", False,
                      "Gradient checkpointing (tf.recompute_grad) of the ResNet blocks of the "
                      "finest --recompute_levels levels: same results, less memory (paper "
-                     "crop on CPU: 15.1 -> 10.5 GiB with 1 level, 8.4 GiB with 2), ~13% more "
-                     "time per step (README).")
+                     "crop on CPU: 15.4 -> ~11 GiB with 1 level, 8.5-9.2 GiB with 2; one H100 "
+                     "with mixed_float16, 2 levels: 12.5 -> 9.9 GiB), 20-30% more time per step "
+                     "(README).")
 flags.DEFINE_integer("recompute_levels", 1, "Levels recomputed with --recompute (1: the "
                      "full-resolution blocks).", lower_bound=1)
 # Loss (§3.4).
@@ -84,7 +85,7 @@ flags.DEFINE_boolean("system_allocator", False,
                      "CPU: take large tensors from malloc (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true), "
                      "which returns them to the OS when freed, instead of oneDNN's memory pool, "
                      "which keeps its high-water mark and fragments. With --recompute at the "
-                     "paper crop: peak 7.7-8.0 instead of 8.4 GiB, but the step ~60% slower (README).")
+                     "paper crop: peak 7.7-8.2 instead of 8.5-9.2 GiB, but the step ~50% slower (README).")
 flags.DEFINE_integer("inter_op_threads", None,
                      "TensorFlow's inter-op thread pool (ops run side by side). 1 runs one op at "
                      "a time, so the decoder's and the VAE branch's backward passes do not hold "
