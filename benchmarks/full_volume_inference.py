@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe, run_measurement  # noqa: E402
+from benchmarks.machine import describe, device_name, run_measurement  # noqa: E402
 from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -126,8 +126,7 @@ def _run_one(config: dict) -> dict:
             size if config["crop_to_brain"] else image.shape[:3])),
         "init_filters": FLAGS.init_filters,
         "precision": FLAGS.precision,
-        "device": (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-                   if gpus else "CPU"),
+        "device": device_name(),
         "first_call_s": round(first, 2),
         "seconds": round(float(np.median(times)), 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

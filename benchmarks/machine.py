@@ -25,6 +25,16 @@ def describe() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
+def device_name() -> str:
+    """The first GPU's name as TensorFlow reports it, else "CPU"."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+
+
 def run_measurement(args: list[str], what: str, env: dict | None = None) -> dict:
     """Runs ``args`` (a benchmark re-invoking itself for one measurement), with
     ``env`` added to the environment; returns the JSON object on its last

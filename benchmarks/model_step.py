@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe, run_measurement  # noqa: E402
+from benchmarks.machine import describe, device_name, run_measurement  # noqa: E402
 from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -148,8 +148,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "baseline_rss_gib": round(rss0 / 2**20, 2),
         "cpu_tensor_peak_gib": None if tensor_peak is None else round(tensor_peak, 2),
-        "device": gpus and tf.config.experimental.get_device_details(gpus[0]).get(
-            "device_name", "GPU") or "CPU",
+        "device": device_name(),
         "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
         "gpu_memory_limit_mb": FLAGS.gpu_memory_limit_mb if gpus else None,
     }

@@ -50,6 +50,18 @@ def _check_multiple(multiple) -> int:
     return int(multiple)
 
 
+def _check_pad_mode(mode: str, name: str = "mode") -> str:
+    if mode not in PAD_MODES:
+        raise ValueError(f"{name} must be one of {PAD_MODES}, got {mode!r}")
+    return mode
+
+
+def _check_margin(margin) -> int:
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"margin must be an integer >= 0, got {margin!r}")
+    return int(margin)
+
+
 def _spatial_axes(ndim: int, spatial_axes) -> tuple[int, int, int]:
     if spatial_axes is None:
         if ndim in (3, 4):  # [D, H, W] or [D, H, W, C]
@@ -69,8 +81,7 @@ def padding_for(spatial_shape: Sequence[int], multiple: int = constants.SPATIAL_
                 mode: str = "symmetric") -> tuple[tuple[int, int], ...]:
     """(before, after) zero padding per spatial axis to reach a multiple of ``multiple``."""
     multiple = _check_multiple(multiple)
-    if mode not in PAD_MODES:
-        raise ValueError(f"mode must be one of {PAD_MODES}, got {mode!r}")
+    _check_pad_mode(mode)
     pads = []
     for n in spatial_shape:
         if int(n) < 1:
@@ -124,8 +135,7 @@ def pad_to_multiple_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
     Returns (padded, pads) with pads an int32 [3, 2] tensor for ``crop_back_tf``.
     """
     multiple = _check_multiple(multiple)
-    if mode not in PAD_MODES:
-        raise ValueError(f"mode must be one of {PAD_MODES}, got {mode!r}")
+    _check_pad_mode(mode)
     spatial = tf.shape(x)[1:4]
     total = tf.math.floormod(-spatial, multiple)
     before = total // 2 if mode == "symmetric" else tf.zeros_like(total)
@@ -172,8 +182,7 @@ def brain_box(image: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR,
       (start, size): per spatial axis; the box is ``image[start:start + size]``.
     """
     multiple = _check_multiple(multiple)
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"margin must be an integer >= 0, got {margin!r}")
+    _check_margin(margin)
     image = np.asarray(image)
     if image.ndim not in (3, 4):
         raise ValueError(f"image must be [D, H, W] or [D, H, W, C], got shape {image.shape}")
@@ -471,15 +480,13 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
     if image.ndim != 4:
         raise ValueError(f"image must be one case [D, H, W, C], got shape {image.shape}")
     multiple = _check_multiple(multiple)
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"margin must be an integer >= 0, got {margin!r}")
+    _check_pad_mode(pad_mode, "pad_mode")
+    margin = _check_margin(margin)
     if normalize:
         _check_raw_image(image)  # the statistics are float64 in the graph
     batch = tf.constant(image[None].astype(np.float32, copy=False))
     options = dict(normalize=bool(normalize), crop_to_brain=bool(crop_to_brain),
-                   multiple=multiple, pad_mode=pad_mode, margin=int(margin))
+                   multiple=multiple, pad_mode=pad_mode, margin=margin)
     total = None
     for model in models:
         model = as_inference_model(model)  # held here: the cache only refers to it weakly

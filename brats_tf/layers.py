@@ -267,7 +267,7 @@ def _resize_bilinear(images: tf.Tensor, size) -> tf.Tensor:
 
         def grad(dy):  # dy: float32, the resize's output type
             return tf.raw_ops.ResizeBilinearGrad(
-                grads=tf.cast(dy, tf.float32), original_image=tf.zeros(shape, dtype),
+                grads=dy, original_image=tf.zeros(shape, dtype),
                 align_corners=False, half_pixel_centers=True)
 
         return tf.image.resize(x, size, method="bilinear"), grad

@@ -21,6 +21,21 @@ def _inference(seconds, rss, tta=False):
             "peak_rss_gib": rss, "device": "CPU"}
 
 
+def _render(tmp_path, results, row_prefix):
+    """run_all.py --render_only over ``results`` (and tmp_path/gpu_runs, if
+    any); returns RESULTS.md and the target column of its rows that start
+    with ``row_prefix`` (the header row left out)."""
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"),
+                           "--render_only", f"--out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "RESULTS.md").read_text()
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()
+                if line.startswith(row_prefix) and not line.startswith("| benchmark")]
+    return table, verdicts
+
+
 def test_render_only_marks_each_target(tmp_path):
     results = {
         "machine": "test machine", "date": "2026-01-01",
@@ -32,14 +47,7 @@ def test_render_only_marks_each_target(tmp_path):
         "input_pipeline": {"crop": "160x192x128", "case_shape": "240x240x155",
                            "train_cases_per_s": 3.9, "train_cached_cases_per_s": 9.0},
     }
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"),
-                           "--render_only", f"--out_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    table = (tmp_path / "RESULTS.md").read_text()
-    verdicts = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()
-                if line.startswith("| ") and not line.startswith("| benchmark")]
+    table, verdicts = _render(tmp_path, results, "| ")
     assert verdicts[:9] == [
         "≥ 70% of matmul: met", "≥ 70% of matmul: NOT met",
         "peak ≤ 8 GB: met", "peak ≤ 8 GB: NOT met",
@@ -56,7 +64,6 @@ def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
     results = {"machine": "test machine", "date": "2026-01-01", "steps": [], "inference": [],
                "input_pipeline": {"crop": "160x192x128", "case_shape": "240x240x155",
                                   "train_cases_per_s": 5.0, "train_cached_cases_per_s": 9.0}}
-    (tmp_path / "results.json").write_text(json.dumps(results))
     gpu = tmp_path / "gpu_runs"
     gpu.mkdir()
 
@@ -74,13 +81,7 @@ def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
             ("b.json", "NVIDIA H200", [step(0.1, 12.0)])]:
         (gpu / name).write_text(json.dumps({"gpu": gpu_name, "date": "2026-01-02",
                                             "results": runs}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"),
-                           "--render_only", f"--out_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    table = (tmp_path / "RESULTS.md").read_text()
-    verdicts = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()
-                if line.startswith("| GPU")]
+    table, verdicts = _render(tmp_path, results, "| GPU")
     assert verdicts == ["≤ 0.25 s: met", "≤ 0.25 s: NOT met", "trains within 16 GB: met",
                         "trains within 16 GB: NOT met", "≤ 0.1 s: met", "≤ 0.1 s: NOT met",
                         "—", "— (the targets are for an H100)"]

@@ -20,7 +20,6 @@ if [ ! -d $G/tf/tensorflow ]; then
   if command -v xz >/dev/null; then UNXZ="xz -dc -T0"; else UNXZ="python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1<<22)'"; fi
   mkdir -p $G/tf && cat /tmp/stage/c* | eval $UNXZ | tar x -C $G/tf || { log "unpack failed"; exit 3; }
   cat .gpu/deps.tar.xz | eval $UNXZ | tar x -C $G/ || { log "deps unpack failed"; exit 3; }
-  rm -rf $G/site_deps/numpy $G/site_deps/numpy-* $G/site_deps/numpy.libs  # the image's numpy 2.5 (its h5py/scipy are built on it)
 fi
 log unpacked; du -sh $G/tf $G/site_deps
 find1() { find /opt /usr/local /usr/lib -name "$1" 2>/dev/null | head -1; }
