@@ -52,13 +52,13 @@ flags.DEFINE_float("dropout", 0.2, "Spatial dropout after InitConv.", lower_boun
 flags.DEFINE_float("weight_decay", 1e-5, "L2 weight on convolution kernels.", lower_bound=0.0)
 flags.DEFINE_boolean("vae", True, "Train with the VAE branch (off: the ablation).")
 flags.DEFINE_boolean("recompute", False,
-                     "Gradient checkpointing (tf.recompute_grad) of the ResNet blocks of the "
-                     "finest --recompute_levels levels: same results, less memory (paper "
-                     "crop on CPU: 15.4 -> ~11 GiB with 1 level, 8.5-9.2 GiB with 2; one H100 "
-                     "with mixed_float16, 2 levels: 12.5 -> 9.9 GiB), 20-30% more time per step "
-                     "(README).")
-flags.DEFINE_integer("recompute_levels", 1, "Levels recomputed with --recompute (1: the "
-                     "full-resolution blocks).", lower_bound=1)
+                     "Gradient checkpointing of the ResNet blocks of the finest "
+                     "--recompute_levels levels (each keeps only its input; a hand-written "
+                     "backward pass recomputes the rest): same results, less memory (README; "
+                     "paper crop on CPU, all 4 levels: 15 -> 6.6-7.8 GiB), about the same time "
+                     "per step.")
+flags.DEFINE_integer("recompute_levels", None, "Levels recomputed with --recompute (1: the "
+                     "full-resolution blocks only). Default: all.", lower_bound=1)
 # Loss (§3.4).
 flags.DEFINE_float("dice_weight", 1.0, "Weight of the soft Dice loss.", lower_bound=0.0)
 flags.DEFINE_float("l2_loss_weight", 0.1, "Weight of the VAE reconstruction loss.",
@@ -140,7 +140,8 @@ def configs_from_flags():
         groups=FLAGS.groups, blocks_down=_ints("blocks_down", FLAGS.blocks_down),
         blocks_up=_ints("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
         dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae,
-        recompute_levels=FLAGS.recompute_levels if FLAGS.recompute else 0)
+        recompute_levels=(FLAGS.recompute_levels or len(_ints("blocks_down", FLAGS.blocks_down))
+                          if FLAGS.recompute else 0))
     loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
                              l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
     train_config = TrainConfig(

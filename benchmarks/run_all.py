@@ -73,7 +73,7 @@ def measure() -> dict:
     if not FLAGS.quick:
         steps += _run("model_step.py", "--crops=160,192,128", "--steps=2")["results"]
         for extra in (["--recompute_levels=1"], ["--recompute_levels=2"],
-                      ["--recompute_levels=2", "--system_allocator"]):
+                      ["--recompute_levels=4"], ["--recompute_levels=4", "--system_allocator"]):
             steps += _run("model_step.py", "--crops=160,192,128", "--steps=1",
                           *extra)["results"]
     inference = _run("full_volume_inference.py")["results"]

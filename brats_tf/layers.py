@@ -7,6 +7,8 @@ package name, so ``.keras`` files load without ``custom_objects``.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import tensorflow as tf
 
@@ -26,6 +28,7 @@ def conv3d(
     l2_weight: float = 0.0,
     name: str | None = None,
     dtype=None,
+    head: bool = False,
 ) -> keras.layers.Conv3D:
     """The paper's convolution: 'same' padding, bias, L2 on the kernel (§3.5).
 
@@ -33,9 +36,11 @@ def conv3d(
     TensorFlow's default (the paper names no initialiser); He-normal makes the
     un-normalised residual sums blow the initial logits up (std ~15-20 at
     init vs ~2.5, measured with tests/test_model.py's tiny model).
+    ``head=True`` (a 1x1x1 output head under --recompute) makes it a
+    ``HeadConv3D``: the same convolution with a memory-ordered gradient.
     """
     regularizer = keras.regularizers.L2(l2_weight) if l2_weight else None
-    return keras.layers.Conv3D(
+    return (HeadConv3D if head else keras.layers.Conv3D)(
         filters,
         kernel_size,
         strides=strides,
@@ -55,6 +60,85 @@ def _spatial_sum(x: tf.Tensor) -> tf.Tensor:
     short sums are 170x more accurate (1e-7) for about one more memory pass.
     """
     return tf.reduce_sum(tf.reduce_sum(tf.reduce_sum(x, axis=1), axis=1), axis=1)
+
+
+def _channel_dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """sum over D, H, W of a * b, both [B, D, H, W, C]: [B, C], float32.
+
+    The diagonal of a (C x voxels) by (voxels x C) matrix product: no
+    full-size a * b temporary, and, blocked like any GEMM, as accurate as the
+    axis-by-axis sums of ``_spatial_sum`` (relative 6e-7 at 80x96x64x32 with
+    an offset of 50, against float64; tests/test_layers.py). 2 C^2 flops a
+    voxel: 0.1% of the block's convolutions at C = 32.
+    """
+    shape = tf.shape(a)
+    channels = a.shape[-1]
+    product = tf.linalg.matmul(tf.reshape(a, [shape[0], -1, channels]),
+                               tf.reshape(b, [shape[0], -1, channels]), transpose_a=True)
+    return tf.linalg.diag_part(product)
+
+
+def _group_mean(per_channel_sum: tf.Tensor, count, groups: int) -> tf.Tensor:
+    """[B, C] per-channel sums -> [B, 1, 1, 1, C] means of each channel's group."""
+    per_group = per_channel_sum.shape[-1] // groups
+    sums = tf.reduce_sum(tf.reshape(per_channel_sum, (-1, groups, per_group)), -1)
+    means = tf.repeat(sums / count, per_group, axis=-1)
+    return means[:, None, None, None, :]
+
+
+def _gn_statistics(x: tf.Tensor, groups: int, epsilon: float):
+    """Group mean and 1/std of float32 [B, D, H, W, C], each [B, 1, 1, 1, C].
+
+    Two passes (mean, then mean squared deviation: no cancellation), sums
+    taken axis by axis (``_spatial_sum``). Also returns the voxel count of a
+    group, which the backward pass needs.
+    """
+    per_group = x.shape[-1] // groups
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[1:4]) * per_group, tf.float32)
+    mean = _group_mean(_spatial_sum(x), count, groups)
+    var = _group_mean(_spatial_sum(tf.math.squared_difference(x, mean)), count, groups)
+    return mean, tf.math.rsqrt(var + epsilon), count
+
+
+def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int):
+    """Gradients of y = GN(inputs) * gamma + beta (the textbook GN gradient).
+
+    y = xhat * gamma + beta, xhat = (x - mean) * rstd per group;
+    dx = rstd * (dxhat - <dxhat> - xhat * <dxhat * xhat>), <.> the group
+    mean, dxhat = dy * gamma. Written as dy * scale + x * a + b with
+    per-channel a, b. The per-channel sums of dy and of dy * (x - mean) are
+    taken without a full-size temporary (``_channel_dot``, and sum(dy * x) -
+    mean * sum(dy)), and the products can reuse the buffers of dy and x when
+    nothing else reads them: at most one full-size temporary, where autodiff
+    of the forward keeps about five. Returns (d_inputs in the inputs' dtype,
+    d_gamma, d_beta).
+    """
+    dy = tf.cast(d_outputs, tf.float32)
+    # Only forward values: without the dependency on dy the executor may
+    # make the cast (a copy under mixed precision) long before this gradient
+    # arrives (at the recompute peak, two layers' copies were alive).
+    with tf.control_dependencies([dy]):
+        x = tf.cast(inputs, tf.float32)
+    mean_c, rstd_c = mean[:, 0, 0, 0, :], rstd[:, 0, 0, 0, :]
+    sum_dy = _spatial_sum(dy)  # [B, C]
+    sum_dy_x = _channel_dot(dy, x)  # [B, C]
+    sum_dy_xc = sum_dy_x - mean_c * sum_dy
+    d_gamma = tf.reduce_sum(rstd_c * sum_dy_xc, 0)
+    d_beta = tf.reduce_sum(sum_dy, 0)
+    mean_dxhat = _group_mean(gamma * sum_dy, count, groups)
+    mean_dxhat_xhat = _group_mean(gamma * rstd_c * sum_dy_xc, count, groups)
+    a = -rstd * rstd * mean_dxhat_xhat
+    b = -rstd * mean_dxhat - mean * a
+    scale = rstd * gamma
+    # After the sums, dy (and x, if nothing else holds it) have no other
+    # reader, so the products below can reuse their buffers (TensorFlow
+    # forwards an input whose only reference is the op); without the
+    # dependency the executor may run dy * scale first. Subtractions, not
+    # additions: grappler's AddOpsRewrite turns a chain of adds into an AddN
+    # with a full-size accumulator (seen in the memory profile).
+    with tf.control_dependencies([sum_dy, sum_dy_x]):
+        d_inputs = tf.cast(dy * scale - (x * -a - b), inputs.dtype)
+    return d_inputs, d_gamma, d_beta
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -105,54 +189,17 @@ class GroupNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        channels = inputs.shape[-1]
-        per_group = channels // self.groups
         groups, epsilon, compute_dtype = self.groups, self.epsilon, self.compute_dtype
-
-        def group_mean(per_channel_sum, count):  # [B, C] -> [B, 1, 1, 1, C] group means
-            sums = tf.reduce_sum(tf.reshape(per_channel_sum, (-1, groups, per_group)), -1)
-            means = tf.repeat(sums / count, per_group, axis=-1)
-            return means[:, None, None, None, :]
 
         @tf.custom_gradient
         def group_norm(inputs, gamma, beta):
             x = tf.cast(inputs, tf.float32)
-            count = tf.cast(tf.reduce_prod(tf.shape(x)[1:4]) * per_group, tf.float32)
-            mean = group_mean(_spatial_sum(x), count)
-            var = group_mean(_spatial_sum(tf.math.squared_difference(x, mean)), count)
-            rstd = tf.math.rsqrt(var + epsilon)
+            mean, rstd, count = _gn_statistics(x, groups, epsilon)
             scale = rstd * gamma
             outputs = tf.cast(x * scale + (beta - mean * scale), compute_dtype)
 
             def grad(d_outputs):
-                # y = xhat * gamma + beta, xhat = (x - mean) * rstd per group;
-                # dx = rstd * (dxhat - <dxhat> - xhat * <dxhat * xhat>), <.> the
-                # group mean, dxhat = dy * gamma. Written as dy * scale + xc * a + b
-                # with per-channel a, b: two passes over the 5-D tensors (the
-                # per-channel sums, then dx) and two full-size temporaries,
-                # where autodiff of the forward keeps about five.
-                dy = tf.cast(d_outputs, tf.float32)
-                # xc needs only forward values: without the dependency on dy
-                # the executor may make it long before this layer's gradient
-                # arrives (at the recompute peak, two layers' xc were alive).
-                with tf.control_dependencies([dy]):
-                    xc = tf.cast(inputs, tf.float32) - mean
-                sum_dy = _spatial_sum(dy)  # [B, C]
-                sum_dy_xc = _spatial_sum(dy * xc)  # [B, C]
-                rstd_c = rstd[:, 0, 0, 0, :]
-                d_gamma = tf.reduce_sum(rstd_c * sum_dy_xc, 0)
-                d_beta = tf.reduce_sum(sum_dy, 0)
-                mean_dxhat = group_mean(gamma * sum_dy, count)
-                mean_dxhat_xhat = group_mean(gamma * rstd_c * sum_dy_xc, count)
-                a = -rstd * rstd * mean_dxhat_xhat
-                b = -rstd * mean_dxhat
-                # After the sums, dy and xc have no other reader, so the two
-                # products below can reuse their buffers (TensorFlow forwards
-                # an input whose only reference is the op); without the
-                # dependency the executor may run dy * scale first.
-                with tf.control_dependencies([sum_dy, sum_dy_xc]):
-                    d_inputs = tf.cast(dy * scale + (xc * a + b), inputs.dtype)
-                return d_inputs, d_gamma, d_beta
+                return _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups)
 
             return outputs, grad
 
@@ -165,6 +212,159 @@ class GroupNorm(keras.layers.Layer):
         config = super().get_config()
         config.update(groups=self.groups, epsilon=self.epsilon)
         return config
+
+
+_STRIDES_1 = [1, 1, 1, 1, 1]
+
+
+def _conv3x3(x, kernel, bias):
+    """The block's 'same' 3x3x3 convolution with bias (Keras Conv3D's op)."""
+    return tf.nn.bias_add(tf.nn.conv3d(x, kernel, _STRIDES_1, "SAME"), bias)
+
+
+def _norm_relu(x, mean, rstd, gamma, beta, dtype):
+    """ReLU(GroupNorm(x)) from known group statistics, computed in float32."""
+    scale = rstd * gamma
+    return tf.nn.relu(tf.cast(tf.cast(x, tf.float32) * scale + (beta - mean * scale), dtype))
+
+
+# Graph -> {device: the gradients of the recomputed block whose backward pass
+# was traced last}. See _previous_backward.
+_LAST_BACKWARD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _previous_backward(dy: tf.Tensor) -> list:
+    """The outputs of the last recomputed block backward pass traced into this
+    graph on this device, or [] (eager, or the first).
+
+    Each recomputed block's backward pass waits for them, so these passes run
+    one after the other in the order autodiff makes them. Without this the
+    executor, which may start any op whose inputs are ready, interleaved the
+    segmentation decoder's and the VAE's full-resolution blocks (their
+    incoming gradients are ready at once): at the paper crop both blocks'
+    working tensors were alive together, 2.3 GB more (TensorFlow's memory
+    profile, benchmarks/profile_step.py --memory). The order cannot make a
+    cycle: a pass traced earlier was built before this one's outputs existed.
+    Per device, so that replicas (MirroredStrategy) are not serialised.
+    """
+    if tf.executing_eagerly():
+        return []
+    return _LAST_BACKWARD.get(dy.graph, {}).get(dy.device, [])
+
+
+def _record_backward(dy: tf.Tensor, grads) -> None:
+    if not tf.executing_eagerly():
+        _LAST_BACKWARD.setdefault(dy.graph, {})[dy.device] = list(grads)
+
+
+def _recomputed_residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon):
+    """The block's residual branch, keeping only its input for the backward pass.
+
+    Same values and gradients as autodiff of ``ResNetBlock._residual``
+    (tests/test_model.py, tests/test_layers.py), but the backward pass is
+    written by hand so that it holds as few full-size tensors as it can: it
+    recomputes GN1 + ReLU twice (for conv1, then for conv1's kernel gradient)
+    instead of keeping it, keeps only a boolean mask of the second ReLU, and
+    orders each gradient right after what it needs. At the paper crop the
+    backward of one full-resolution block holds about 5 activations of
+    0.5 GB (its input, the incoming gradient, and three working tensors)
+    where ``tf.recompute_grad`` of the same function held 8 (the recomputed
+    forward's activations stay alive until autodiff's backward has used
+    them). Float32 GN statistics (``_gn_statistics``) and the layers' compute
+    dtype as everywhere else.
+    """
+    dtype = inputs.dtype
+
+    @tf.custom_gradient
+    def residual(x, k1, b1, g1, be1, k2, b2, g2, be2):
+        mean1, rstd1, count1 = _gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
+        c1 = _conv3x3(_norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
+        mean2, rstd2, count2 = _gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
+        out = _conv3x3(_norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
+
+        def grad(dy):
+            # Nothing is recomputed before the gradient arrives, nor before
+            # the backward pass of the previous recomputed block is done.
+            with tf.control_dependencies([dy] + _previous_backward(dy)):
+                h1 = _norm_relu(x, mean1, rstd1, g1, be1, dtype)
+            c1 = _conv3x3(h1, k1, b1)  # h1 is dropped here, made again below
+            h2 = _norm_relu(c1, mean2, rstd2, g2, be2, dtype)
+            dk2 = tf.raw_ops.Conv3DBackpropFilterV2(
+                input=h2, filter_sizes=tf.shape(k2), out_backprop=dy,
+                strides=_STRIDES_1, padding="SAME")
+            relu2 = h2 > 0  # 1 byte a voxel; h2 goes after dk2 and this
+            db2 = tf.raw_ops.BiasAddGrad(out_backprop=dy)
+            with tf.control_dependencies([dk2, relu2]):
+                dh2 = tf.raw_ops.Conv3DBackpropInputV2(
+                    input_sizes=tf.shape(h2), filter=k2, out_backprop=dy,
+                    strides=_STRIDES_1, padding="SAME")
+            dz2 = tf.where(relu2, dh2, tf.zeros((), dtype))
+            dc1, dg2, dbe2 = _gn_backward(dz2, c1, mean2, rstd2, g2, count2, groups)
+            db1 = tf.raw_ops.BiasAddGrad(out_backprop=dc1)
+            with tf.control_dependencies([dc1]):
+                h1 = _norm_relu(x, mean1, rstd1, g1, be1, dtype)
+            dk1 = tf.raw_ops.Conv3DBackpropFilterV2(
+                input=h1, filter_sizes=tf.shape(k1), out_backprop=dc1,
+                strides=_STRIDES_1, padding="SAME")
+            relu1 = h1 > 0
+            with tf.control_dependencies([dk1, relu1]):
+                dh1 = tf.raw_ops.Conv3DBackpropInputV2(
+                    input_sizes=tf.shape(x), filter=k1, out_backprop=dc1,
+                    strides=_STRIDES_1, padding="SAME")
+            dz1 = tf.where(relu1, dh1, tf.zeros((), dtype))
+            dx, dg1, dbe1 = _gn_backward(dz1, x, mean1, rstd1, g1, count1, groups)
+            grads = dx, dk1, db1, dg1, dbe1, dk2, db2, dg2, dbe2
+            _record_backward(dy, grads)
+            return grads
+
+        return out, grad
+
+    return residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class HeadConv3D(keras.layers.Conv3D):
+    """A 1x1x1 'same' convolution (the output heads DecoderEnd_Conv1 and Vend
+    under ``--recompute``) whose input gradient waits for its turn.
+
+    Same function, weights and gradients as ``keras.layers.Conv3D``. In
+    training, its backward pass computes the kernel and bias gradients as
+    soon as the output gradient arrives, which frees the head's input (a
+    full-resolution activation), but computes the input gradient (another
+    one) only after the recomputed ResNet blocks traced before it
+    (``_previous_backward``). Autodiff computes both at once: when the
+    segmentation decoder's full-resolution blocks ran their backward pass,
+    the VAE's head had already made its input gradient, which then waited,
+    0.5 GB at the paper crop, for its own blocks (and the other way round).
+    """
+
+    def __init__(self, filters: int, kernel_size=1, **kwargs):
+        super().__init__(filters, kernel_size, **kwargs)
+        if self.kernel_size != (1, 1, 1) or self.strides != (1, 1, 1):
+            raise ValueError(f"HeadConv3D {self.name!r} is a 1x1x1 stride-1 convolution")
+
+    def call(self, inputs, training=None):
+        if not training:
+            return super().call(inputs)
+        strides = _STRIDES_1
+
+        @tf.custom_gradient
+        def head(x, kernel, bias):
+            def grad(d_out):
+                d_kernel = tf.raw_ops.Conv3DBackpropFilterV2(
+                    input=x, filter_sizes=tf.shape(kernel), out_backprop=d_out,
+                    strides=strides, padding="SAME")
+                d_bias = tf.raw_ops.BiasAddGrad(out_backprop=d_out)
+                with tf.control_dependencies([d_kernel] + _previous_backward(d_out)):
+                    d_x = tf.raw_ops.Conv3DBackpropInputV2(
+                        input_sizes=tf.shape(x), filter=kernel, out_backprop=d_out,
+                        strides=strides, padding="SAME")
+                return d_x, d_kernel, d_bias
+
+            return tf.nn.bias_add(tf.nn.conv3d(x, kernel, strides, "SAME"), bias), grad
+
+        return head(inputs, tf.cast(self.kernel, self.compute_dtype),
+                    tf.cast(self.bias, self.compute_dtype))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -181,13 +381,16 @@ class ResNetBlock(keras.layers.Layer):
       filters: channels of the input and output.
       groups: GroupNormalization groups (the paper: 8).
       l2_weight: L2 weight on both convolution kernels (the paper: 1e-5).
-      recompute: gradient checkpointing (``tf.recompute_grad``): in training,
-        keep only the block's input for the backward pass and recompute the
-        GN/ReLU/conv activations from it there. Same values and gradients,
-        about one more forward pass of the block, and far less memory: at the
-        paper crop each full-resolution activation is 32 x 3.9M floats = 0.5 GB
-        and a block keeps about six of them (benchmarks/model_step.py
-        --recompute). The block has no random ops, so recomputing is exact.
+      recompute: gradient checkpointing: in training, keep only the block's
+        input for the backward pass and recompute the GN/ReLU/conv
+        activations from it there (``_recomputed_residual``, a hand-written
+        backward pass that holds fewer full-size tensors than
+        ``tf.recompute_grad`` would). Same values and gradients, about one
+        more forward pass of the block, and far less memory: at the paper
+        crop each full-resolution activation is 32 x 3.9M floats = 0.5 GB
+        and a block keeps about four of them otherwise (benchmarks/
+        model_step.py --recompute_levels). The block has no random ops, so
+        recomputing is exact.
 
     Input/output: [B, D, H, W, filters].
     """
@@ -234,7 +437,14 @@ class ResNetBlock(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         if self.recompute and training:
-            residual = tf.recompute_grad(self._residual)(inputs)
+            dtype = tf.float32
+            residual = _recomputed_residual(
+                inputs,
+                tf.cast(self.conv1.kernel, inputs.dtype), tf.cast(self.conv1.bias, inputs.dtype),
+                tf.cast(self.norm1.gamma, dtype), tf.cast(self.norm1.beta, dtype),
+                tf.cast(self.conv2.kernel, inputs.dtype), tf.cast(self.conv2.bias, inputs.dtype),
+                tf.cast(self.norm2.gamma, dtype), tf.cast(self.norm2.beta, dtype),
+                self.groups, self.norm1.epsilon)
         else:
             residual = self._residual(inputs)
         return residual + inputs

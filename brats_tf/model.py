@@ -86,7 +86,8 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
                                                   recompute=level < cfg.recompute_levels,
                                                   name=name))(x)
     x = stage("DecoderEnd_Conv1", lambda: L.conv3d(cfg.num_classes, 1, l2_weight=cfg.l2_weight,
-                                                   name="DecoderEnd_Conv1"))(x)
+                                                   name="DecoderEnd_Conv1",
+                                                   head=cfg.recompute_levels > 0))(x)
     # float32 outputs under a mixed precision policy.
     return stage("DecoderEnd_Sigmoid", lambda: keras.layers.Activation(
         "sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"))(x)
@@ -130,7 +131,8 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
             name=f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
     recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.l2_weight,
-                                           name="Vend", dtype="float32"))(x)
+                                           name="Vend", dtype="float32",
+                                           head=cfg.recompute_levels > 0))(x)
     return recon, z_mean, z_log_var
 
 

@@ -91,7 +91,8 @@ def test_recompute_run_uses_one_inter_op_thread(data_dir, tmp_path):
         config = json.loads((model_dir / "config.json").read_text())
         assert config["runtime"]["inter_op_threads"] == want
         assert config["runtime"]["system_allocator"] == ("--system_allocator" in extra)
-        assert config["model"]["recompute_levels"] == 1
+        # Default: every level (this test's network has 4).
+        assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 4
 
 
 @pytest.mark.parametrize("system", [False, True])
