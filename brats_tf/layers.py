@@ -265,12 +265,13 @@ def _recomputed_residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsil
     written by hand so that it holds as few full-size tensors as it can: it
     recomputes GN1 + ReLU twice (for conv1, then for conv1's kernel gradient)
     instead of keeping it, keeps only a boolean mask of the second ReLU, and
-    orders each gradient right after what it needs. At the paper crop the
-    backward of one full-resolution block holds about 5 activations of
-    0.5 GB (its input, the incoming gradient, and three working tensors)
-    where ``tf.recompute_grad`` of the same function held 8 (the recomputed
+    orders each gradient right after what it needs. The backward pass of one
+    block holds about 4 activations (0.5 GB each at the paper crop's full
+    resolution): its input, the incoming gradient and two working tensors;
+    ``tf.recompute_grad`` of the same function held about 7 (the recomputed
     forward's activations stay alive until autodiff's backward has used
-    them). Float32 GN statistics (``_gn_statistics``) and the layers' compute
+    them; tests/test_layers.py::test_recompute_keeps_one_activation_per_block).
+    The conv2 output is never recomputed: no gradient needs it. Float32 GN statistics (``_gn_statistics``) and the layers' compute
     dtype as everywhere else.
     """
     dtype = inputs.dtype
