@@ -100,7 +100,7 @@ def _gn_statistics(x: tf.Tensor, groups: int, epsilon: float):
     return mean, tf.math.rsqrt(var + epsilon), count
 
 
-def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int):
+def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int, d_residual=None):
     """Gradients of y = GN(inputs) * gamma + beta (the textbook GN gradient).
 
     y = xhat * gamma + beta, xhat = (x - mean) * rstd per group;
@@ -110,8 +110,9 @@ def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int):
     taken without a full-size temporary (``_channel_dot``, and sum(dy * x) -
     mean * sum(dy)), and the products can reuse the buffers of dy and x when
     nothing else reads them: at most one full-size temporary, where autodiff
-    of the forward keeps about five. Returns (d_inputs in the inputs' dtype,
-    d_gamma, d_beta).
+    of the forward keeps about five. ``d_residual`` (optional) is added to
+    d_inputs in place: the gradient of a residual connection around the
+    layer. Returns (d_inputs in the inputs' dtype, d_gamma, d_beta).
     """
     dy = tf.cast(d_outputs, tf.float32)
     # Only forward values: without the dependency on dy the executor may
@@ -138,6 +139,8 @@ def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int):
     # with a full-size accumulator (seen in the memory profile).
     with tf.control_dependencies([sum_dy, sum_dy_x]):
         d_inputs = tf.cast(dy * scale - (x * -a - b), inputs.dtype)
+        if d_residual is not None:  # one add, not a chain: no AddN rewrite
+            d_inputs = tf.add(d_inputs, d_residual)
     return d_inputs, d_gamma, d_beta
 
 
@@ -257,8 +260,9 @@ def _record_backward(dy: tf.Tensor, grads) -> None:
         _LAST_BACKWARD.setdefault(dy.graph, {})[dy.device] = list(grads)
 
 
-def _recomputed_residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon):
-    """The block's residual branch, keeping only its input for the backward pass.
+def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon):
+    """The block (input + residual branch), keeping only its input for the
+    backward pass.
 
     Same values and gradients as autodiff of ``ResNetBlock._residual``
     (tests/test_model.py, tests/test_layers.py), but the backward pass is
@@ -277,11 +281,11 @@ def _recomputed_residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsil
     dtype = inputs.dtype
 
     @tf.custom_gradient
-    def residual(x, k1, b1, g1, be1, k2, b2, g2, be2):
+    def block(x, k1, b1, g1, be1, k2, b2, g2, be2):
         mean1, rstd1, count1 = _gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
         c1 = _conv3x3(_norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
         mean2, rstd2, count2 = _gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
-        out = _conv3x3(_norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
+        out = x + _conv3x3(_norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
 
         def grad(dy):
             # Nothing is recomputed before the gradient arrives, nor before
@@ -313,14 +317,19 @@ def _recomputed_residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsil
                     input_sizes=tf.shape(x), filter=k1, out_backprop=dc1,
                     strides=_STRIDES_1, padding="SAME")
             dz1 = tf.where(relu1, dh1, tf.zeros((), dtype))
-            dx, dg1, dbe1 = _gn_backward(dz1, x, mean1, rstd1, g1, count1, groups)
+            # The identity shortcut's gradient dy is added here, in place:
+            # left to autodiff, dy and the branch's gradient stayed alive
+            # side by side until an AddN ran, which the executor sometimes
+            # put off past the next block's backward pass (2 activations).
+            dx, dg1, dbe1 = _gn_backward(dz1, x, mean1, rstd1, g1, count1, groups,
+                                         d_residual=dy)
             grads = dx, dk1, db1, dg1, dbe1, dk2, db2, dg2, dbe2
             _record_backward(dy, grads)
             return grads
 
         return out, grad
 
-    return residual(inputs, k1, b1, g1, be1, k2, b2, g2, be2)
+    return block(inputs, k1, b1, g1, be1, k2, b2, g2, be2)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -384,7 +393,7 @@ class ResNetBlock(keras.layers.Layer):
       l2_weight: L2 weight on both convolution kernels (the paper: 1e-5).
       recompute: gradient checkpointing: in training, keep only the block's
         input for the backward pass and recompute the GN/ReLU/conv
-        activations from it there (``_recomputed_residual``, a hand-written
+        activations from it there (``_recomputed_block``, a hand-written
         backward pass that holds fewer full-size tensors than
         ``tf.recompute_grad`` would). Same values and gradients, about one
         more forward pass of the block, and far less memory: at the paper
@@ -439,7 +448,7 @@ class ResNetBlock(keras.layers.Layer):
     def call(self, inputs, training=None):
         if self.recompute and training:
             dtype = tf.float32
-            residual = _recomputed_residual(
+            return _recomputed_block(
                 inputs,
                 tf.cast(self.conv1.kernel, inputs.dtype), tf.cast(self.conv1.bias, inputs.dtype),
                 tf.cast(self.norm1.gamma, dtype), tf.cast(self.norm1.beta, dtype),
@@ -447,8 +456,7 @@ class ResNetBlock(keras.layers.Layer):
                 tf.cast(self.norm2.gamma, dtype), tf.cast(self.norm2.beta, dtype),
                 self.groups, self.norm1.epsilon)
         else:
-            residual = self._residual(inputs)
-        return residual + inputs
+            return self._residual(inputs) + inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
