@@ -135,13 +135,13 @@ def configs_from_flags():
         val_files, num_train = [], len(manifest["cases"])
     if not train_files or num_train == 0:
         raise ValueError(f"--fold={FLAGS.fold}: no training cases in {manifest_path}")
+    blocks_down = _ints("blocks_down", FLAGS.blocks_down)
     model_config = ModelConfig(
         input_shape=_ints("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
-        groups=FLAGS.groups, blocks_down=_ints("blocks_down", FLAGS.blocks_down),
+        groups=FLAGS.groups, blocks_down=blocks_down,
         blocks_up=_ints("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
         dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae,
-        recompute_levels=(FLAGS.recompute_levels or len(_ints("blocks_down", FLAGS.blocks_down))
-                          if FLAGS.recompute else 0))
+        recompute_levels=(FLAGS.recompute_levels or len(blocks_down)) if FLAGS.recompute else 0)
     loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
                              l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
     train_config = TrainConfig(

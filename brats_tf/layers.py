@@ -100,6 +100,13 @@ def _gn_statistics(x: tf.Tensor, groups: int, epsilon: float):
     return mean, tf.math.rsqrt(var + epsilon), count
 
 
+def _gn_apply(x, mean, rstd, gamma, beta, dtype):
+    """GroupNorm(x) * gamma + beta from known group statistics: one fused
+    ``x * a + b`` with per-channel a, b, computed in float32, cast to dtype."""
+    scale = rstd * gamma
+    return tf.cast(tf.cast(x, tf.float32) * scale + (beta - mean * scale), dtype)
+
+
 def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int, d_residual=None):
     """Gradients of y = GN(inputs) * gamma + beta (the textbook GN gradient).
 
@@ -198,8 +205,7 @@ class GroupNorm(keras.layers.Layer):
         def group_norm(inputs, gamma, beta):
             x = tf.cast(inputs, tf.float32)
             mean, rstd, count = _gn_statistics(x, groups, epsilon)
-            scale = rstd * gamma
-            outputs = tf.cast(x * scale + (beta - mean * scale), compute_dtype)
+            outputs = _gn_apply(x, mean, rstd, gamma, beta, compute_dtype)
 
             def grad(d_outputs):
                 return _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups)
@@ -220,15 +226,28 @@ class GroupNorm(keras.layers.Layer):
 _STRIDES_1 = [1, 1, 1, 1, 1]
 
 
-def _conv3x3(x, kernel, bias):
-    """The block's 'same' 3x3x3 convolution with bias (Keras Conv3D's op)."""
+def _conv_same(x, kernel, bias):
+    """A stride-1 'same' convolution with bias (Keras Conv3D's ops)."""
     return tf.nn.bias_add(tf.nn.conv3d(x, kernel, _STRIDES_1, "SAME"), bias)
 
 
 def _norm_relu(x, mean, rstd, gamma, beta, dtype):
     """ReLU(GroupNorm(x)) from known group statistics, computed in float32."""
-    scale = rstd * gamma
-    return tf.nn.relu(tf.cast(tf.cast(x, tf.float32) * scale + (beta - mean * scale), dtype))
+    return tf.nn.relu(_gn_apply(x, mean, rstd, gamma, beta, dtype))
+
+
+def _conv_kernel_grad(x, kernel, dy):
+    """Kernel gradient of a stride-1 'same' convolution of x (autodiff's op)."""
+    return tf.raw_ops.Conv3DBackpropFilterV2(
+        input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=_STRIDES_1,
+        padding="SAME")
+
+
+def _conv_input_grad(x, kernel, dy):
+    """Input gradient of a stride-1 'same' convolution of x (only x's shape is read)."""
+    return tf.raw_ops.Conv3DBackpropInputV2(
+        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=_STRIDES_1,
+        padding="SAME")
 
 
 # Graph -> {device: the gradients of the recomputed block whose backward pass
@@ -284,39 +303,31 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon)
     @tf.custom_gradient
     def block(x, k1, b1, g1, be1, k2, b2, g2, be2):
         mean1, rstd1, count1 = _gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
-        c1 = _conv3x3(_norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
+        c1 = _conv_same(_norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
         mean2, rstd2, count2 = _gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
-        out = x + _conv3x3(_norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
+        out = x + _conv_same(_norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
 
         def grad(dy):
             # Nothing is recomputed before the gradient arrives, nor before
             # the backward pass of the previous recomputed block is done.
             with tf.control_dependencies([dy] + _previous_backward(dy)):
                 h1 = _norm_relu(x, mean1, rstd1, g1, be1, dtype)
-            c1 = _conv3x3(h1, k1, b1)  # h1 is dropped here, made again below
+            c1 = _conv_same(h1, k1, b1)  # h1 is dropped here, made again below
             h2 = _norm_relu(c1, mean2, rstd2, g2, be2, dtype)
-            dk2 = tf.raw_ops.Conv3DBackpropFilterV2(
-                input=h2, filter_sizes=tf.shape(k2), out_backprop=dy,
-                strides=_STRIDES_1, padding="SAME")
+            dk2 = _conv_kernel_grad(h2, k2, dy)
             relu2 = h2 > 0  # 1 byte a voxel; h2 goes after dk2 and this
             db2 = tf.raw_ops.BiasAddGrad(out_backprop=dy)
             with tf.control_dependencies([dk2, relu2]):
-                dh2 = tf.raw_ops.Conv3DBackpropInputV2(
-                    input_sizes=tf.shape(h2), filter=k2, out_backprop=dy,
-                    strides=_STRIDES_1, padding="SAME")
+                dh2 = _conv_input_grad(h2, k2, dy)
             dz2 = tf.where(relu2, dh2, tf.zeros((), dtype))
             dc1, dg2, dbe2 = _gn_backward(dz2, c1, mean2, rstd2, g2, count2, groups)
             db1 = tf.raw_ops.BiasAddGrad(out_backprop=dc1)
             with tf.control_dependencies([dc1]):
                 h1 = _norm_relu(x, mean1, rstd1, g1, be1, dtype)
-            dk1 = tf.raw_ops.Conv3DBackpropFilterV2(
-                input=h1, filter_sizes=tf.shape(k1), out_backprop=dc1,
-                strides=_STRIDES_1, padding="SAME")
+            dk1 = _conv_kernel_grad(h1, k1, dc1)
             relu1 = h1 > 0
             with tf.control_dependencies([dk1, relu1]):
-                dh1 = tf.raw_ops.Conv3DBackpropInputV2(
-                    input_sizes=tf.shape(x), filter=k1, out_backprop=dc1,
-                    strides=_STRIDES_1, padding="SAME")
+                dh1 = _conv_input_grad(x, k1, dc1)
             dz1 = tf.where(relu1, dh1, tf.zeros((), dtype))
             # The identity shortcut's gradient dy is added here, in place:
             # left to autodiff, dy and the branch's gradient stayed alive
@@ -357,22 +368,17 @@ class HeadConv3D(keras.layers.Conv3D):
     def call(self, inputs, training=None):
         if not training:
             return super().call(inputs)
-        strides = _STRIDES_1
 
         @tf.custom_gradient
         def head(x, kernel, bias):
             def grad(d_out):
-                d_kernel = tf.raw_ops.Conv3DBackpropFilterV2(
-                    input=x, filter_sizes=tf.shape(kernel), out_backprop=d_out,
-                    strides=strides, padding="SAME")
+                d_kernel = _conv_kernel_grad(x, kernel, d_out)
                 d_bias = tf.raw_ops.BiasAddGrad(out_backprop=d_out)
                 with tf.control_dependencies([d_kernel] + _previous_backward(d_out)):
-                    d_x = tf.raw_ops.Conv3DBackpropInputV2(
-                        input_sizes=tf.shape(x), filter=kernel, out_backprop=d_out,
-                        strides=strides, padding="SAME")
+                    d_x = _conv_input_grad(x, kernel, d_out)
                 return d_x, d_kernel, d_bias
 
-            return tf.nn.bias_add(tf.nn.conv3d(x, kernel, strides, "SAME"), bias), grad
+            return _conv_same(x, kernel, bias), grad
 
         return head(inputs, tf.cast(self.kernel, self.compute_dtype),
                     tf.cast(self.bias, self.compute_dtype))
