@@ -50,10 +50,13 @@ class _Stages:
 
 def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     """Encoder: returns the output of every level, finest first (§3.1)."""
+    # Under --recompute the stem's output is made again by the first block's
+    # backward pass instead of being kept (L.StemConv3D, L.StemDropout3D).
+    stem = cfg.recompute_levels > 0
     x = stage("InitConv", lambda: L.conv3d(cfg.init_filters, 3, l2_weight=cfg.l2_weight,
-                                           name="InitConv"))(x)
-    x = stage("InitDropout", lambda: keras.layers.SpatialDropout3D(
-        cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
+                                           name="InitConv", stem=stem))(x)
+    dropout = L.StemDropout3D if stem else keras.layers.SpatialDropout3D
+    x = stage("InitDropout", lambda: dropout(cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
     features = []
     for level, n_blocks in enumerate(cfg.blocks_down):
         filters = cfg.filters(level)
@@ -79,7 +82,8 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
         x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
                                                   name=f"{up}_Conv1"))(x)
         x = stage(f"{up}_Upsample", lambda: L.TrilinearUpSampling3D(2, name=f"{up}_Upsample"))(x)
-        x = stage(f"{up}_Add", lambda: keras.layers.Add(name=f"{up}_Add"))([x, features[level]])
+        add = L.SkipAdd if level < cfg.recompute_levels else keras.layers.Add
+        x = stage(f"{up}_Add", lambda: add(name=f"{up}_Add"))([x, features[level]])
         for i in range(cfg.blocks_up[level]):
             name = f"DecoderBlock{level}_{i}"
             x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,

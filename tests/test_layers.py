@@ -595,6 +595,196 @@ def test_head_conv_is_keras_conv3d(dtype):
         L.HeadConv3D(3, kernel_size=3)
 
 
+# ------------------------------------------------------ stem recipe (recompute)
+def _stem_pair(shape, filters, groups, rate=0.5, seed=21):
+    """(Keras Conv3D, Keras SpatialDropout3D, plain block) and (StemConv3D,
+    StemDropout3D, recomputed block) with the same weights and dropout seed."""
+    rng = np.random.default_rng(seed)
+    chains = []
+    for stem in (False, True):
+        conv = L.conv3d(filters, 3, name="stem_conv", stem=stem)
+        drop = (L.StemDropout3D if stem else keras.layers.SpatialDropout3D)(rate, seed=5)
+        block = L.ResNetBlock(filters, groups=groups, recompute=stem, name="blk")
+        conv.build(shape)
+        block.build(shape[:-1] + (filters,))
+        chains.append((conv, drop, block))
+    values = [rng.normal(scale=0.3, size=w.shape).astype(np.float32)
+              for w in chains[0][0].weights + chains[0][2].weights]
+    for conv, _, block in chains:
+        for w, value in zip(conv.weights + block.weights, values):
+            w.assign(value + (1.0 if "gamma" in w.path else 0.0))
+    assert isinstance(chains[1][0], L.StemConv3D)
+    return chains
+
+
+def _stem_step(chain, x, weight):
+    """Traced forward + backward of the chain; also the number of ops made
+    before the backward pass and the dropout output's name."""
+    conv, drop, block = chain
+    info = {}
+
+    @tf.function
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            stem = drop(conv(x, training=True), training=True)
+            y = block(stem, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
+        info["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
+        info["stem"] = stem.name
+        variables = conv.trainable_variables + block.trainable_variables
+        return [y] + tape.gradient(loss, [x] + variables)
+
+    results = run(x)
+    return [r.numpy().astype(np.float64) for r in results], run.get_concrete_function(x).graph, info
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
+def test_stem_recipe_gives_the_values_and_gradients_of_autodiff(dtype):
+    """InitConv + InitDropout + first block under --recompute (the block makes
+    the stem's output again from the image in its backward pass) against
+    Keras' Conv3D + SpatialDropout3D + autodiff of the plain block: output,
+    the image's gradient, and the gradients of the stem's and the block's
+    weights; the dropout really drops channels here (rate 0.5)."""
+    keras.mixed_precision.set_global_policy(dtype)
+    shape = (2, 6, 5, 4, 3)
+    rng = np.random.default_rng(22)
+    x = tf.constant(rng.normal(size=shape).astype(np.float32), keras.config.floatx())
+    weight = tf.constant(rng.normal(size=shape[:-1] + (8,)).astype(np.float32))
+    plain, stem = _stem_pair(shape, 8, groups=4)
+    (want, _, _), (got, _, _) = (_stem_step(c, x, weight) for c in (plain, stem))
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert len(got) == len(want) == 1 + 1 + 2 + 8
+    for i, (g, w) in enumerate(zip(got, want)):
+        scale = np.abs(w).max()
+        assert scale > 1e-3, i  # every gradient is non-trivial here
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * scale, err_msg=str(i))
+
+
+def test_stem_output_is_not_read_by_the_backward_pass():
+    """With the recipe no gradient op reads the stem's output (so it is freed
+    after the forward pass) and the stem's convolution runs twice; with Keras'
+    layers and the same recomputed block, the block's backward pass reads it.
+    Checked in the traced graph."""
+    shape = (1, 8, 8, 8, 4)
+    x = tf.constant(np.random.default_rng(23).normal(size=shape).astype(np.float32))
+    weight = tf.ones(shape[:-1] + (8,))
+    keras_stem, stem = _stem_pair(shape, 8, groups=4)
+    keras_stem = (keras_stem[0], keras_stem[1], stem[2])  # recomputed block, no recipe
+    for chain, recipe in ((keras_stem, False), (stem, True)):
+        _, graph, info = _stem_step(chain, x, weight)
+        ops = graph.get_operations()
+        readers = [ops.index(op) for op in graph.get_tensor_by_name(info["stem"]).consumers()]
+        assert (max(readers) < info["forward_ops"]) == recipe, (recipe, readers)
+        stem_convs = [op for op in ops if op.type == "Conv3D" and op.inputs[1].shape[3] == 4]
+        assert len(stem_convs) == (2 if recipe else 1)
+
+
+def test_stem_dropout_is_keras_spatial_dropout():
+    """StemDropout3D draws the same channel mask as Keras' SpatialDropout3D for
+    the same seed (training), and is the identity in inference."""
+    x = tf.constant(np.random.default_rng(24).normal(size=(3, 4, 4, 4, 16)).astype(np.float32))
+    ours, ref = L.StemDropout3D(0.4, seed=9), keras.layers.SpatialDropout3D(0.4, seed=9)
+    for _ in range(2):  # successive draws agree too
+        want = ref(x, training=True).numpy()
+        np.testing.assert_allclose(ours(x, training=True).numpy(), want, rtol=1e-6)
+        kept = np.any(want != 0, axis=(1, 2, 3), keepdims=True)  # [B, 1, 1, 1, C]
+        # whole channels dropped, the others scaled by 1 / (1 - rate)
+        np.testing.assert_allclose(want, np.where(kept, x.numpy() / 0.6, 0.0), rtol=1e-6)
+        assert 0 < kept.sum() < kept.size
+    np.testing.assert_array_equal(ours(x, training=False).numpy(), x.numpy())
+    with pytest.raises(ValueError, match="stride-1 'same'"):
+        L.StemConv3D(8, 3, strides=2)
+
+
+@pytest.mark.parametrize("branch", ["vae", "decoder"])
+def test_upsample_recipe_gives_the_values_and_gradients_of_autodiff(branch):
+    """A recomputed block after TrilinearUpSampling3D (VBlock) or after its sum
+    with skip features (SkipAdd, DecoderBlock) makes its input again from the
+    low-resolution tensor: the same output and gradients (low-resolution
+    input, skip features, block weights) as Keras' Add and autodiff of the
+    plain block, and no gradient op reads the full-resolution input."""
+    rng = np.random.default_rng(25)
+    low = tf.constant(rng.normal(size=(2, 3, 4, 2, 8)).astype(np.float32))
+    skip = tf.constant(rng.normal(size=(2, 6, 8, 4, 8)).astype(np.float32))
+    weight = tf.constant(rng.normal(size=(2, 6, 8, 4, 8)).astype(np.float32))
+    plain, fused = _block_pair((2, 6, 8, 4, 8), groups=4)
+    up = L.TrilinearUpSampling3D(2)
+    results = []
+    for block, add in ((plain, keras.layers.Add()), (fused, L.SkipAdd())):
+        info = {}
+
+        @tf.function
+        def run(low, skip):
+            with tf.GradientTape() as tape:
+                tape.watch([low, skip])
+                x = up(low, training=True)
+                if branch == "decoder":
+                    x = add([x, skip])
+                y = block(x, training=True)
+                loss = tf.reduce_sum(y * weight) + 0.0 * tf.reduce_sum(skip)
+            info["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
+            info["input"] = x.name
+            return [y] + tape.gradient(loss, [low, skip] + block.trainable_variables)
+
+        results.append([r.numpy().astype(np.float64) for r in run(low, skip)])
+        graph = run.get_concrete_function(low, skip).graph
+        ops = graph.get_operations()
+        readers = [ops.index(op) for op in graph.get_tensor_by_name(info["input"]).consumers()]
+        assert (max(readers) < info["forward_ops"]) == (block is fused), readers
+    want, got = results
+    for i, (g, w) in enumerate(zip(got, want)):
+        scale = np.abs(w).max()
+        assert scale > 1e-3 or (i == 2 and branch == "vae"), i  # skip unused for the VAE
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(scale, 1.0), err_msg=str(i))
+
+
+_STEM_MEMORY = r"""
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+tf.config.threading.set_inter_op_parallelism_threads(1)  # as train.py --recompute
+from brats_tf import layers as L
+
+stem = sys.argv[1] == "stem"
+shape, filters = (1, 32, 32, 32, 4), 16
+conv = L.conv3d(filters, 3, name="init", stem=stem)
+drop = (L.StemDropout3D if stem else keras.layers.SpatialDropout3D)(0.2, seed=1)
+blocks = [L.ResNetBlock(filters, groups=4, recompute=True, name=f"b{i}") for i in range(2)]
+conv.build(shape)
+for b in blocks:
+    b.build(shape[:-1] + (filters,))
+x = tf.constant(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+variables = conv.trainable_variables + [v for b in blocks for v in b.trainable_variables]
+
+@tf.function
+def step(x):
+    with tf.GradientTape() as tape:
+        y = drop(conv(x, training=True), training=True)
+        for b in blocks:
+            y = b(y, training=True)
+        loss = tf.reduce_sum(y * y)
+    return tape.gradient(loss, variables)
+
+step(x)
+tf.config.experimental.reset_memory_stats("CPU:0")
+base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+step(x)
+peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+print((peak - base) / (np.prod(shape[:-1]) * filters * 4))
+"""
+
+
+def test_stem_recipe_saves_one_activation():
+    """Peak memory of InitConv + InitDropout + two recomputed blocks, forward
+    and backward, in activations (allocator statistics, one op at a time):
+    with the recipe the stem's output is not alive during the second block's
+    backward pass, about one activation less than with Keras' stem layers."""
+    keras_stem, stem = (_peak_in_activations(_STEM_MEMORY, mode) for mode in ("keras", "stem"))
+    assert stem <= keras_stem - 0.75, (stem, keras_stem)
+
+
 def test_group_norm_statistics_in_float32_under_mixed_precision():
     """float16 activations whose variance overflows float16 (> 65504) still normalise."""
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -661,6 +851,9 @@ def test_divisibility_check_static_and_runtime():
         L.TrilinearUpSampling3D((2, 3, 1), name="up"),
         L.GaussianSampling(seed=3, name="draw"),
         L.SpatialDivisibilityCheck(16, name="check"),
+        L.StemConv3D(8, 3, padding="same", name="stem"),
+        L.StemDropout3D(0.2, seed=4, name="stem_dropout"),
+        L.SkipAdd(name="skip_add"),
     ],
     ids=lambda layer: type(layer).__name__,
 )

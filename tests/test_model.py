@@ -363,6 +363,31 @@ def test_recompute_runs_the_block_again_in_the_backward_pass():
         assert conv3d_ops(lambda: block(x, training=False)) == 2
 
 
+def test_recompute_makes_the_stem_output_again():
+    """In the model's traced training step under --recompute, the first block
+    makes the stem's output (InitConv + InitDropout) again from the image: the
+    4-channel InitConv runs twice, once without recompute; inference once."""
+    cfg = ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4,
+                      blocks_down=(1, 1), blocks_up=(1,), seed=1)
+    image = tf.zeros((1, 16, 16, 16, 4))
+
+    def stem_convs(model, training):
+        def run():
+            with tf.GradientTape() as tape:
+                out = model(image, training=training)
+                loss = tf.add_n([tf.reduce_sum(v) for v in out.values()])
+            return tape.gradient(loss, model.trainable_variables)
+
+        graph = tf.function(run).get_concrete_function().graph
+        return sum(op.type == "Conv3D" and op.inputs[1].shape[3] == 4
+                   for op in graph.get_operations())
+
+    for levels, expected in ((0, 1), (1, 2), (2, 2)):
+        model = build_model(ModelConfig(**{**cfg.__dict__, "recompute_levels": levels}))
+        assert stem_convs(model, True) == expected, levels
+        assert stem_convs(model, False) == 1, levels
+
+
 def test_recompute_levels_is_checked():
     with pytest.raises(ValueError, match=r"recompute_levels must be an integer in \[0, 4\]"):
         ModelConfig(recompute_levels=5)
