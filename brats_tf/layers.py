@@ -7,8 +7,6 @@ package name, so ``.keras`` files load without ``custom_objects``.
 
 from __future__ import annotations
 
-import weakref
-
 import keras
 import tensorflow as tf
 
@@ -256,9 +254,19 @@ def _conv_input_grad(x, kernel, dy):
         padding="SAME")
 
 
-# Graph -> {device: the gradients of the recomputed block whose backward pass
-# was traced last}. See _previous_backward.
-_LAST_BACKWARD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+def _graph_state(graph, name: str) -> dict:
+    """A dict kept in a traced graph (one of its collections), for the
+    recompute bookkeeping below.
+
+    In the graph, so that it lives and goes with the graph, rather than in a
+    module-level dict keyed by the graph whose values (the graph's tensors)
+    refer back to it. (Graph-mode ``tf.custom_gradient`` itself keeps traced
+    graphs alive through TensorFlow's gradient registry.)
+    """
+    collection = graph.get_collection_ref(name)
+    if not collection:
+        collection.append({})
+    return collection[0]
 
 
 def _previous_backward(dy: tf.Tensor) -> list:
@@ -277,12 +285,14 @@ def _previous_backward(dy: tf.Tensor) -> list:
     """
     if tf.executing_eagerly():
         return []
-    return _LAST_BACKWARD.get(dy.graph, {}).get(dy.device, [])
+    return _graph_state(dy.graph, "_brats_tf_last_backward").get(dy.device, [])
 
 
 def _record_backward(dy: tf.Tensor, grads) -> None:
+    """Records the outputs of the recomputed block backward pass just traced
+    (graph -> {device: its gradients}); see _previous_backward."""
     if not tf.executing_eagerly():
-        _LAST_BACKWARD.setdefault(dy.graph, {})[dy.device] = list(grads)
+        _graph_state(dy.graph, "_brats_tf_last_backward")[dy.device] = list(grads)
 
 
 class _Recipe:
@@ -299,20 +309,18 @@ class _Recipe:
         self.inputs, self.make, self.grads = list(inputs), make, grads
 
 
-# Graph -> {tensor name: _Recipe}. A recomputed ResNet block whose input has a
-# recipe keeps the recipe's inputs instead of its own input (see StemConv3D).
-_RECIPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _register_recipe(tensor: tf.Tensor, recipe: _Recipe) -> None:
+    """Records how to make ``tensor`` again (graph -> {tensor name: recipe}).
+    A recomputed ResNet block whose input has a recipe keeps the recipe's
+    inputs instead of its own input (see StemConv3D). Traced graphs only."""
     if not tf.executing_eagerly():
-        _RECIPES.setdefault(tensor.graph, {})[tensor.name] = recipe
+        _graph_state(tensor.graph, "_brats_tf_recipes")[tensor.name] = recipe
 
 
 def _recipe_of(tensor: tf.Tensor) -> "_Recipe | None":
     if tf.executing_eagerly() or not tf.is_symbolic_tensor(tensor):  # eager: no recipes
         return None
-    return _RECIPES.get(tensor.graph, {}).get(tensor.name)
+    return _graph_state(tensor.graph, "_brats_tf_recipes").get(tensor.name)
 
 
 def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,

@@ -652,7 +652,10 @@ def test_stem_recipe_gives_the_values_and_gradients_of_autodiff(dtype):
     x = tf.constant(rng.normal(size=shape).astype(np.float32), keras.config.floatx())
     weight = tf.constant(rng.normal(size=shape[:-1] + (8,)).astype(np.float32))
     plain, stem = _stem_pair(shape, 8, groups=4)
-    (want, _, _), (got, _, _) = (_stem_step(c, x, weight) for c in (plain, stem))
+    (want, _, _), (got, graph, _) = (_stem_step(c, x, weight) for c in (plain, stem))
+    # the recipe is used (under mixed precision too): the stem's conv runs twice
+    assert sum(op.type == "Conv3D" and op.inputs[1].shape[3] == 3
+               for op in graph.get_operations()) == 2
     tol = 1e-4 if dtype == "float32" else 2e-2
     assert len(got) == len(want) == 1 + 1 + 2 + 8
     for i, (g, w) in enumerate(zip(got, want)):
