@@ -662,13 +662,20 @@ def _resize_bilinear(images: tf.Tensor, size) -> tf.Tensor:
         shape, dtype = tf.shape(x), x.dtype
 
         def grad(dy):  # dy: float32, the resize's output type
-            return tf.raw_ops.ResizeBilinearGrad(
-                grads=dy, original_image=tf.zeros(shape, dtype),
-                align_corners=False, half_pixel_centers=True)
+            return _resize_bilinear_grad(dy, shape, dtype)
 
         return tf.image.resize(x, size, method="bilinear"), grad
 
     return resize(images)
+
+
+def _resize_bilinear_grad(dy: tf.Tensor, shape, dtype) -> tf.Tensor:
+    """Gradient of ``_resize_bilinear`` of an image of this shape and dtype,
+    given the float32 gradient dy of its output (zeros stand in for the
+    image: the op reads only its shape)."""
+    return tf.raw_ops.ResizeBilinearGrad(
+        grads=tf.cast(dy, tf.float32), original_image=tf.zeros(shape, dtype),
+        align_corners=False, half_pixel_centers=True)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -706,10 +713,29 @@ class TrilinearUpSampling3D(keras.layers.Layer):
         return outputs
 
     def _upsample_grads(self, inputs, d):
-        with tf.GradientTape() as tape:  # only the resize gradients are used
-            tape.watch(inputs[0])
-            outputs = self._upsample(inputs[0])
-        return tape.gradient(outputs, inputs, output_gradients=d)
+        """The gradient of ``_upsample`` (its ops in reverse), given the
+        output's gradient d; reads only the input's shape. Autodiff of a
+        second ``_upsample`` would also run that upsampling (a reshape's
+        gradient reads its input's shape), at whatever time the executor
+        chose: an extra full-resolution tensor at the recompute peak."""
+        x = inputs[0]
+        fd, fh, fw = self.size
+        shape = tf.shape(x)
+        b, depth, h, w = shape[0], shape[1], shape[2], shape[3]
+        c = x.shape[-1] if x.shape[-1] is not None else shape[4]
+        work = x.dtype if x.dtype in (tf.float32, tf.float64) else tf.float32
+        resize_hw = fh > 1 or fw > 1
+        if fd == 1 and not resize_hw:
+            return [d]
+        g = tf.cast(d, tf.float32)  # the resizes' output type
+        if fd > 1:  # the depth resize's input: float32 after a first resize
+            g = _resize_bilinear_grad(tf.reshape(g, [b, depth * fd, h * fh * w * fw, c]),
+                                      [b, depth, h * fh * w * fw, c],
+                                      tf.float32 if resize_hw else work)
+        if resize_hw:
+            g = _resize_bilinear_grad(tf.reshape(g, [b * depth, h * fh, w * fw, c]),
+                                      [b * depth, h, w, c], work)
+        return [tf.cast(tf.reshape(g, shape), x.dtype)]
 
     def _upsample(self, inputs):
         # Separable: tf.image.resize's bilinear kernel (half-pixel centres,
