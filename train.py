@@ -55,7 +55,7 @@ flags.DEFINE_boolean("recompute", False,
                      "Gradient checkpointing of the ResNet blocks of the finest "
                      "--recompute_levels levels (each keeps only its input; a hand-written "
                      "backward pass recomputes the rest): same results, less memory (README; "
-                     "paper crop on CPU, all 4 levels: 15 -> 6.6-7.8 GiB), about the same time "
+                     "paper crop on CPU, all 4 levels: 14 -> 6.1-6.2 GiB), about 15% more time "
                      "per step.")
 flags.DEFINE_integer("recompute_levels", None, "Levels recomputed with --recompute (1: the "
                      "full-resolution blocks only). Default: all.", lower_bound=1)
