@@ -344,12 +344,13 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
     (``_gn_statistics``) and the layers' compute dtype as everywhere else.
 
     With a ``recipe`` for the input (``_Recipe``: the stem, InitConv and
-    InitDropout, whose output is the first block's input), the block keeps
-    the recipe's inputs instead (the image, 1/8 of the size, and the stem's
-    weights and dropout mask), makes its input again at the start of its
-    backward pass, and returns the gradients of the recipe's inputs, not of
-    its own input: one full-resolution tensor fewer for the whole backward
-    pass.
+    InitDropout, before the first encoder block; an upsampling, and for the
+    decoder its sum with the skip features, before a VAE or decoder block),
+    the block keeps the recipe's inputs instead (the image and the stem's
+    weights and dropout mask; the half-resolution tensor and the skip
+    features), makes its input again at the start of its backward pass, and
+    returns the gradients of the recipe's inputs, not of its own input: one
+    full-resolution tensor fewer from the forward pass to that point.
     """
     dtype = inputs.dtype
     extra = recipe.inputs if recipe is not None else []
