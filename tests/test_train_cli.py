@@ -27,10 +27,40 @@ def data_dir(tmp_path_factory):
     return str(root / "tfr")
 
 
+def _train_cmd(args):
+    return [sys.executable, os.path.join(ROOT, "train.py"),
+            f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}"] + args
+
+
 def train(args, timeout=400):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-           f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}"] + args
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    return subprocess.run(_train_cmd(args), capture_output=True, text=True, timeout=timeout,
+                          env=ENV, cwd=ROOT)
+
+
+def start_train(args, log_path):
+    """train.py in the background, its stderr to ``log_path``; ``finish`` waits
+    for it. Two runs side by side take less wall time on two cores than one
+    after the other: much of a short run is single-threaded Python (imports,
+    tracing)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(_train_cmd(args), stdout=subprocess.DEVNULL, stderr=log, text=True,
+                            env=ENV, cwd=ROOT)
+    proc.log_path = log_path
+    log.close()  # the child holds its own descriptor
+    return proc
+
+
+def finish(proc, timeout=400):
+    """Waits for a ``start_train`` run (killed on timeout or error); its stderr
+    becomes ``proc.stderr``."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc.stderr = open(proc.log_path).read()
+    return proc
 
 
 def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_path):
@@ -83,10 +113,20 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message
 
 def test_recompute_run_uses_one_inter_op_thread(data_dir, tmp_path):
     """--recompute on one device runs one op at a time unless told otherwise."""
-    for extra, want in (([], 1), (["--inter_op_threads=2", "--system_allocator"], 2)):
+    cases = (([], 1), (["--inter_op_threads=2", "--system_allocator"], 2))
+    procs = [start_train([f"--data_dir={data_dir}", f"--model_dir={tmp_path / f'run{want}'}",
+                          "--recompute", "--epochs=1", "--steps_per_epoch=1", "--noexport",
+                          "--fold=-1"] + extra, tmp_path / f"log{want}.txt")
+             for extra, want in cases]
+    try:
+        for proc in procs:
+            finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (extra, want) in zip(procs, cases):
         model_dir = tmp_path / f"run{want}"
-        proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--recompute",
-                      "--epochs=1", "--steps_per_epoch=1", "--noexport", "--fold=-1"] + extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         config = json.loads((model_dir / "config.json").read_text())
         assert config["runtime"]["inter_op_threads"] == want
@@ -122,14 +162,26 @@ def test_killed_run_resumes_and_reaches_the_uninterrupted_weights(data_dir, tmp_
     common = [f"--data_dir={data_dir}", "--fold=-1", "--epochs=4", "--steps_per_epoch=3",
               "--validate_every=0", "--noexport"]
     straight = tmp_path / "straight"
-    proc = train(common + [f"--model_dir={straight}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight_proc = start_train(common + [f"--model_dir={straight}"],  # beside the killed run
+                                tmp_path / "straight.txt")
+    try:
+        _kill_and_resume(common, tmp_path / "killed")
+        finish(straight_proc)
+    finally:
+        if straight_proc.poll() is None:
+            straight_proc.kill()
+    assert straight_proc.returncode == 0, straight_proc.stderr[-3000:]
+    history = json.loads((tmp_path / "killed" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    want, got = _weights(straight), _weights(tmp_path / "killed")
+    assert want.keys() == got.keys() and len(want) > 50
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-           f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}",
-           f"--model_dir={killed}"] + common
-    child = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+
+def _kill_and_resume(common, killed):
+    """kill -9 a run right after its first checkpoint, then run it again."""
+    child = subprocess.Popen(_train_cmd([f"--model_dir={killed}"] + common), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
@@ -148,9 +200,3 @@ def test_killed_run_resumes_and_reaches_the_uninterrupted_weights(data_dir, tmp_
     proc = train(common + [f"--model_dir={killed}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
-    history = json.loads((killed / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
-    want, got = _weights(straight), _weights(killed)
-    assert want.keys() == got.keys() and len(want) > 50
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
