@@ -41,6 +41,11 @@ flags.DEFINE_boolean("tta", False, "Test-time augmentation: mean of the 8 mirror
 flags.DEFINE_boolean("crop_to_brain", True, "Run Keras models on the brain's bounding box "
                      "(2.6x fewer voxels on BraTS); false: the whole padded volume (the paper). "
                      "A SavedModel does what it was exported with.")
+flags.DEFINE_enum("precision", "saved", ["saved", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "Precision the network computes in: 'saved' (as the model was saved or "
+                  "trained), or a Keras dtype policy: mixed_bfloat16 is ~2x faster on CPUs "
+                  "with AMX (Sapphire Rapids and later), mixed_float16 is for GPUs. .keras "
+                  "files, model_dirs and checkpoints only; a SavedModel computes as exported.")
 flags.DEFINE_enum("et_label", "4", ["4", "3"], "Enhancing tumour label: 4 (BraTS 2017-2021) or "
                   "3 (BraTS 2023+), in the written predictions and the metrics.")
 flags.DEFINE_float("threshold", 0.5, "A voxel is in a region when p > threshold.",
@@ -67,6 +72,7 @@ def config_from_flags():
     return EvalConfig(models=tuple(FLAGS.model), data=FLAGS.data, output_dir=FLAGS.output_dir,
                       fold=FLAGS.fold, tta=FLAGS.tta, et_label=int(FLAGS.et_label),
                       threshold=FLAGS.threshold, crop_to_brain=FLAGS.crop_to_brain,
+                      precision=None if FLAGS.precision == "saved" else FLAGS.precision,
                       hd95_mode=FLAGS.hd95_mode,
                       save_probabilities=FLAGS.save_probabilities, figures=FLAGS.figures,
                       overwrite=FLAGS.overwrite, progress=FLAGS.progress)

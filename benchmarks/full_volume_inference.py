@@ -10,14 +10,19 @@ its peak resident memory is its own:
   ``serving_tta`` (what TF Serving runs), which returns the label map;
 
 each with the crop to the brain's bounding box (the default) or the whole
-volume padded to 240 x 240 x 160 (``--crop_to_brain=false``, the paper), and
-with or without TTA (8 flips). The case is a synthetic BraTS-like head at the
+volume padded to 240 x 240 x 160 (``--crop_to_brain=false``, the paper), with
+or without TTA (8 flips), and in ``--precision`` or the one after an ``@``
+(``keras:crop@mixed_bfloat16``). The network is built in float32 and then
+converted as users do: ``build_inference_model(model, precision=...)``
+(evaluate.py --precision) or ``export_saved_model(..., precision=...)``
+(brats_tf.export --precision). The case is a synthetic BraTS-like head at the
 real size (data_pipeline.synthetic: brain ~140 x 173 x 133 voxels, like
 BraTS); the network has random weights (timing does not depend on them).
 The first call (tracing) is reported apart from the timed calls.
 
   python benchmarks/full_volume_inference.py                   # the default set
   python benchmarks/full_volume_inference.py --configs=keras:crop,saved_model:crop:tta
+  python benchmarks/full_volume_inference.py --configs=keras:crop@mixed_bfloat16   # AMX CPUs
   python benchmarks/full_volume_inference.py --json_out=benchmarks/full_volume_inference.json
 
 The paper reports 0.4 s per volume on one V100 (§4).
@@ -42,23 +47,29 @@ from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
-                  "Configurations, each path:crop|full[:tta], path keras or saved_model.")
+                  "Configurations, each path:crop|full[:tta][@precision], path keras or "
+                  "saved_model, precision as --precision.")
 flags.DEFINE_integer("repeats", 2, "Timed calls after the first (tracing) call.", lower_bound=1)
 flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-                  "Keras dtype policy of the network (mixed_float16: GPU; mixed_bfloat16: "
-                  "CPUs with AVX512-BF16/AMX or GPUs).")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
+                  "Keras dtype policy the network computes in, unless a configuration names "
+                  "one (mixed_float16: GPU; mixed_bfloat16: CPUs with AVX512-BF16/AMX or GPUs).")
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_string("_single", None, "Internal: run this one configuration in this process.")
 
 
-def _parse(config: str) -> dict:
+def _parse(text: str, precision: str) -> dict:
+    config, _, named = text.partition("@")
     parts = config.split(":")
     if len(parts) not in (2, 3) or parts[0] not in ("keras", "saved_model") or \
-            parts[1] not in ("crop", "full") or (len(parts) == 3 and parts[2] != "tta"):
-        raise app.UsageError(f"--configs: bad entry {config!r}; use path:crop|full[:tta] with "
-                             f"path keras or saved_model")
-    return {"path": parts[0], "crop_to_brain": parts[1] == "crop", "tta": len(parts) == 3}
+            parts[1] not in ("crop", "full") or (len(parts) == 3 and parts[2] != "tta") or \
+            (named and named not in PRECISIONS):
+        raise app.UsageError(f"--configs: bad entry {text!r}; use path:crop|full[:tta]"
+                             f"[@precision] with path keras or saved_model, precision one of "
+                             f"{', '.join(PRECISIONS)}")
+    return {"path": parts[0], "crop_to_brain": parts[1] == "crop", "tta": len(parts) == 3,
+            "precision": named or precision}
 
 
 def _case():
@@ -82,12 +93,12 @@ def _run_one(config: dict) -> dict:
     from brats_tf.model import build_inference_model, build_model
 
     image, _ = _case()
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(init_filters=FLAGS.init_filters))
+    model = build_model(ModelConfig(init_filters=FLAGS.init_filters))  # float32
+    precision = config["precision"]
     tmp = tempfile.TemporaryDirectory()
     if config["path"] == "keras":
-        segmenter = build_inference_model(model)
+        segmenter = build_inference_model(model, precision=precision)
 
         def predict():
             probs = inference.predict_volume(segmenter, image, tta=config["tta"],
@@ -95,7 +106,8 @@ def _run_one(config: dict) -> dict:
             return inference.probabilities_to_labels(probs)
     else:
         version = export.export_saved_model(model, tmp.name,
-                                            crop_to_brain=config["crop_to_brain"])
+                                            crop_to_brain=config["crop_to_brain"],
+                                            precision=precision)
         del model
         fn = tf.saved_model.load(str(version)).signatures[
             "serving_tta" if config["tta"] else "serving_default"]
@@ -125,7 +137,7 @@ def _run_one(config: dict) -> dict:
         "network_input": "x".join(str(-(-n // 8) * 8) for n in (
             size if config["crop_to_brain"] else image.shape[:3])),
         "init_filters": FLAGS.init_filters,
-        "precision": FLAGS.precision,
+        "precision": precision,
         "device": device_name(),
         "first_call_s": round(first, 2),
         "seconds": round(float(np.median(times)), 2),
@@ -138,9 +150,9 @@ def _run_one(config: dict) -> dict:
 def main(argv):
     del argv
     if FLAGS._single:
-        print(json.dumps(_run_one(_parse(FLAGS._single))))
+        print(json.dumps(_run_one(_parse(FLAGS._single, FLAGS.precision))))
         return
-    configs = [(c, _parse(c)) for c in FLAGS.configs]
+    configs = [(c, _parse(c, FLAGS.precision)) for c in FLAGS.configs]
     machine = describe()
     print(f"machine: {machine}")
     results = []
@@ -152,7 +164,7 @@ def main(argv):
         r = run_measurement(args, text)
         results.append(r)
         print(f"  {r['path']:<11} {'crop' if r['crop_to_brain'] else 'full':<4} "
-              f"{'tta' if r['tta'] else 'one':<3}: {r['seconds']:.1f} s per case "
+              f"{'tta' if r['tta'] else 'one':<3} {r['precision']}: {r['seconds']:.1f} s per case "
               f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
               f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
     if FLAGS.json_out:

@@ -25,6 +25,21 @@ def describe() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16,
+    /proc/cpuinfo flags), where oneDNN runs bfloat16 convolutions fast;
+    elsewhere they are emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def device_name() -> str:
     """The first GPU's name as TensorFlow reports it, else "CPU"."""
     import tensorflow as tf

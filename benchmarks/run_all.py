@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import cpu_has_bf16, describe  # noqa: E402
 from brats_tf.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -77,6 +77,9 @@ def measure() -> dict:
             steps += _run("model_step.py", "--crops=160,192,128", "--steps=1",
                           *extra)["results"]
     inference = _run("full_volume_inference.py")["results"]
+    if cpu_has_bf16():  # AMX / AVX512-BF16: the bfloat16 inference of evaluate.py --precision
+        inference += _run("full_volume_inference.py", "--configs=keras:crop@mixed_bfloat16,"
+                          "saved_model:crop@mixed_bfloat16")["results"]
     pipeline = _run("input_pipeline.py", "--epochs=3")
     return {"machine": describe(), "date": datetime.date.today().isoformat(), "steps": steps,
             "inference": inference, "input_pipeline": pipeline}
@@ -158,7 +161,8 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
     for r in results["inference"]:
         name = (f"inference {r['input']}, {r['path']}, "
                 f"{'brain box' if r['crop_to_brain'] else 'whole volume'} "
-                f"({r['network_input']}){', TTA 8 flips' if r['tta'] else ''}")
+                f"({r['network_input']}){', TTA 8 flips' if r['tta'] else ''}"
+                + (f", {r['precision']}" if r.get("precision", "float32") != "float32" else ""))
         target = "—"
         if not r["tta"]:
             ok = (r["seconds"] <= TARGETS["inference_seconds"]

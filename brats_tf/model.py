@@ -13,6 +13,9 @@ Two models share one set of layers:
 * ``build_inference_model(model)``: encoder + segmentation decoder with the
   same layer objects (so the same weights), no VAE, any spatial size
   divisible by 8 (``None`` spatial dims). Output: ``{"seg": probabilities}``.
+  With ``precision`` (e.g. ``mixed_bfloat16`` for CPUs with AMX or
+  AVX512-BF16, ``mixed_float16`` for GPUs) it computes in that precision
+  instead, with a copy of the weights.
 
 Every layer carries the paper's stage name (InitConv, EncoderBlock1_0,
 EncoderDown2, DecoderUp1_Conv1, DecoderBlock0_0, DecoderEnd_Conv1, VD_Conv,
@@ -22,6 +25,8 @@ like Table 1 and tests can count parameters stage by stage.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 from typing import Callable
 
@@ -29,6 +34,26 @@ import keras
 
 from brats_tf import layers as L
 from brats_tf.config import ModelConfig
+
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def model_precision(model: keras.Model) -> str:
+    """The Keras dtype policy a brats_tf model computes in (its InitConv's)."""
+    return model.get_layer("InitConv").dtype_policy.name
+
+
+@contextlib.contextmanager
+def _global_policy(precision: str):
+    """Layers made inside take the dtype policy ``precision``; the global
+    policy is put back afterwards."""
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(old)
 
 
 class _Stages:
@@ -203,13 +228,22 @@ def build_inference_model(
     model: keras.Model,
     spatial_shape: tuple = (None, None, None),
     name: str = "brats_segmenter",
+    precision: str | None = None,
 ) -> keras.Model:
     """Encoder + segmentation decoder of ``model``, sharing its weights, no VAE.
 
     Args:
-      model: a training model from ``build_model`` (or loaded from .keras).
+      model: a training model from ``build_model`` (or loaded from .keras), or
+        an inference model.
       spatial_shape: (D, H, W) of the input; ``None`` for any size. Known sizes
         must be divisible by 8 (2 ** (levels - 1)), else ValueError.
+      precision: the Keras dtype policy to compute in (``PRECISIONS``); None
+        or ``model``'s own: share ``model``'s layers. Another: new layers
+        under that policy with a copy of the weights (variables stay
+        float32; ``model`` is untouched). ``mixed_bfloat16`` halves the
+        inference time on CPUs with AMX (README), ``mixed_float16`` is for
+        GPUs (on a CPU it is ~150x slower). GroupNorm statistics and the
+        sigmoid stay float32 under either.
 
     Returns a model [B, D, H, W, 4] -> {"seg": [B, D, H, W, 3] probabilities}.
     """
@@ -218,6 +252,18 @@ def build_inference_model(
     if len(spatial_shape) != 3:
         raise ValueError(f"spatial_shape must be (D, H, W), got {spatial_shape!r}")
     L.check_spatial_shape(spatial_shape, cfg.spatial_divisor)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision is not None and precision != model_precision(model):
+        # The segmentation layers only (no VAE), plain blocks: inference
+        # never recomputes.
+        copy_cfg = dataclasses.replace(cfg, vae=False, recompute_levels=0)
+        with _global_policy(precision):
+            copy = build_model(copy_cfg, name=f"{model.name}_{precision}")
+        for layer in copy.layers:
+            if layer.weights:
+                layer.set_weights(model.get_layer(layer.name).get_weights())
+        model, cfg = copy, copy_cfg
     stage = _Stages(model)
     image = keras.Input(spatial_shape + (cfg.in_channels,), name="image")
     x = L.SpatialDivisibilityCheck(cfg.spatial_divisor, name="InputCheck")(image)

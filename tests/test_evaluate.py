@@ -309,6 +309,30 @@ def test_non_empty_output_dir_needs_overwrite(data, models, tmp_path, capsys):
     assert len(read_csv(out / "per_case.csv")) == NUM_CASES
 
 
+def test_precision_applies_to_keras_models_and_is_refused_for_a_saved_model(
+        data, models, tmp_path, capsys):
+    base = [f"--data={data / 'tfr'}", "--nofigures", "--precision=mixed_bfloat16"]
+    out = tmp_path / "bf16"
+    code, _, stderr = run(base + [f"--model={models / 'md'}", f"--output_dir={out}"], capsys)
+    assert code == 0, stderr
+    record = json.loads((out / evaluation.RUN_JSON).read_text())
+    assert record["config"]["precision"] == "mixed_bfloat16"
+    assert record["models"][0]["precision"] == "mixed_bfloat16"
+    assert len(read_csv(out / "per_case.csv")) == NUM_CASES
+    # The probabilities are float32's within bfloat16's precision.
+    case = next(iter(evaluation.open_cases(str(data / "tfr"))[0]))
+    want = evaluation.load_model(models / "md").predict(case.image, tta=False)
+    got = evaluation.load_model(models / "md", "mixed_bfloat16").predict(case.image, tta=False)
+    assert 0 < np.abs(got - want).max() < 0.06
+    saved_model = models / "md" / "export" / "1"
+    code, _, stderr = run(base + [f"--model={saved_model}", f"--output_dir={tmp_path / 'o'}"],
+                          capsys)
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert code != 0 and len(errors) == 1, stderr
+    assert str(saved_model) in errors[0] and "exported with" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_command_line_exit_status_and_one_line_error(data, tmp_path):
     missing = tmp_path / "missing_model"
     proc = subprocess.run(
@@ -328,6 +352,7 @@ def test_command_line_exit_status_and_one_line_error(data, tmp_path):
     (dict(threshold=1.5), "threshold"),
     (dict(hd95_mode="mean"), "hd95_mode"),
     (dict(fold=-1), "fold"),
+    (dict(precision="bfloat16"), "precision"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     base = dict(models=("m",), data="d", output_dir="o")

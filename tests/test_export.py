@@ -184,6 +184,29 @@ def test_export_of_mixed_precision_model(tmp_path):
     np.testing.assert_allclose(probs.numpy(), expected, atol=2e-3)
 
 
+def test_export_in_another_precision(tmp_path):
+    """precision='mixed_bfloat16' serves a float32 model computing in bfloat16
+    (float32 in and out), close to the float32 SavedModel; the metadata says so."""
+    keras.utils.set_random_seed(4)
+    model = build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
+                                    blocks_down=(1, 1), blocks_up=(1,)))
+    x = tf.constant(raw_batch((6, 10, 7), seed=5))
+    probs = {}
+    for precision in (None, "mixed_bfloat16"):
+        version = export.export_saved_model(model, tmp_path / str(precision),
+                                            precision=precision)
+        meta = json.loads((version / export.METADATA_FILE).read_text())
+        assert meta["precision"] == (precision or "float32")
+        loaded = tf.saved_model.load(str(version))
+        probs[precision] = loaded.signatures["serving_default"](image=x)["probabilities"]
+        assert probs[precision].dtype == tf.float32
+    assert model.get_layer("InitConv").compute_dtype == "float32"  # untouched
+    diff = np.abs(probs["mixed_bfloat16"].numpy() - probs[None].numpy())
+    assert 0 < diff.max() < 0.06, diff.max()
+    with pytest.raises(ValueError, match="precision"):
+        export.ExportConfig(model="m.keras", export_dir="e", precision="half")
+
+
 def test_brain_box_in_the_graph_matches_numpy_and_can_be_turned_off(tmp_path):
     """A head with zero background around it: the default SavedModel runs the
     network on the brain's box (as inference.predict_volume); one exported with

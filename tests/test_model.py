@@ -8,7 +8,7 @@ import tensorflow as tf
 from brats_tf import losses
 from brats_tf.config import ModelConfig
 from brats_tf.layers import GroupNorm, ResNetBlock
-from brats_tf.model import build_inference_model, build_model, config_from_model
+from brats_tf.model import build_inference_model, build_model, config_from_model, model_precision
 
 TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
 
@@ -192,6 +192,42 @@ def test_inference_model_shares_weights_and_takes_any_divisible_size(tiny_model)
     assert not np.allclose(changed, inf(x)["seg"].numpy())
     odd = np.random.default_rng(2).normal(size=(1, 24, 40, 16, 4)).astype(np.float32)
     assert inf(odd)["seg"].shape == (1, 24, 40, 16, 3)
+
+
+@pytest.mark.parametrize("precision,dtype", [("mixed_bfloat16", "bfloat16"),
+                                             ("mixed_float16", "float16")])
+def test_inference_model_in_another_precision_has_a_copy_of_the_weights(
+        tiny_model, precision, dtype):
+    x = np.random.default_rng(5).normal(size=(1, 16, 24, 32, 4)).astype(np.float32)
+    same = build_inference_model(tiny_model)
+    want = same(x)["seg"].numpy()
+    other = build_inference_model(tiny_model, precision=precision)
+    # The source model and the global policy are untouched.
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert model_precision(tiny_model) == "float32" and model_precision(other) == precision
+    for name in ("InitConv", "EncoderBlock0_0", "DecoderUp0_Upsample", "DecoderEnd_Conv1"):
+        assert other.get_layer(name).compute_dtype == dtype, name
+        assert tiny_model.get_layer(name).compute_dtype == "float32", name
+    assert other.get_layer("DecoderEnd_Sigmoid").compute_dtype == "float32"
+    # A copy: the same values (float32 variables), no shared variable.
+    assert not {id(v) for v in other.weights} & {id(v) for v in tiny_model.weights}
+    assert len(other.weights) == len(same.weights)
+    for layer in other.layers:
+        for a, b in zip(layer.weights, tiny_model.get_layer(layer.name).weights):
+            assert a.dtype == "float32"
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=layer.name)
+    got = other(x)["seg"]
+    assert got.dtype == tf.float32
+    diff = np.abs(got.numpy() - want)
+    # Computed in 8 (bfloat16) or 11 (float16) significant bits: close to
+    # float32's probabilities, not equal to them.
+    assert 0 < diff.max() < (0.06 if dtype == "bfloat16" else 0.01), diff.max()
+    assert diff.mean() < (0.01 if dtype == "bfloat16" else 1e-3), diff.mean()
+    # Back to float32: float32's output again.
+    back = build_inference_model(other, precision="float32")
+    np.testing.assert_allclose(back(x)["seg"].numpy(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build_inference_model(tiny_model, precision="float16")
 
 
 def test_inference_model_rejects_sizes_not_divisible_by_8(tiny_model):
