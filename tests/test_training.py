@@ -153,11 +153,12 @@ def test_mirrored_two_replicas_equal_one_device_with_the_global_batch(tmp_path):
 
 def test_mixed_float16_scales_the_loss(tmp_path):
     """Under mixed_float16 the SGD update matches float32's; unscaled float16
-    gradients would underflow or be divided by the loss scale (32768)."""
+    gradients would underflow or be divided by the loss scale (32768). Under
+    mixed_bfloat16 (float32's exponent range: no loss scaling) as well."""
     images, labels = make_cases(1)
     deltas = {}
     init = None
-    for precision in ("float32", "mixed_float16"):
+    for precision in ("float32", "mixed_float16", "mixed_bfloat16"):
         cfg = training.TrainConfig(model_dir=str(tmp_path / precision), num_train_cases=1,
                                    epochs=1, initial_lr=0.5, precision=precision, verbose=False)
         trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
@@ -169,6 +170,8 @@ def test_mixed_float16_scales_the_loss(tmp_path):
         if precision == "mixed_float16":
             assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
             assert float(trainer.optimizer.dynamic_scale) == 2.0**15
+        else:
+            assert not isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
         # Repeat the one-step epoch until the inner optimizer has applied one
         # update (a step whose scaled gradients overflow is skipped).
         while int(getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
@@ -181,12 +184,14 @@ def test_mixed_float16_scales_the_loss(tmp_path):
         deltas[precision] = [w - w0 for w, w0 in zip(trainer.model.get_weights(), init)]
     keras.mixed_precision.set_global_policy("float32")
     d32 = np.concatenate([d.ravel() for d in deltas["float32"]])
-    d16 = np.concatenate([d.ravel() for d in deltas["mixed_float16"]])
-    # Same update up to float16 rounding: same direction and size. Without
-    # scale_loss the float16 update would be ~32768x smaller (or zero).
-    cosine = float(d32 @ d16 / (np.linalg.norm(d32) * np.linalg.norm(d16)))
-    assert cosine > 0.98
-    assert 0.8 < np.linalg.norm(d16) / np.linalg.norm(d32) < 1.25
+    for precision in ("mixed_float16", "mixed_bfloat16"):
+        d16 = np.concatenate([d.ravel() for d in deltas[precision]])
+        # Same update up to float16 (bfloat16) rounding: same direction and
+        # size. Without scale_loss the float16 update would be ~32768x smaller
+        # (or zero).
+        cosine = float(d32 @ d16 / (np.linalg.norm(d32) * np.linalg.norm(d16)))
+        assert cosine > 0.98, (precision, cosine)  # measured 0.9993 and 0.993
+        assert 0.8 < np.linalg.norm(d16) / np.linalg.norm(d32) < 1.25, precision
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
