@@ -151,11 +151,12 @@ def test_cli_exports_and_overwrites(tmp_path):
     target.mkdir(parents=True)
     (target / "stale.txt").write_text("old version")
     result = run_cli(f"--model={keras_path}", f"--export_dir={tmp_path / 'brats'}",
-                     "--overwrite", "--et_label=3")
+                     "--overwrite", "--et_label=3", "--precision=float32")
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (target / "stale.txt").exists()
     assert [p.name for p in (tmp_path / "brats").iterdir()] == ["1"]
-    assert json.loads((target / export.METADATA_FILE).read_text())["et_label"] == 3
+    meta = json.loads((target / export.METADATA_FILE).read_text())
+    assert meta["et_label"] == 3 and meta["precision"] == "float32"
     loaded = tf.saved_model.load(str(target))
     x = raw_batch((7, 8, 5), seed=5)
     out = loaded.signatures["serving_default"](image=tf.constant(x))
