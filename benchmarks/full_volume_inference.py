@@ -23,6 +23,7 @@ The first call (tracing) is reported apart from the timed calls.
   python benchmarks/full_volume_inference.py                   # the default set
   python benchmarks/full_volume_inference.py --configs=keras:crop,saved_model:crop:tta
   python benchmarks/full_volume_inference.py --configs=keras:crop@mixed_bfloat16   # AMX CPUs
+  python benchmarks/full_volume_inference.py --configs=saved_model:crop --breakdown
   python benchmarks/full_volume_inference.py --json_out=benchmarks/full_volume_inference.json
 
 The paper reports 0.4 s per volume on one V100 (§4).
@@ -55,6 +56,9 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
                   "Keras dtype policy the network computes in, unless a configuration names "
                   "one (mixed_float16: GPU; mixed_bfloat16: CPUs with AVX512-BF16/AMX or GPUs).")
+flags.DEFINE_boolean("breakdown", False, "Also time the parts of a call apart (no TTA): "
+                     "the host tensor, the copy to the device, normalisation + box + padding, "
+                     "the network, crop back + paste + labels + copy back (the 'parts').")
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_string("_single", None, "Internal: run this one configuration in this process.")
 
@@ -83,6 +87,72 @@ def _case():
     return image, label
 
 
+def _sync(t):
+    """Waits for ``t`` (on whichever device) by copying one element back."""
+    import tensorflow as tf
+
+    return tf.reshape(t, [-1])[:1].numpy()
+
+
+def _parts(segmenter, image, crop_to_brain: bool) -> dict:
+    """Median seconds of each part of one inference call, run apart, each
+    after a warm-up call, on the device (the GPU when there is one)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from brats_tf import inference
+
+    spec = tf.TensorSpec([None] * 4 + [image.shape[-1]], tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def pre(x):
+        x = inference.normalize_nonzero_tf(x)
+        start = tf.zeros([3], tf.int32)
+        if crop_to_brain:
+            start, size = inference.brain_box_tf(x)
+            x = inference.crop_box_tf(x, start, size)
+        x, pads = inference.pad_to_multiple_tf(x)
+        return x, pads, start
+
+    @tf.function(input_signature=[spec])
+    def network(x):
+        return inference.model_probabilities(segmenter, x)
+
+    @tf.function
+    def post(probs, pads, start, full):
+        probs = inference.paste_box_tf(inference.crop_back_tf(probs, pads), start, full)
+        return inference.probabilities_to_labels_tf(probs)
+
+    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    full = tf.constant(image.shape[:3], tf.int32)
+    steps = {}
+    def host_tensor():
+        with tf.device("CPU:0"):  # eager tf.constant follows the device scope
+            return tf.constant(image[None])
+
+    host = host_tensor()
+    steps["host_tensor"] = host_tensor
+    with tf.device(device):
+        steps["to_device"] = lambda: _sync(tf.identity(host))
+        x = tf.identity(host)
+        steps["preprocess"] = lambda: _sync(pre(x)[0])
+        padded, pads, start = pre(x)
+        steps["network"] = lambda: _sync(network(padded))
+        probs = network(padded)
+        steps["postprocess"] = lambda: post(probs, pads, start, full).numpy()
+        out = {}
+        for name, step in steps.items():
+            step()
+            times = []
+            for _ in range(FLAGS.repeats):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            out[name + "_s"] = round(float(np.median(times)), 4)
+    out["sum_s"] = round(sum(out.values()), 4)
+    return out
+
+
 def _run_one(config: dict) -> dict:
     import keras
     import numpy as np
@@ -97,8 +167,10 @@ def _run_one(config: dict) -> dict:
     model = build_model(ModelConfig(init_filters=FLAGS.init_filters))  # float32
     precision = config["precision"]
     tmp = tempfile.TemporaryDirectory()
-    if config["path"] == "keras":
+    segmenter = None
+    if config["path"] == "keras" or FLAGS.breakdown:
         segmenter = build_inference_model(model, precision=precision)
+    if config["path"] == "keras":
 
         def predict():
             probs = inference.predict_volume(segmenter, image, tta=config["tta"],
@@ -129,7 +201,7 @@ def _run_one(config: dict) -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     gpu_peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30 if gpus else None
     assert labels.shape == image.shape[:3], labels.shape
-    return {
+    result = {
         "path": config["path"],
         "crop_to_brain": config["crop_to_brain"],
         "tta": config["tta"],
@@ -145,6 +217,9 @@ def _run_one(config: dict) -> dict:
         "rss_before_gib": round(rss0 / 2**20, 2),
         "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
     }
+    if FLAGS.breakdown and not config["tta"]:  # after the peaks above: its own allocations
+        result["parts"] = _parts(segmenter, image, config["crop_to_brain"])
+    return result
 
 
 def main(argv):
@@ -159,7 +234,7 @@ def main(argv):
     for text, _ in configs:
         args = [sys.executable, os.path.abspath(__file__), f"--_single={text}",
                 f"--repeats={FLAGS.repeats}", f"--init_filters={FLAGS.init_filters}",
-                f"--precision={FLAGS.precision}"]
+                f"--precision={FLAGS.precision}", f"--breakdown={FLAGS.breakdown}"]
         print(f"running {text} ...", flush=True)
         r = run_measurement(args, text)
         results.append(r)
@@ -167,6 +242,9 @@ def main(argv):
               f"{'tta' if r['tta'] else 'one':<3} {r['precision']}: {r['seconds']:.1f} s per case "
               f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
               f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
+        if "parts" in r:
+            print("    parts: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["parts"].items()),
+                  flush=True)
     if FLAGS.json_out:
         write_json_atomic(FLAGS.json_out, {"machine": machine, "results": results})
         print(f"wrote {FLAGS.json_out}")

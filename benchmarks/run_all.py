@@ -130,6 +130,11 @@ def _gpu_rows(runs: list[dict]) -> tuple[list[tuple[str, str, str, str]], list[s
                         f"{', TTA 8 flips' if r['tta'] else ''}")
                 result = (f"{r['seconds']:.2f} s/case (first call {r['first_call_s']:.1f} s; "
                           f"GPU peak {r['gpu_peak_gib']:.1f} GiB)")
+                if r.get("parts"):  # full_volume_inference.py --breakdown
+                    p = r["parts"]
+                    result += (f"; apart: host copies {p['host_tensor_s'] + p['to_device_s']:.3f}"
+                               f", pre {p['preprocess_s']:.3f}, network {p['network_s']:.3f}, "
+                               f"post {p['postprocess_s']:.3f} s")
                 target = "— (the targets are for an H100)"
                 if h100 and not r["tta"]:
                     target = (f"≤ {TARGETS['gpu_inference_seconds']} s: "

@@ -55,6 +55,37 @@ def test_render_only_marks_each_target(tmp_path):
         "—", "≥ 4 cases/s: NOT met"]
     assert "not measured" in table  # no GPU rows in the results: marked, not invented
     assert json.loads((tmp_path / "results.json").read_text()) == results  # input untouched
+    # A row in another precision says which; float32 (and older rows) do not.
+    results["inference"] = [_inference(4.0, 3.0), {**_inference(4.0, 3.0),
+                                                   "precision": "mixed_bfloat16"}]
+    table, _ = _render(tmp_path, results, "| ")
+    rows = [line for line in table.splitlines() if line.startswith("| inference")]
+    assert ["mixed_bfloat16" in row for row in rows] == [False, True]
+
+
+_PARSE_CHECK = """
+from absl import app
+from benchmarks.full_volume_inference import _parse
+assert _parse("keras:crop", "float32") == {
+    "path": "keras", "crop_to_brain": True, "tta": False, "precision": "float32"}
+assert _parse("saved_model:full:tta@mixed_bfloat16", "float32") == {
+    "path": "saved_model", "crop_to_brain": False, "tta": True, "precision": "mixed_bfloat16"}
+for bad in ("keras:crop@bf16", "keras:box", "tf:crop", "keras:crop:tta:x"):
+    try:
+        _parse(bad, "float32")
+    except app.UsageError as e:
+        assert repr(bad) in str(e), e
+    else:
+        raise AssertionError(f"{bad!r} was accepted")
+print("ok")
+"""
+
+
+def test_inference_configs_take_a_precision():
+    # In a subprocess: the benchmark's absl flags would clash with evaluate.py's.
+    proc = subprocess.run([sys.executable, "-c", _PARSE_CHECK], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok"], proc.stderr[-2000:]
 
 
 def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
@@ -86,6 +117,13 @@ def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
                         "trains within 16 GB: NOT met", "≤ 0.1 s: met", "≤ 0.1 s: NOT met",
                         "—", "— (the targets are for an H100)"]
     assert "not measured" not in table and "measured 2026-01-02" in table
+    # full_volume_inference.py --breakdown: the parts timed apart.
+    parts = {"host_tensor_s": 0.02, "to_device_s": 0.01, "preprocess_s": 0.005,
+             "network_s": 0.04, "postprocess_s": 0.003, "sum_s": 0.078}
+    (gpu / "b.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-01-02",
+                                            "results": [{**infer(0.09), "parts": parts}]}))
+    table, _ = _render(tmp_path, results, "| GPU")
+    assert ("apart: host copies 0.030, pre 0.005, network 0.040, post 0.003 s" in table)
 
 
 def test_memory_profile_without_xprof_fails_in_one_line():
