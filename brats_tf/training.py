@@ -37,13 +37,12 @@ import tensorflow as tf
 from brats_tf import constants, losses, metrics
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.io_utils import write_json_atomic
-from brats_tf.model import build_inference_model, build_model
+from brats_tf.model import PRECISIONS, build_inference_model, build_model
 from brats_tf.schedules import poly_lr
 
 log = logging.getLogger("brats_tf.training")
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
 # dataset_fn(input_context, epoch) -> tf.data.Dataset of {"image", "label"}
