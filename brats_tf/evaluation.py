@@ -23,6 +23,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+import weakref
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -32,6 +33,12 @@ from brats_tf.io_utils import write_text_atomic
 from brats_tf.model import build_inference_model
 
 log = logging.getLogger("brats_tf.evaluation")
+
+
+# training model -> its inference model, made once: predict_volume caches its
+# traced graph per inference model, so a new one at every validation would
+# trace the network again each time (weak keys: the cache keeps nothing alive).
+_SEGMENTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def validation_dice(model, files, tta: bool = False) -> dict:
@@ -44,7 +51,9 @@ def validation_dice(model, files, tta: bool = False) -> dict:
     """
     from data_pipeline.input import InputConfig, make_dataset
 
-    segmenter = build_inference_model(model)
+    segmenter = _SEGMENTERS.get(model)
+    if segmenter is None:
+        segmenter = _SEGMENTERS[model] = build_inference_model(model)
     scores = {region: [] for region in constants.REGIONS}
     for example in make_dataset(InputConfig(files=tuple(files), mode="eval")):
         probs = inference.predict_volume(segmenter, example["image"][0].numpy(), tta=tta,

@@ -333,6 +333,24 @@ def test_precision_applies_to_keras_models_and_is_refused_for_a_saved_model(
     assert not (tmp_path / "o").exists()
 
 
+def test_validation_reuses_one_traced_network(data):
+    """train.py validates every few epochs: the inference model (and with it
+    predict_volume's traced graph) is made once per training model, and still
+    sees the training model's current weights."""
+    from brats_tf import inference
+
+    keras.utils.set_random_seed(3)
+    model = build_model(ModelConfig(**TINY))
+    files, _, _ = evaluation._tfrecord_source(str(data / "tfr"), None)
+    first = evaluation.validation_dice(model, files)
+    segmenter = evaluation._SEGMENTERS[model]
+    assert evaluation.validation_dice(model, files) == first
+    assert evaluation._SEGMENTERS[model] is segmenter
+    (fn,) = inference._GRAPH_FNS[segmenter].values()
+    assert fn.experimental_get_tracing_count() == 1  # 2 validations x 3 cases
+    assert {id(v) for v in segmenter.weights} <= {id(v) for v in model.weights}
+
+
 def test_command_line_exit_status_and_one_line_error(data, tmp_path):
     missing = tmp_path / "missing_model"
     proc = subprocess.run(
