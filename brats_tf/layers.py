@@ -236,8 +236,13 @@ def _conv_same(x, kernel, bias):
 
 
 def _norm_relu(x, mean, rstd, gamma, beta, dtype):
-    """ReLU(GroupNorm(x)) from known group statistics, computed in float32."""
-    return tf.nn.relu(_gn_apply(x, mean, rstd, gamma, beta, dtype))
+    """ReLU(GroupNorm(x)) from known group statistics, computed in float32 and
+    cast to dtype after the ReLU: the same values as a ReLU after the cast
+    (the cast keeps signs and zeros), and under mixed_bfloat16 a float32 ReLU
+    is much faster on the CPU than Eigen's bfloat16 one (0.59 s of a 3.7 s
+    brain-box inference before)."""
+    scale = rstd * gamma
+    return tf.cast(tf.nn.relu(tf.cast(x, tf.float32) * scale + (beta - mean * scale)), dtype)
 
 
 def _conv_kernel_grad(x, kernel, dy):
@@ -633,8 +638,22 @@ class ResNetBlock(keras.layers.Layer):
                 tf.cast(self.conv2.kernel, inputs.dtype), tf.cast(self.conv2.bias, inputs.dtype),
                 tf.cast(self.norm2.gamma, dtype), tf.cast(self.norm2.beta, dtype),
                 self.groups, self.norm1.epsilon, recipe=_recipe_of(inputs))
-        else:
+        if training:
             return self._residual(inputs) + inputs
+        return self._inference_residual(inputs) + inputs
+
+    def _inference_residual(self, inputs):
+        """``_residual`` outside training: GN + ReLU as one float32 expression
+        (``_norm_relu``) with no gradient bookkeeping; the same values."""
+        x = self.conv1(self._norm_relu(self.norm1, inputs))
+        return self.conv2(self._norm_relu(self.norm2, x))
+
+    @staticmethod
+    def _norm_relu(norm: "GroupNorm", inputs):
+        x = tf.cast(inputs, tf.float32)
+        mean, rstd, _ = _gn_statistics(x, norm.groups, norm.epsilon)
+        return _norm_relu(x, mean, rstd, tf.cast(norm.gamma, tf.float32),
+                          tf.cast(norm.beta, tf.float32), inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -338,13 +338,36 @@ def test_resnet_block_matches_numpy_reference():
     block(x)  # build
     for var in block.weights:  # non-trivial GN affine parameters too
         var.assign(rng.normal(scale=0.3, size=var.shape).astype(np.float32))
-    got = block(x).numpy()
     n1, c1, n2, c2 = block.norm1, block.conv1, block.norm2, block.conv2
     y = np.maximum(_group_norm_np(x, n1.gamma.numpy(), n1.beta.numpy(), 4), 0)
     y = _conv_same_np(y, c1.kernel.numpy(), c1.bias.numpy())
     y = np.maximum(_group_norm_np(y, n2.gamma.numpy(), n2.beta.numpy(), 4), 0)
     y = _conv_same_np(y, c2.kernel.numpy(), c2.bias.numpy())
-    np.testing.assert_allclose(got, y + x, rtol=1e-4, atol=1e-4)
+    # The training path (GroupNorm layers) and the inference path (fused
+    # GN + ReLU, ResNetBlock._inference_residual) alike.
+    for training in (True, False, None):
+        got = block(x, training=training).numpy()
+        np.testing.assert_allclose(got, y + x, rtol=1e-4, atol=1e-4, err_msg=str(training))
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_resnet_block_inference_path_equals_the_training_path(precision):
+    """The inference path's ReLU runs in float32 before the cast to the
+    compute dtype, the training path's after it: the same values, bit for bit."""
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        block = L.ResNetBlock(16, groups=8)
+        rng = np.random.default_rng(6)
+        x = tf.cast(rng.normal(size=(1, 6, 8, 4, 16)).astype(np.float32), block.compute_dtype)
+        block(x)
+        for var in block.weights:
+            var.assign(rng.normal(scale=0.3, size=var.shape).astype(np.float32))
+        train, infer = block(x, training=True), block(x, training=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert infer.dtype == train.dtype == x.dtype
+    np.testing.assert_array_equal(infer.numpy().astype(np.float32),
+                                  train.numpy().astype(np.float32))
 
 
 def test_resnet_block_is_identity_when_last_conv_is_zero():
