@@ -106,25 +106,17 @@ def _parts(segmenter, image, crop_to_brain: bool) -> dict:
 
     @tf.function(input_signature=[spec])
     def pre(x):
-        x = inference.normalize_nonzero_tf(x)
-        start = tf.zeros([3], tf.int32)
-        if crop_to_brain:
-            start, size = inference.brain_box_tf(x)
-            x = inference.crop_box_tf(x, start, size)
-        x, pads = inference.pad_to_multiple_tf(x)
-        return x, pads, start
+        return inference.prepare_volume_tf(x, crop_to_brain=crop_to_brain)
 
     @tf.function(input_signature=[spec])
     def network(x):
         return inference.model_probabilities(segmenter, x)
 
     @tf.function
-    def post(probs, pads, start, full):
-        probs = inference.paste_box_tf(inference.crop_back_tf(probs, pads), start, full)
-        return inference.probabilities_to_labels_tf(probs)
+    def post(probs, placement):
+        return inference.probabilities_to_labels_tf(inference.place_back_tf(probs, placement))
 
     device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
-    full = tf.constant(image.shape[:3], tf.int32)
     steps = {}
     def host_tensor():
         with tf.device("CPU:0"):  # eager tf.constant follows the device scope
@@ -136,10 +128,10 @@ def _parts(segmenter, image, crop_to_brain: bool) -> dict:
         steps["to_device"] = lambda: _sync(tf.identity(host))
         x = tf.identity(host)
         steps["preprocess"] = lambda: _sync(pre(x)[0])
-        padded, pads, start = pre(x)
+        padded, placement = pre(x)
         steps["network"] = lambda: _sync(network(padded))
         probs = network(padded)
-        steps["postprocess"] = lambda: post(probs, pads, start, full).numpy()
+        steps["postprocess"] = lambda: post(probs, placement).numpy()
         out = {}
         for name, step in steps.items():
             step()

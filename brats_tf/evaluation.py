@@ -30,7 +30,7 @@ import numpy as np
 
 from brats_tf import constants, inference, metrics
 from brats_tf.io_utils import write_text_atomic
-from brats_tf.model import build_inference_model
+from brats_tf.model import build_inference_model, check_precision, model_precision
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -169,11 +169,7 @@ class EvalConfig:
             raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
         inference.check_et_label(self.et_label)
         inference.check_threshold(self.threshold)
-        from brats_tf.model import PRECISIONS
-
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be None or one of {PRECISIONS}, "
-                             f"got {self.precision!r}")
+        check_precision(self.precision)
         if self.hd95_mode not in metrics.HD95_MODES:
             raise ValueError(
                 f"hd95_mode must be one of {metrics.HD95_MODES}, got {self.hd95_mode!r}")
@@ -196,11 +192,7 @@ class LoadedModel:
 
     def precision(self) -> str | None:
         """The Keras dtype policy the network computes in (None: a SavedModel)."""
-        if self.raw_input:
-            return None
-        from brats_tf.model import model_precision
-
-        return model_precision(self.model)
+        return None if self.raw_input else model_precision(self.model)
 
     def predict(self, image: np.ndarray, tta: bool, crop_to_brain: bool = True) -> np.ndarray:
         """[D, H, W, 4] RAW intensities -> [D, H, W, 3] probabilities (WT, TC, ET).
@@ -226,7 +218,6 @@ def _load_keras(path: pathlib.Path, precision: str | None = None):
     import keras
 
     import brats_tf.layers  # noqa: F401  (registers the custom layers)
-    from brats_tf.model import build_inference_model
 
     try:
         model = keras.saving.load_model(str(path), compile=False)

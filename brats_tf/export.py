@@ -46,7 +46,8 @@ import tensorflow as tf
 
 from brats_tf import constants
 from brats_tf import inference as inf
-from brats_tf.model import PRECISIONS, build_inference_model, config_from_model, model_precision
+from brats_tf.model import (PRECISIONS, build_inference_model, check_precision,
+                            config_from_model, model_precision)
 
 INPUT_NAME = "image"
 SIGNATURES = ("serving_default", "serving_tta")
@@ -209,8 +210,7 @@ class ExportConfig:
         _check_version(self.version)
         inf.check_et_label(self.et_label)
         inf.check_threshold(self.threshold)
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def run(config: ExportConfig) -> pathlib.Path:
@@ -255,8 +255,7 @@ def define_flags():
     flags.DEFINE_bool("crop_to_brain", True,
                       "Run the network on the brain's bounding box (2.6x fewer voxels on "
                       "BraTS); false: the whole padded volume, as the paper.")
-    flags.DEFINE_enum("precision", "saved", ["saved", "float32", "mixed_float16",
-                                             "mixed_bfloat16"],
+    flags.DEFINE_enum("precision", "saved", ["saved", *PRECISIONS],
                       "Precision the served network computes in: 'saved' (the model's own) or "
                       "a Keras dtype policy: mixed_float16 for GPUs (~150x slower on a CPU), "
                       "mixed_bfloat16 for CPUs with AMX (~2x faster there).")

@@ -408,16 +408,31 @@ def volume_probabilities_tf(predict: Callable, x: tf.Tensor, normalize: bool = T
     padding back, paste the box into a zero volume. Returns float32
     [B, D, H, W, 3]. The SavedModel's signatures and ``predict_volume`` share it.
     """
+    x, placement = prepare_volume_tf(x, normalize, crop_to_brain, multiple, pad_mode, margin)
+    return place_back_tf(predict(x), placement)
+
+
+def prepare_volume_tf(x: tf.Tensor, normalize: bool = True, crop_to_brain: bool = True,
+                      multiple: int = constants.SPATIAL_DIVISOR, pad_mode: str = "symmetric",
+                      margin: int = 0):
+    """``volume_probabilities_tf`` before the network: raw [B, D, H, W, C] ->
+    (the network's input, its placement for ``place_back_tf``)."""
     full = tf.shape(x)[1:4]
     x = normalize_nonzero_tf(x) if normalize else tf.cast(x, tf.float32)
+    start = None
     if crop_to_brain:
         start, size = brain_box_tf(x, multiple, margin)
         x = crop_box_tf(x, start, size)
     x, pads = pad_to_multiple_tf(x, multiple, pad_mode)
-    probs = crop_back_tf(tf.cast(predict(x), tf.float32), pads)
-    if crop_to_brain:
-        probs = paste_box_tf(probs, start, full)
-    return probs
+    return x, (pads, start, full)
+
+
+def place_back_tf(probs: tf.Tensor, placement) -> tf.Tensor:
+    """``volume_probabilities_tf`` after the network: crop the padding back and
+    paste the box into a zero volume (``prepare_volume_tf``'s placement); float32."""
+    pads, start, full = placement
+    probs = crop_back_tf(tf.cast(probs, tf.float32), pads)
+    return probs if start is None else paste_box_tf(probs, start, full)
 
 
 def _volume_fn(model, tta: bool, channels: int, **options) -> Callable:

@@ -39,6 +39,13 @@ from brats_tf.config import ModelConfig
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
+def check_precision(precision) -> str | None:
+    """``precision`` if it is None or one of ``PRECISIONS``, else ValueError."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (or None), got {precision!r}")
+    return precision
+
+
 def model_precision(model: keras.Model) -> str:
     """The Keras dtype policy a brats_tf model computes in (its InitConv's)."""
     return model.get_layer("InitConv").dtype_policy.name
@@ -252,9 +259,7 @@ def build_inference_model(
     if len(spatial_shape) != 3:
         raise ValueError(f"spatial_shape must be (D, H, W), got {spatial_shape!r}")
     L.check_spatial_shape(spatial_shape, cfg.spatial_divisor)
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision is not None and precision != model_precision(model):
+    if check_precision(precision) is not None and precision != model_precision(model):
         # The segmentation layers only (no VAE), plain blocks: inference
         # never recomputes.
         copy_cfg = dataclasses.replace(cfg, vae=False, recompute_levels=0)
