@@ -12,17 +12,27 @@ import sys
 
 
 def describe() -> str:
-    """'<CPU model name>, <n> logical cores' (from /proc/cpuinfo where it exists)."""
-    cpu = platform.processor() or "unknown CPU"
+    """'<CPU model name>, <n> logical cores, <widest vector ISA>' (from
+    /proc/cpuinfo where it exists), with ', oneDNN off' when
+    TF_ENABLE_ONEDNN_OPTS=0 (brats_tf turns it on by default)."""
+    cpu, isa = None, ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu is None:
                     cpu = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not isa:
+                    flags = set(line.split(":", 1)[1].split())
+                    isa = next((name for flag, name in (("amx_tile", "AMX"),
+                                                        ("avx512f", "AVX-512"),
+                                                        ("avx2", "AVX2")) if flag in flags), "")
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical cores"
+    cpu = cpu or platform.processor() or "unknown CPU"
+    text = f"{cpu}, {os.cpu_count()} logical cores" + (f", {isa}" if isa else "")
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        text += ", oneDNN off"
+    return text
 
 
 def cpu_has_bf16() -> bool:

@@ -23,6 +23,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
@@ -72,6 +73,25 @@ def _matmul_gflops(n: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _numpy_matmul_gflops(n: int) -> float:
+    """The same product in NumPy's BLAS (OpenBLAS in the PyPI wheel): a second
+    reference, since TensorFlow's own matrix product is not the fastest one on
+    every CPU (oneDNN's sgemm on an AVX2-only AMD EPYC reaches ~70% of
+    OpenBLAS's)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
 def _time_one(crop: tuple[int, int, int]) -> dict:
     import keras
     import numpy as np
@@ -91,6 +111,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     matmul = _matmul_gflops(FLAGS.matmul_n)
+    numpy_matmul = None if gpus else _numpy_matmul_gflops(FLAGS.matmul_n)
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
                                     recompute_levels=FLAGS.recompute_levels))
@@ -144,6 +165,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         "gflops": round(gflop / sec, 1),
         "matmul_gflops": round(matmul, 1),
         "fraction_of_matmul": round(gflop / sec / matmul, 3),
+        "numpy_matmul_gflops": None if numpy_matmul is None else round(numpy_matmul, 1),
         # ru_maxrss is in KiB on Linux; the baseline is the interpreter + TF.
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "baseline_rss_gib": round(rss0 / 2**20, 2),
@@ -189,7 +211,10 @@ def main(argv):
             f"{' system allocator' if result['system_allocator'] else ''}: "
             f"{result['sec_per_step']:.3f} s/step, {result['gflop_per_step']:.1f} GFLOP/step, "
             f"{result['gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% of "
-            f"matmul {result['matmul_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_gib']} GiB"
+            f"matmul {result['matmul_gflops']:.1f} GFLOP/s"
+            + (f" (NumPy's {result['numpy_matmul_gflops']:.1f})"
+               if result.get("numpy_matmul_gflops") else "")
+            + f", peak RSS {result['peak_rss_gib']} GiB"
             + (f" (tensors {result['cpu_tensor_peak_gib']} GiB)"
                if result.get("cpu_tensor_peak_gib") else "")
             + (f", GPU peak {result['gpu_peak_gib']} GiB" if result["gpu_peak_gib"] else ""),

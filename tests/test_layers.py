@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from brats_tf import layers as L
+from reduced_precision import slack
 
 
 # ----------------------------------------------------------------- trilinear
@@ -461,11 +462,12 @@ def test_recomputed_block_under_mixed_float16():
     plain, fused = _block_pair(shape, groups=8)
     x16 = tf.constant(x32, tf.float16)
     results = [_block_value_and_grads(b, x16, weight, True) for b in (plain, fused)]
+    tol = slack("float16")  # looser where float16 convolutions accumulate in float16
     for (y, grads) in results:
-        np.testing.assert_allclose(y, ref32[0], rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(y, ref32[0], rtol=2e-2 * tol, atol=2e-2 * tol)
         for g, w in zip(grads, ref32[1]):
             scale = np.abs(w).max()
-            np.testing.assert_allclose(g, w, rtol=3e-2, atol=3e-2 * scale)
+            np.testing.assert_allclose(g, w, rtol=3e-2 * tol, atol=3e-2 * tol * scale)
 
 
 _CHAIN_MEMORY = r"""
