@@ -128,8 +128,11 @@ def _gpu_rows(runs: list[dict]) -> tuple[list[tuple[str, str, str, str]], list[s
                         f"{'brain box' if r['crop_to_brain'] else 'whole volume'} "
                         f"({r['network_input']}), {r['precision']}"
                         f"{', TTA 8 flips' if r['tta'] else ''}")
-                result = (f"{r['seconds']:.2f} s/case (first call {r['first_call_s']:.1f} s; "
+                result = (f"{r['seconds']:.3f} s/case (first call {r['first_call_s']:.1f} s; "
                           f"GPU peak {r['gpu_peak_gib']:.1f} GiB)")
+                if r.get("seconds_aligned_input") is not None:
+                    result += (f"; from 64-byte aligned memory (no host copy) "
+                               f"{r['seconds_aligned_input']:.3f} s")
                 if r.get("parts"):  # full_volume_inference.py --breakdown
                     p = r["parts"]
                     result += (f"; apart: host copies {p['host_tensor_s'] + p['to_device_s']:.3f}"
@@ -161,7 +164,10 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
                      + (", system allocator" if r.get("system_allocator") else ""),
                      f"{r['sec_per_step']:.2f} s/step, {r['gflops']:.0f} GFLOP/s = "
                      f"{100 * r['fraction_of_matmul']:.1f}% of matmul "
-                     f"({r['matmul_gflops']:.0f})",
+                     f"({r['matmul_gflops']:.0f}"
+                     + (f"; NumPy's {r['numpy_matmul_gflops']:.0f}: "
+                        f"{100 * r['gflops'] / r['numpy_matmul_gflops']:.0f}%)"
+                        if r.get("numpy_matmul_gflops") else ")"),
                      f"{r['peak_rss_gib']:.1f} GiB", target))
     for r in results["inference"]:
         name = (f"inference {r['input']}, {r['path']}, "

@@ -200,10 +200,8 @@ class LoadedModel:
         ``crop_to_brain`` applies to Keras models; a SavedModel does what it
         was exported with (its assets.extra/brats_tf.json says)."""
         if self.raw_input:
-            import tensorflow as tf
-
             fn = self.model.signatures["serving_tta" if tta else "serving_default"]
-            out = fn(image=tf.constant(np.asarray(image, np.float32)[None]))
+            out = fn(image=inference.host_tensor(np.asarray(image)[None]))
             return np.asarray(out["probabilities"][0], np.float32)
         return inference.predict_volume(self.model, image, tta=tta, normalize=True,
                                         crop_to_brain=crop_to_brain)

@@ -43,6 +43,47 @@ _ET = constants.REGIONS.index("ET")
 ET_LABELS = (constants.LABEL_ET, constants.LABEL_ET_2023)
 
 
+# ------------------------------------------------------------- host tensor
+# TensorFlow's CPU build requires its tensors' buffers to be aligned to this
+# (EIGEN_MAX_ALIGN_BYTES): a kernel given an unaligned buffer aborts the process.
+TF_ALIGN_BYTES = 64
+_ZERO_COPY_MIN_BYTES = 1 << 20
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + TF_ALIGN_BYTES, np.uint8)
+    offset = (-raw.ctypes.data) % TF_ALIGN_BYTES
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def host_tensor(array, dtype=np.float32) -> tf.Tensor:
+    """``array`` as a host (CPU) ``tf.Tensor`` of ``dtype``, for large volumes.
+
+    ``tf.constant`` of a 4 x 240 x 240 x 155 float32 case copies it at ~1-2.5
+    GB/s (60 ms on a Xeon, 170 ms on an AMD EPYC here: half of a whole GPU
+    inference call). This hands the buffer to TensorFlow through DLPack
+    instead: no copy when ``array`` already is C-contiguous, writeable,
+    ``dtype`` and 64-byte aligned; otherwise one NumPy copy (cast included)
+    into a 64-byte aligned buffer (~5x faster than TensorFlow's). Without a
+    copy the tensor SHARES ``array``'s memory while it lives: do not write to
+    ``array`` before the tensor is used (the functions of this package use it
+    at once and drop it). Arrays under 1 MiB take ``tf.constant``.
+    """
+    a = np.asarray(array)
+    dtype = np.dtype(dtype)
+    if a.nbytes < _ZERO_COPY_MIN_BYTES:
+        with tf.device("CPU:0"):
+            return tf.constant(a.astype(dtype, copy=False))
+    if (a.dtype != dtype or not a.flags.c_contiguous or not a.flags.writeable
+            or a.ctypes.data % TF_ALIGN_BYTES):
+        aligned = _aligned_empty(a.shape, dtype)
+        np.copyto(aligned, a, casting="unsafe")
+        a = aligned
+    return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+
+
 # ----------------------------------------------------------------- padding
 def _check_multiple(multiple) -> int:
     if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
@@ -505,7 +546,7 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
     margin = _check_margin(margin)
     if normalize:
         _check_raw_image(image)  # the statistics are float64 in the graph
-    batch = tf.constant(image[None].astype(np.float32, copy=False))
+    batch = host_tensor(image[None])
     options = dict(normalize=bool(normalize), crop_to_brain=bool(crop_to_brain),
                    multiple=multiple, pad_mode=pad_mode, margin=margin)
     total = None
