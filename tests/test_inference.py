@@ -142,6 +142,49 @@ def make_image(rng, shape=(6, 7, 5)):
     return image
 
 
+def test_host_tensor_values_dtype_and_alignment():
+    """Large arrays of any layout and dtype: the values, cast like astype, on the
+    CPU, usable by TensorFlow kernels that check alignment (an unaligned buffer
+    aborts the process in a strided slice)."""
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(1, 40, 48, 36, 4)).astype(np.float32)  # > 1 MiB
+    unaligned = np.frombuffer(b"\0" * 16 + big.tobytes(), np.float32, offset=16).reshape(big.shape)
+    assert unaligned.ctypes.data % I.TF_ALIGN_BYTES != 0 and not unaligned.flags.writeable
+    cases = {"unaligned read-only": unaligned, "float64": big.astype(np.float64),
+             "int16": (big * 100).astype(np.int16), "transposed": big.transpose(0, 3, 2, 1, 4),
+             "small": big[:, :2, :2], "as is": big}
+    for name, a in cases.items():
+        t = I.host_tensor(a)
+        assert t.dtype == tf.float32 and "CPU" in t.device, name
+        want = a.astype(np.float32)
+        np.testing.assert_array_equal(t.numpy(), want, err_msg=name)
+        np.testing.assert_array_equal(t[:, 3:7, ::2].numpy(), want[:, 3:7, ::2], err_msg=name)
+    assert I.host_tensor(big, np.int32).dtype == tf.int32
+
+
+def test_host_tensor_copies_unless_aligned():
+    """No copy of an aligned, contiguous, writeable float32 array (the tensor
+    shares its memory: a write shows through); a copy of anything else."""
+    rng = np.random.default_rng(1)
+    shape = (1, 40, 40, 48, 4)  # > 1 MiB
+    aligned = I._aligned_empty(shape, np.float32)
+    aligned[...] = rng.normal(size=shape)
+    assert aligned.ctypes.data % I.TF_ALIGN_BYTES == 0
+    offset = np.empty(aligned.size + 4, np.float32)
+    if offset.ctypes.data % I.TF_ALIGN_BYTES == 0:
+        offset = offset[1:]  # 4 bytes off: unaligned
+    unaligned = offset[:aligned.size].reshape(shape)
+    unaligned[...] = aligned
+    shared, copied = I.host_tensor(aligned), I.host_tensor(unaligned)
+    before = float(aligned[0, 1, 2, 3, 0])
+    aligned[0, 1, 2, 3, 0] += 10.0
+    unaligned[0, 1, 2, 3, 0] += 10.0
+    after = float(aligned[0, 1, 2, 3, 0])
+    assert after != before
+    assert float(shared[0, 1, 2, 3, 0]) == after
+    assert float(copied[0, 1, 2, 3, 0]) == before
+
+
 def test_normalize_nonzero_matches_numpy():
     rng = np.random.default_rng(2)
     image = make_image(rng)
