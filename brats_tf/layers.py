@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from brats_tf import conv_grad
+
 _PACKAGE = "brats_tf"
 
 
@@ -39,11 +41,13 @@ def conv3d(
     ``HeadConv3D``: the same convolution with a memory-ordered gradient.
     ``stem=True`` (InitConv under --recompute) makes it a ``StemConv3D``: the
     same convolution, whose output the first recomputed block can make again.
+    Otherwise it is a ``Conv3D``: Keras's, with a faster kernel gradient on
+    CPUs.
     """
     if head and stem:
         raise ValueError(f"conv3d {name!r}: head and stem exclude each other")
     regularizer = keras.regularizers.L2(l2_weight) if l2_weight else None
-    cls = HeadConv3D if head else StemConv3D if stem else keras.layers.Conv3D
+    cls = HeadConv3D if head else StemConv3D if stem else Conv3D
     return cls(
         filters,
         kernel_size,
@@ -258,8 +262,16 @@ def _norm_relu(x, mean, rstd, gamma, beta, dtype):
     return tf.cast(tf.nn.relu(_gn_affine(x, mean, rstd, gamma, beta)), dtype)
 
 
-def _conv_kernel_grad(x, kernel, dy):
-    """Kernel gradient of a stride-1 'same' convolution of x (autodiff's op)."""
+def _conv_kernel_grad(x, kernel, dy, recompute: bool = False):
+    """Kernel gradient of a stride-1 'same' convolution of x: one matrix
+    product (``conv_grad.conv3d_kernel_grad``) where that is faster, i.e. on
+    CPUs, for float32 3x3x3 kernels of 16+ input channels on volumes of 16^3
+    or so and more (``conv_grad.applies``), else autodiff's op. In a
+    recomputed block (``recompute``) autodiff's op unless
+    BRATS_TF_KERNEL_GRADIENT=matmul (``conv_grad.kernel_gradient_mode``)."""
+    if (conv_grad.kernel_gradient_mode(recompute) == "matmul"
+            and conv_grad.applies(x, kernel.shape)):
+        return conv_grad.conv3d_kernel_grad(x, dy)
     return tf.raw_ops.Conv3DBackpropFilterV2(
         input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=_STRIDES_1,
         padding="SAME")
@@ -390,7 +402,7 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
                 h1 = _norm_relu(x_, mean1, rstd1, g1, be1, dtype)
             c1 = _conv_same(h1, k1, b1)  # h1 is dropped here, made again below
             h2 = _norm_relu(c1, mean2, rstd2, g2, be2, dtype)
-            dk2 = _conv_kernel_grad(h2, k2, dy)
+            dk2 = _conv_kernel_grad(h2, k2, dy, recompute=True)
             relu2 = h2 > 0  # 1 byte a voxel; h2 goes after dk2 and this
             db2 = tf.raw_ops.BiasAddGrad(out_backprop=dy)
             with tf.control_dependencies([dk2, relu2]):
@@ -400,7 +412,7 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
             db1 = tf.raw_ops.BiasAddGrad(out_backprop=dc1)
             with tf.control_dependencies([dc1]):
                 h1 = _norm_relu(x_, mean1, rstd1, g1, be1, dtype)
-            dk1 = _conv_kernel_grad(h1, k1, dc1)
+            dk1 = _conv_kernel_grad(h1, k1, dc1, recompute=True)
             relu1 = h1 > 0
             with tf.control_dependencies([dk1, relu1]):
                 dh1 = _conv_input_grad(x_, k1, dc1)
@@ -420,6 +432,46 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
         return out, grad
 
     return block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, *extra)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Conv3D(keras.layers.Conv3D):
+    """``keras.layers.Conv3D`` whose kernel gradient, for a stride-1 'same'
+    convolution with bias, is ``_conv_kernel_grad``'s.
+
+    Same function, weights and gradients as Keras's layer (up to float32
+    summation order; tests/test_conv_grad.py). In training, where
+    ``_conv_kernel_grad`` uses one matrix product (on CPUs: oneDNN's kernel
+    gradient of channels-last data is an im2col GEMM at less than half the
+    speed of its forward pass there), the layer's backward pass is written
+    out: input gradient and bias gradient by TensorFlow's ops, kernel
+    gradient by ``conv_grad.conv3d_kernel_grad``. Elsewhere (GPUs, mixed
+    precision, strided or 1x1x1 convolutions, inference) it is Keras's layer.
+    """
+
+    def _same_with_bias(self) -> bool:
+        return (self.strides == (1, 1, 1) and self.padding == "same" and self.groups == 1
+                and self.dilation_rate == (1, 1, 1) and self.use_bias
+                and self.data_format == "channels_last"
+                and self.activation is keras.activations.linear)
+
+    def call(self, inputs, training=None):
+        kernel = tf.cast(self.kernel, self.compute_dtype)
+        if not (training and self._same_with_bias()
+                and conv_grad.kernel_gradient_mode() == "matmul"
+                and conv_grad.applies(inputs, kernel.shape)):
+            return super().call(inputs)
+
+        @tf.custom_gradient
+        def conv(x, kernel, bias):
+            def grad(d_out):
+                return (_conv_input_grad(x, kernel, d_out),
+                        conv_grad.conv3d_kernel_grad(x, d_out),
+                        tf.raw_ops.BiasAddGrad(out_backprop=d_out))
+
+            return _conv_same(x, kernel, bias), grad
+
+        return conv(inputs, kernel, tf.cast(self.bias, self.compute_dtype))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -463,7 +515,7 @@ class HeadConv3D(keras.layers.Conv3D):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class StemConv3D(keras.layers.Conv3D):
+class StemConv3D(Conv3D):
     """A stride-1 'same' convolution (InitConv under ``--recompute``) whose
     output a recomputed ResNet block can make again.
 
@@ -486,7 +538,7 @@ class StemConv3D(keras.layers.Conv3D):
 
     def call(self, inputs, training=None):
         if not training or tf.executing_eagerly():
-            return super().call(inputs)
+            return super().call(inputs, training=training)
         kernel = tf.cast(self.kernel, self.compute_dtype)
         bias = tf.cast(self.bias, self.compute_dtype)
         outputs = _conv_same(inputs, kernel, bias)
