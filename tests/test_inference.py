@@ -148,7 +148,13 @@ def test_host_tensor_values_dtype_and_alignment():
     aborts the process in a strided slice)."""
     rng = np.random.default_rng(0)
     big = rng.normal(size=(1, 40, 48, 36, 4)).astype(np.float32)  # > 1 MiB
-    unaligned = np.frombuffer(b"\0" * 16 + big.tobytes(), np.float32, offset=16).reshape(big.shape)
+    # A read-only view off TensorFlow's alignment (chosen, not left to where
+    # the allocator happens to put a buffer: that made this test flaky).
+    buf = np.empty(big.size + 16, np.float32)
+    start = next(k for k in range(1, 16) if (buf.ctypes.data + 4 * k) % I.TF_ALIGN_BYTES)
+    unaligned = buf[start:start + big.size].reshape(big.shape)
+    unaligned[...] = big
+    unaligned.flags.writeable = False
     assert unaligned.ctypes.data % I.TF_ALIGN_BYTES != 0 and not unaligned.flags.writeable
     cases = {"unaligned read-only": unaligned, "float64": big.astype(np.float64),
              "int16": (big * 100).astype(np.int16), "transposed": big.transpose(0, 3, 2, 1, 4),
