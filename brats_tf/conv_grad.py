@@ -48,8 +48,8 @@ import tensorflow as tf
 # (one batch element), so that they add about one activation to the working
 # set of a backward pass (--recompute keeps 4-5). A slab's product sums over
 # its own planes only, so thin slabs cost little: 64^3 x 32 channels in slabs
-# of 5 planes took 214 ms, in 2 slabs 181 ms (benchmarks/kernel_grad.py
-# --slab_bytes).
+# of 5 planes took 214 ms, in 2 slabs 181 ms (timed with SLAB_BYTES set to
+# 32 and 256 MiB, as benchmarks/kernel_grad.py times the default).
 SLAB_BYTES = 128 * 2**20
 SLAB_ACTIVATIONS = 1.0
 # ... but at least this much (small volumes: no memory to save, and slabs of
@@ -96,6 +96,13 @@ def applies(x: tf.Tensor, kernel_shape) -> bool:
     _, depth, height, width, _ = x.shape
     grid = (depth + 2) * (height + 2) * (width + 2)
     return grid <= MAX_GRID_RATIO * depth * height * width
+
+
+def use_matmul(x: tf.Tensor, kernel_shape, recompute: bool = False) -> bool:
+    """Whether a 3x3x3 'same' convolution of x takes its kernel gradient from
+    ``conv3d_kernel_grad``: the mode (``kernel_gradient_mode``) says
+    ``matmul`` and the case is one it handles (``applies``)."""
+    return kernel_gradient_mode(recompute) == "matmul" and applies(x, kernel_shape)
 
 
 def _slab_planes(shape, out_channels: int) -> int:

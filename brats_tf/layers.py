@@ -266,11 +266,10 @@ def _conv_kernel_grad(x, kernel, dy, recompute: bool = False):
     """Kernel gradient of a stride-1 'same' convolution of x: one matrix
     product (``conv_grad.conv3d_kernel_grad``) where that is faster, i.e. on
     CPUs, for float32 3x3x3 kernels of 16+ input channels on volumes of 16^3
-    or so and more (``conv_grad.applies``), else autodiff's op. In a
+    or so and more (``conv_grad.use_matmul``), else autodiff's op. In a
     recomputed block (``recompute``) autodiff's op unless
     BRATS_TF_KERNEL_GRADIENT=matmul (``conv_grad.kernel_gradient_mode``)."""
-    if (conv_grad.kernel_gradient_mode(recompute) == "matmul"
-            and conv_grad.applies(x, kernel.shape)):
+    if conv_grad.use_matmul(x, kernel.shape, recompute):
         return conv_grad.conv3d_kernel_grad(x, dy)
     return tf.raw_ops.Conv3DBackpropFilterV2(
         input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=_STRIDES_1,
@@ -458,8 +457,7 @@ class Conv3D(keras.layers.Conv3D):
     def call(self, inputs, training=None):
         kernel = tf.cast(self.kernel, self.compute_dtype)
         if not (training and self._same_with_bias()
-                and conv_grad.kernel_gradient_mode() == "matmul"
-                and conv_grad.applies(inputs, kernel.shape)):
+                and conv_grad.use_matmul(inputs, kernel.shape)):
             return super().call(inputs)
 
         @tf.custom_gradient
