@@ -97,7 +97,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from brats_tf import flops, losses
+    from brats_tf import flops, losses, optimizers
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
     from brats_tf.training import set_inter_op_threads
@@ -115,7 +115,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
                                     recompute_levels=FLAGS.recompute_levels))
-    optimizer = keras.optimizers.Adam(1e-4)
+    optimizer = optimizers.Adam(1e-4)  # as train.py
     rng = np.random.default_rng(0)
     image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
     labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))

@@ -82,7 +82,7 @@ def main(argv):
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from brats_tf import losses
+    from brats_tf import losses, optimizers
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
     from brats_tf.training import set_inter_op_threads
@@ -91,7 +91,7 @@ def main(argv):
     crop = tuple(int(c) for c in FLAGS.crop)
     model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
                                     recompute_levels=FLAGS.recompute_levels))
-    optimizer = keras.optimizers.Adam(1e-4)
+    optimizer = optimizers.Adam(1e-4)  # as train.py
     rng = np.random.default_rng(0)
     image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
     labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import constants, losses, metrics
+from brats_tf import constants, losses, metrics, optimizers
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.io_utils import write_json_atomic
 from brats_tf.model import PRECISIONS, build_inference_model, build_model
@@ -227,7 +227,7 @@ class Trainer:
         seeded = dataclasses.replace(model_config, seed=config.seed)
         with self.strategy.scope():
             self.model = build_model(seeded)
-            optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr)))(
+            optimizer = (optimizer_fn or (lambda lr: optimizers.Adam(learning_rate=lr)))(
                 config.initial_lr)
             if config.precision == "mixed_float16" or config.on_nonfinite == "skip":
                 # Dynamic loss scaling for float16; in float32 the scale stays a
