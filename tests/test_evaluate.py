@@ -29,7 +29,7 @@ from reduced_precision import slack
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = (48, 48, 40)
 NUM_CASES = 3
-TINY = dict(input_shape=(32, 32, 32), init_filters=8, latent_dim=16)
+TINY = dict(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1, 1, 1))
 COLUMNS = ["case_id"] + [f"{r}_{m}" for r in ("WT", "TC", "ET") for m in
                          ("dice", "hd95", "sensitivity", "specificity", "pred_volume_ml",
                           "true_volume_ml")]
