@@ -18,8 +18,12 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+# Two test processes (pytest-xdist), a test file to each at a time: most of a
+# test's time is single-threaded Python (imports, tracing), so two overlap well
+# on two cores. TEST_WORKERS=1 runs them one after the other.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests; rc=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The CPU demo: synthetic BraTS-like cases -> TFRecords -> train -> evaluate -> export.
