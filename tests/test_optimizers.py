@@ -39,8 +39,8 @@ def _problem(seed=0, steps=4):
     return weights, grads
 
 
-@pytest.mark.parametrize("graph", [False, True])
-def test_fused_adam_equals_numpy_and_keras_adam(graph):
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])  # xla: train.py --jit_compile
+def test_fused_adam_equals_numpy_and_keras_adam(mode):
     weights, grads = _problem()
     results = {}
     for name, cls in [("fused", optimizers.Adam), ("keras", keras.optimizers.Adam)]:
@@ -50,8 +50,8 @@ def test_fused_adam_equals_numpy_and_keras_adam(graph):
 
         def apply(gs):
             opt.apply_gradients(zip(gs, variables))
-        if graph:
-            apply = tf.function(apply, autograph=False)
+        if mode != "eager":
+            apply = tf.function(apply, autograph=False, jit_compile=mode == "xla")
         for gs in grads:
             apply([tf.constant(g) for g in gs])
         assert int(opt.iterations.numpy()) == len(grads)
