@@ -25,7 +25,7 @@ SHAPE = (16, 16, 16)
 # One ResNet block per encoder level, not the paper's (1, 2, 2, 4): the loop does
 # not depend on the depth, and half the graph halves the tracing (test_model.py
 # tests the paper's network).
-BLOCKS = dict(blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1))
+BLOCKS = dict(blocks_down=(1, 1, 1, 1))
 TINY = ModelConfig(input_shape=SHAPE, init_filters=8, latent_dim=8, dropout=0.0, **BLOCKS)
 
 
