@@ -40,7 +40,7 @@ demo: venv
 	$(PY) evaluate.py --model=$(DEMO_DIR)/run --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_tta
 	@echo "demo done: data in $(DEMO_DIR)/nifti and $(DEMO_DIR)/tfrecord, run (checkpoints, logs, history.json, model.keras, export/1) in $(DEMO_DIR)/run, held-out evaluation in $(DEMO_DIR)/eval (single model) and $(DEMO_DIR)/eval_tta (with TTA)"
 
-# Every benchmark (~15 min on 2 cores, run it on an idle machine): writes
+# Every benchmark (about an hour on 2 cores; run it on an idle machine): writes
 # benchmarks/results.json and benchmarks/RESULTS.md (README quotes it).
 bench: venv
 	$(PY) benchmarks/run_all.py

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -70,3 +71,14 @@ def run_measurement(args: list[str], what: str, env: dict | None = None) -> dict
         sys.exit(f"benchmark {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
+def paired_fraction(step_seconds: list[float], probes: list[float], flop: float) -> tuple:
+    """(median over steps of step GFLOP/s / reference GFLOP/s, median
+    reference): step i is compared with max(probes[i], probes[i + 1]), the
+    faster of the products timed just before and just after it."""
+    if len(probes) != len(step_seconds) + 1:
+        raise ValueError(f"{len(step_seconds)} steps need {len(step_seconds) + 1} probes, "
+                         f"got {len(probes)}")
+    refs = [max(probes[i], probes[i + 1]) for i in range(len(step_seconds))]
+    fractions = [flop / 1e9 / s / r for s, r in zip(step_seconds, refs)]
+    return statistics.median(fractions), statistics.median(refs)

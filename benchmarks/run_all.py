@@ -69,7 +69,7 @@ def _met(ok: bool) -> str:
 def measure() -> dict:
     """Runs every benchmark; returns the results.json content."""
     steps = []
-    steps += _run("model_step.py", "--crops=64,64,64", "--steps=3")["results"]
+    steps += _run("model_step.py", "--crops=64,64,64", "--steps=5")["results"]
     if not FLAGS.quick:
         steps += _run("model_step.py", "--crops=160,192,128", "--steps=2")["results"]
         for extra in (["--recompute_levels=1"], ["--recompute_levels=2"],
@@ -165,6 +165,10 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
                      f"{r['sec_per_step']:.2f} s/step, {r['gflops']:.0f} GFLOP/s = "
                      f"{100 * r['fraction_of_matmul']:.1f}% of matmul "
                      f"({r['matmul_gflops']:.0f}"
+                     + (f"; against the product at the start "
+                        f"{100 * r['fraction_of_start_matmul']:.0f}% of "
+                        f"{r['start_matmul_gflops']:.0f}"
+                        if r.get("fraction_of_start_matmul") is not None else "")
                      + (f"; NumPy's {r['numpy_matmul_gflops']:.0f}: "
                         f"{100 * r['gflops'] / r['numpy_matmul_gflops']:.0f}%)"
                         if r.get("numpy_matmul_gflops") else ")"),
@@ -210,6 +214,11 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
                       f"there is the host process's."]
         for n in gpu_notes:
             lines += ["", n.replace("*", "\\*", n.index(" "))]
+    if any(r.get("fraction_of_start_matmul") is not None for r in results["steps"]):
+        lines += ["", "Training steps: each step's GFLOP/s against the float32 matrix product "
+                      "timed just before or just after it, whichever was faster; the median "
+                      "over the steps (benchmarks/model_step.py), and against the product "
+                      "timed once at the start."]
     for note in results.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"

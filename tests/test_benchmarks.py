@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -139,3 +141,38 @@ def test_memory_profile_without_xprof_fails_in_one_line():
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "profile_step.py: --memory needs the profiler's converter: pip install xprof")
+
+
+def test_paired_fraction_compares_each_step_with_its_neighbouring_product():
+    """model_step.py's ratio: step i against the faster of the products timed
+    just before and after it, then the median over steps (hand-computed)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.machine import paired_fraction
+
+    # 600 GFLOP a step; steps of 6, 5 and 10 s (100, 120, 60 GFLOP/s); the
+    # products around them 150|120, 120|100, 100|200 -> references 150, 120, 200
+    fraction, reference = paired_fraction([6.0, 5.0, 10.0], [150.0, 120.0, 100.0, 200.0], 600e9)
+    assert fraction == pytest.approx(100 / 150)   # median of 0.667, 1.0, 0.3
+    assert reference == pytest.approx(150.0)      # median of 150, 120, 200
+    with pytest.raises(ValueError, match="3 steps need 4 probes, got 3"):
+        paired_fraction([6.0, 5.0, 10.0], [150.0, 120.0, 100.0], 600e9)
+
+
+def test_step_rows_give_both_references(tmp_path):
+    """A step measured against the neighbouring products (model_step.py since
+    2026-11-27) is judged on that ratio, and its row also gives the ratio
+    to the product timed at the start; older rows render as before."""
+    paired = {**_step("64x64x64", 0.70, 2.0), "fraction_of_start_matmul": 0.76,
+              "start_matmul_gflops": 129.0}
+    results = {
+        "machine": "test machine", "date": "2026-01-01",
+        "steps": [paired, _step("64x64x64", 0.69, 2.0)], "inference": [],
+        "input_pipeline": {"crop": "160x192x128", "case_shape": "240x240x155",
+                           "train_cases_per_s": 4.0, "train_cached_cases_per_s": 9.0},
+    }
+    table, verdicts = _render(tmp_path, results, "| training step")
+    assert verdicts == ["≥ 70% of matmul: met", "≥ 70% of matmul: NOT met"]
+    rows = [line for line in table.splitlines() if line.startswith("| training step")]
+    assert "70.0% of matmul (300; against the product at the start 76% of 129)" in rows[0]
+    assert "at the start" not in rows[1]
+    assert "timed just before or just after it" in table
