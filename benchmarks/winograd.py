@@ -20,8 +20,9 @@ Why it exists (issue 6): the full-volume inference target (<= 15 s on the
 network's convolutions alone take 13-18 s at its matrix-product speed; only
 fewer FLOPs would meet it. This benchmark measured whether that is within
 reach without a custom C++ op. It is not (2026-11-27, AMD EPYC, 2 cores,
-AVX2; medians of 5): 1.08x at the coarsest level (17x23x17, 256 channels),
-0.98x at 128 channels, 0.49x at 64 and 0.30x at full resolution (32). The
+AVX2; medians of 5, two runs): 1.08-1.09x at the coarsest level (17x23x17,
+256 channels), 0.98-1.00x at 128 channels, 0.42-0.49x at 64 and 0.30-0.45x
+at full resolution (32); max relative difference 1-3e-6. The
 transforms are memory-bound: TensorFlow runs each slice, sum and stack as a
 separate pass over a tensor 2-8x the input's size, which costs more than
 the products save. A Winograd kernel that transforms a cache-sized block at
