@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
@@ -30,21 +29,11 @@ flags.DEFINE_integer("init_filters", 32, "Network width.", lower_bound=1)
 flags.DEFINE_integer("repeats", 5, "Timed calls per op (the median is printed).", lower_bound=1)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn().numpy()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv):
     del argv
     import tensorflow as tf
 
-    from benchmarks.machine import describe
+    from benchmarks.machine import describe, median_seconds
     from brats_tf import conv_grad
 
     crop = [int(v) for v in FLAGS.crop]
@@ -74,7 +63,7 @@ def main(argv):
         }.items()}
         cells = []
         for fn in ops.values():
-            seconds = _median_seconds(fn, FLAGS.repeats)
+            seconds = median_seconds(fn, FLAGS.repeats)
             cells.append(f"{seconds * 1e3:7.1f} ms {flop / seconds / 1e9:4.0f}")
         native, matmul = ops["native"]().numpy(), ops["matmul"]().numpy()
         diff = abs(native - matmul).max() / abs(native).max()

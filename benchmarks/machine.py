@@ -10,6 +10,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 
 def describe() -> str:
@@ -82,3 +83,16 @@ def paired_fraction(step_seconds: list[float], probes: list[float], flop: float)
     refs = [max(probes[i], probes[i + 1]) for i in range(len(step_seconds))]
     fractions = [flop / 1e9 / s / r for s, r in zip(step_seconds, refs)]
     return statistics.median(fractions), statistics.median(refs)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` (a tf.function
+    returning a tensor; ``.numpy()`` waits for it), after one untimed call
+    that traces and warms it up."""
+    fn().numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn().numpy()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

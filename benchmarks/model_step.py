@@ -8,8 +8,9 @@ resident memory; plus the GFLOP/s of a large float32 matrix product measured
 in the same process, and the ratio of the two (issue 6's target: >= 70%).
 
 The reference product (best of 3 calls) is timed right before every timed
-step and once after the last: each step is compared with the faster of the two products around
-it, and the median of those per-step ratios is the figure printed. On a
+step and once after the last: each step is compared with the faster of the
+two products around it, and the median of those per-step ratios is the
+figure printed. On a
 shared host the cores' speed drifts by 10-30% within minutes (other tenants
 load the memory bus and caches); a reference measured once at the start, as
 before 2026-11-27, compared steps and product from different moments. Taking

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
@@ -101,22 +100,12 @@ def winograd_conv3d(x, u):
     return y[:depth, :height, :width]
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn().numpy()  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn().numpy()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv):
     del argv
     import numpy as np
     import tensorflow as tf
 
-    from benchmarks.machine import describe
+    from benchmarks.machine import describe, median_seconds
 
     volume = [int(v) for v in FLAGS.volume]
     if len(volume) != 3 or any(v % 8 for v in volume):
@@ -139,7 +128,8 @@ def main(argv):
         winograd = tf.function(lambda: winograd_conv3d(x, u), autograph=False)
         ref, out = direct().numpy(), winograd().numpy()
         diff = np.abs(out - ref).max() / np.abs(ref).max()
-        sd, sw = _median_seconds(direct, FLAGS.repeats), _median_seconds(winograd, FLAGS.repeats)
+        sd = median_seconds(direct, FLAGS.repeats)
+        sw = median_seconds(winograd, FLAGS.repeats)
         print(f"{level:>5} {'x'.join(map(str, shape)):>12} {channels:>4}  "
               f"{sd * 1e3:8.1f} ms {flop / sd / 1e9:4.0f}  {sw * 1e3:8.1f} ms {flop / sw / 1e9:4.0f}"
               f"  {sd / sw:7.2f}x  {diff:.1e}", flush=True)
