@@ -96,3 +96,18 @@ def median_seconds(fn, repeats: int) -> float:
         fn().numpy()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def op_event_key(event_name: str, by_name: bool = False) -> str | None:
+    """What a host event of a TensorFlow profiler trace is counted under in
+    profile_step.py: TF op events are named "<op name>:<op type>"; the key
+    is the op type, or with ``by_name`` "<op name> (<op type>)". None for
+    events that are not one op: executor and thread markers, and the call
+    of the whole tf.function ("... : __inference_step_123"), which would
+    count the ops inside it twice."""
+    if ":" not in event_name or event_name.startswith(("$", "Executor", "Thread")):
+        return None
+    op_name, op_type = (part.strip() for part in event_name.rsplit(":", 1))
+    if not op_type or op_type.startswith("__inference") or op_type == "Run":
+        return None
+    return f"{op_name} ({op_type})" if by_name else op_type

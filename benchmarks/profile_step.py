@@ -1,12 +1,16 @@
 """Profiles one training step op by op (TF profiler trace, aggregated by op type).
 
-  python benchmarks/profile_step.py --crop=64,64,64 [--top=25]
+  python benchmarks/profile_step.py --crop=64,64,64 [--top=25] [--by_name]
   python benchmarks/profile_step.py --crop=80,96,64 --memory --recompute_levels=2
 
 Prints the share of the step's CPU time spent in each TensorFlow op type
 (Conv3D, Conv3DBackpropFilterV2, Sum, Mul, ...), from the host XPlane of a
 profiler trace of two steps after a warm-up step: the first thing to read
-before optimising anything (issue 6).
+before optimising anything (issue 6). --by_name splits it per op, i.e. per
+layer (which convolution's kernel gradient is slow, and at what level).
+Shares are of op time summed over the inter-op threads (ops overlap, so
+the total exceeds the wall time) and leave out the tf.function call that
+encloses them.
 
 --memory instead lists the tensors alive at the step's memory peak (the op
 that made each, its shape and size, largest first), from TensorFlow's memory
@@ -36,6 +40,9 @@ flags.DEFINE_integer("top", 25, "Op types (or, with --memory, tensors) to print.
                      lower_bound=1)
 flags.DEFINE_boolean("memory", False, "List the tensors alive at the memory peak instead "
                      "(needs `pip install xprof`).")
+flags.DEFINE_boolean("by_name", False, "Count time per op (one layer's op, e.g. "
+                     "'.../EncoderBlock3_0_1/conv1_1/BiasAdd (_MklNativeFusedConv3D)') instead "
+                     "of per op type: which layers the time goes to.")
 flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the finest levels' "
                      "blocks, as train.py --recompute; with it one op runs at a time.",
                      lower_bound=0)
@@ -82,6 +89,7 @@ def main(argv):
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+    from benchmarks.machine import op_event_key
     from brats_tf import losses, optimizers
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
@@ -135,19 +143,14 @@ def main(argv):
         names = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
             for event in line.events:
-                name = names.get(event.metadata_id, "?")
-                # TF op events are named "<op name>:<op type>".
-                if ":" not in name or name.startswith(("$", "Executor", "Thread")):
-                    continue
-                op_type = name.rsplit(":", 1)[-1]
-                if op_type.startswith("__inference") or op_type == "Run":
-                    continue  # the whole function call, not an op
-                totals[op_type] += event.duration_ps
+                key = op_event_key(names.get(event.metadata_id, "?"), FLAGS.by_name)
+                if key is not None:
+                    totals[key] += event.duration_ps
     total = sum(totals.values())
     print(f"op time over 2 steps, crop {crop}, width {FLAGS.init_filters}: {total / 1e12:.2f} s "
           f"(summed over threads)")
     for op, ps in totals.most_common(FLAGS.top):
-        print(f"  {op:40s} {ps / 1e12:8.3f} s  {100 * ps / total:5.1f}%")
+        print(f"  {op:{72 if FLAGS.by_name else 40}s} {ps / 1e12:8.3f} s  {100 * ps / total:5.1f}%")
 
 
 if __name__ == "__main__":

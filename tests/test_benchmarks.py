@@ -158,6 +158,26 @@ def test_paired_fraction_compares_each_step_with_its_neighbouring_product():
         paired_fraction([6.0, 5.0, 10.0], [150.0, 120.0, 100.0], 600e9)
 
 
+def test_profile_counts_ops_not_the_enclosing_function():
+    """profile_step.py's key for each host event of the trace: the op type
+    (or op name and type), and nothing for the tf.function call itself,
+    whose event name has a space before its type (it was counted as an op
+    until 2026-11-27, a third of the printed total) or for executor markers."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.machine import op_event_key
+
+    conv = "model/EncoderBlock3_0_1/conv1_1/BiasAdd:_MklNativeFusedConv3D"
+    assert op_event_key(conv) == "_MklNativeFusedConv3D"
+    assert op_event_key(conv, by_name=True) == (
+        "model/EncoderBlock3_0_1/conv1_1/BiasAdd (_MklNativeFusedConv3D)")
+    assert op_event_key("stack_160:Pack") == "Pack"
+    for not_an_op in ("__inference_train_function_123: __inference_step_45780",
+                      "__inference_step_45780:__inference_step_45780", "ExecutorState::Process",
+                      "$ThreadpoolListener::Record", "SessionRun:Run", "no colon", "trailing:"):
+        assert op_event_key(not_an_op) is None, not_an_op
+        assert op_event_key(not_an_op, by_name=True) is None, not_an_op
+
+
 def test_step_rows_give_both_references(tmp_path):
     """A step measured against the neighbouring products (model_step.py since
     2026-11-27) is judged on that ratio, and its row also gives the ratio
