@@ -318,6 +318,24 @@ def test_group_norm_is_accurate_for_a_large_mean():
     assert np.max(np.abs(one_pass_var / true_var - 1)) > 0.05
 
 
+@pytest.mark.parametrize("shape,offset", [((1, 96, 96, 64, 8), 30.0), ((1, 64, 48, 40, 32), 0.0),
+                                          ((2, 16, 24, 8, 16), 50.0), ((1, 5, 7, 3, 8), 1.0)])
+def test_spatial_sum_matches_float64(shape, offset):
+    """GroupNorm's per-channel sums over D, H, W (matrix-vector products over
+    H, then D and W) against float64 sums, for zero-mean data (sums that
+    cancel) and data far from 0; also with the spatial shape unknown when
+    traced, as in the SavedModel. (One float32 reduce_sum over all voxels
+    misses the first case's bound 15x: 4e-6.)"""
+    x = (np.random.default_rng(13).normal(size=shape) + offset).astype(np.float32)
+    want = x.astype(np.float64).sum(axis=(1, 2, 3))
+    scale = np.abs(x.astype(np.float64)).sum(axis=(1, 2, 3))  # what rounding is relative to
+    dynamic = tf.function(L._spatial_sum, input_signature=[
+        tf.TensorSpec([None, None, None, None, shape[-1]], tf.float32)])
+    for got in (L._spatial_sum(tf.constant(x)).numpy(), dynamic(x).numpy()):
+        assert got.shape == want.shape
+        assert np.max(np.abs(got - want) / scale) < 3e-7
+
+
 def test_group_norm_is_accurate_at_full_volume_size():
     """12.6 M voxels of mean 30: the float32 sums stay accurate (axis-by-axis sums)."""
     x = (np.random.default_rng(10).normal(size=(1, 128, 128, 96, 8)) + 30).astype(np.float32)
