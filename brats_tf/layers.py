@@ -77,7 +77,9 @@ def _spatial_sum(x: tf.Tensor) -> tf.Tensor:
 
     Where TensorFlow sees a GPU, the three reduce_sums: there they are fast,
     and a float32 product may run in TF32 (10-bit mantissa) on Ampere and
-    later GPUs.
+    later GPUs. Decided when the graph is traced: a SavedModel exported on a
+    CPU keeps the products if served on a GPU (where float32 convolutions
+    may run in TF32 too).
     """
     if tf.config.list_logical_devices("GPU"):
         return tf.reduce_sum(tf.reduce_sum(tf.reduce_sum(x, axis=1), axis=1), axis=1)

@@ -337,7 +337,7 @@ def test_spatial_sum_matches_float64(shape, offset):
 
 
 def test_group_norm_is_accurate_at_full_volume_size():
-    """12.6 M voxels of mean 30: the float32 sums stay accurate (axis-by-axis sums)."""
+    """12.6 M voxels of mean 30: the float32 sums stay accurate (short sums, _spatial_sum)."""
     x = (np.random.default_rng(10).normal(size=(1, 128, 128, 96, 8)) + 30).astype(np.float32)
     got = L.GroupNorm(8)(x).numpy()
     x64 = x.astype(np.float64)
