@@ -10,12 +10,11 @@ in the same process, and the ratio of the two (issue 6's target: >= 70%).
 The reference product (best of 3 calls) is timed right before every timed
 step and once after the last: each step is compared with the faster of the
 two products around it, and the median of those per-step ratios is the
-figure printed. On a
-shared host the cores' speed drifts by 10-30% within minutes (other tenants
-load the memory bus and caches); a reference measured once at the start, as
-before 2026-11-27, compared steps and product from different moments. Taking
-the faster neighbour keeps the ratio conservative. The start-only figure is
-still written (fraction_of_start_matmul).
+figure printed. On a shared host the cores' speed drifts by 10-30% within
+minutes (other tenants load the memory bus and caches); a reference measured
+once at the start, as before 2026-11-27, compared steps and product from
+different moments. Taking the faster neighbour keeps the ratio conservative.
+The start-only figure is still written (fraction_of_start_matmul).
 
   python benchmarks/model_step.py                          # 64^3 and 160x192x128
   python benchmarks/model_step.py --crops=64,64,64 --steps=5 --json_out=/tmp/step.json
