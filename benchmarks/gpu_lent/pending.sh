@@ -5,29 +5,77 @@
 #
 #   bash .gpu/run.sh bash benchmarks/gpu_lent/pending.sh
 #
-# Writes $OUT/<name>.json and $OUT/<name>.log for each item.
+# 1. The inference target on an H100 (with inference.host_tensor).
+# 2. train.py end to end on the paper configuration (mixed_float16, 160x192x128
+#    crops of synthetic cases), without and with --jit_compile (XLA with the
+#    strategy, loss scaling and the input pipeline), then XLA with the
+#    hand-written recompute: seconds per step from the second epoch's time.
+# On a GPU other than an H100 the inference item goes last (an H200 has it).
+#
+# Writes $OUT/<name>.json / <name>.log for each item and $OUT/train_*/history.json.
+# The sizes can be made small to try the script on a CPU:
+#   OUT=/tmp/o SHAPE=48,48,48 CASES=2 STEPS=2 TRAIN_FLAGS="--flagfile=configs/smoke.flags \
+#     --steps_per_epoch=2 --precision=float32" INFER_FLAGS="--init_filters=8 --repeats=1" \
+#     bash benchmarks/gpu_lent/pending.sh
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-item() {  # item NAME SECONDS ARGS...
+SHAPE=${SHAPE:-176,208,144}   # >= the paper's crop 160,192,128
+CASES=${CASES:-8}
+STEPS=${STEPS:-30}
+TRAIN_FLAGS=${TRAIN_FLAGS:-"--flagfile=configs/brats2018.flags --precision=mixed_float16"}
+INFER_FLAGS=${INFER_FLAGS:-"--precision=mixed_float16 --repeats=20"}
+W=$(mktemp -d)
+T0=$(date +%s)
+say() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+item() {  # item NAME SECONDS ARGS...   (a python3 command; its log in $OUT/NAME.log)
   local name=$1 limit=$2; shift 2
   local t0; t0=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*"
-  timeout -k 5 "$limit" python3 "$@" --json_out="$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  say "=== $name (limit ${limit}s): $*"
+  timeout -k 5 "$limit" python3 "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  grep -v "^W0000\|^I0000\|^WARNING: All log" "$OUT/$name.log" | tail -25
-  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+  grep -v "^W0000\|^I0000\|^WARNING: All log\|^E0000\|Sharding callback\|] configuration: " "$OUT/$name.log" | tail -12
+  say "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
 }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-item inference_parts 220 benchmarks/full_volume_inference.py --configs=saved_model:crop,keras:crop \
-  --precision=mixed_float16 --repeats=20 --breakdown
-item step_recompute4_cap16000mb 140 benchmarks/model_step.py --crops=160,192,128 \
-  --precision=mixed_float16 --recompute_levels=4 --gpu_memory_limit_mb=16000 --steps=10 --warmup=2
-item step_xla 120 benchmarks/model_step.py --crops=160,192,128 --precision=mixed_float16 \
-  --jit_compile --steps=10 --warmup=2
-# The host CPU's float16 / bfloat16 convolution accuracy (tests/reduced_precision.py).
-echo "=== host CPU: $(grep -m1 'model name' /proc/cpuinfo)"
-grep -o -m1 'avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
-CUDA_VISIBLE_DEVICES= timeout 40 python3 -c "
-import sys; sys.path.insert(0, 'tests')
-from reduced_precision import slack
-print('reduced_precision.slack:', {d: slack(d) for d in ('bfloat16', 'float16')})" 2>&1 | tail -1
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+say "GPU: ${GPU:-none}; host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
+
+# train.py needs scipy (metrics) and the data tools tqdm; the image may lack
+# them: .gpu/extra.tar.xz (numpy, scipy, tqdm wheels for Python 3.12), staged
+# beside the TensorFlow pieces.
+if ! python3 -c "import scipy.ndimage, tqdm" 2>/dev/null; then
+  if [ -f /tmp/stage/extra.tar.xz ]; then
+    [ -d /tmp/g/extra ] || { mkdir -p /tmp/g && xz -dc -T0 /tmp/stage/extra.tar.xz | tar x -C /tmp/g; }
+    export PYTHONPATH=/tmp/g/extra:${PYTHONPATH:-}
+    say "scipy/tqdm from extra.tar.xz"
+  else
+    say "no scipy/tqdm here and no /tmp/stage/extra.tar.xz: the train items will fail"
+  fi
+fi
+python3 -c "import numpy, scipy, tqdm; print('numpy', numpy.__version__, 'scipy', scipy.__version__)"
+
+inference() {
+  item inference_host_tensor 130 benchmarks/full_volume_inference.py --configs=saved_model:crop \
+    --breakdown $INFER_FLAGS --json_out="$OUT/inference_host_tensor.json"
+}
+case "$GPU" in *H100*) inference ;; esac
+
+say "=== data: $CASES synthetic cases of $SHAPE"
+timeout 90 python3 -m data_pipeline.synthetic --output_dir "$W/nifti" --num_cases "$CASES" --seed 0 \
+  --shape "$SHAPE" > "$OUT/data.log" 2>&1 &&
+timeout 90 python3 -m data_pipeline.convert --input_dir "$W/nifti" --output_dir "$W/tfrecord" \
+  --folds 2 --seed 0 >> "$OUT/data.log" 2>&1
+say "data: rc=$? $(du -sh "$W/tfrecord" | cut -f1)"
+
+train() {  # train NAME SECONDS EXTRA_FLAGS...
+  local name=$1 limit=$2; shift 2
+  item "$name" "$limit" train.py $TRAIN_FLAGS --data_dir="$W/tfrecord" --model_dir="$W/$name" \
+    --fold=-1 --validate_every=0 --epochs=2 --steps_per_epoch="$STEPS" --noexport "$@"
+  mkdir -p "$OUT/$name" && cp "$W/$name"/*.json "$OUT/$name/" 2>/dev/null
+  grep -o "epoch [0-9]/2 .*seconds [0-9.]*  loss [0-9.]*" "$OUT/$name.log" | sed "s/^/  $name: /"
+}
+train train_plain 100
+train train_xla 130 --jit_compile
+train train_xla_recompute 130 --jit_compile --recompute
+
+case "$GPU" in *H100*) ;; *) inference ;; esac
+say "done"
