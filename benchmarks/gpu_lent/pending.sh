@@ -44,18 +44,8 @@ item() {  # item NAME SECONDS ARGS...   (a python3 command; its log in $OUT/NAME
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 say "GPU: ${GPU:-none}; host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
 
-# train.py needs scipy (metrics) and the data tools tqdm; the image may lack
-# them: .gpu/extra.tar.xz (numpy, scipy, tqdm wheels for Python 3.12), staged
-# beside the TensorFlow pieces.
-if ! python3 -c "import scipy.ndimage, tqdm" 2>/dev/null; then
-  if [ -f /tmp/stage/extra.tar.xz ]; then
-    [ -d /tmp/g/extra ] || { mkdir -p /tmp/g && xz -dc -T0 /tmp/stage/extra.tar.xz | tar x -C /tmp/g; }
-    export PYTHONPATH=/tmp/g/extra:${PYTHONPATH:-}
-    say "scipy/tqdm from extra.tar.xz"
-  else
-    say "no scipy/tqdm here and no /tmp/stage/extra.tar.xz: the train items will fail"
-  fi
-fi
+# train.py needs scipy (metrics) and the data tools tqdm: the image has them
+# (numpy 2.5.2, scipy 1.18.1 on 2026-11-27).
 python3 -c "import numpy, scipy, tqdm; print('numpy', numpy.__version__, 'scipy', scipy.__version__)"
 
 inference() {
