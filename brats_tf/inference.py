@@ -94,8 +94,8 @@ def host_tensor(array, dtype=np.float32) -> tf.Tensor:
     inference call). This hands the buffer to TensorFlow through DLPack
     instead: no copy when ``array`` already is C-contiguous, writeable,
     ``dtype`` and 64-byte aligned; otherwise one NumPy copy (cast included)
-    into a 64-byte aligned buffer (~5x faster than TensorFlow's; in up to 8
-    threads from 8 MiB: 33 -> 19 ms on 2 cores here). Without a
+    into a 64-byte aligned buffer (~5x faster than TensorFlow's; from 8 MiB
+    in up to 8 threads: a BraTS case 31 -> 25 ms on 2 cores here). Without a
     copy the tensor SHARES ``array``'s memory while it lives: do not write to
     ``array`` before the tensor is used (the functions of this package use it
     at once and drop it). Arrays under 1 MiB take ``tf.constant``.
