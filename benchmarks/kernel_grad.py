@@ -7,9 +7,12 @@ the input gradient for scale, and checks that both gradients agree.
   python benchmarks/kernel_grad.py --crop=160,192,128 --repeats=3
 
 Each row: level, volume, channels, milliseconds and GFLOP/s of each op, and
-whether brats_tf uses the matrix product there (conv_grad.applies). Those
-rules (16+ input channels, padded grid at most 1.5x the volume) come from
-this benchmark on the AVX2 AMD EPYC of issue 6.
+whether brats_tf's training uses the matrix product there on this machine
+(conv_grad.use_matmul: the CPU's kind, then conv_grad.applies). Those rules
+come from this benchmark: the product on x86 CPUs with AVX2 and without
+AVX-512 (1.2-1.7x faster than oneDNN's on the AVX2 AMD EPYC of issue 6,
+1.5x slower on an AVX-512 Xeon), for 16+ input channels and a padded grid
+at most 1.5x the volume.
 """
 
 from __future__ import annotations
@@ -67,11 +70,12 @@ def main(argv):
             cells.append(f"{seconds * 1e3:7.1f} ms {flop / seconds / 1e9:4.0f}")
         native, matmul = ops["native"]().numpy(), ops["matmul"]().numpy()
         diff = abs(native - matmul).max() / abs(native).max()
-        used = "yes" if conv_grad.applies(x, kernel.shape) else "no"
+        used = "yes" if conv_grad.use_matmul(x, kernel.shape) else "no"
         print(f"{level + 1:>5} {'x'.join(map(str, volume)):>12} {cin:>4}   "
               f"{'  '.join(cells)}  {used:>4}  {diff:.1e}", flush=True)
-    print("(ms per call, median of --repeats, then GFLOP/s; used: whether training uses "
-          "the matrix product there on a CPU)")
+    print(f"(ms per call, median of --repeats, then GFLOP/s; used: whether training uses "
+          f"the matrix product there on this machine: mode "
+          f"{conv_grad.kernel_gradient_mode()!r}, BRATS_TF_KERNEL_GRADIENT)")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,18 @@ waste no arithmetic (with them on dy's side a slab of n planes took n + 2).
 
 Same result as ``tf.raw_ops.Conv3DBackpropFilterV2`` up to float32 summation
 order (tests/test_conv_grad.py checks both against a float64 NumPy reference).
-Used on CPUs only (``kernel_gradient_mode``); on GPUs cuDNN's kernel gradient
-is the fast one.
+Used on x86 CPUs with AVX2 and without AVX-512 only (``kernel_gradient_mode``):
+on GPUs cuDNN's kernel gradient is the fast one, and on an AVX-512 Xeon
+(Sapphire Rapids class) oneDNN has a fast kernel gradient of its own (168
+GFLOP/s against this product's 108 at 64^3 x 32 channels; the 64^3 training
+step took 3.4-3.6 s with it, 4.1-4.4 s with this product).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 
 import tensorflow as tf
 
@@ -63,23 +68,61 @@ MODES = ("auto", "matmul", "native")
 _ENV = "BRATS_TF_KERNEL_GRADIENT"
 
 
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+# oneDNN's AVX-512 ISA ("avx512_core"), which has brgemm kernel gradients.
+AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset | None:
+    """The CPU's feature flags from the first ``flags`` line of a Linux
+    cpuinfo file; None where there is none (other systems, other CPUs)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_prefers_matmul(machine: str, flags: frozenset | None) -> bool:
+    """Whether this module's product beats oneDNN's kernel gradient on a CPU
+    (``machine`` as ``platform.machine()``, ``flags`` as ``cpu_flags``):
+    only where that was measured, an x86 CPU with AVX2 and without AVX-512
+    (``benchmarks/kernel_grad.py``: 1.2-1.7x faster on an AMD EPYC, Zen 3;
+    on an AVX-512 Xeon oneDNN's own was 1.5x faster than the product). Other
+    CPUs, and CPUs whose flags cannot be read, keep TensorFlow's op."""
+    return (machine.lower() in _X86 and flags is not None and "avx2" in flags
+            and not AVX512_CORE <= flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _this_cpu_prefers_matmul() -> bool:
+    return cpu_prefers_matmul(platform.machine(), cpu_flags())
+
+
 def kernel_gradient_mode(recompute: bool = False) -> str:
     """Which kernel gradient 3x3x3 'same' convolutions use in training.
 
     ``BRATS_TF_KERNEL_GRADIENT`` = ``matmul`` (this module), ``native``
     (TensorFlow's ``Conv3DBackpropFilterV2``) or ``auto`` (the default:
-    ``matmul`` when TensorFlow sees no GPU, else ``native``; and ``native``
-    in the recomputed blocks of ``--recompute`` (``recompute=True``), whose
-    point is memory: with ``matmul`` there the paper crop's step took 122
-    instead of 142 s but its peak RSS rose from 6.7 to 8.1 GiB, the live
-    tensors' peak unchanged at 4.6 GiB: the slabs' copies fragment
-    TensorFlow's CPU memory pool). Read when a training step is traced.
+    ``matmul`` when TensorFlow sees no GPU and the CPU is one where the
+    product is faster (``cpu_prefers_matmul``: x86 with AVX2, without
+    AVX-512), else ``native``; and ``native`` in the recomputed blocks of
+    ``--recompute`` (``recompute=True``), whose point is memory: with
+    ``matmul`` there the paper crop's step took 122 instead of 142 s but its
+    peak RSS rose from 6.7 to 8.1 GiB, the live tensors' peak unchanged at
+    4.6 GiB: the slabs' copies fragment TensorFlow's CPU memory pool). Read
+    when a training step is traced.
     """
     mode = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"{_ENV}={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "auto":
-        return "native" if recompute or tf.config.list_logical_devices("GPU") else "matmul"
+        if recompute or tf.config.list_logical_devices("GPU"):
+            return "native"
+        return "matmul" if _this_cpu_prefers_matmul() else "native"
     return mode
 
 

@@ -113,14 +113,56 @@ def test_mode_from_the_environment(monkeypatch):
     assert conv_grad.kernel_gradient_mode() == "matmul"
     assert conv_grad.kernel_gradient_mode(recompute=True) == "matmul"
     monkeypatch.setenv("BRATS_TF_KERNEL_GRADIENT", "auto")
-    want = "native" if tf.config.list_logical_devices("GPU") else "matmul"
-    assert conv_grad.kernel_gradient_mode() == want
-    assert conv_grad.kernel_gradient_mode(recompute=True) == "native"
-    monkeypatch.delenv("BRATS_TF_KERNEL_GRADIENT")
-    assert conv_grad.kernel_gradient_mode() == want
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    for prefers in (True, False):
+        # auto follows the CPU's kind (cpu_prefers_matmul, tested below).
+        monkeypatch.setattr(conv_grad, "_this_cpu_prefers_matmul", lambda: prefers)
+        want = "matmul" if prefers and not gpu else "native"
+        assert conv_grad.kernel_gradient_mode() == want
+        assert conv_grad.kernel_gradient_mode(recompute=True) == "native"
+        monkeypatch.delenv("BRATS_TF_KERNEL_GRADIENT")
+        assert conv_grad.kernel_gradient_mode() == want
+        monkeypatch.setenv("BRATS_TF_KERNEL_GRADIENT", "auto")
     monkeypatch.setenv("BRATS_TF_KERNEL_GRADIENT", "cudnn")
     with pytest.raises(ValueError, match="BRATS_TF_KERNEL_GRADIENT='cudnn'"):
         conv_grad.kernel_gradient_mode()
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl
+bogomips\t: 4200.00
+
+processor\t: 1
+flags\t\t: fpu sse2
+"""
+
+
+def test_cpu_flags_come_from_the_first_flags_line(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(_CPUINFO)
+    assert conv_grad.cpu_flags(str(path)) == {"fpu", "sse2", "avx", "avx2", "fma", "avx512f",
+                                              "avx512dq", "avx512bw", "avx512vl"}
+    # An ARM cpuinfo names them "Features"; no file at all: unknown.
+    path.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert conv_grad.cpu_flags(str(path)) is None
+    assert conv_grad.cpu_flags(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("machine, flags, want", [
+    ("x86_64", "sse2 avx avx2 fma", True),                        # AVX2: the AMD EPYC (Zen 3)
+    ("AMD64", "avx2", True),                                      # Windows' name for x86-64
+    ("x86_64", "avx2 avx512f avx512dq avx512bw avx512vl", False),  # AVX-512 Xeon
+    # AVX-512F without BW/VL (Knights Landing): not oneDNN's avx512_core,
+    # whose kernel gradient is the fast one
+    ("x86_64", "avx2 avx512f avx512cd", True),
+    ("x86_64", "sse2 avx", False),                                # no AVX2: never measured
+    ("aarch64", "avx2", False),                                   # not x86
+    ("x86_64", None, False),                                      # flags unknown
+])
+def test_cpu_prefers_matmul(machine, flags, want):
+    flags = None if flags is None else frozenset(flags.split())
+    assert conv_grad.cpu_prefers_matmul(machine, flags) is want
 
 
 def _conv_grads(layer, x, training=True):
@@ -173,6 +215,8 @@ def test_resnet_block_gradients_match_between_modes(monkeypatch):
     rng = np.random.default_rng(3)
     x = tf.constant(rng.standard_normal((1, 16, 16, 16, 16)).astype(np.float32))
     results = {}
+    # auto as on a CPU where the product is the faster (x86 with AVX2 only)
+    monkeypatch.setattr(conv_grad, "_this_cpu_prefers_matmul", lambda: True)
     for mode in ("native", "matmul", "auto"):
         monkeypatch.setenv("BRATS_TF_KERNEL_GRADIENT", mode)
         for recompute in (False, True):
