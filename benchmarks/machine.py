@@ -12,24 +12,23 @@ import subprocess
 import sys
 import time
 
+from brats_tf.cpu import cpu_flags
+
 
 def describe() -> str:
     """'<CPU model name>, <n> logical cores, <widest vector ISA>' (from
     /proc/cpuinfo where it exists), with ', oneDNN off' when
     TF_ENABLE_ONEDNN_OPTS=0 (brats_tf turns it on by default)."""
-    cpu, isa = None, ""
+    cpu = None
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu is None:
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not isa:
-                    flags = set(line.split(":", 1)[1].split())
-                    isa = next((name for flag, name in (("amx_tile", "AMX"),
-                                                        ("avx512f", "AVX-512"),
-                                                        ("avx2", "AVX2")) if flag in flags), "")
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), None)
     except OSError:
         pass
+    flags = cpu_flags() or frozenset()
+    isa = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"),
+                                        ("avx2", "AVX2")) if flag in flags), "")
     cpu = cpu or platform.processor() or "unknown CPU"
     text = f"{cpu}, {os.cpu_count()} logical cores" + (f", {isa}" if isa else "")
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
@@ -41,15 +40,7 @@ def cpu_has_bf16() -> bool:
     """True when the CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16,
     /proc/cpuinfo flags), where oneDNN runs bfloat16 convolutions fast;
     elsewhere they are emulated and slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool((cpu_flags() or frozenset()) & {"amx_bf16", "avx512_bf16"})
 
 
 def device_name() -> str:

@@ -48,6 +48,8 @@ import platform
 
 import tensorflow as tf
 
+from brats_tf.cpu import cpu_flags
+
 # Shifted copies (x9 and dy3) per slab: at most SLAB_BYTES, and at most
 # SLAB_ACTIVATIONS times the larger of the layer's input and output gradient
 # (one batch element), so that they add about one activation to the working
@@ -71,19 +73,6 @@ _ENV = "BRATS_TF_KERNEL_GRADIENT"
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 # oneDNN's AVX-512 ISA ("avx512_core"), which has brgemm kernel gradients.
 AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset | None:
-    """The CPU's feature flags from the first ``flags`` line of a Linux
-    cpuinfo file; None where there is none (other systems, other CPUs)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return None
 
 
 def cpu_prefers_matmul(machine: str, flags: frozenset | None) -> bool:

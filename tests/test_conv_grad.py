@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import conv_grad
+from brats_tf import conv_grad, cpu
 from brats_tf import layers as L
 
 
@@ -141,12 +141,12 @@ flags\t\t: fpu sse2
 def test_cpu_flags_come_from_the_first_flags_line(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(_CPUINFO)
-    assert conv_grad.cpu_flags(str(path)) == {"fpu", "sse2", "avx", "avx2", "fma", "avx512f",
+    assert cpu.cpu_flags(str(path)) == {"fpu", "sse2", "avx", "avx2", "fma", "avx512f",
                                               "avx512dq", "avx512bw", "avx512vl"}
     # An ARM cpuinfo names them "Features"; no file at all: unknown.
     path.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
-    assert conv_grad.cpu_flags(str(path)) is None
-    assert conv_grad.cpu_flags(str(tmp_path / "missing")) is None
+    assert cpu.cpu_flags(str(path)) is None
+    assert cpu.cpu_flags(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("machine, flags, want", [
