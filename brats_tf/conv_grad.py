@@ -34,8 +34,8 @@ waste no arithmetic (with them on dy's side a slab of n planes took n + 2).
 Same result as ``tf.raw_ops.Conv3DBackpropFilterV2`` up to float32 summation
 order (tests/test_conv_grad.py checks both against a float64 NumPy reference).
 Used on x86 CPUs with AVX2 and without AVX-512 only (``kernel_gradient_mode``):
-on GPUs cuDNN's kernel gradient is the fast one, and on an AVX-512 Xeon
-(Sapphire Rapids class) oneDNN has a fast kernel gradient of its own (168
+on GPUs cuDNN's kernel gradient is the fast one, and on a 2-core AVX-512 Xeon
+(with AMX, model 207) oneDNN has a fast kernel gradient of its own (168
 GFLOP/s against this product's 108 at 64^3 x 32 channels; the 64^3 training
 step took 3.4-3.6 s with it, 4.1-4.4 s with this product).
 """
