@@ -142,7 +142,7 @@ def test_cpu_flags_come_from_the_first_flags_line(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(_CPUINFO)
     assert cpu.cpu_flags(str(path)) == {"fpu", "sse2", "avx", "avx2", "fma", "avx512f",
-                                              "avx512dq", "avx512bw", "avx512vl"}
+                                        "avx512dq", "avx512bw", "avx512vl"}
     # An ARM cpuinfo names them "Features"; no file at all: unknown.
     path.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
     assert cpu.cpu_flags(str(path)) is None
