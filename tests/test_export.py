@@ -56,6 +56,36 @@ def test_layout_and_metadata():
     assert meta["et_label"] == C.LABEL_ET
 
 
+def _xla_clusters(version_dir) -> list:
+    """Names of the nodes and functions of a SavedModel that XLA must compile."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((pathlib.Path(version_dir) / "saved_model.pb").read_bytes())
+    found = []
+    for meta in saved.meta_graphs:
+        library = meta.graph_def.library.function
+        nodes = list(meta.graph_def.node) + [n for f in library for n in f.node_def]
+        found += [n.name for n in nodes
+                  if "_XlaMustCompile" in n.attr and n.attr["_XlaMustCompile"].b]
+        found += [f.signature.name for f in library
+                  if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
+    return found
+
+
+def test_saved_model_holds_no_xla_cluster(tmp_path):
+    """TF Serving's XLA:CPU JIT is off by default, so the serving graph must not
+    need XLA: the training step's XLA-fused GroupNorm tails (layers._fused) stay
+    out of it. The check itself finds a jit_compile function in a SavedModel."""
+    _, _, version_dir, _ = tiny_export()
+    assert _xla_clusters(version_dir) == []
+    module = tf.Module()
+    module.f = tf.function(lambda x: x * 2.0 + 1.0, jit_compile=True,
+                           input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "xla"))
+    assert _xla_clusters(tmp_path / "xla") != []
+
+
 def test_saved_model_cli_shows_both_signatures():
     _, _, version_dir, _ = tiny_export()
     script = pathlib.Path(sys.executable).with_name("saved_model_cli")  # .venv/bin/

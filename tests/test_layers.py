@@ -10,6 +10,8 @@ import tensorflow as tf
 from brats_tf import layers as L
 from reduced_precision import slack
 
+FUSED_ENV = "BRATS_TF_FUSED_ELEMENTWISE"
+
 
 # ----------------------------------------------------------------- trilinear
 def _linear_upsample_axis_np(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
@@ -370,9 +372,12 @@ def test_resnet_block_matches_numpy_reference():
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
-def test_resnet_block_inference_path_equals_the_training_path(precision):
+def test_resnet_block_inference_path_equals_the_training_path(precision, monkeypatch):
     """The inference path's ReLU runs in float32 before the cast to the
-    compute dtype, the training path's after it: the same values, bit for bit."""
+    compute dtype, the training path's after it: the same values, bit for bit
+    with TensorFlow's elementwise ops in both. With XLA's fused GroupNorm
+    tails in training (``layers._fused``), to float32 rounding: XLA may
+    contract x * a + b into one FMA."""
     keras.mixed_precision.set_global_policy(precision)
     try:
         block = L.ResNetBlock(16, groups=8)
@@ -381,12 +386,18 @@ def test_resnet_block_inference_path_equals_the_training_path(precision):
         block(x)
         for var in block.weights:
             var.assign(rng.normal(scale=0.3, size=var.shape).astype(np.float32))
+        monkeypatch.setenv(FUSED_ENV, "off")
         train, infer = block(x, training=True), block(x, training=False)
+        monkeypatch.setenv(FUSED_ENV, "on")
+        fused = block(x, training=True)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert infer.dtype == train.dtype == x.dtype
-    np.testing.assert_array_equal(infer.numpy().astype(np.float32),
-                                  train.numpy().astype(np.float32))
+    assert infer.dtype == train.dtype == fused.dtype == x.dtype
+    infer = infer.numpy().astype(np.float32)
+    np.testing.assert_array_equal(infer, train.numpy().astype(np.float32))
+    if precision == "float32":  # (in 16 bits a last-bit difference may round either way)
+        np.testing.assert_allclose(fused.numpy(), infer, rtol=1e-5,
+                                   atol=1e-6 * np.abs(infer).max())
 
 
 def test_resnet_block_is_identity_when_last_conv_is_zero():
@@ -466,6 +477,65 @@ def test_recomputed_block_has_the_values_and_gradients_of_autodiff(graph):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
     # In inference the recompute block is the plain function.
     np.testing.assert_allclose(fused(x, training=False).numpy(), want_y, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_elementwise_mode_from_the_environment(monkeypatch):
+    """BRATS_TF_FUSED_ELEMENTWISE: auto (default) = on where TensorFlow sees no
+    GPU; on; off; anything else is refused, naming the variable."""
+    no_gpu = not tf.config.list_logical_devices("GPU")
+    monkeypatch.delenv(FUSED_ENV, raising=False)
+    assert L.fused_elementwise() is no_gpu
+    for value, want in (("auto", no_gpu), ("", no_gpu), ("on", True), (" OFF ", False)):
+        monkeypatch.setenv(FUSED_ENV, value)
+        assert L.fused_elementwise() is want, value
+    monkeypatch.setenv(FUSED_ENV, "xla")
+    with pytest.raises(ValueError, match="BRATS_TF_FUSED_ELEMENTWISE='xla'"):
+        L.fused_elementwise()
+
+
+def _xla_calls(graph) -> int:
+    """Ops of a traced graph that XLA must compile (calls of jit_compile functions)."""
+    return sum(1 for op in graph.get_operations()
+               if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile"))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(recompute,
+                                                                             monkeypatch):
+    """GroupNorm's elementwise tails compiled by XLA in training (``layers._fused``,
+    BRATS_TF_FUSED_ELEMENTWISE=on) against TensorFlow's ops (off), through a
+    plain and a recomputed ResNet block: output, input gradient and all eight
+    weight gradients to float32 rounding. The traced step calls XLA only when
+    on (the two GroupNorms' forward and backward tails: 4 calls in the plain
+    block; the recomputed block's 5 GN + ReLU and 2 backward tails: 7), the
+    inference path never."""
+    shape = (2, 6, 5, 4, 8)
+    plain, recomputed = _block_pair(shape, groups=4)
+    block = recomputed if recompute else plain
+    rng = np.random.default_rng(14)
+    x = tf.constant(rng.normal(size=shape).astype(np.float32))
+    weight = tf.constant(rng.normal(size=shape).astype(np.float32))
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(block(x, training=True) * weight)
+        return tape.gradient(loss, [x] + block.trainable_variables)
+
+    results, calls = {}, {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(FUSED_ENV, mode)
+        results[mode] = _block_value_and_grads(block, x, weight, graph=True)
+        calls[mode] = _xla_calls(tf.function(step).get_concrete_function(x).graph)
+    assert calls == {"off": 0, "on": 7 if recompute else 4}
+    inference = tf.function(lambda x: block(x, training=False)).get_concrete_function(x)
+    assert _xla_calls(inference.graph) == 0
+    (want_y, want), (got_y, got) = results["off"], results["on"]
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-6 * np.abs(want_y).max())
+    for g, w, v in zip(got, want, ["input"] + [v.path for v in block.trainable_variables]):
+        scale = np.abs(w).max()
+        assert scale > 1e-3, v
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=v)
 
 
 def test_recomputed_block_under_mixed_float16():

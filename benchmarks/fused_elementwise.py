@@ -1,0 +1,94 @@
+"""Training step with and without XLA-fused GroupNorm tails, interleaved in one process.
+
+  python benchmarks/fused_elementwise.py --crop=64,64,64 --pairs=10
+  python benchmarks/fused_elementwise.py --crop=160,192,128 --pairs=3
+
+Traces the training step of the paper's network twice, once with
+BRATS_TF_FUSED_ELEMENTWISE=off (GroupNorm's elementwise tails as TensorFlow
+ops, a pass over memory each) and once with =on (each tail one XLA-compiled
+loop, ``brats_tf.layers._fused``; WORKSPACE.md deviation 26), then times the
+two steps alternately, off then on, ``--pairs`` times. On a shared host whose
+speed drifts by 10-30% within minutes (README, Benchmarks), runs of
+model_step.py minutes apart cannot resolve a 5% change; steps side by side in
+one process can: the paired ratio (on / off per pair, its median) is the
+figure to read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("crop", ["64", "64", "64"], "Crop D,H,W (divisible by 16).")
+flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
+flags.DEFINE_integer("pairs", 5, "Timed (off, on) pairs of steps.", lower_bound=1)
+flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the finest levels' "
+                     "blocks, as train.py --recompute.", lower_bound=0)
+
+_ENV = "BRATS_TF_FUSED_ELEMENTWISE"
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    import tensorflow as tf
+
+    from brats_tf import losses, optimizers
+    from brats_tf.config import ModelConfig
+    from brats_tf.model import build_model
+    from brats_tf.training import set_inter_op_threads
+
+    set_inter_op_threads(None, recompute=FLAGS.recompute_levels > 0)  # as train.py
+    crop = tuple(int(c) for c in FLAGS.crop)
+    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
+                                    recompute_levels=FLAGS.recompute_levels))
+    optimizer = optimizers.Adam(1e-4)  # as train.py
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
+    labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))
+
+    def make_step():
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                out = model(image, training=True)
+                loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
+                loss += tf.add_n(model.losses)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+        return step
+
+    steps = {}
+    for mode in ("off", "on"):  # the variable is read when the step is traced
+        os.environ[_ENV] = mode
+        steps[mode] = make_step()
+        t = time.perf_counter()
+        steps[mode]().numpy()
+        print(f"{mode}: first step (tracing, XLA compiles) {time.perf_counter() - t:.1f} s",
+              flush=True)
+    times = {"off": [], "on": []}
+    for i in range(FLAGS.pairs):
+        for mode in ("off", "on"):
+            t = time.perf_counter()
+            steps[mode]().numpy()
+            times[mode].append(time.perf_counter() - t)
+        print(f"pair {i + 1}/{FLAGS.pairs}: off {times['off'][-1]:.3f} s, "
+              f"on {times['on'][-1]:.3f} s", flush=True)
+    ratios = [b / a for a, b in zip(times["off"], times["on"])]
+    print(f"crop {crop}, width {FLAGS.init_filters}, recompute_levels {FLAGS.recompute_levels}: "
+          f"median off {np.median(times['off']):.3f} s, on {np.median(times['on']):.3f} s; "
+          f"on / off per pair: median {np.median(ratios):.3f} "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    app.run(main)
