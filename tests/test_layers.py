@@ -488,6 +488,10 @@ def test_fused_elementwise_mode_from_the_environment(monkeypatch):
     for value, want in (("auto", no_gpu), ("", no_gpu), ("on", True), (" OFF ", False)):
         monkeypatch.setenv(FUSED_ENV, value)
         assert L.fused_elementwise() is want, value
+    # In the recomputed blocks of --recompute only when asked for (memory).
+    for value, want in (("auto", False), ("on", True), ("off", False)):
+        monkeypatch.setenv(FUSED_ENV, value)
+        assert L.fused_elementwise(recompute=True) is want, value
     monkeypatch.setenv(FUSED_ENV, "xla")
     with pytest.raises(ValueError, match="BRATS_TF_FUSED_ELEMENTWISE='xla'"):
         L.fused_elementwise()
@@ -507,8 +511,8 @@ def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(rec
     plain and a recomputed ResNet block: output, input gradient and all eight
     weight gradients to float32 rounding. The traced step calls XLA only when
     on (the two GroupNorms' forward and backward tails: 4 calls in the plain
-    block; the recomputed block's 5 GN + ReLU and 2 backward tails: 7), the
-    inference path never."""
+    block; the recomputed block's 5 GN + ReLU and 2 backward tails: 7), by
+    default (auto, on a CPU) only in the plain block, the inference path never."""
     shape = (2, 6, 5, 4, 8)
     plain, recomputed = _block_pair(shape, groups=4)
     block = recomputed if recompute else plain
@@ -523,11 +527,14 @@ def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(rec
         return tape.gradient(loss, [x] + block.trainable_variables)
 
     results, calls = {}, {}
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "auto"):
         monkeypatch.setenv(FUSED_ENV, mode)
-        results[mode] = _block_value_and_grads(block, x, weight, graph=True)
+        if mode != "auto":
+            results[mode] = _block_value_and_grads(block, x, weight, graph=True)
         calls[mode] = _xla_calls(tf.function(step).get_concrete_function(x).graph)
-    assert calls == {"off": 0, "on": 7 if recompute else 4}
+    on_cpu = not tf.config.list_logical_devices("GPU")
+    assert calls == {"off": 0, "on": 7 if recompute else 4,
+                     "auto": 4 if on_cpu and not recompute else 0}
     inference = tf.function(lambda x: block(x, training=False)).get_concrete_function(x)
     assert _xla_calls(inference.graph) == 0
     (want_y, want), (got_y, got) = results["off"], results["on"]
