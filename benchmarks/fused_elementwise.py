@@ -47,9 +47,13 @@ def main(argv):
     from brats_tf.training import set_inter_op_threads
 
     set_inter_op_threads(None, recompute=FLAGS.recompute_levels > 0)  # as train.py
-    crop = tuple(int(c) for c in FLAGS.crop)
-    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
-                                    recompute_levels=FLAGS.recompute_levels))
+    try:
+        crop = tuple(int(c) for c in FLAGS.crop)
+        config = ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
+                             recompute_levels=FLAGS.recompute_levels)
+    except ValueError as e:  # one line, no traceback
+        sys.exit(f"fused_elementwise.py: --crop={','.join(FLAGS.crop)}: {e}")
+    model = build_model(config)
     optimizer = optimizers.Adam(1e-4)  # as train.py
     rng = np.random.default_rng(0)
     image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
