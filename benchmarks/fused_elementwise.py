@@ -39,37 +39,16 @@ _ENV = "BRATS_TF_FUSED_ELEMENTWISE"
 def main(argv):
     del argv
     import numpy as np
-    import tensorflow as tf
 
-    from brats_tf import losses, optimizers
-    from brats_tf.config import ModelConfig
-    from brats_tf.model import build_model
+    from benchmarks.machine import paper_training_step
     from brats_tf.training import set_inter_op_threads
 
     set_inter_op_threads(None, recompute=FLAGS.recompute_levels > 0)  # as train.py
     try:
         crop = tuple(int(c) for c in FLAGS.crop)
-        config = ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
-                             recompute_levels=FLAGS.recompute_levels)
+        _, make_step = paper_training_step(crop, FLAGS.init_filters, FLAGS.recompute_levels)
     except ValueError as e:  # one line, no traceback
         sys.exit(f"fused_elementwise.py: --crop={','.join(FLAGS.crop)}: {e}")
-    model = build_model(config)
-    optimizer = optimizers.Adam(1e-4)  # as train.py
-    rng = np.random.default_rng(0)
-    image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
-    labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))
-
-    def make_step():
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                out = model(image, training=True)
-                loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
-                loss += tf.add_n(model.losses)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-        return step
 
     steps = {}
     for mode in ("off", "on"):  # the variable is read when the step is traced

@@ -76,6 +76,52 @@ def paired_fraction(step_seconds: list[float], probes: list[float], flop: float)
     return statistics.median(fractions), statistics.median(refs)
 
 
+def paper_training_step(crop: tuple, init_filters: int = 32, recompute_levels: int = 0):
+    """The paper network's training step on one random case, as the
+    benchmarks time it: ``(model, make_step)``. The model is built under
+    the current Keras dtype policy with seed 0; the case is a float32 image
+    1 x crop x 4 (normal noise) and 3 label channels (10% ones), fixed.
+    ``make_step(jit_compile=False)`` traces a new ``tf.function`` of no
+    arguments each call (so environment switches read at tracing, e.g.
+    BRATS_TF_FUSED_ELEMENTWISE, can differ between steps) that runs
+    forward, the total loss (Dice + 0.1 L2 + 0.1 KL, and the weight decay
+    terms in model.losses), backward and one Adam(1e-4) update (train.py's
+    optimizer; the loss is scaled under mixed precision), returning the
+    unscaled loss. Raises ValueError for a crop ModelConfig rejects."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from brats_tf import losses, optimizers
+    from brats_tf.config import ModelConfig
+    from brats_tf.model import build_model
+
+    config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters,
+                         recompute_levels=recompute_levels)
+    keras.utils.set_random_seed(0)
+    model = build_model(config)
+    optimizer = optimizers.Adam(1e-4)
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.normal(size=(1,) + tuple(crop) + (4,)).astype(np.float32))
+    labels = tf.constant((rng.random((1,) + tuple(crop) + (3,)) > 0.9).astype(np.float32))
+
+    def make_step(jit_compile: bool = False):
+        @tf.function(jit_compile=jit_compile)
+        def step(image, labels):
+            with tf.GradientTape() as tape:
+                out = model(image, training=True)
+                loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
+                loss += tf.add_n(model.losses)
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return lambda: step(image, labels)
+
+    return model, make_step
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``fn`` (a tf.function
     returning a tensor; ``.numpy()`` waits for it), after one untimed call

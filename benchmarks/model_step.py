@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import (  # noqa: E402
-    describe, device_name, paired_fraction, run_measurement)
+    describe, device_name, paired_fraction, paper_training_step, run_measurement)
 from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -115,9 +115,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from brats_tf import flops, losses, optimizers
-    from brats_tf.config import ModelConfig
-    from brats_tf.model import build_model
+    from brats_tf import flops
     from brats_tf.training import set_inter_op_threads
 
     set_inter_op_threads(FLAGS.inter_op_threads, recompute=FLAGS.recompute_levels > 0)
@@ -131,34 +129,18 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     probe = _MatmulProbe(FLAGS.matmul_n)
     matmul = probe.gflops(repeats=3)
     numpy_matmul = None if gpus else _numpy_matmul_gflops(FLAGS.matmul_n)
-    keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
-                                    recompute_levels=FLAGS.recompute_levels))
-    optimizer = optimizers.Adam(1e-4)  # as train.py
-    rng = np.random.default_rng(0)
-    image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
-    labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))
-
-    @tf.function(jit_compile=FLAGS.jit_compile)
-    def step(image, labels):
-        with tf.GradientTape() as tape:
-            out = model(image, training=True)
-            loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
-            loss += tf.add_n(model.losses)
-            scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    model, make_step = paper_training_step(crop, FLAGS.init_filters, FLAGS.recompute_levels)
+    step = make_step(jit_compile=FLAGS.jit_compile)
 
     t = time.perf_counter()
     for _ in range(FLAGS.warmup):
-        step(image, labels).numpy()
+        step().numpy()
     first = time.perf_counter() - t
     times, probes = [], []
     for _ in range(FLAGS.steps):
         probes.append(probe.gflops(repeats=3))
         t = time.perf_counter()
-        step(image, labels).numpy()
+        step().numpy()
         times.append(time.perf_counter() - t)
     probes.append(probe.gflops(repeats=3))
     sec = float(np.median(times))

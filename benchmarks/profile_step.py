@@ -84,35 +84,19 @@ def main(argv):
             import xprof  # noqa: F401
         except ImportError:
             sys.exit("profile_step.py: --memory needs the profiler's converter: pip install xprof")
-    import keras
-    import numpy as np
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from benchmarks.machine import op_event_key
-    from brats_tf import losses, optimizers
-    from brats_tf.config import ModelConfig
-    from brats_tf.model import build_model
+    from benchmarks.machine import op_event_key, paper_training_step
     from brats_tf.training import set_inter_op_threads
 
     set_inter_op_threads(None, recompute=FLAGS.recompute_levels > 0)  # as train.py
-    crop = tuple(int(c) for c in FLAGS.crop)
-    model = build_model(ModelConfig(input_shape=crop, init_filters=FLAGS.init_filters,
-                                    recompute_levels=FLAGS.recompute_levels))
-    optimizer = optimizers.Adam(1e-4)  # as train.py
-    rng = np.random.default_rng(0)
-    image = tf.constant(rng.normal(size=(1,) + crop + (4,)).astype(np.float32))
-    labels = tf.constant((rng.random((1,) + crop + (3,)) > 0.9).astype(np.float32))
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            out = model(image, training=True)
-            loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
-            loss += tf.add_n(model.losses)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    try:
+        crop = tuple(int(c) for c in FLAGS.crop)
+        _, make_step = paper_training_step(crop, FLAGS.init_filters, FLAGS.recompute_levels)
+    except ValueError as e:  # one line, no traceback
+        sys.exit(f"profile_step.py: --crop={','.join(FLAGS.crop)}: {e}")
+    step = make_step()
 
     import time
 
