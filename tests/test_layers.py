@@ -1,5 +1,6 @@
 """brats_tf.layers against independent NumPy computations."""
 
+import collections
 import itertools
 
 import keras
@@ -352,7 +353,9 @@ def test_group_norm_rejects_bad_channels():
         L.GroupNorm(8)(np.zeros((1, 2, 2, 2, 12), np.float32))
 
 
-def test_resnet_block_matches_numpy_reference():
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_resnet_block_matches_numpy_reference(fused, monkeypatch):
+    monkeypatch.setenv(FUSED_ENV, fused)  # training: Keras layers, or layers._fused_block
     rng = np.random.default_rng(4)
     block = L.ResNetBlock(8, groups=4)
     x = rng.normal(size=(2, 4, 5, 3, 8)).astype(np.float32)
@@ -364,8 +367,9 @@ def test_resnet_block_matches_numpy_reference():
     y = _conv_same_np(y, c1.kernel.numpy(), c1.bias.numpy())
     y = np.maximum(_group_norm_np(y, n2.gamma.numpy(), n2.beta.numpy(), 4), 0)
     y = _conv_same_np(y, c2.kernel.numpy(), c2.bias.numpy())
-    # The training path (GroupNorm layers) and the inference path (fused
-    # GN + ReLU, ResNetBlock._inference_residual) alike.
+    # The training path (GroupNorm layers, or with fused tails one
+    # hand-written block) and the inference path (GN + ReLU in one
+    # expression, ResNetBlock._inference_residual) alike.
     for training in (True, False, None):
         got = block(x, training=training).numpy()
         np.testing.assert_allclose(got, y + x, rtol=1e-4, atol=1e-4, err_msg=str(training))
@@ -457,7 +461,7 @@ def _block_value_and_grads(block, x, weight, graph):
 
 
 @pytest.mark.parametrize("graph", [False, True])
-def test_recomputed_block_has_the_values_and_gradients_of_autodiff(graph):
+def test_recomputed_block_has_the_values_and_gradients_of_autodiff(graph, monkeypatch):
     """The hand-written backward pass of the recompute path (ResNetBlock(recompute=True)
     in training) against TensorFlow's autodiff of the plain block: output, input
     gradient and all eight weight gradients, batch of 2 (per-example GN statistics)."""
@@ -466,7 +470,9 @@ def test_recomputed_block_has_the_values_and_gradients_of_autodiff(graph):
     rng = np.random.default_rng(12)
     x = tf.constant(rng.normal(size=shape).astype(np.float32))
     weight = tf.constant(rng.normal(size=shape).astype(np.float32))
+    monkeypatch.setenv(FUSED_ENV, "off")  # the plain block as Keras layers: autodiff
     want_y, want = _block_value_and_grads(plain, x, weight, graph)
+    monkeypatch.delenv(FUSED_ENV)
     got_y, got = _block_value_and_grads(fused, x, weight, graph)
     np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
     names = ["input"] + [v.path for v in plain.trainable_variables]
@@ -507,12 +513,13 @@ def _xla_calls(graph) -> int:
 def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(recompute,
                                                                              monkeypatch):
     """GroupNorm's elementwise tails compiled by XLA in training (``layers._fused``,
-    BRATS_TF_FUSED_ELEMENTWISE=on) against TensorFlow's ops (off), through a
-    plain and a recomputed ResNet block: output, input gradient and all eight
-    weight gradients to float32 rounding. The traced step calls XLA only when
-    on (the two GroupNorms' forward and backward tails: 4 calls in the plain
-    block; the recomputed block's 5 GN + ReLU and 2 backward tails: 7), by
-    default (auto, on a CPU) only in the plain block, the inference path never."""
+    BRATS_TF_FUSED_ELEMENTWISE=on; the plain block then is ``layers._fused_block``)
+    against TensorFlow's ops (off; the plain block as Keras layers, autodiff),
+    through a plain and a recomputed ResNet block: output, input gradient and
+    all eight weight gradients to float32 rounding. The traced step calls XLA
+    only when on (the plain block's 2 GN + ReLU and 2 backward tails: 4; the
+    recomputed block's 5 GN + ReLU and 2 backward tails: 7), by default (auto,
+    on a CPU) only in the plain block, the inference path never."""
     shape = (2, 6, 5, 4, 8)
     plain, recomputed = _block_pair(shape, groups=4)
     block = recomputed if recompute else plain
@@ -545,18 +552,51 @@ def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(rec
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=v)
 
 
-def test_recomputed_block_under_mixed_float16():
+def test_fused_block_leaves_out_the_relu_and_shortcut_passes(monkeypatch):
+    """With fused tails (on) the plain block's traced training step has no ReLU
+    op and no AddN of the identity shortcut's gradient outside XLA's loops
+    (they are folded into the GN + ReLU loops and the first GN's backward
+    tail, ``layers._fused_block``); as Keras layers (off) it has both. The
+    convolutions and the ReLU gradients are the same ops in both."""
+    shape = (1, 4, 4, 4, 8)
+    block = L.ResNetBlock(8, groups=4)
+    block.build(shape)
+    x = tf.zeros(shape)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(block(x, training=True))
+        return tape.gradient(loss, [x] + block.trainable_variables)
+
+    ops = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(FUSED_ENV, mode)
+        graph = tf.function(step).get_concrete_function(x).graph
+        ops[mode] = collections.Counter(op.type for op in graph.get_operations())
+    assert ops["off"]["Relu"] == 2 and ops["off"]["AddN"] >= 1, ops["off"]
+    assert ops["on"]["Relu"] == 0 and ops["on"]["AddN"] == 0, ops["on"]
+    for op in ("Conv3D", "Conv3DBackpropInputV2", "ReluGrad", "BiasAddGrad"):
+        assert ops["on"][op] == ops["off"][op] == 2, (op, ops)
+
+
+def test_recomputed_block_under_mixed_float16(monkeypatch):
     """float16 activations and gradients, float32 GN statistics: the recompute
-    path agrees with autodiff of the same float16 block, and both with float32."""
+    path and the plain block with fused tails (``layers._fused_block``) agree
+    with autodiff of the same float16 block, and all with float32."""
     shape = (1, 8, 8, 8, 16)
     rng = np.random.default_rng(13)
     x32 = rng.normal(size=shape).astype(np.float32)
     weight = tf.constant(rng.normal(size=shape).astype(np.float32))
+    monkeypatch.setenv(FUSED_ENV, "off")  # float32 autodiff of the Keras layers
     ref32 = _block_value_and_grads(_block_pair(shape, 8)[0], tf.constant(x32), weight, True)
     keras.mixed_precision.set_global_policy("mixed_float16")
     plain, fused = _block_pair(shape, groups=8)
     x16 = tf.constant(x32, tf.float16)
-    results = [_block_value_and_grads(b, x16, weight, True) for b in (plain, fused)]
+    results = []
+    for block, mode in ((plain, "off"), (plain, "on"), (fused, "auto")):
+        monkeypatch.setenv(FUSED_ENV, mode)
+        results.append(_block_value_and_grads(block, x16, weight, True))
     tol = slack("float16")  # looser where float16 convolutions accumulate in float16
     for (y, grads) in results:
         np.testing.assert_allclose(y, ref32[0], rtol=2e-2 * tol, atol=2e-2 * tol)
@@ -573,6 +613,9 @@ tf.config.threading.set_inter_op_parallelism_threads(1)  # as train.py --recompu
 from brats_tf.layers import ResNetBlock
 
 mode, n = sys.argv[1], int(sys.argv[2])
+if mode in ("layers", "recompute_grad"):  # the plain block as Keras layers (autodiff)
+    import os
+    os.environ["BRATS_TF_FUSED_ELEMENTWISE"] = "off"
 shape = (1, 32, 32, 32, 16)
 blocks = [ResNetBlock(16, groups=4, recompute=mode == "recompute", name=f"b{i}")
           for i in range(n)]
@@ -612,10 +655,14 @@ def test_recompute_keeps_one_activation_per_block():
     here). Measured with TensorFlow's kernel gradient; brats_tf.conv_grad's
     (the default on CPUs) adds to the working set its shifted copies of one
     slab (here the whole 2 MiB volume: MIN_SLAB_BYTES) and the slab's padded
-    x and dy, and TensorFlow's matrix product reorders one operand."""
-    plain, generic, fused = (_peak_in_activations(_CHAIN_MEMORY, mode, "6", kernel_grad="native")
-                             for mode in ("plain", "recompute_grad", "recompute"))
+    x and dy, and TensorFlow's matrix product reorders one operand. The plain
+    block with fused tails (``layers._fused_block``, the default on CPUs)
+    keeps no more than the same block as Keras layers."""
+    plain, layers, generic, fused = (
+        _peak_in_activations(_CHAIN_MEMORY, mode, "6", kernel_grad="native")
+        for mode in ("plain", "layers", "recompute_grad", "recompute"))
     assert plain >= 3 * 6, plain
+    assert plain <= layers + 0.5, (plain, layers)
     assert fused <= 6 + 4, fused
     assert fused <= generic - 2, (fused, generic)
     fused_matmul = _peak_in_activations(_CHAIN_MEMORY, "recompute", "6", kernel_grad="matmul")
