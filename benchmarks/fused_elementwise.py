@@ -1,13 +1,15 @@
 """Training step with and without XLA-fused GroupNorm tails, interleaved in one process.
 
   python benchmarks/fused_elementwise.py --crop=64,64,64 --pairs=10
-  python benchmarks/fused_elementwise.py --crop=160,192,128 --pairs=3
+  python benchmarks/fused_elementwise.py --crop=160,192,128 --pairs=6
 
 Traces the training step of the paper's network twice, once with
 BRATS_TF_FUSED_ELEMENTWISE=off (GroupNorm's elementwise tails as TensorFlow
-ops, a pass over memory each) and once with =on (each tail one XLA-compiled
-loop, ``brats_tf.layers._fused``; WORKSPACE.md deviation 26), then times the
-two steps alternately, off then on, ``--pairs`` times. On a shared host whose
+ops, a pass over memory each; the ResNet blocks as Keras layers) and once
+with =on (each tail one XLA-compiled loop, ``brats_tf.layers._fused``, the
+blocks as ``layers._fused_block``; WORKSPACE.md deviation 26), then times the
+two steps alternately, ``--pairs`` times (off then on, then on then off,
+...: neither is always the one after the other). On a shared host whose
 speed drifts by 10-30% within minutes (README, Benchmarks), runs of
 model_step.py minutes apart cannot resolve a 5% change; steps side by side in
 one process can: the paired ratio (on / off per pair, its median) is the
@@ -60,7 +62,7 @@ def main(argv):
               flush=True)
     times = {"off": [], "on": []}
     for i in range(FLAGS.pairs):
-        for mode in ("off", "on"):
+        for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
             t = time.perf_counter()
             steps[mode]().numpy()
             times[mode].append(time.perf_counter() - t)
