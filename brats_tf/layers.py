@@ -555,8 +555,8 @@ def _fused_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon):
     (160x192x128x32, the AVX-512 Xeon, alternating with the Keras layers,
     both with fused GN tails): 7.47 -> 6.63 s and 5.59 -> 5.13 s in two
     runs (min of 6 and of 10; medians of the paired ratios 0.935, 0.955);
-    in the whole training step within the host's noise (WORKSPACE.md
-    deviation 26).
+    in the whole training step no gain this host can show (12 paired
+    paper-crop steps: median ratio 0.997; WORKSPACE.md deviation 26).
     """
     dtype = inputs.dtype
 
