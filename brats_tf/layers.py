@@ -167,10 +167,11 @@ def fused_elementwise(recompute: bool = False) -> bool:
     return mode == "on"
 
 
-def _fused(fn, recompute: bool = False):
+def _fused(fn):
     """``fn``, elementwise ops over full-size tensors with per-channel
-    operands, compiled by XLA into one loop when ``fused_elementwise()``;
-    else ``fn`` itself (``recompute``: for a recomputed block). For the
+    operands, compiled by XLA into one loop when
+    ``fused_elementwise(recompute)``, else ``fn`` itself; the returned
+    function takes ``recompute=True`` in a recomputed block. For the
     training step only.
 
     TensorFlow's CPU kernels make one pass over memory per op: GroupNorm's
@@ -188,7 +189,7 @@ def _fused(fn, recompute: bool = False):
     from TensorFlow's ops in the last bit (WORKSPACE.md deviation 26)."""
     compiled = tf.function(fn, jit_compile=True, autograph=False)
 
-    def call(*args):
+    def call(*args, recompute: bool = False):
         return compiled(*args) if fused_elementwise(recompute) else fn(*args)
 
     return call
@@ -235,11 +236,10 @@ def _gn_backward(d_outputs, inputs, mean, rstd, gamma, count, groups: int, d_res
     # with a full-size accumulator (seen in the memory profile).
     with tf.control_dependencies([sum_dy, sum_dy_x]):
         if d_residual is None:
-            tail = _gn_input_grad_recomputed if recompute else _gn_input_grad
-            d_inputs = tail(dy, x, scale, a, b, inputs.dtype)
+            d_inputs = _gn_input_grad(dy, x, scale, a, b, inputs.dtype, recompute=recompute)
         else:
-            tail = _gn_input_grad_residual_recomputed if recompute else _gn_input_grad_residual
-            d_inputs = tail(dy, x, scale, a, b, d_residual)
+            d_inputs = _gn_input_grad_residual(dy, x, scale, a, b, d_residual,
+                                               recompute=recompute)
     return d_inputs, d_gamma, d_beta
 
 
@@ -251,13 +251,11 @@ def _input_grad(dy, x, scale, a, b, dtype):
 def _input_grad_residual(dy, x, scale, a, b, d_residual):
     """``_input_grad`` plus a residual connection's gradient, in its dtype.
     One add, not a chain: no AddN rewrite outside XLA."""
-    return tf.add(tf.cast(dy * scale - (x * -a - b), d_residual.dtype), d_residual)
+    return tf.add(_input_grad(dy, x, scale, a, b, d_residual.dtype), d_residual)
 
 
 _gn_input_grad = _fused(_input_grad)
 _gn_input_grad_residual = _fused(_input_grad_residual)
-_gn_input_grad_recomputed = _fused(_input_grad, recompute=True)
-_gn_input_grad_residual_recomputed = _fused(_input_grad_residual, recompute=True)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -361,7 +359,6 @@ def _norm_relu(x, mean, rstd, gamma, beta, dtype):
 
 _gn_apply_fused = _fused(_gn_apply)
 _norm_relu_fused = _fused(_norm_relu)
-_norm_relu_recomputed = _fused(_norm_relu, recompute=True)
 
 
 def _conv_kernel_grad(x, kernel, dy, recompute: bool = False):
@@ -486,12 +483,15 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
     dtype = inputs.dtype
     extra = recipe.inputs if recipe is not None else []
 
+    def norm_relu(*args):  # XLA-fused here only when asked for (fused_elementwise)
+        return _norm_relu_fused(*args, recompute=True)
+
     @tf.custom_gradient
     def block(x, k1, b1, g1, be1, k2, b2, g2, be2, *extra):
         mean1, rstd1, count1 = _gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
-        c1 = _conv_same(_norm_relu_recomputed(x, mean1, rstd1, g1, be1, dtype), k1, b1)
+        c1 = _conv_same(norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
         mean2, rstd2, count2 = _gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
-        out = x + _conv_same(_norm_relu_recomputed(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
+        out = x + _conv_same(norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
 
         def grad(dy):
             # Nothing is recomputed before the gradient arrives, nor before
@@ -500,9 +500,9 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
                 # The block's input from its recipe: the forward's x is then
                 # not read here, so it is freed after the forward pass.
                 x_ = recipe.make(*extra) if recipe is not None else x
-                h1 = _norm_relu_recomputed(x_, mean1, rstd1, g1, be1, dtype)
+                h1 = norm_relu(x_, mean1, rstd1, g1, be1, dtype)
             c1 = _conv_same(h1, k1, b1)  # h1 is dropped here, made again below
-            h2 = _norm_relu_recomputed(c1, mean2, rstd2, g2, be2, dtype)
+            h2 = norm_relu(c1, mean2, rstd2, g2, be2, dtype)
             dk2 = _conv_kernel_grad(h2, k2, dy, recompute=True)
             relu2 = h2 > 0  # 1 byte a voxel; h2 goes after dk2 and this
             db2 = tf.raw_ops.BiasAddGrad(out_backprop=dy)
@@ -513,7 +513,7 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
                                           recompute=True)
             db1 = tf.raw_ops.BiasAddGrad(out_backprop=dc1)
             with tf.control_dependencies([dc1]):
-                h1 = _norm_relu_recomputed(x_, mean1, rstd1, g1, be1, dtype)
+                h1 = norm_relu(x_, mean1, rstd1, g1, be1, dtype)
             dk1 = _conv_kernel_grad(h1, k1, dc1, recompute=True)
             relu1 = h1 > 0
             with tf.control_dependencies([dk1, relu1]):

@@ -445,13 +445,19 @@ def _block_pair(shape, groups, dtype_policy=None, seed=11):
     return plain, fused
 
 
+def _block_grads(block, x, weight):
+    """A block's output in training and the gradients of sum(output * weight)
+    with respect to its input and its weights (that order)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = block(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
+    return y, tape.gradient(loss, [x] + block.trainable_variables)
+
+
 def _block_value_and_grads(block, x, weight, graph):
     def run(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = block(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
-        return y, tape.gradient(loss, [x] + block.trainable_variables)
+        return _block_grads(block, x, weight)
 
     if graph:
         spec = tf.TensorSpec([None, None, None, None, x.shape[-1]], x.dtype)
@@ -528,10 +534,7 @@ def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(rec
     weight = tf.constant(rng.normal(size=shape).astype(np.float32))
 
     def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(block(x, training=True) * weight)
-        return tape.gradient(loss, [x] + block.trainable_variables)
+        return _block_grads(block, x, weight)
 
     results, calls = {}, {}
     for mode in ("off", "on", "auto"):
@@ -564,10 +567,7 @@ def test_fused_block_leaves_out_the_relu_and_shortcut_passes(monkeypatch):
     x = tf.zeros(shape)
 
     def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(block(x, training=True))
-        return tape.gradient(loss, [x] + block.trainable_variables)
+        return _block_grads(block, x, tf.ones(shape))
 
     ops = {}
     for mode in ("off", "on"):
