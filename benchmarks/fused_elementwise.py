@@ -5,9 +5,9 @@
 
 Traces the training step of the paper's network twice, once with
 BRATS_TF_FUSED_ELEMENTWISE=off (GroupNorm's elementwise tails as TensorFlow
-ops, a pass over memory each; the ResNet blocks as Keras layers) and once
-with =on (each tail one XLA-compiled loop, ``brats_tf.layers._fused``, the
-blocks as ``layers._fused_block``; WORKSPACE.md deviation 26), then times the
+ops, a pass over memory each) and once with =on (each tail one
+XLA-compiled loop, ``brats_tf.layers._fused``; WORKSPACE.md deviation 26),
+then times the
 two steps alternately, ``--pairs`` times (off then on, then on then off,
 ...: neither is always the one after the other). On a shared host whose
 speed drifts by 10-30% within minutes (README, Benchmarks), runs of

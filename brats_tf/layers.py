@@ -175,12 +175,11 @@ def _fused(fn):
     training step only.
 
     TensorFlow's CPU kernels make one pass over memory per op: GroupNorm's
-    ``x * a + b`` and cast are two passes (three with the ReLU that follows
-    it in a ResNet block), its backward pass's ``dy * scale - (x * -a - b)``
+    ``x * a + b`` and cast are two passes (three with the ReLU of a
+    recomputed block), its backward pass's ``dy * scale - (x * -a - b)``
     plus the residual's gradient four. XLA fuses each into one: 0.15 ->
     0.05 s and 0.26 -> 0.08 s at the paper crop's full resolution
-    (160x192x128x32, 2 cores of the AVX-512 Xeon). A ResNet block outside
-    ``--recompute`` then runs as ``_fused_block``. Only these small
+    (160x192x128x32, 2 cores of the AVX-512 Xeon). Only these small
     functions are compiled: XLA makes the 3-D convolutions 7-9x slower on
     the CPU. Not used in inference: a SavedModel holding XLA clusters needs
     TF Serving's XLA:CPU JIT, which is off by default there. On GPUs the
@@ -536,56 +535,6 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
     return block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, *extra)
 
 
-def _fused_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon):
-    """The block (input + residual branch) in training with GroupNorm's
-    elementwise tails fused (``fused_elementwise()``): the same values,
-    gradients and kept tensors as autodiff of ``ResNetBlock._residual``, with
-    fewer passes over memory.
-
-    Each GN + ReLU is one XLA loop (``_norm_relu``; as Keras layers, the
-    GN's ``x * a + b`` and the ReLU are two passes), and the identity
-    shortcut's gradient is added inside the first GN's backward tail
-    (``_gn_backward(d_residual=...)``) instead of by an AddN pass of its
-    own: three full-size passes fewer a block. It keeps what autodiff of the
-    layers keeps, the input, both ReLU outputs and conv1's output (the GN
-    pre-ReLU outputs are dropped in both), and computes the gradients with
-    the same ops (``_conv_kernel_grad``, ``ReluGrad`` on the ReLU outputs,
-    ``_gn_backward``). tests/test_layers.py checks it against autodiff.
-    A full-resolution block's forward + backward pass at the paper crop
-    (160x192x128x32, the AVX-512 Xeon, alternating with the Keras layers,
-    both with fused GN tails): 7.47 -> 6.63 s and 5.59 -> 5.13 s in two
-    runs (min of 6 and of 10; medians of the paired ratios 0.935, 0.955);
-    in the whole training step no gain this host can show (12 paired
-    paper-crop steps: median ratio 0.997; WORKSPACE.md deviation 26).
-    """
-    dtype = inputs.dtype
-
-    @tf.custom_gradient
-    def block(x, k1, b1, g1, be1, k2, b2, g2, be2):
-        mean1, rstd1, count1 = _gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
-        h1 = _norm_relu_fused(x, mean1, rstd1, g1, be1, dtype)
-        c1 = _conv_same(h1, k1, b1)
-        mean2, rstd2, count2 = _gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
-        h2 = _norm_relu_fused(c1, mean2, rstd2, g2, be2, dtype)
-        out = x + _conv_same(h2, k2, b2)
-
-        def grad(dy):
-            dk2 = _conv_kernel_grad(h2, k2, dy)
-            db2 = tf.raw_ops.BiasAddGrad(out_backprop=dy)
-            dz2 = tf.raw_ops.ReluGrad(gradients=_conv_input_grad(h2, k2, dy), features=h2)
-            dc1, dg2, dbe2 = _gn_backward(dz2, c1, mean2, rstd2, g2, count2, groups)
-            dk1 = _conv_kernel_grad(h1, k1, dc1)
-            db1 = tf.raw_ops.BiasAddGrad(out_backprop=dc1)
-            dz1 = tf.raw_ops.ReluGrad(gradients=_conv_input_grad(h1, k1, dc1), features=h1)
-            dx, dg1, dbe1 = _gn_backward(dz1, x, mean1, rstd1, g1, count1, groups,
-                                         d_residual=dy)
-            return [dx, dk1, db1, dg1, dbe1, dk2, db2, dg2, dbe2]
-
-        return out, grad
-
-    return block(inputs, k1, b1, g1, be1, k2, b2, g2, be2)
-
-
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Conv3D(keras.layers.Conv3D):
     """``keras.layers.Conv3D`` whose kernel gradient, for a stride-1 'same'
@@ -801,12 +750,6 @@ class ResNetBlock(keras.layers.Layer):
         model_step.py --recompute_levels). The block has no random ops, so
         recomputing is exact.
 
-    Training without ``recompute`` runs the layers above, or, where
-    GroupNorm's elementwise tails are fused (``fused_elementwise()``: on
-    CPUs), the same function written as one block (``_fused_block``) with
-    each GN + ReLU one loop and the shortcut's gradient added in the first
-    GN's backward pass.
-
     Input/output: [B, D, H, W, filters].
     """
 
@@ -852,7 +795,7 @@ class ResNetBlock(keras.layers.Layer):
 
     def _weights(self, dtype):
         """The two convolutions' kernels and biases in ``dtype``, the two
-        GroupNorms' gamma and beta in float32, in the hand-written blocks'
+        GroupNorms' gamma and beta in float32, in ``_recomputed_block``'s
         argument order."""
         f32 = tf.float32
         return (tf.cast(self.conv1.kernel, dtype), tf.cast(self.conv1.bias, dtype),
@@ -864,9 +807,6 @@ class ResNetBlock(keras.layers.Layer):
         if self.recompute and training:
             return _recomputed_block(inputs, *self._weights(inputs.dtype), self.groups,
                                      self.norm1.epsilon, recipe=_recipe_of(inputs))
-        if training and fused_elementwise():
-            return _fused_block(inputs, *self._weights(inputs.dtype), self.groups,
-                                self.norm1.epsilon)
         if training:
             return self._residual(inputs) + inputs
         return self._inference_residual(inputs) + inputs

@@ -1,6 +1,5 @@
 """brats_tf.layers against independent NumPy computations."""
 
-import collections
 import itertools
 
 import keras
@@ -355,7 +354,7 @@ def test_group_norm_rejects_bad_channels():
 
 @pytest.mark.parametrize("fused", ["off", "on"])
 def test_resnet_block_matches_numpy_reference(fused, monkeypatch):
-    monkeypatch.setenv(FUSED_ENV, fused)  # training: Keras layers, or layers._fused_block
+    monkeypatch.setenv(FUSED_ENV, fused)  # training: GN tails as TensorFlow ops, or XLA loops
     rng = np.random.default_rng(4)
     block = L.ResNetBlock(8, groups=4)
     x = rng.normal(size=(2, 4, 5, 3, 8)).astype(np.float32)
@@ -367,9 +366,8 @@ def test_resnet_block_matches_numpy_reference(fused, monkeypatch):
     y = _conv_same_np(y, c1.kernel.numpy(), c1.bias.numpy())
     y = np.maximum(_group_norm_np(y, n2.gamma.numpy(), n2.beta.numpy(), 4), 0)
     y = _conv_same_np(y, c2.kernel.numpy(), c2.bias.numpy())
-    # The training path (GroupNorm layers, or with fused tails one
-    # hand-written block) and the inference path (GN + ReLU in one
-    # expression, ResNetBlock._inference_residual) alike.
+    # The training path (GroupNorm layers) and the inference path (GN + ReLU
+    # in one expression, ResNetBlock._inference_residual) alike.
     for training in (True, False, None):
         got = block(x, training=training).numpy()
         np.testing.assert_allclose(got, y + x, rtol=1e-4, atol=1e-4, err_msg=str(training))
@@ -519,13 +517,12 @@ def _xla_calls(graph) -> int:
 def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(recompute,
                                                                              monkeypatch):
     """GroupNorm's elementwise tails compiled by XLA in training (``layers._fused``,
-    BRATS_TF_FUSED_ELEMENTWISE=on; the plain block then is ``layers._fused_block``)
-    against TensorFlow's ops (off; the plain block as Keras layers, autodiff),
-    through a plain and a recomputed ResNet block: output, input gradient and
-    all eight weight gradients to float32 rounding. The traced step calls XLA
-    only when on (the plain block's 2 GN + ReLU and 2 backward tails: 4; the
-    recomputed block's 5 GN + ReLU and 2 backward tails: 7), by default (auto,
-    on a CPU) only in the plain block, the inference path never."""
+    BRATS_TF_FUSED_ELEMENTWISE=on) against TensorFlow's ops (off), through a
+    plain and a recomputed ResNet block: output, input gradient and all eight
+    weight gradients to float32 rounding. The traced step calls XLA only when
+    on (the two GroupNorms' forward and backward tails: 4 calls in the plain
+    block; the recomputed block's 5 GN + ReLU and 2 backward tails: 7), by
+    default (auto, on a CPU) only in the plain block, the inference path never."""
     shape = (2, 6, 5, 4, 8)
     plain, recomputed = _block_pair(shape, groups=4)
     block = recomputed if recompute else plain
@@ -555,35 +552,10 @@ def test_fused_elementwise_gives_the_values_and_gradients_of_tensorflows_ops(rec
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=v)
 
 
-def test_fused_block_leaves_out_the_relu_and_shortcut_passes(monkeypatch):
-    """With fused tails (on) the plain block's traced training step has no ReLU
-    op and no AddN of the identity shortcut's gradient outside XLA's loops
-    (they are folded into the GN + ReLU loops and the first GN's backward
-    tail, ``layers._fused_block``); as Keras layers (off) it has both. The
-    convolutions and the ReLU gradients are the same ops in both."""
-    shape = (1, 4, 4, 4, 8)
-    block = L.ResNetBlock(8, groups=4)
-    block.build(shape)
-    x = tf.zeros(shape)
-
-    def step(x):
-        return _block_grads(block, x, tf.ones(shape))
-
-    ops = {}
-    for mode in ("off", "on"):
-        monkeypatch.setenv(FUSED_ENV, mode)
-        graph = tf.function(step).get_concrete_function(x).graph
-        ops[mode] = collections.Counter(op.type for op in graph.get_operations())
-    assert ops["off"]["Relu"] == 2 and ops["off"]["AddN"] >= 1, ops["off"]
-    assert ops["on"]["Relu"] == 0 and ops["on"]["AddN"] == 0, ops["on"]
-    for op in ("Conv3D", "Conv3DBackpropInputV2", "ReluGrad", "BiasAddGrad"):
-        assert ops["on"][op] == ops["off"][op] == 2, (op, ops)
-
-
 def test_recomputed_block_under_mixed_float16(monkeypatch):
     """float16 activations and gradients, float32 GN statistics: the recompute
-    path and the plain block with fused tails (``layers._fused_block``) agree
-    with autodiff of the same float16 block, and all with float32."""
+    path and the plain block with XLA-fused GN tails agree with autodiff of
+    the same float16 block with TensorFlow's ops, and all with float32."""
     shape = (1, 8, 8, 8, 16)
     rng = np.random.default_rng(13)
     x32 = rng.normal(size=shape).astype(np.float32)
@@ -613,7 +585,7 @@ tf.config.threading.set_inter_op_parallelism_threads(1)  # as train.py --recompu
 from brats_tf.layers import ResNetBlock
 
 mode, n = sys.argv[1], int(sys.argv[2])
-if mode in ("layers", "recompute_grad"):  # the plain block as Keras layers (autodiff)
+if mode in ("unfused", "recompute_grad"):  # GN tails as TensorFlow's ops
     import os
     os.environ["BRATS_TF_FUSED_ELEMENTWISE"] = "off"
 shape = (1, 32, 32, 32, 16)
@@ -656,13 +628,13 @@ def test_recompute_keeps_one_activation_per_block():
     (the default on CPUs) adds to the working set its shifted copies of one
     slab (here the whole 2 MiB volume: MIN_SLAB_BYTES) and the slab's padded
     x and dy, and TensorFlow's matrix product reorders one operand. The plain
-    block with fused tails (``layers._fused_block``, the default on CPUs)
-    keeps no more than the same block as Keras layers."""
-    plain, layers, generic, fused = (
+    block with XLA-fused GN tails (the default on CPUs) keeps no more than
+    with TensorFlow's ops."""
+    plain, unfused, generic, fused = (
         _peak_in_activations(_CHAIN_MEMORY, mode, "6", kernel_grad="native")
-        for mode in ("plain", "layers", "recompute_grad", "recompute"))
+        for mode in ("plain", "unfused", "recompute_grad", "recompute"))
     assert plain >= 3 * 6, plain
-    assert plain <= layers + 0.5, (plain, layers)
+    assert plain <= unfused + 0.5, (plain, unfused)
     assert fused <= 6 + 4, fused
     assert fused <= generic - 2, (fused, generic)
     fused_matmul = _peak_in_activations(_CHAIN_MEMORY, "recompute", "6", kernel_grad="matmul")
