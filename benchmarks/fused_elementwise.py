@@ -7,9 +7,8 @@ Traces the training step of the paper's network twice, once with
 BRATS_TF_FUSED_ELEMENTWISE=off (GroupNorm's elementwise tails as TensorFlow
 ops, a pass over memory each) and once with =on (each tail one
 XLA-compiled loop, ``brats_tf.layers._fused``; WORKSPACE.md deviation 26),
-then times the
-two steps alternately, ``--pairs`` times (off then on, then on then off,
-...: neither is always the one after the other). On a shared host whose
+then times the two steps alternately, ``--pairs`` times (off then on, then
+on then off, ...: neither is always the one after the other). On a shared host whose
 speed drifts by 10-30% within minutes (README, Benchmarks), runs of
 model_step.py minutes apart cannot resolve a 5% change; steps side by side in
 one process can: the paired ratio (on / off per pair, its median) is the
