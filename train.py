@@ -27,7 +27,10 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+# oneDNN's CPU kernels on every x86 CPU (TensorFlow's wheels turn them on by
+# default only on some; elsewhere Eigen's 3-D convolutions are 2-8x slower):
+# one set of kernels, whatever the CPU. Read once, when TensorFlow loads.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags  # noqa: E402
 
@@ -39,7 +42,9 @@ flags.DEFINE_integer("fold", 0, "Validation fold (others train); -1: train on al
                      lower_bound=-1)
 flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and the export go here.")
 flags.DEFINE_boolean("input_cache", False,
-                     "Keep decompressed cases in memory after epoch 1 (~30 MB per BraTS case).")
+                     "Shuffle over all training cases each epoch (a uniform order) instead of "
+                     "shard order plus an 8-case buffer; holds the epoch's decompressed cases in "
+                     "memory (~30 MB per BraTS case). The data are read again every epoch.")
 flags.DEFINE_boolean("augment", True, "Random flips and intensity augmentation (§3.7).")
 # Model (Table 1).
 flags.DEFINE_list("crop", ["160", "192", "128"], "Training crop D,H,W; divisible by 16.")
@@ -53,11 +58,10 @@ flags.DEFINE_float("dropout", 0.2, "Spatial dropout after InitConv.", lower_boun
 flags.DEFINE_float("weight_decay", 1e-5, "L2 weight on convolution kernels.", lower_bound=0.0)
 flags.DEFINE_boolean("vae", True, "Train with the VAE branch (off: the ablation).")
 flags.DEFINE_boolean("recompute", False,
-                     "Gradient checkpointing of the ResNet blocks of the finest "
-                     "--recompute_levels levels (each keeps only its input; a hand-written "
-                     "backward pass recomputes the rest): same results, less memory (README; "
-                     "paper crop on CPU, all 4 levels: 14 -> 6.1-6.2 GiB), about 15% more time "
-                     "per step.")
+                     "Gradient checkpointing (tf.recompute_grad) of the ResNet blocks of the "
+                     "finest --recompute_levels levels: each keeps only its input and computes "
+                     "its activations again in the backward pass. Same results, less memory, "
+                     "more time per step (docs/performance.md).")
 flags.DEFINE_integer("recompute_levels", None, "Levels recomputed with --recompute (1: the "
                      "full-resolution blocks only). Default: all.", lower_bound=1)
 # Loss (§3.4).
@@ -82,17 +86,6 @@ flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "skip"],
 flags.DEFINE_integer("seed", 0, "Seed of weights, dropout, VAE sampling, data order.")
 flags.DEFINE_boolean("deterministic", False, "Deterministic ops and data (slower).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on CPU).")
-flags.DEFINE_boolean("system_allocator", False,
-                     "CPU: take large tensors from malloc (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true), "
-                     "which returns them to the OS when freed, instead of oneDNN's memory pool, "
-                     "which keeps its high-water mark and fragments. With --recompute at the "
-                     "paper crop: peak 7.7-8.2 instead of 8.5-9.2 GiB, but the step ~50% slower (README).")
-flags.DEFINE_integer("inter_op_threads", None,
-                     "TensorFlow's inter-op thread pool (ops run side by side). 1 runs one op at "
-                     "a time, so the decoder's and the VAE branch's backward passes do not hold "
-                     "their full-size activations at the same time (README, Benchmarks). "
-                     "Default: 1 with --recompute and --strategy=default, else TensorFlow's "
-                     "choice.", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", 3, "Epoch checkpoints kept.", lower_bound=1)
 flags.DEFINE_integer("validate_every", 0, "Validate on the held-out fold every K epochs "
                      "(0: only after the last epoch; needs --fold >= 0).", lower_bound=0)
@@ -112,7 +105,7 @@ def _ints(name: str, values) -> tuple[int, ...]:
 def configs_from_flags():
     """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
     from brats_tf.config import LossConfig, ModelConfig
-    from brats_tf.training import TrainConfig
+    from brats_tf.training import TrainConfig, check_precision_for_model
     from data_pipeline.convert import fold_files, read_manifest
 
     for name in ("data_dir", "model_dir"):
@@ -153,6 +146,7 @@ def configs_from_flags():
         on_nonfinite=FLAGS.on_nonfinite, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
         steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
         jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
+    check_precision_for_model(model_config, train_config.precision)
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
     data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
@@ -167,14 +161,10 @@ def main(argv):
         model_config, loss_config, train_config, data = configs_from_flags()
     except ValueError as e:  # one line, before anything is written
         sys.exit(f"train.py: error: {e}")
-    if FLAGS.system_allocator:  # read when TensorFlow makes its CPU device
-        os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "true"
     # Only now import TensorFlow: the strategy must be created before any op.
     import tensorflow as tf
 
     from brats_tf import training
-    training.set_inter_op_threads(FLAGS.inter_op_threads, FLAGS.recompute,
-                                  one_device=train_config.strategy == "default")
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation
@@ -186,11 +176,7 @@ def main(argv):
     write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
                        FLAGS.flags_into_string())
     resolved = {"model": dataclasses.asdict(model_config), "loss": dataclasses.asdict(loss_config),
-                "train": dataclasses.asdict(train_config), "data": data,
-                "runtime": {"inter_op_threads": (  # as TensorFlow reports it
-                    tf.config.threading.get_inter_op_parallelism_threads()
-                    or "tensorflow default"),
-                "system_allocator": os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true"}}
+                "train": dataclasses.asdict(train_config), "data": data}
     write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
                        json.dumps(resolved, indent=2, sort_keys=True))
     logging.getLogger("tensorflow").setLevel(logging.WARNING)

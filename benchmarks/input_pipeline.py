@@ -14,7 +14,7 @@ step on one V100).
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 
 import dataclasses  # noqa: E402
 import platform  # noqa: E402

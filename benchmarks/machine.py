@@ -12,13 +12,26 @@ import subprocess
 import sys
 import time
 
-from brats_tf.cpu import cpu_flags
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The CPU's feature flags from the first ``flags`` line of a Linux
+    cpuinfo file; empty where there is none (other systems). For the
+    machine's description only: nothing chooses numerics from them."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def describe() -> str:
     """'<CPU model name>, <n> logical cores, <widest vector ISA>' (from
     /proc/cpuinfo where it exists), with ', oneDNN off' when
-    TF_ENABLE_ONEDNN_OPTS=0 (brats_tf turns it on by default)."""
+    TF_ENABLE_ONEDNN_OPTS=0 (the entry points turn it on by default)."""
     cpu = None
     try:
         with open("/proc/cpuinfo") as f:
@@ -26,7 +39,7 @@ def describe() -> str:
                         if line.startswith("model name")), None)
     except OSError:
         pass
-    flags = cpu_flags() or frozenset()
+    flags = cpu_flags()
     isa = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"),
                                         ("avx2", "AVX2")) if flag in flags), "")
     cpu = cpu or platform.processor() or "unknown CPU"
@@ -40,7 +53,7 @@ def cpu_has_bf16() -> bool:
     """True when the CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16,
     /proc/cpuinfo flags), where oneDNN runs bfloat16 convolutions fast;
     elsewhere they are emulated and slower than float32."""
-    return bool((cpu_flags() or frozenset()) & {"amx_bf16", "avx512_bf16"})
+    return bool((cpu_flags()) & {"amx_bf16", "avx512_bf16"})
 
 
 def device_name() -> str:
@@ -79,45 +92,36 @@ def paired_fraction(step_seconds: list[float], probes: list[float], flop: float)
 def paper_training_step(crop: tuple, init_filters: int = 32, recompute_levels: int = 0):
     """The paper network's training step on one random case, as the
     benchmarks time it: ``(model, make_step)``. The model is built under
-    the current Keras dtype policy with seed 0; the case is a float32 image
-    1 x crop x 4 (normal noise) and 3 label channels (10% ones), fixed.
-    ``make_step(jit_compile=False)`` traces a new ``tf.function`` of no
-    arguments each call (so environment switches read at tracing, e.g.
-    BRATS_TF_FUSED_ELEMENTWISE, can differ between steps) that runs
-    forward, the total loss (Dice + 0.1 L2 + 0.1 KL, and the weight decay
-    terms in model.losses), backward and one Adam(1e-4) update (train.py's
-    optimizer; the loss is scaled under mixed precision), returning the
-    unscaled loss. Raises ValueError for a crop ModelConfig rejects."""
+    the current Keras dtype policy with seed 0, with train.py's optimizer
+    (Adam 1e-4, wrapped in a LossScaleOptimizer under mixed_float16) and
+    train.py's step (``brats_tf.training.make_train_step``); the case is a
+    float32 image 1 x crop x 4 (normal noise) and 3 label channels (10%
+    ones), fixed. ``make_step(jit_compile=False)`` returns a function of no
+    arguments that runs one step and returns its loss tensor. Raises
+    ValueError for a crop ModelConfig rejects."""
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from brats_tf import losses, optimizers
-    from brats_tf.config import ModelConfig
+    from brats_tf.config import LossConfig, ModelConfig
     from brats_tf.model import build_model
+    from brats_tf.training import make_train_step
 
     config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters,
                          recompute_levels=recompute_levels)
     keras.utils.set_random_seed(0)
     model = build_model(config)
-    optimizer = optimizers.Adam(1e-4)
+    optimizer = keras.optimizers.Adam(1e-4)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     rng = np.random.default_rng(0)
-    image = tf.constant(rng.normal(size=(1,) + tuple(crop) + (4,)).astype(np.float32))
-    labels = tf.constant((rng.random((1,) + tuple(crop) + (3,)) > 0.9).astype(np.float32))
+    batch = {"image": tf.constant(rng.normal(size=(1,) + tuple(crop) + (4,)).astype(np.float32)),
+             "label": tf.constant((rng.random((1,) + tuple(crop) + (3,)) > 0.9)
+                                  .astype(np.float32))}
 
     def make_step(jit_compile: bool = False):
-        @tf.function(jit_compile=jit_compile)
-        def step(image, labels):
-            with tf.GradientTape() as tape:
-                out = model(image, training=True)
-                loss = losses.reduce_per_example(losses.total_loss(labels, image, out)["loss"], 1)
-                loss += tf.add_n(model.losses)
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        return lambda: step(image, labels)
+        step = make_train_step(model, optimizer, LossConfig(), jit_compile=jit_compile)
+        return lambda: step(batch)["loss"]
 
     return model, make_step
 

@@ -5,7 +5,7 @@ subprocess so that its peak memory is its own. Prints, per crop: seconds per
 step, model GFLOP per step (brats_tf.flops: convolutions and dense layers,
 training step = 3x forward), achieved GFLOP/s, and the process's peak
 resident memory; plus the GFLOP/s of a large float32 matrix product measured
-in the same process, and the ratio of the two (issue 6's target: >= 70%).
+in the same process, and the ratio of the two (the target: >= 65%).
 
 The reference product (best of 3 calls) is timed right before every timed
 step and once after the last: each step is compared with the faster of the
@@ -32,7 +32,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
@@ -54,13 +54,6 @@ flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bf
 flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
 flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the ResNet blocks of "
                      "the finest levels (train.py --recompute); 0: off.", lower_bound=0)
-flags.DEFINE_integer("inter_op_threads", None, "TensorFlow's inter-op threads; default: 1 "
-                     "with --recompute_levels (as train.py --recompute), else TF's choice.",
-                     lower_bound=1)
-flags.DEFINE_boolean("system_allocator", False, "Measure with TF_ONEDNN_USE_SYSTEM_ALLOCATOR="
-                     "true (train.py --system_allocator): large tensors from malloc, returned "
-                     "to the OS when freed, instead of oneDNN's pool that keeps its high-water "
-                     "mark; less peak memory, slower.")
 flags.DEFINE_integer("matmul_n", 4096, "Size of the reference float32 matrix product.",
                      lower_bound=256)
 flags.DEFINE_integer("gpu_memory_limit_mb", None, "GPU only: cap the first GPU's memory (e.g. "
@@ -116,10 +109,6 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     import tensorflow as tf
 
     from brats_tf import flops
-    from brats_tf.training import set_inter_op_threads
-
-    set_inter_op_threads(FLAGS.inter_op_threads, recompute=FLAGS.recompute_levels > 0)
-    system_allocator = os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR") == "true"
     gpus = tf.config.list_physical_devices("GPU")
     if gpus and FLAGS.gpu_memory_limit_mb:
         tf.config.set_logical_device_configuration(
@@ -144,12 +133,11 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         times.append(time.perf_counter() - t)
     probes.append(probe.gflops(repeats=3))
     sec = float(np.median(times))
-    tensor_peak = None  # malloc'd tensors (system allocator) are not counted
-    if not system_allocator:
-        try:  # oneDNN's pooled CPU allocator (tensors), without the libraries' memory
-            tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
-        except ValueError:  # no allocator statistics (e.g. TF_ENABLE_ONEDNN_OPTS=0)
-            pass
+    tensor_peak = None
+    try:  # oneDNN's pooled CPU allocator (tensors), without the libraries' memory
+        tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
+    except ValueError:  # no allocator statistics (e.g. TF_ENABLE_ONEDNN_OPTS=0)
+        pass
     gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
                 if gpus else None)
     gflop = flops.train_step_flops(model) / 1e9
@@ -160,8 +148,6 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         "precision": FLAGS.precision,
         "jit_compile": FLAGS.jit_compile,
         "recompute_levels": FLAGS.recompute_levels,
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
-        "system_allocator": system_allocator,
         "params": model.count_params(),
         "warmup_s": round(first, 2),
         "sec_per_step": round(sec, 3),
@@ -207,17 +193,16 @@ def main(argv):
     for crop in _parse_crops(FLAGS.crops):
         args = [sys.executable, os.path.abspath(__file__), f"--_single={','.join(map(str, crop))}"]
         for name in ("init_filters", "steps", "warmup", "precision", "jit_compile", "matmul_n",
-                     "recompute_levels", "gpu_memory_limit_mb", "inter_op_threads"):
+                     "recompute_levels", "gpu_memory_limit_mb"):
             if FLAGS[name].value is not None:
                 args.append(f"--{name}={FLAGS[name].value}")
         print(f"timing crop {crop} ...", flush=True)
-        env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "true"} if FLAGS.system_allocator else None
-        result = run_measurement(args, f"for crop {crop}", env=env)
+        result = run_measurement(args, f"for crop {crop}")
         results.append(result)
         print(
             f"  {result['crop']} width {result['init_filters']} {result['precision']} "
             f"recompute_levels {result['recompute_levels']}"
-            f"{' system allocator' if result['system_allocator'] else ''}: "
+            ": "
             f"{result['sec_per_step']:.3f} s/step, {result['gflop_per_step']:.1f} GFLOP/step, "
             f"{result['gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% of "
             f"matmul {result['matmul_gflops']:.1f} GFLOP/s (each step against the product "

@@ -6,7 +6,7 @@
 Prints the share of the step's CPU time spent in each TensorFlow op type
 (Conv3D, Conv3DBackpropFilterV2, Sum, Mul, ...), from the host XPlane of a
 profiler trace of two steps after a warm-up step: the first thing to read
-before optimising anything (issue 6). --by_name splits it per op, i.e. per
+before optimising anything. --by_name splits it per op, i.e. per
 layer (which convolution's kernel gradient is slow, and at what level).
 Shares are of op time summed over the inter-op threads (ops overlap, so
 the total exceeds the wall time) and leave out the tf.function call that
@@ -28,7 +28,7 @@ import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
@@ -88,9 +88,6 @@ def main(argv):
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     from benchmarks.machine import op_event_key, paper_training_step
-    from brats_tf.training import set_inter_op_threads
-
-    set_inter_op_threads(None, recompute=FLAGS.recompute_levels > 0)  # as train.py
     try:
         crop = tuple(int(c) for c in FLAGS.crop)
         _, make_step = paper_training_step(crop, FLAGS.init_filters, FLAGS.recompute_levels)

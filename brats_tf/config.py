@@ -44,7 +44,7 @@ class ModelConfig:
       l2_weight: L2 weight on every convolution kernel (1e-5).
       vae: build the VAE branch (training model only; off = ablation).
       seed: seed of VDraw's sampling and of the dropout (None: random).
-      recompute_levels: gradient checkpointing (issue 6): the ResNet blocks
+      recompute_levels: gradient checkpointing: the ResNet blocks
         of the finest ``recompute_levels`` levels (encoder, decoder and VAE)
         recompute their activations in the backward pass instead of keeping
         them; 0 = off (the paper), 1 = the full-resolution blocks. Same

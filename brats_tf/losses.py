@@ -49,7 +49,7 @@ def l2_loss(image, recon) -> tf.Tensor:
 
     The paper writes ||I_input - I_pred||_2^2; a sum over the 4 x 160 x 192 x 128
     voxels would be ~1.6e7 times larger and swamp the Dice term at weight 0.1,
-    so implementations (and this one) use the mean (WORKSPACE.md, deviations).
+    so implementations (and this one) use the mean (docs/deviations.md).
 
     Args:
       image: [B, D, H, W, C] the (normalised) network input.

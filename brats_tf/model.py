@@ -82,13 +82,10 @@ class _Stages:
 
 def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     """Encoder: returns the output of every level, finest first (§3.1)."""
-    # Under --recompute the stem's output is made again by the first block's
-    # backward pass instead of being kept (L.StemConv3D, L.StemDropout3D).
-    stem = cfg.recompute_levels > 0
     x = stage("InitConv", lambda: L.conv3d(cfg.init_filters, 3, l2_weight=cfg.l2_weight,
-                                           name="InitConv", stem=stem))(x)
-    dropout = L.StemDropout3D if stem else keras.layers.SpatialDropout3D
-    x = stage("InitDropout", lambda: dropout(cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
+                                           name="InitConv"))(x)
+    x = stage("InitDropout", lambda: keras.layers.SpatialDropout3D(
+        cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
     features = []
     for level, n_blocks in enumerate(cfg.blocks_down):
         filters = cfg.filters(level)
@@ -114,16 +111,14 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
         x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
                                                   name=f"{up}_Conv1"))(x)
         x = stage(f"{up}_Upsample", lambda: L.TrilinearUpSampling3D(2, name=f"{up}_Upsample"))(x)
-        add = L.SkipAdd if level < cfg.recompute_levels else keras.layers.Add
-        x = stage(f"{up}_Add", lambda: add(name=f"{up}_Add"))([x, features[level]])
+        x = stage(f"{up}_Add", lambda: keras.layers.Add(name=f"{up}_Add"))([x, features[level]])
         for i in range(cfg.blocks_up[level]):
             name = f"DecoderBlock{level}_{i}"
             x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
                                                   recompute=level < cfg.recompute_levels,
                                                   name=name))(x)
     x = stage("DecoderEnd_Conv1", lambda: L.conv3d(cfg.num_classes, 1, l2_weight=cfg.l2_weight,
-                                                   name="DecoderEnd_Conv1",
-                                                   head=cfg.recompute_levels > 0))(x)
+                                                   name="DecoderEnd_Conv1"))(x)
     # float32 outputs under a mixed precision policy.
     return stage("DecoderEnd_Sigmoid", lambda: keras.layers.Activation(
         "sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"))(x)
@@ -167,8 +162,7 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
             name=f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
     recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.l2_weight,
-                                           name="Vend", dtype="float32",
-                                           head=cfg.recompute_levels > 0))(x)
+                                           name="Vend", dtype="float32"))(x)
     return recon, z_mean, z_log_var
 
 
@@ -248,7 +242,7 @@ def build_inference_model(
         or ``model``'s own: share ``model``'s layers. Another: new layers
         under that policy with a copy of the weights (variables stay
         float32; ``model`` is untouched). ``mixed_bfloat16`` halves the
-        inference time on CPUs with AMX (README), ``mixed_float16`` is for
+        inference time on CPUs with AMX (docs/performance.md), ``mixed_float16`` is for
         GPUs (on a CPU it is ~150x slower). GroupNorm statistics and the
         sigmoid stay float32 under either.
 

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import constants, losses, metrics, optimizers
+from brats_tf import constants, losses, metrics
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.io_utils import write_json_atomic
 from brats_tf.model import PRECISIONS, build_inference_model, build_model
@@ -139,19 +139,69 @@ class TrainConfig:
                 )
 
 
-def set_inter_op_threads(requested: int | None, recompute: bool,
-                         one_device: bool = True) -> None:
-    """Sets TensorFlow's inter-op thread pool; call before TensorFlow starts.
+def check_precision_for_model(model_config: ModelConfig, precision: str) -> None:
+    """ValueError for a precision this network cannot be trained in.
 
-    ``requested`` wins; otherwise gradient checkpointing on one device runs one
-    op at a time, so that the decoder's and the VAE branch's backward passes
-    (each recomputing full-resolution activations) do not overlap; otherwise
-    TensorFlow chooses. tf.config.threading.get_inter_op_parallelism_threads()
-    reads back what was set (0: TensorFlow's default).
+    mixed_bfloat16 with the coarsest level 2 voxels deep (a crop depth of
+    16 for the paper's 4 levels): oneDNN's bfloat16 kernel gradient of a
+    3x3x3 convolution whose output is 2 deep (v3.7.3,
+    ``jit_bf16:avx512_core_bf16`` backward_weights, on CPUs with AVX512-BF16
+    and no AMX) reads memory it should not, and gives wrong, at times
+    infinite or NaN, values for two of the kernel's three depth taps
+    (docs/deviations.md). Refused everywhere, whatever the device."""
+    depth = model_config.input_shape[0] // model_config.spatial_divisor
+    if precision == "mixed_bfloat16" and depth == 2:
+        raise ValueError(
+            f"mixed_bfloat16 with a crop depth of {model_config.input_shape[0]} (the coarsest "
+            f"level is 2 deep, where oneDNN's bfloat16 kernel gradient is wrong on some CPUs): "
+            f"use a depth of at least {3 * model_config.spatial_divisor}, or float32")
+
+
+def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                    loss_config: LossConfig, strategy: tf.distribute.Strategy | None = None,
+                    region_dice=(), jit_compile: bool = False):
+    """The training step (§3.4, §3.5), for train.py and the benchmarks alike:
+    ``step(batch)`` with ``batch = {"image", "label"}`` (per-replica batches
+    of a distributed dataset under ``strategy``) runs forward, the total loss,
+    backward and one optimizer update on every replica, updates the
+    ``region_dice`` metrics, and returns the per-term loss sums and the
+    example count, summed over replicas.
+
+    Per-example losses are summed over the replica's examples and divided by
+    the GLOBAL batch, the weight decay (``model.losses``) by the number of
+    replicas, because the replicas' gradients are summed; under
+    mixed_float16 the loss is scaled before the gradient
+    (``optimizer.scale_loss``; a LossScaleOptimizer unscales and skips steps
+    whose gradients overflow).
     """
-    threads = requested or (1 if recompute and one_device else None)
-    if threads:
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    strategy = strategy or tf.distribute.get_strategy()
+
+    def replica_step(batch):
+        image, labels = batch["image"], batch["label"]
+        ctx = tf.distribute.get_replica_context()
+        local = tf.cast(tf.shape(image)[0], tf.float32)
+        global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
+        with tf.GradientTape() as tape:
+            outputs = model(image, training=True)
+            terms = losses.total_loss(labels, image, outputs, loss_config)
+            loss = losses.reduce_per_example(terms["loss"], global_batch)
+            if model.losses:
+                loss += tf.add_n(model.losses) / ctx.num_replicas_in_sync
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        for metric in region_dice:
+            metric.update_state(labels, outputs["seg"])
+        stats = {name: tf.reduce_sum(value) for name, value in terms.items()}
+        stats["count"] = local
+        return stats
+
+    def step(batch):
+        per_replica = strategy.run(replica_step, args=(batch,))
+        return tf.nest.map_structure(
+            lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica)
+
+    return tf.function(step, jit_compile=jit_compile)
 
 
 def make_strategy(name: str, devices: tuple[str, ...] = ()) -> tf.distribute.Strategy:
@@ -215,6 +265,7 @@ class Trainer:
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(config.seed)
+        check_precision_for_model(model_config, config.precision)
         keras.mixed_precision.set_global_policy(config.precision)
         replicas = self.strategy.num_replicas_in_sync
         self.global_batch = config.batch_per_replica * replicas
@@ -227,7 +278,7 @@ class Trainer:
         seeded = dataclasses.replace(model_config, seed=config.seed)
         with self.strategy.scope():
             self.model = build_model(seeded)
-            optimizer = (optimizer_fn or (lambda lr: optimizers.Adam(learning_rate=lr)))(
+            optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr)))(
                 config.initial_lr)
             if config.precision == "mixed_float16" or config.on_nonfinite == "skip":
                 # Dynamic loss scaling for float16; in float32 the scale stays a
@@ -260,43 +311,10 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.checkpoint_dir, max_to_keep=config.keep_checkpoints
         )
-        self._train_step = self._make_train_step()
+        self._train_step = make_train_step(self.model, self.optimizer, loss_config,
+                                           self.strategy, self.region_dice, config.jit_compile)
         self._segmenter = None
         self.history: list[dict] = []
-
-    # ------------------------------------------------------------------ step
-    def _make_train_step(self):
-        model, optimizer, loss_config = self.model, self.optimizer, self.loss_config
-        region_dice = self.region_dice
-        strategy = self.strategy
-
-        def replica_step(batch):
-            image, labels = batch["image"], batch["label"]
-            ctx = tf.distribute.get_replica_context()
-            local = tf.cast(tf.shape(image)[0], tf.float32)
-            global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
-            with tf.GradientTape() as tape:
-                outputs = model(image, training=True)
-                terms = losses.total_loss(labels, image, outputs, loss_config)
-                loss = losses.reduce_per_example(terms["loss"], global_batch)
-                if model.losses:
-                    loss += tf.add_n(model.losses) / ctx.num_replicas_in_sync
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            for metric in region_dice:
-                metric.update_state(labels, outputs["seg"])
-            stats = {name: tf.reduce_sum(value) for name, value in terms.items()}
-            stats["count"] = local
-            return stats
-
-        def step(batch):
-            per_replica = strategy.run(replica_step, args=(batch,))
-            return tf.nest.map_structure(
-                lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica
-            )
-
-        return tf.function(step, jit_compile=self.config.jit_compile)
 
     # ------------------------------------------------------------------ loop
     def restore(self) -> int:

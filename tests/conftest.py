@@ -2,7 +2,7 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py and evaluate.py
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

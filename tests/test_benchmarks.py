@@ -196,21 +196,3 @@ def test_step_rows_give_both_references(tmp_path):
     assert "70.0% of matmul (300; against the product at the start 76% of 129)" in rows[0]
     assert "at the start" not in rows[1]
     assert "timed just before or just after it" in table
-
-
-def test_winograd_benchmark_agrees_with_the_direct_convolution():
-    """benchmarks/winograd.py's F(2x2x2, 3x3x3) convolution (the measured
-    negative result in README) computes the same convolution as
-    tf.nn.conv3d at every level, odd tile counts included; a volume not
-    divisible by 8 is refused in one line."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "winograd.py"),
-                           "--volume=16,24,8", "--init_filters=4", "--repeats=1"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line[:5].strip().isdigit()]
-    assert [row[1] for row in rows] == ["16x24x8", "8x12x4", "4x6x2", "2x3x1"]
-    assert all(float(row[-1]) < 1e-5 for row in rows), proc.stdout
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "winograd.py"),
-                           "--volume=16,24,9"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "--volume: three sizes divisible by 8, got ['16', '24', '9']" in proc.stderr

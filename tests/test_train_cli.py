@@ -75,7 +75,7 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
     assert "--crop=32,32,32" in flags_text and f"--data_dir={data_dir}" in flags_text
     config = json.loads((model_dir / "config.json").read_text())
     assert config["train"]["num_train_cases"] == 4  # 6 cases, fold 0 of 3 held out
-    assert config["runtime"]["inter_op_threads"] == "tensorflow default"
+    assert "runtime" not in config
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-2")
     assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
     # The SavedModel serves a raw volume of a size not divisible by 8.
@@ -97,7 +97,7 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
         (["--crop=32,x,32"], "--crop must be integers"),
         (["--strategy=multi_worker"], "TF_CONFIG"),
         (["--recompute", "--recompute_levels=5"], r"recompute_levels must be an integer in [0, 4]"),
-        (["--inter_op_threads=0"], "flag --inter_op_threads=0"),
+        (["--precision=mixed_bfloat16", "--crop=16,32,32"], "crop depth of 16"),
     ],
 )
 def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message):
@@ -111,43 +111,15 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message
     assert not model_dir.exists()
 
 
-def test_recompute_run_uses_one_inter_op_thread(data_dir, tmp_path):
-    """--recompute on one device runs one op at a time unless told otherwise."""
-    cases = (([], 1), (["--inter_op_threads=2", "--system_allocator"], 2))
-    procs = [start_train([f"--data_dir={data_dir}", f"--model_dir={tmp_path / f'run{want}'}",
-                          "--recompute", "--epochs=1", "--steps_per_epoch=1", "--noexport",
-                          "--fold=-1"] + extra, tmp_path / f"log{want}.txt")
-             for extra, want in cases]
-    try:
-        for proc in procs:
-            finish(proc)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, (extra, want) in zip(procs, cases):
-        model_dir = tmp_path / f"run{want}"
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        config = json.loads((model_dir / "config.json").read_text())
-        assert config["runtime"]["inter_op_threads"] == want
-        assert config["runtime"]["system_allocator"] == ("--system_allocator" in extra)
-        # Default: every level (this test's network has 4).
-        assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 4
-
-
-@pytest.mark.parametrize("system", [False, True])
-def test_system_allocator_switch_reaches_tensorflow(system):
-    """TF_ONEDNN_USE_SYSTEM_ALLOCATOR (train.py --system_allocator) replaces
-    oneDNN's pooled CPU allocator, which alone counts the bytes it hands out:
-    a check that this TensorFlow still reads the variable."""
-    code = ("import tensorflow as tf\n"
-            "x = tf.ones((1024, 1024)) * 2.0\n"  # 4 MiB: a 'large' allocation
-            "print(tf.config.experimental.get_memory_info('CPU:0')['peak'] >= 4 * 2**20)\n")
-    env = {**ENV, "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "true" if system else "false"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == [str(not system)]
+def test_recompute_run_records_its_levels(data_dir, tmp_path):
+    """--recompute trains, and config.json records the levels recomputed
+    (default: every level; this test's network has 4)."""
+    model_dir = tmp_path / "run"
+    proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--recompute",
+                  "--epochs=1", "--steps_per_epoch=1", "--noexport", "--fold=-1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 4
 
 
 def _weights(model_dir):
