@@ -157,7 +157,7 @@ def _run_one(config: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from brats_tf import export, inference
+    from brats_tf import export, inference, volume
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_inference_model, build_model
 
@@ -186,7 +186,7 @@ def _run_one(config: dict) -> dict:
         def predict():
             return fn(image=inference.host_tensor(image[None]))["labels"].numpy()[0]
 
-    start, size = inference.brain_box(image)
+    start, size = volume.brain_box(image)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     labels = predict()
