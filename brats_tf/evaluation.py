@@ -203,7 +203,7 @@ class LoadedModel:
         was exported with (its assets.extra/brats_tf.json says)."""
         if self.raw_input:
             fn = self.model.signatures["serving_tta" if tta else "serving_default"]
-            out = fn(image=inference.host_tensor(np.asarray(image)[None]))
+            out = fn(image=tf.convert_to_tensor(np.asarray(image, np.float32)[None]))
             return np.asarray(out["probabilities"][0], np.float32)
         return inference.predict_volume(self.model, image, tta=tta, normalize=True,
                                         crop_to_brain=crop_to_brain)

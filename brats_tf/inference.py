@@ -25,7 +25,6 @@ which defines them, and against which the ``*_tf`` functions are tested):
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import os
 import pathlib
@@ -43,76 +42,6 @@ from brats_tf.model import build_inference_model
 _WT = constants.REGIONS.index("WT")
 _TC = constants.REGIONS.index("TC")
 _ET = constants.REGIONS.index("ET")
-
-
-# ------------------------------------------------------------- host tensor
-# TensorFlow's CPU build requires its tensors' buffers to be aligned to this
-# (EIGEN_MAX_ALIGN_BYTES): a kernel given an unaligned buffer aborts the process.
-TF_ALIGN_BYTES = 64
-_ZERO_COPY_MIN_BYTES = 1 << 20
-# Copies of at least this size run in threads (NumPy releases the GIL while it
-# copies): one thread copies a 4 x 240 x 240 x 155 float32 case at ~4 GB/s.
-_PARALLEL_COPY_MIN_BYTES = 8 << 20
-_PARALLEL_COPY_MAX_THREADS = 8
-
-
-def _aligned_empty(shape, dtype) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + TF_ALIGN_BYTES, np.uint8)
-    offset = (-raw.ctypes.data) % TF_ALIGN_BYTES
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def _copy_threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, _PARALLEL_COPY_MAX_THREADS))
-
-
-def _parallel_copyto(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
-    """``np.copyto(dst, src, casting="unsafe")`` in up to ``threads`` slabs
-    along the first axis long enough to split (any layout of ``src``)."""
-    axis = next((i for i, n in enumerate(dst.shape) if n >= threads), int(np.argmax(dst.shape)))
-    parts = min(threads, dst.shape[axis])
-    if parts <= 1:
-        np.copyto(dst, src, casting="unsafe")
-        return
-    edges = np.linspace(0, dst.shape[axis], parts + 1).astype(int)
-    slabs = [(slice(None),) * axis + (slice(lo, hi),) for lo, hi in zip(edges[:-1], edges[1:])]
-    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
-        # list(): re-raises a slab's error here.
-        list(pool.map(lambda s: np.copyto(dst[s], src[s], casting="unsafe"), slabs))
-
-
-def host_tensor(array, dtype=np.float32) -> tf.Tensor:
-    """``array`` as a host (CPU) ``tf.Tensor`` of ``dtype``, for large volumes.
-
-    ``tf.constant`` of a 4 x 240 x 240 x 155 float32 case copies it at ~1-2.5
-    GB/s (60 ms on a Xeon, 170 ms on an AMD EPYC here: half of a whole GPU
-    inference call). This hands the buffer to TensorFlow through DLPack
-    instead: no copy when ``array`` already is C-contiguous, writeable,
-    ``dtype`` and 64-byte aligned; otherwise one NumPy copy (cast included)
-    into a 64-byte aligned buffer (~5x faster than TensorFlow's; from 8 MiB
-    in up to 8 threads: a BraTS case 31 -> 25 ms on 2 cores here). Without a
-    copy the tensor SHARES ``array``'s memory while it lives: do not write to
-    ``array`` before the tensor is used (the functions of this package use it
-    at once and drop it). Arrays under 1 MiB take ``tf.constant``.
-    """
-    a = np.asarray(array)
-    dtype = np.dtype(dtype)
-    if a.nbytes < _ZERO_COPY_MIN_BYTES:
-        with tf.device("CPU:0"):
-            return tf.constant(a.astype(dtype, copy=False))
-    if (a.dtype != dtype or not a.flags.c_contiguous or not a.flags.writeable
-            or a.ctypes.data % TF_ALIGN_BYTES):
-        aligned = _aligned_empty(a.shape, dtype)
-        threads = _copy_threads() if a.nbytes >= _PARALLEL_COPY_MIN_BYTES else 1
-        _parallel_copyto(aligned, a, threads)
-        a = aligned
-    return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
 
 
 # ----------------------------------------------------------------- padding
@@ -412,7 +341,7 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
     margin = volume.check_margin(margin)
     if normalize:
         volume.check_raw_image(image)  # the statistics are float64 in the graph
-    batch = host_tensor(image[None])
+    batch = tf.convert_to_tensor(image[None].astype(np.float32, copy=False))
     options = dict(normalize=bool(normalize), crop_to_brain=bool(crop_to_brain),
                    multiple=multiple, pad_mode=pad_mode, margin=margin)
     total = None

@@ -80,87 +80,6 @@ def test_pad_to_multiple_tf_equals_numpy(shape, mode, expected_pads):
 
 
 # -------------------------------------------------------------- normalisation
-def test_host_tensor_values_dtype_and_alignment():
-    """Large arrays of any layout and dtype: the values, cast like astype, on the
-    CPU, usable by TensorFlow kernels that check alignment (an unaligned buffer
-    aborts the process in a strided slice)."""
-    rng = np.random.default_rng(0)
-    big = rng.normal(size=(1, 40, 48, 36, 4)).astype(np.float32)  # > 1 MiB
-    # A read-only view off TensorFlow's alignment (chosen, not left to where
-    # the allocator happens to put a buffer: that made this test flaky).
-    buf = np.empty(big.size + 16, np.float32)
-    start = next(k for k in range(1, 16) if (buf.ctypes.data + 4 * k) % I.TF_ALIGN_BYTES)
-    unaligned = buf[start:start + big.size].reshape(big.shape)
-    unaligned[...] = big
-    unaligned.flags.writeable = False
-    assert unaligned.ctypes.data % I.TF_ALIGN_BYTES != 0 and not unaligned.flags.writeable
-    cases = {"unaligned read-only": unaligned, "float64": big.astype(np.float64),
-             "int16": (big * 100).astype(np.int16), "transposed": big.transpose(0, 3, 2, 1, 4),
-             "small": big[:, :2, :2], "as is": big}
-    for name, a in cases.items():
-        t = I.host_tensor(a)
-        assert t.dtype == tf.float32 and "CPU" in t.device, name
-        want = a.astype(np.float32)
-        np.testing.assert_array_equal(t.numpy(), want, err_msg=name)
-        np.testing.assert_array_equal(t[:, 3:7, ::2].numpy(), want[:, 3:7, ::2], err_msg=name)
-    assert I.host_tensor(big, np.int32).dtype == tf.int32
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_parallel_copy_matches_numpy(threads):
-    """The threaded copy into the aligned buffer: every element once, cast like
-    np.copyto, for layouts whose first axis is shorter than the threads."""
-    rng = np.random.default_rng(5)
-    base = rng.normal(size=(2, 7, 5, 6, 3)) * 1000
-    cases = {"float64 C": base, "Fortran": np.asfortranarray(base),
-             "transposed": base.transpose(4, 3, 2, 1, 0), "strided": base[:, ::2, :, ::-1],
-             "first axis 1": base[:1], "3-d": base[0, :, :, :, 0]}
-    for name, src in cases.items():
-        for dtype in (np.float32, np.int16):
-            want = np.empty(src.shape, dtype)
-            np.copyto(want, src, casting="unsafe")
-            got = np.full(src.shape, -1, dtype)
-            I._parallel_copyto(got, src, threads)
-            np.testing.assert_array_equal(got, want, err_msg=f"{name} {dtype.__name__}")
-
-
-def test_host_tensor_of_a_large_case_copies_in_threads(monkeypatch):
-    """From 8 MiB the copy runs in threads (here forced to 3): the same values."""
-    monkeypatch.setattr(I, "_copy_threads", lambda: 3)
-    calls = []
-    real = I._parallel_copyto
-    monkeypatch.setattr(I, "_parallel_copyto", lambda d, s, t: (calls.append(t), real(d, s, t)))
-    rng = np.random.default_rng(6)
-    case = np.asfortranarray(rng.normal(size=(4, 72, 64, 60)))  # float64, 8.4 MiB, F order
-    assert case.nbytes >= I._PARALLEL_COPY_MIN_BYTES
-    t = I.host_tensor(case)
-    assert calls == [3] and t.dtype == tf.float32
-    np.testing.assert_array_equal(t.numpy(), case.astype(np.float32))
-
-
-def test_host_tensor_copies_unless_aligned():
-    """No copy of an aligned, contiguous, writeable float32 array (the tensor
-    shares its memory: a write shows through); a copy of anything else."""
-    rng = np.random.default_rng(1)
-    shape = (1, 40, 40, 48, 4)  # > 1 MiB
-    aligned = I._aligned_empty(shape, np.float32)
-    aligned[...] = rng.normal(size=shape)
-    assert aligned.ctypes.data % I.TF_ALIGN_BYTES == 0
-    offset = np.empty(aligned.size + 4, np.float32)
-    if offset.ctypes.data % I.TF_ALIGN_BYTES == 0:
-        offset = offset[1:]  # 4 bytes off: unaligned
-    unaligned = offset[:aligned.size].reshape(shape)
-    unaligned[...] = aligned
-    shared, copied = I.host_tensor(aligned), I.host_tensor(unaligned)
-    before = float(aligned[0, 1, 2, 3, 0])
-    aligned[0, 1, 2, 3, 0] += 10.0
-    unaligned[0, 1, 2, 3, 0] += 10.0
-    after = float(aligned[0, 1, 2, 3, 0])
-    assert after != before
-    assert float(shared[0, 1, 2, 3, 0]) == after
-    assert float(copied[0, 1, 2, 3, 0]) == before
-
-
 def test_normalize_nonzero_tf_matches_numpy_per_example():
     rng = np.random.default_rng(3)
     batch = np.stack([make_image(rng), make_image(rng) * 3.0 + 7.0])
@@ -257,6 +176,18 @@ def test_predict_volume_pads_crops_and_ensembles():
         I.predict_volume([], image)
     with pytest.raises(ValueError, match=r"\(5, 11, 3\)"):
         I.predict_volume(pointwise_model, image[..., 0])
+
+
+def test_predict_volume_casts_any_real_dtype_like_float32():
+    """int16 (BraTS NIfTI data) and float64 cases go to TensorFlow as float32:
+    the same probabilities as the float32 case, and the caller's array is untouched."""
+    image = np.rint(make_image(np.random.default_rng(16), (5, 11, 3)))
+    want = I.predict_volume(cumsum_model, image.astype(np.float32))
+    for dtype in (np.int16, np.float64):
+        case = image.astype(dtype)
+        before = case.copy()
+        np.testing.assert_array_equal(I.predict_volume(cumsum_model, case), want, err_msg=dtype)
+        np.testing.assert_array_equal(case, before)
 
 
 def test_predict_volume_with_tiny_training_model():
