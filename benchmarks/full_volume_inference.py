@@ -58,8 +58,9 @@ flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
                   "Keras dtype policy the network computes in, unless a configuration names "
                   "one (mixed_float16: GPU; mixed_bfloat16: CPUs with AVX512-BF16/AMX or GPUs).")
 flags.DEFINE_boolean("breakdown", False, "Also time the parts of a call apart (no TTA): "
-                     "the host tensor, the copy to the device, normalisation + box + padding, "
-                     "the network, crop back + paste + labels + copy back (the 'parts').")
+                     "the NumPy case to a host tensor (tf.constant), the copy to the device, "
+                     "normalisation + box + padding, the network, crop back + paste + labels "
+                     "+ copy back (the 'parts').")
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_string("_single", None, "Internal: run this one configuration in this process.")
 
@@ -120,17 +121,22 @@ def _parts(segmenter, image, crop_to_brain: bool) -> dict:
     device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
     steps = {}
     batch = image[None]
-    steps["host_tensor"] = lambda: inference.host_tensor(batch)
+
+    def host_tensor():
+        with tf.device("CPU:0"):  # not on the device the steps below run on
+            return tf.constant(batch)
+
+    steps["host_tensor"] = host_tensor
 
     def to_device():
         # A fresh host tensor each time: an eager tensor keeps its first copy on
         # a device and hands it out again (the copy would then cost nothing).
-        fresh = inference.host_tensor(batch)
+        fresh = host_tensor()
         t = time.perf_counter()
         _sync(tf.identity(fresh))
         return time.perf_counter() - t
 
-    host = inference.host_tensor(batch)
+    host = host_tensor()
     with tf.device(device):
         steps["to_device"] = to_device
         x = tf.identity(host)
@@ -157,7 +163,7 @@ def _run_one(config: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from brats_tf import export, inference
+    from brats_tf import export, inference, volume
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_inference_model, build_model
 
@@ -184,9 +190,9 @@ def _run_one(config: dict) -> dict:
             "serving_tta" if config["tta"] else "serving_default"]
 
         def predict():
-            return fn(image=inference.host_tensor(image[None]))["labels"].numpy()[0]
+            return fn(image=tf.constant(image[None]))["labels"].numpy()[0]
 
-    start, size = inference.brain_box(image)
+    start, size = volume.brain_box(image)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     labels = predict()
@@ -215,19 +221,6 @@ def _run_one(config: dict) -> dict:
         "rss_before_gib": round(rss0 / 2**20, 2),
         "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
     }
-    if config["path"] == "saved_model":  # after the peaks above
-        # The same call on a 64-byte aligned copy of the case: TensorFlow takes
-        # the buffer as it is (inference.host_tensor), no host copy.
-        aligned = inference._aligned_empty((1,) + image.shape, np.float32)
-        aligned[0] = image
-        want = fn(image=inference.host_tensor(aligned))["labels"].numpy()[0]
-        np.testing.assert_array_equal(want, labels)
-        aligned_times = []
-        for _ in range(FLAGS.repeats):
-            t = time.perf_counter()
-            fn(image=inference.host_tensor(aligned))["labels"].numpy()
-            aligned_times.append(time.perf_counter() - t)
-        result["seconds_aligned_input"] = round(float(np.median(aligned_times)), 3)
     if FLAGS.breakdown and not config["tta"]:  # after the peaks above: its own allocations
         result["parts"] = _parts(segmenter, image, config["crop_to_brain"])
     tmp.cleanup()
@@ -254,9 +247,6 @@ def main(argv):
               f"{'tta' if r['tta'] else 'one':<3} {r['precision']}: {r['seconds']:.3g} s per case "
               f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
               f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
-        if r.get("seconds_aligned_input") is not None:
-            print(f"    from a 64-byte aligned array (no host copy): "
-                  f"{r['seconds_aligned_input']:.3g} s per case", flush=True)
         if "parts" in r:
             print("    parts: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["parts"].items()),
                   flush=True)

@@ -73,7 +73,7 @@ def measure() -> dict:
     if not FLAGS.quick:
         steps += _run("model_step.py", "--crops=160,192,128", "--steps=2")["results"]
         for extra in (["--recompute_levels=1"], ["--recompute_levels=2"],
-                      ["--recompute_levels=4"], ["--recompute_levels=4", "--system_allocator"]):
+                      ["--recompute_levels=4"]):
             steps += _run("model_step.py", "--crops=160,192,128", "--steps=1",
                           *extra)["results"]
     inference = _run("full_volume_inference.py")["results"]
@@ -130,7 +130,7 @@ def _gpu_rows(runs: list[dict]) -> tuple[list[tuple[str, str, str, str]], list[s
                         f"{', TTA 8 flips' if r['tta'] else ''}")
                 result = (f"{r['seconds']:.3f} s/case (first call {r['first_call_s']:.1f} s; "
                           f"GPU peak {r['gpu_peak_gib']:.1f} GiB)")
-                if r.get("seconds_aligned_input") is not None:
+                if r.get("seconds_aligned_input") is not None:  # in runs recorded until 2026-11
                     result += (f"; from 64-byte aligned memory (no host copy) "
                                f"{r['seconds_aligned_input']:.3f} s")
                 if r.get("parts"):  # full_volume_inference.py --breakdown
@@ -160,8 +160,7 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
                       f"{_met(r['fraction_of_matmul'] >= TARGETS['step_fraction_of_matmul'])}")
         rows.append((f"training step {r['crop']}, width {r['init_filters']}, {r['precision']}"
                      + (f", recompute {r['recompute_levels']} level(s)"
-                        if r["recompute_levels"] else "")
-                     + (", system allocator" if r.get("system_allocator") else ""),
+                        if r["recompute_levels"] else ""),
                      f"{r['sec_per_step']:.2f} s/step, {r['gflops']:.0f} GFLOP/s = "
                      f"{100 * r['fraction_of_matmul']:.1f}% of matmul "
                      f"({r['matmul_gflops']:.0f}"

@@ -20,17 +20,24 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 import weakref
 from typing import Iterable, Iterator
 
+import keras
+import nibabel as nib
 import numpy as np
+import tensorflow as tf
+import tqdm
 
-from brats_tf import constants, inference, metrics
-from brats_tf.io_utils import write_text_atomic
-from brats_tf.model import build_inference_model, check_precision, model_precision
+import brats_tf.layers  # noqa: F401  (registers the custom layers)
+from brats_tf import constants, figures, inference, metrics, volume
+from brats_tf.config import ModelConfig
+from brats_tf.export import export_saved_model
+from brats_tf.io_utils import atomic_path, write_text_atomic
+from brats_tf.model import build_inference_model, build_model, check_precision, model_precision
+from data_pipeline import convert, features, layouts
+from data_pipeline.input import InputConfig, make_dataset
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -49,8 +56,6 @@ def validation_dice(model, files, tta: bool = False) -> dict:
       files: TFRecord shards written by data_pipeline.convert, with labels.
       tta: average the 8 mirror flips (§4).
     """
-    from data_pipeline.input import InputConfig, make_dataset
-
     segmenter = _SEGMENTERS.get(model)
     if segmenter is None:
         segmenter = _SEGMENTERS[model] = build_inference_model(model)
@@ -58,7 +63,7 @@ def validation_dice(model, files, tta: bool = False) -> dict:
     for example in make_dataset(InputConfig(files=tuple(files), mode="eval")):
         probs = inference.predict_volume(segmenter, example["image"][0].numpy(), tta=tta,
                                          normalize=False)
-        predicted = inference.labels_to_regions(inference.probabilities_to_labels(probs))
+        predicted = volume.labels_to_regions(inference.probabilities_to_labels(probs))
         truth = example["label"][0].numpy() > 0.5
         for index, region in enumerate(constants.REGIONS):
             scores[region].append(metrics.dice(predicted[..., index], truth[..., index]))
@@ -71,15 +76,12 @@ def validation_dice(model, files, tta: bool = False) -> dict:
 
 
 def _save_keras_atomic(model, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(str(tmp))
 
 
 def save_final(model, model_dir: str, version: int = 1) -> list[str]:
     """Writes model.keras, segmenter.keras and export/<version>/ (SavedModel) into model_dir."""
-    from brats_tf.export import export_saved_model
-
     model_path = os.path.join(model_dir, "model.keras")
     segmenter_path = os.path.join(model_dir, "segmenter.keras")
     _save_keras_atomic(model, model_path)
@@ -123,7 +125,7 @@ class EvalConfig:
       fold: with TFRecords, only this fold's (validation) shards; None = all.
       tta: mean over the 8 mirror flips (§4).
       crop_to_brain: run Keras models on the brain's bounding box
-        (``inference.brain_box``); False: the whole padded volume (the paper).
+        (``volume.brain_box``); False: the whole padded volume (the paper).
       et_label: the ET value written in the predictions and read in NIfTI
         ground truths: 4 (BraTS 2017-2021) or 3 (BraTS 2023+).
       threshold: a voxel is in a region when p > threshold.
@@ -167,8 +169,8 @@ class EvalConfig:
         if self.fold is not None and (isinstance(self.fold, bool) or not isinstance(self.fold, int)
                                       or self.fold < 0):
             raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
-        inference.check_et_label(self.et_label)
-        inference.check_threshold(self.threshold)
+        volume.check_et_label(self.et_label)
+        volume.check_threshold(self.threshold)
         check_precision(self.precision)
         if self.hd95_mode not in metrics.HD95_MODES:
             raise ValueError(
@@ -201,7 +203,7 @@ class LoadedModel:
         was exported with (its assets.extra/brats_tf.json says)."""
         if self.raw_input:
             fn = self.model.signatures["serving_tta" if tta else "serving_default"]
-            out = fn(image=inference.host_tensor(np.asarray(image)[None]))
+            out = fn(image=tf.convert_to_tensor(np.asarray(image, np.float32)[None]))
             return np.asarray(out["probabilities"][0], np.float32)
         return inference.predict_volume(self.model, image, tta=tta, normalize=True,
                                         crop_to_brain=crop_to_brain)
@@ -213,10 +215,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _load_keras(path: pathlib.Path, precision: str | None = None):
-    import keras
-
-    import brats_tf.layers  # noqa: F401  (registers the custom layers)
-
     try:
         model = keras.saving.load_model(str(path), compile=False)
     except Exception as e:  # noqa: BLE001  Keras raises many types for a bad file
@@ -230,11 +228,6 @@ def _load_keras(path: pathlib.Path, precision: str | None = None):
 def _load_checkpoint(prefix: str, config_json: pathlib.Path, precision: str | None = None):
     """The inference model from a tf.train.Checkpoint (keys model/optimizer/epoch/rng)
     and the ``model`` part of train.py's config.json."""
-    import tensorflow as tf
-
-    from brats_tf.config import ModelConfig
-    from brats_tf.model import build_model
-
     if not config_json.is_file():
         raise EvaluationError(f"model {prefix}: no config.json beside the checkpoints "
                               f"(expected {config_json})")
@@ -264,8 +257,6 @@ def load_model(path, precision: str | None = None) -> LoadedModel:
     ``precision``: see ``EvalConfig``; an error for a SavedModel.
     Raises EvaluationError (one line naming the path).
     """
-    import tensorflow as tf
-
     p = pathlib.Path(path)
     text = str(path)
     if p.is_file() and p.suffix == ".keras":
@@ -385,8 +376,6 @@ def is_tfrecord_dir(data) -> bool:
 
 def _tfrecord_source(data: str, fold: int | None):
     """(files, number of cases, has_labels) of a converter output folder."""
-    from data_pipeline import convert
-
     try:
         manifest = convert.read_manifest(data)
     except (OSError, ValueError) as e:
@@ -410,10 +399,6 @@ def _tfrecord_source(data: str, fold: int | None):
 
 
 def _tfrecord_cases(files) -> Iterator[EvalCase]:
-    import tensorflow as tf
-
-    from data_pipeline import features
-
     def decode(serialized):
         ex = features.parse_raw(serialized)
         image, label = features.decode_volumes(ex)
@@ -435,29 +420,25 @@ def _tfrecord_cases(files) -> Iterator[EvalCase]:
         affine = ex["affine"].numpy()
         label = None
         if bool(ex["has_label"].numpy()):
-            label = inference.paste_crop(ex["label"].numpy(), shape, start)
+            label = volume.paste_crop(ex["label"].numpy(), shape, start)
         yield EvalCase(
             case_id=ex["case_id"].numpy().decode(),
-            image=inference.paste_crop(ex["image"].numpy(), shape, start),
+            image=volume.paste_crop(ex["image"].numpy(), shape, start),
             label=label, affine=affine, spacing=spacing_from_affine(affine),
             reference=None, source=f"TFRecord {', '.join(os.path.basename(f) for f in files)}")
 
 
 def _nifti_cases(cases, require_label: bool) -> Iterator[EvalCase]:
-    import nibabel as nib
-
-    from data_pipeline import convert
-
     for case in cases:
         loaded = convert.load_case(case, require_label)  # BadCaseError: one line, case and file
         ref = case.images[constants.MODALITIES[0]]
         label = None
         if loaded.label is not None:
-            label = inference.paste_crop(loaded.label, loaded.original_shape, loaded.box_start)
+            label = volume.paste_crop(loaded.label, loaded.original_shape, loaded.box_start)
         yield EvalCase(
             case_id=case.case_id,
-            image=inference.paste_crop(loaded.image.astype(np.float32), loaded.original_shape,
-                                       loaded.box_start),
+            image=volume.paste_crop(loaded.image.astype(np.float32), loaded.original_shape,
+                                    loaded.box_start),
             label=label, affine=loaded.affine,
             spacing=tuple(float(z) for z in nib.load(ref).header.get_zooms()[:3]),
             reference=ref, source=case.folder)
@@ -469,8 +450,6 @@ def open_cases(data: str, fold: int | None = None):
     Cheap checks run now (manifest, shards present, every modality file
     present); the volumes are read lazily, one case at a time.
     """
-    from data_pipeline import convert, layouts
-
     if not os.path.isdir(data):
         raise EvaluationError(f"data {data}: not a folder")
     if is_tfrecord_dir(data):
@@ -560,17 +539,12 @@ def summary_rows(summary: dict) -> list[dict]:
 
 
 def _write_probabilities(probs: np.ndarray, case: EvalCase, path: pathlib.Path) -> None:
-    import nibabel as nib
-
     img = nib.Nifti1Image(np.asarray(probs, np.float32), case.affine)  # [D, H, W, 3]: WT, TC, ET
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, str(tmp))
 
 
 def _reference_for(case: EvalCase):
-    import nibabel as nib
-
     if case.reference is not None:
         return case.reference
     header = nib.Nifti1Header()
@@ -606,20 +580,15 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
       "line": the one-line summary, "written": [paths relative to output_dir]}.
     Raises: EvaluationError or data_pipeline.convert.BadCaseError, one line.
     """
-    import tqdm
-
-    from brats_tf import figures
-
     check_output_dir(config)
     if models is None:
         models = load_models(config.models, config.precision)
     if cases is None:
         cases, num_cases, _ = open_cases(config.data, config.fold)
     out = pathlib.Path(config.output_dir)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
-                                            dir=os.path.dirname(os.path.abspath(out))))
     start = time.monotonic()
-    try:
+    # checked above: out is absent, empty, or an earlier evaluation with overwrite
+    with atomic_path(out, directory=True) as staging:
         (staging / PREDICTIONS).mkdir()
         if config.save_probabilities:
             (staging / PROBABILITIES).mkdir()
@@ -692,25 +661,8 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                "summary_line": line, "written": sorted(written)}
         write_text_atomic(staging / RUN_JSON, json.dumps(run, indent=1))
         written.append(RUN_JSON)
-        os.chmod(staging, 0o777 & ~_umask())
-        if out.exists():  # checked above: empty, or an earlier evaluation with overwrite
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     kinds = collections.Counter(name.split("/")[0] for name in written)
     log.info("read %d case(s) from %s; wrote to %s: %s", n, config.data, out,
              ", ".join(f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k
                        for k, v in sorted(kinds.items())))
     return {"summary": summary, "per_case": per_case, "line": line, "written": sorted(written)}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

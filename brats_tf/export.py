@@ -36,16 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import shutil
 import sys
-import uuid
 
 import tensorflow as tf
 
-from brats_tf import constants
+from brats_tf import constants, volume
 from brats_tf import inference as inf
+from brats_tf.io_utils import atomic_path
 from brats_tf.model import (PRECISIONS, build_inference_model, check_precision,
                             config_from_model, model_precision)
 
@@ -120,7 +118,7 @@ def export_saved_model(training_model, export_dir, version: int = 1,
       threshold: region threshold of ``labels`` (p > threshold).
       overwrite: replace an existing non-empty version directory.
       crop_to_brain: run the network on the brain's bounding box only
-        (``inference.brain_box``; 2.6x fewer voxels on BraTS); False runs the
+        (``volume.brain_box``; 2.6x fewer voxels on BraTS); False runs the
         whole padded volume, as the paper does.
       precision: the Keras dtype policy the served network computes in
         (``model.PRECISIONS``); None: the model's own. E.g. ``mixed_float16``
@@ -129,8 +127,8 @@ def export_saved_model(training_model, export_dir, version: int = 1,
     Returns: the version directory.
     """
     version = _check_version(version)
-    et_label = inf.check_et_label(et_label)
-    threshold = inf.check_threshold(threshold)
+    et_label = volume.check_et_label(et_label)
+    threshold = volume.check_threshold(threshold)
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not export_dir.is_dir():
         raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
@@ -152,9 +150,7 @@ def export_saved_model(training_model, export_dir, version: int = 1,
     multiple = config_from_model(model).spatial_divisor  # 8 for the paper's 4 levels
     module = BratsServingModule(model, et_label, threshold, multiple, bool(crop_to_brain))
     export_dir.mkdir(parents=True, exist_ok=True)
-    tmp = export_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
-    old = None
-    try:
+    with atomic_path(target, directory=True) as tmp:  # replaces an existing version
         tf.saved_model.save(
             module, str(tmp),
             signatures={"serving_default": module.serving_default,
@@ -173,18 +169,6 @@ def export_saved_model(training_model, export_dir, version: int = 1,
         }
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():
-            old = export_dir / f".old-{version}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.rename(old, target)  # put the previous version back
-            old = None
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -208,8 +192,8 @@ class ExportConfig:
         if not self.export_dir:
             raise ValueError("--export_dir is required")
         _check_version(self.version)
-        inf.check_et_label(self.et_label)
-        inf.check_threshold(self.threshold)
+        volume.check_et_label(self.et_label)
+        volume.check_threshold(self.threshold)
         check_precision(self.precision)
 
 

@@ -25,13 +25,12 @@ Layouts: volumes are [D, H, W] (nibabel i, j, k axes), images [rows, cols, 3] ui
 from __future__ import annotations
 
 import math
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from brats_tf import constants
+from brats_tf.io_utils import atomic_path
 
 # RGB of each label value in the overlay.
 LABEL_COLOURS = {
@@ -267,15 +266,10 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def write_png(rgb: np.ndarray, path) -> pathlib.Path:
-    """Writes ``rgb`` as a PNG under a temporary name, then renames it to ``path``."""
+    """Writes ``rgb`` as a PNG under a temporary name, then renames it to ``path``
+    (``io_utils.atomic_path``)."""
     path = pathlib.Path(path)
     data = encode_png(rgb)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path

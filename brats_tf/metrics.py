@@ -1,7 +1,7 @@
 """BraTS evaluation metrics (NumPy/SciPy) and a graph-safe Dice metric for training.
 
 The regions are the paper's nested WT, TC, ET (PAPER.md §1, ``constants.REGIONS``);
-a label map becomes region masks with ``inference.labels_to_regions``.
+a label map becomes region masks with ``volume.labels_to_regions``.
 
 Per region and case (``region_metrics``):
 
@@ -37,6 +37,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from brats_tf import constants
+from brats_tf.volume import check_threshold, labels_to_regions
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "pred_volume_ml", "true_volume_ml")
 STATISTICS = ("mean", "std", "median", "25quantile", "75quantile")
@@ -152,8 +153,6 @@ def case_metrics(pred_labels: np.ndarray, true_labels: np.ndarray, spacing=(1.0,
     Returns {region: {metric: value}} for region in ``constants.REGIONS``.
     ``spacing``: voxel size in mm along D, H, W (nibabel ``header.get_zooms()[:3]``).
     """
-    from brats_tf.inference import labels_to_regions
-
     pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
     if pred_labels.shape != true_labels.shape:
         raise ValueError(
@@ -215,8 +214,7 @@ class RegionDice(keras.metrics.Metric):
                  **kwargs):
         if region not in constants.REGIONS:
             raise ValueError(f"region must be one of {constants.REGIONS}, got {region!r}")
-        if not 0.0 <= float(threshold) < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+        threshold = check_threshold(threshold)
         kwargs.pop("dtype", None)
         super().__init__(name=name or f"dice_{region}", dtype="float32", **kwargs)
         self.region = region

@@ -1,5 +1,11 @@
 """Pre-processing and augmentation ops of the paper (§3.7), pure TensorFlow.
 
+The per-channel normalisation over non-zero voxels is not here: the
+converter stores each case's statistics (``brats_tf.volume.nonzero_stats``)
+and the input pipeline applies them (``data_pipeline.input``); whole volumes
+at inference are normalised in the SavedModel's graph
+(``brats_tf.inference.normalize_nonzero_tf``).
+
 Layout: image [D, H, W, C] float32, label [D, H, W] integer label map (values
 brats_tf.constants.LABEL_VALUES). Random ops take an explicit `seed`, an int32
 or int64 tensor of shape [2], and use only stateless random ops, so the same
@@ -9,30 +15,7 @@ NumPy randomness, which Dataset.map would freeze at trace time).
 
 import tensorflow as tf
 
-from brats_tf.constants import REGION_LABELS, REGIONS
-
-
-def normalize_nonzero(image, mean=None, std=None, eps=1e-8):
-    """Per channel zero mean, unit std over the non-zero voxels; zeros stay zero.
-
-    Args:
-      image: [..., C] float.
-      mean, std: optional [C] statistics over non-zero voxels (the converter
-        stores them per case); computed from `image` when None.
-      eps: guards a constant channel.
-    """
-    image = tf.convert_to_tensor(image, tf.float32)
-    nonzero = tf.not_equal(image, 0.0)
-    if mean is None or std is None:
-        axes = list(range(image.shape.rank - 1))
-        mask = tf.cast(nonzero, tf.float32)
-        count = tf.reduce_sum(mask, axis=axes)
-        mean = tf.math.divide_no_nan(tf.reduce_sum(image, axis=axes), count)
-        var = tf.math.divide_no_nan(tf.reduce_sum(tf.square(image - mean) * mask, axis=axes), count)
-        std = tf.sqrt(var)
-    mean = tf.cast(mean, tf.float32)
-    std = tf.cast(std, tf.float32)
-    return tf.where(nonzero, (image - mean) / tf.maximum(std, eps), 0.0)
+from brats_tf.volume import region_labels
 
 
 def crop_window(start, size, dims):
@@ -150,7 +133,7 @@ def intensity_params(seed, channels, shift=0.1, scale=(0.9, 1.1)):
 def random_intensity(image, seed, shift=0.1, scale=(0.9, 1.1), std=1.0):
     """Per channel image * s + o * std on the non-zero voxels, s ~ U(scale),
     o ~ U(-shift, shift) (paper §3.7; std is the channel's std, 1 after
-    normalize_nonzero). Zero voxels (background, padding) stay zero, as they
+    the normalisation). Zero voxels (background, padding) stay zero, as they
     are at inference.
 
     Args:
@@ -164,12 +147,14 @@ def random_intensity(image, seed, shift=0.1, scale=(0.9, 1.1), std=1.0):
 
 def labels_to_regions(label):
     """Label map [...] -> float32 [..., 3] of 0/1: the nested regions in
-    brats_tf.constants.REGIONS order (WT, TC, ET)."""
+    brats_tf.constants.REGIONS order (WT, TC, ET). Graph version of
+    ``brats_tf.volume.labels_to_regions`` (ET = 4, the stored value; other
+    values are in no region, unchecked)."""
     label = tf.cast(label, tf.int32)
     channels = []
-    for region in REGIONS:
+    for values in region_labels():
         inside = tf.zeros_like(label, tf.bool)
-        for value in REGION_LABELS[region]:
+        for value in values:
             inside = tf.logical_or(inside, tf.equal(label, value))
         channels.append(inside)
     return tf.cast(tf.stack(channels, axis=-1), tf.float32)

@@ -36,6 +36,8 @@ from tqdm import tqdm
 
 from brats_tf.constants import (
     LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, LABEL_VALUES, MODALITIES)
+from brats_tf.io_utils import write_text_atomic
+from brats_tf.volume import nonzero_box
 from data_pipeline import features, layouts
 
 CONVERTER_VERSION = "1.0"
@@ -146,7 +148,7 @@ def load_case(case, require_label):
         if case.naming == layouts.NAMING_2023:
             label[label == LABEL_ET_2023] = LABEL_ET
 
-    start, stop = features.nonzero_box(arrays + ([label] if label is not None else []))
+    start, stop = nonzero_box(arrays + ([label] if label is not None else []))
     box = tuple(slice(a, b) for a, b in zip(start, stop))
     image = np.stack([a[box].astype(dtype) for a in arrays], axis=-1)
     counts = None
@@ -344,10 +346,7 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
         "cases": sorted(records, key=lambda r: r["case_id"]),
         "skipped": skipped,
     }
-    tmp = os.path.join(output_dir, ".tmp-" + MANIFEST)
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     elapsed = time.time() - start_time
     logging.info("wrote %d cases in %d shards + %s to %s in %.1f s (%.2f cases/s)",
                  len(records), len(shards), MANIFEST, output_dir, elapsed,

@@ -4,7 +4,8 @@ converter and read by the input pipeline and evaluation (nothing else defines it
 Each example holds the case cropped to the bounding box of its non-zero voxels
 (all modalities and the label), which is lossless because BraTS volumes are
 skull-stripped (zero outside the brain), plus what puts arrays back into the
-original NIfTI grid (`uncrop`). Shards are GZIP-compressed TFRecord files.
+original NIfTI grid (``brats_tf.volume.paste_crop``). Shards are
+GZIP-compressed TFRecord files.
 
 Fields (shapes are those of the parsed tensors):
   spec_version     int64                    FEATURE_SPEC_VERSION (readers refuse others)
@@ -28,14 +29,15 @@ Fields (shapes are those of the parsed tensors):
   nonzero_mean     float [4]                per channel mean over non-zero voxels
   nonzero_std      float [4]                per channel std over non-zero voxels
                                             (paper §3.7 normalisation statistics,
-                                            computed in float64 by the converter)
+                                            computed in float64 by the converter:
+                                            brats_tf.volume.nonzero_stats)
 """
 
 import numpy as np
 import tensorflow as tf
 
 from brats_tf.constants import NUM_MODALITIES
-from brats_tf.inference import paste_crop
+from brats_tf.volume import nonzero_stats
 
 FEATURE_SPEC_VERSION = 2  # 2: image as byte planes
 COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)
@@ -69,21 +71,6 @@ def _ints(values):
 
 def _floats(values):
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
-
-
-def nonzero_stats(image):
-    """Per channel mean and std over the non-zero voxels of [..., C], float64.
-
-    A channel without non-zero voxels gets mean 0, std 1 (normalisation is then
-    the identity on its zeros)."""
-    image = np.asarray(image)
-    flat = image.reshape(-1, image.shape[-1])
-    means, stds = [], []
-    for c in range(flat.shape[-1]):
-        values = flat[:, c][flat[:, c] != 0].astype(np.float64)
-        means.append(values.mean() if values.size else 0.0)
-        stds.append(values.std() if values.size else 1.0)
-    return np.array(means), np.array(stds)
 
 
 def to_byte_planes(image):
@@ -223,31 +210,3 @@ def parse_example(serialized):
     ex["image"], ex["label"] = decode_volumes(ex)
     del ex["image_dtype"]
     return ex
-
-
-def uncrop(array, box_start, original_shape):
-    """Pastes a [d, h, w, ...] array (stored crop, or a prediction on it) back into
-    zeros of the original grid [*original_shape, ...], at box_start (NumPy).
-
-    The features' argument order for ``brats_tf.inference.paste_crop``, which
-    does the work (and checks that the box fits)."""
-    start = np.asarray(box_start).reshape(-1)
-    shape = np.asarray(original_shape).reshape(-1)
-    return paste_crop(array, shape, start)
-
-
-def nonzero_box(arrays):
-    """Bounding box (start, stop) of the voxels non-zero in any of the 3-D arrays,
-    or the whole grid's first voxel (a 1-voxel box) when all are zero."""
-    mask = np.zeros(arrays[0].shape[:3], dtype=bool)
-    for a in arrays:
-        mask |= a != 0
-    if not mask.any():
-        return (0, 0, 0), (1, 1, 1)
-    start, stop = [], []
-    for axis in range(3):
-        other = tuple(i for i in range(3) if i != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        start.append(int(idx[0]))
-        stop.append(int(idx[-1]) + 1)
-    return tuple(start), tuple(stop)

@@ -18,7 +18,7 @@ in file order:
      "affine": float64 [1, 4, 4]}
 
 A prediction p on the image goes back to the NIfTI grid with
-data_pipeline.features.uncrop(p, box_start, original_shape) (box_start is 0
+brats_tf.volume.paste_crop(p, original_shape, box_start) (box_start is 0
 for whole volumes), saved with `affine`. The network needs sizes divisible by
 8: the inference code pads and crops back.
 """
@@ -33,7 +33,7 @@ from data_pipeline.convert import fold_files  # noqa: F401  (re-exported: files 
 
 MODES = ("train", "eval")
 _READ_BUFFER = 8 << 20  # bytes; records are MBs
-_EPS = 1e-8  # as augment.normalize_nonzero
+_EPS = 1e-8  # std floor of the normalisation: a constant channel (std 0) stays finite
 _CACHE_SHUFFLE_BUFFER = 100_000  # > any number of cases: a full shuffle
 
 
@@ -176,8 +176,9 @@ def train_transform(ex, seeds, config):
 
     Equal (up to float rounding) to: decode the whole box, crop_or_pad at a
     random_crop_start drawn in the original grid (seeds[0]), random_flip
-    (seeds[1]), normalize_nonzero with the stored statistics, random_intensity
-    (seeds[2]), labels_to_regions. Computed cheaply instead: only the part of
+    (seeds[1]), the normalisation with the stored statistics ((x - mean) /
+    max(std, 1e-8) on the non-zero voxels), random_intensity (seeds[2]),
+    labels_to_regions. Computed cheaply instead: only the part of
     the window inside the stored box is sliced and padded (as byte planes),
     then bytes to values, flips, normalisation and intensity (one per-channel
     affine map) and the regions run as one fixed-shape function (XLA-compiled
@@ -198,7 +199,7 @@ def train_transform(ex, seeds, config):
     if config.augment and config.flip:
         mask = augment.flip_mask(seeds[1], config.flip_probability)
         flip_index = tf.reduce_sum(tf.cast(mask, tf.int32) * tf.constant([1, 2, 4]))
-    # normalize_nonzero then random_intensity, as one affine map per channel.
+    # the normalisation then random_intensity, as one affine map per channel.
     a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
     b = -ex["nonzero_mean"] * a
     if config.augment and config.intensity:
@@ -239,7 +240,7 @@ def _eval_example(config):
             paddings = tf.stack([ex["box_start"], after], axis=1)
             box_start = tf.zeros_like(ex["box_start"])
         label = features.decode_label(ex, paddings=paddings)
-        # normalize_nonzero with the stored statistics, as one affine map per
+        # the normalisation with the stored statistics, as one affine map per
         # channel; XLA-compiled for whole volumes (one shape for all BraTS cases).
         a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
         b = -ex["nonzero_mean"] * a

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from brats_tf.constants import (
     LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_NCR_NET, MODALITIES)
+from brats_tf.io_utils import atomic_path
 
 DEFAULT_SHAPE = (96, 96, 64)  # CPU demo; BraTS is brats_tf.constants.BRATS_SHAPE
 
@@ -176,9 +177,8 @@ def write_case(case_dir, case_id, images, label, affine=None):
         path = os.path.join(case_dir, f"{case_id}_{suffix}.nii.gz")
         img = nib.Nifti1Image(array, affine)
         img.header.set_xyzt_units("mm", "sec")
-        tmp = path[: -len(".nii.gz")] + ".tmp.nii.gz"  # no half-written file at `path`
-        nib.save(img, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".nii.gz") as tmp:  # no half-written file at `path`
+            nib.save(img, str(tmp))
     return case_dir
 
 

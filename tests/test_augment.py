@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, REGIONS
-from data_pipeline import augment, features
+from brats_tf import volume
+from brats_tf.constants import LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, REGIONS
+from data_pipeline import augment
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -21,37 +22,9 @@ def _volume(shape=(6, 7, 5, 4), seed=0):
     return image, label
 
 
-def _np_normalize(image):
-    out = np.zeros_like(image)
-    for c in range(image.shape[-1]):
-        x = image[..., c]
-        values = x[x != 0].astype(np.float64)
-        out[..., c] = np.where(x != 0, (x - values.mean()) / values.std(), 0)
-    return out
-
-
-@pytest.mark.parametrize("given_stats", [False, True])
-def test_normalize_nonzero(given_stats):
-    image, _ = _volume()
-    stats = features.nonzero_stats(image) if given_stats else (None, None)
-    out = augment.normalize_nonzero(image, *stats).numpy()
-    np.testing.assert_allclose(out, _np_normalize(image), rtol=1e-5, atol=1e-5)
-    brain = image[..., 0] != 0
-    np.testing.assert_allclose(out[brain].mean(axis=0), 0.0, atol=1e-5)
-    np.testing.assert_allclose(out[brain].std(axis=0), 1.0, rtol=1e-5)
-    assert (out[~brain] == 0).all()
-
-
-def test_normalize_constant_and_empty_channels_stay_finite():
-    image = np.zeros((3, 3, 3, 2), np.float32)
-    image[1, 1, 1, 0] = 5.0  # one non-zero voxel: std 0
-    out = augment.normalize_nonzero(image).numpy()
-    assert np.isfinite(out).all() and (out == 0).all()
-
-
-def _np_crop_or_pad(volume, start, size):
+def _np_crop_or_pad(array, start, size):
     margin = 50
-    padded = np.pad(volume, [(margin, margin)] * 3 + [(0, 0)] * (volume.ndim - 3))
+    padded = np.pad(array, [(margin, margin)] * 3 + [(0, 0)] * (array.ndim - 3))
     idx = tuple(slice(s + margin, s + margin + n) for s, n in zip(start, size))
     return padded[idx]
 
@@ -127,7 +100,7 @@ def test_flip_probability_bounds(probability, expected):
 
 def test_random_intensity_matches_numpy():
     image, _ = _volume()
-    image = _np_normalize(image)
+    image = volume.normalize_nonzero(image)
     scales, shifts = [], []
     for s in range(50):
         seed = tf.constant([s, 5])
@@ -163,8 +136,18 @@ def test_labels_to_regions_hand_made():
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
+def test_labels_to_regions_equals_the_numpy_version():
+    """The input pipeline's graph version gives volume.labels_to_regions' masks
+    on the stored label values (ET = 4), and puts a BraTS 2023 ET (3), which
+    the converter maps to 4 before storing, in no region."""
+    label = np.random.default_rng(4).choice(
+        np.array([0, LABEL_NCR_NET, LABEL_ED, LABEL_ET], np.uint8), (7, 6, 5))
+    np.testing.assert_array_equal(augment.labels_to_regions(label).numpy(),
+                                  volume.labels_to_regions(label).astype(np.float32))
+    assert not augment.labels_to_regions(np.array([LABEL_ET_2023])).numpy().any()
+
+
 OPS = {
-    "normalize_nonzero": lambda img, lab, seed: augment.normalize_nonzero(img),
     "random_crop_or_pad": lambda img, lab, seed: augment.random_crop_or_pad(img, lab, (4, 8, 3), seed),
     "random_flip": lambda img, lab, seed: augment.random_flip(img, lab, seed),
     "random_intensity": lambda img, lab, seed: augment.random_intensity(img, seed),

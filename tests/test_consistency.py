@@ -1,12 +1,12 @@
 """Training and serving see the same input: the converter + input pipeline's
-normalisation equals inference.normalize_nonzero (NumPy) and the SavedModel's
-in-graph normalisation (normalize_nonzero_tf), on a synthetic case."""
+normalisation equals volume.normalize_nonzero (NumPy) and the SavedModel's
+in-graph normalisation (inference.normalize_nonzero_tf), on a synthetic case."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import constants, inference
+from brats_tf import constants, inference, volume
 from data_pipeline.convert import convert
 from data_pipeline.input import InputConfig, make_dataset
 from data_pipeline.synthetic import make_case, write_case
@@ -27,11 +27,11 @@ def case(tmp_path_factory):
 def test_eval_pipeline_equals_inference_normalisation(case):
     raw, label, files = case
     (example,) = list(make_dataset(InputConfig(files=tuple(files), mode="eval")))
-    want = inference.normalize_nonzero(raw)
+    want = volume.normalize_nonzero(raw)
     np.testing.assert_allclose(example["image"][0].numpy(), want, atol=1e-5)
     graph = inference.normalize_nonzero_tf(tf.constant(raw[None]))[0].numpy()
     np.testing.assert_allclose(graph, want, atol=1e-5)
-    regions = inference.labels_to_regions(label)
+    regions = volume.labels_to_regions(label)
     np.testing.assert_array_equal(example["label"][0].numpy() > 0.5, regions)
 
 
@@ -40,7 +40,7 @@ def test_training_crop_without_augmentation_equals_normalised_volume(case):
     config = InputConfig(files=tuple(files), crop_shape=SHAPE, augment=False, seed=0,
                          deterministic=True)
     (batch,) = list(make_dataset(config))
-    want = inference.normalize_nonzero(raw)
+    want = volume.normalize_nonzero(raw)
     np.testing.assert_allclose(batch["image"][0].numpy(), want, atol=1e-5)
     np.testing.assert_array_equal(batch["label"][0].numpy() > 0.5,
-                                  inference.labels_to_regions(label))
+                                  volume.labels_to_regions(label))

@@ -15,6 +15,7 @@ import tensorflow as tf
 from brats_tf import constants as C
 from brats_tf import export
 from brats_tf import inference as I
+from brats_tf import volume as V
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from serving_fixtures import VERSION, tiny_export
@@ -34,13 +35,13 @@ def keras_reference(model, batch, tta, multiple=8):
     infer = build_inference_model(model)
     out = []
     for image in batch:
-        padded, pads = I.pad_to_multiple(I.normalize_nonzero(image), multiple)
+        padded, pads = V.pad_to_multiple(V.normalize_nonzero(image), multiple)
         x = padded[None]
         flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)] if tta \
             else [()]
         probs = np.mean([np.flip(infer(np.ascontiguousarray(np.flip(x, a)), training=False)
                                  ["seg"].numpy(), a) for a in flips], axis=0)
-        out.append(I.crop_back(probs[0], pads))
+        out.append(V.crop_back(probs[0], pads))
     return np.stack(out)
 
 
@@ -248,10 +249,10 @@ def test_brain_box_in_the_graph_matches_numpy_and_can_be_turned_off(tmp_path):
     x[:, 6:22, 5:30, 3:19][x[:, 6:22, 5:30, 3:19] == 0] = 1.0  # a solid brain
     assert json.loads((version_dir / export.METADATA_FILE).read_text())["crop_to_brain"]
     image = x[0]
-    start, size = I.brain_box(I.normalize_nonzero(image))
+    start, size = V.brain_box(V.normalize_nonzero(image))
     assert size == (16, 32, 16)  # 16 x 25 x 16 grown to multiples of 8
     box = tuple(slice(s, s + n) for s, n in zip(start, size))
-    expected_box = I.paste_crop(keras_reference(model, image[box][None], tta=False)[0],
+    expected_box = V.paste_crop(keras_reference(model, image[box][None], tta=False)[0],
                                 image.shape[:3], start)
     expected_full = keras_reference(model, x, tta=False)[0]
     assert np.abs(expected_box - expected_full).max() > 1e-3  # the two really differ

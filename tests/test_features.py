@@ -1,4 +1,4 @@
-"""The feature spec's helpers: byte planes, bounding box, uncrop, statistics."""
+"""The feature spec's helpers: byte planes, serialisation checks, spec versions."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,31 +20,6 @@ def test_byte_planes_round_trip_exact(dtype, extremes, jit):
     decode = tf.function(lambda p: features.from_byte_planes(p, tf.as_dtype(dtype)),
                          jit_compile=jit)
     np.testing.assert_array_equal(decode(tf.constant(planes)).numpy(), x.astype(np.float32))
-
-
-def test_nonzero_box_and_uncrop():
-    a = np.zeros((6, 7, 8), np.int16)
-    b = np.zeros((6, 7, 8), np.uint8)
-    a[1:3, 2, 4:6] = 5
-    b[4, 3, 1] = 2
-    start, stop = features.nonzero_box([a, b])
-    assert (start, stop) == ((1, 2, 1), (5, 4, 6))
-    box = tuple(slice(s, e) for s, e in zip(start, stop))
-    np.testing.assert_array_equal(features.uncrop(a[box], start, a.shape), a)
-    stacked = np.stack([a, b.astype(np.int16)], -1)
-    np.testing.assert_array_equal(features.uncrop(stacked[box], start, a.shape), stacked)
-    assert features.nonzero_box([np.zeros((3, 3, 3))]) == ((0, 0, 0), (1, 1, 1))
-
-
-def test_nonzero_stats():
-    image = np.zeros((4, 4, 4, 2), np.int16)
-    image[0, 0, :2, 0] = [2, 4]
-    image[1, 1, 1, 1] = 7
-    mean, std = features.nonzero_stats(image)
-    np.testing.assert_allclose(mean, [3.0, 7.0])
-    np.testing.assert_allclose(std, [1.0, 0.0])
-    mean, std = features.nonzero_stats(np.zeros((2, 2, 2, 1)))
-    assert (mean[0], std[0]) == (0.0, 1.0)
 
 
 def test_serialize_rejects_bad_arrays():

@@ -1,10 +1,12 @@
 """Figures: overlay colours exactly where hand-made masks are, orientation, layout, PNG."""
 
+import stat
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import figures
+from brats_tf import figures, io_utils
 
 RED, GREEN, YELLOW = (255, 0, 0), (0, 255, 0), (255, 255, 0)
 
@@ -118,6 +120,8 @@ def test_write_png_round_trip(tmp_path):
     path = figures.write_png(rgb, tmp_path / "a.png")
     np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(str(path))).numpy(), rgb)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    # readable as the other outputs are (the temporary file's 0600 is not kept)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~io_utils.umask()
 
 
 def test_case_figure_is_the_same_for_a_flipped_storage_order():

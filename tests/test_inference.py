@@ -1,4 +1,5 @@
-"""inference.py: labels <-> regions, padding, normalisation, TTA / ensemble, NIfTI output."""
+"""inference.py: labels, the graph versions of the volume helpers (padding, brain
+box, normalisation) against NumPy's, TTA / ensemble, NIfTI output."""
 
 import itertools
 import os
@@ -12,33 +13,15 @@ import tensorflow as tf
 
 from brats_tf import constants as C
 from brats_tf import inference as I
+from brats_tf import volume as V
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
+from test_volume import PAD_CASES, make_image, numpy_reference_normalize
 
 WT, TC, ET = (C.REGIONS.index(r) for r in ("WT", "TC", "ET"))
 
 
-# ------------------------------------------------------------ labels <-> regions
-@pytest.mark.parametrize("et_label", [C.LABEL_ET, C.LABEL_ET_2023])
-def test_labels_to_regions_hand_made(et_label):
-    labels = np.array([[[C.LABEL_BACKGROUND, C.LABEL_NCR_NET, C.LABEL_ED, et_label]]])
-    regions = I.labels_to_regions(labels, et_label=et_label)
-    assert regions.shape == (1, 1, 4, 3) and regions.dtype == bool
-    # columns: background, NCR/NET, ED, ET
-    np.testing.assert_array_equal(regions[0, 0, :, WT], [False, True, True, True])
-    np.testing.assert_array_equal(regions[0, 0, :, TC], [False, True, False, True])
-    np.testing.assert_array_equal(regions[0, 0, :, ET], [False, False, False, True])
-
-
-def test_labels_to_regions_rejects_unknown_values():
-    with pytest.raises(ValueError, match=r"\[3\]"):
-        I.labels_to_regions(np.array([0, 1, 3]), et_label=C.LABEL_ET)
-    with pytest.raises(ValueError, match=r"\[4\]"):
-        I.labels_to_regions(np.array([0, 4]), et_label=C.LABEL_ET_2023)
-    with pytest.raises(ValueError, match="et_label"):
-        I.labels_to_regions(np.array([0]), et_label=5)
-
-
+# ------------------------------------------------------------------- labels
 # (p_WT, p_TC, p_ET) -> label with et_label=4 (the paper's order: ET, TC, WT).
 PROB_CASES = [
     ((0.9, 0.9, 0.9), C.LABEL_ET),
@@ -80,163 +63,23 @@ def test_label_region_round_trip(et_label):
     rng = np.random.default_rng(0)
     values = [C.LABEL_BACKGROUND, C.LABEL_NCR_NET, C.LABEL_ED, et_label]
     labels = rng.choice(values, size=(6, 5, 7)).astype(np.uint8)
-    probs = I.labels_to_regions(labels, et_label).astype(np.float32)
+    probs = V.labels_to_regions(labels, et_label).astype(np.float32)
     np.testing.assert_array_equal(I.probabilities_to_labels(probs, et_label=et_label), labels)
 
 
 # ------------------------------------------------------------------- padding
-@pytest.mark.parametrize(
-    "shape, mode, expected_pads",
-    [
-        ((240, 240, 155), "symmetric", ((0, 0), (0, 0), (2, 3))),
-        ((240, 240, 155), "end", ((0, 0), (0, 0), (0, 5))),
-        ((5, 7, 9), "symmetric", ((1, 2), (0, 1), (3, 4))),
-        ((5, 7, 9), "end", ((0, 3), (0, 1), (0, 7))),
-        ((8, 16, 1), "symmetric", ((0, 0), (0, 0), (3, 4))),
-    ],
-)
-def test_pad_crop_round_trip(shape, mode, expected_pads):
+@pytest.mark.parametrize("shape, mode, expected_pads", PAD_CASES)
+def test_pad_to_multiple_tf_equals_numpy(shape, mode, expected_pads):
     rng = np.random.default_rng(1)
     volume = rng.normal(size=shape + (2,)).astype(np.float32) + 10.0  # no zeros inside
-    padded, pads = I.pad_to_multiple(volume, 8, mode)
-    assert pads == expected_pads
-    assert all(n % 8 == 0 for n in padded.shape[:3]) and padded.shape[3] == 2
-    np.testing.assert_array_equal(I.crop_back(padded, pads), volume)
-    # everything outside the original box is zero padding
-    assert np.count_nonzero(padded) == volume.size
-    # TF version: same padding, same crop
+    padded, pads = V.pad_to_multiple(volume, 8, mode)
     tf_padded, tf_pads = I.pad_to_multiple_tf(tf.constant(volume[None]), 8, mode)
     np.testing.assert_array_equal(tf_pads.numpy(), expected_pads)
     np.testing.assert_array_equal(tf_padded.numpy()[0], padded)
     np.testing.assert_array_equal(I.crop_back_tf(tf_padded, tf_pads).numpy()[0], volume)
 
 
-def test_pad_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="multiple"):
-        I.pad_to_multiple(np.zeros((3, 3, 3)), 0)
-    with pytest.raises(ValueError, match="'middle'"):
-        I.pad_to_multiple(np.zeros((3, 3, 3)), 8, "middle")
-    with pytest.raises(ValueError, match="2 dims"):
-        I.pad_to_multiple(np.zeros((3, 3)))
-
-
 # -------------------------------------------------------------- normalisation
-def numpy_reference_normalize(image):
-    """Per channel: boolean indexing, np.mean / np.std (ddof=0), std 0 -> 1."""
-    out = np.zeros(image.shape, np.float64)
-    for c in range(image.shape[-1]):
-        ch = image[..., c].astype(np.float64)
-        nz = ch != 0
-        if nz.any():
-            std = ch[nz].std() or 1.0
-            out[..., c][nz] = (ch[nz] - ch[nz].mean()) / std
-    return out
-
-
-def make_image(rng, shape=(6, 7, 5)):
-    image = rng.uniform(50, 900, size=shape + (4,)).astype(np.float32)
-    image[..., 0][rng.random(shape) < 0.4] = 0  # background voxels
-    image[..., 1] = 0  # an all-zero channel (missing modality)
-    image[..., 2][rng.random(shape) < 0.5] = 0
-    image[..., 2][image[..., 2] != 0] = 123.0  # a constant channel: std 0
-    return image
-
-
-def test_host_tensor_values_dtype_and_alignment():
-    """Large arrays of any layout and dtype: the values, cast like astype, on the
-    CPU, usable by TensorFlow kernels that check alignment (an unaligned buffer
-    aborts the process in a strided slice)."""
-    rng = np.random.default_rng(0)
-    big = rng.normal(size=(1, 40, 48, 36, 4)).astype(np.float32)  # > 1 MiB
-    # A read-only view off TensorFlow's alignment (chosen, not left to where
-    # the allocator happens to put a buffer: that made this test flaky).
-    buf = np.empty(big.size + 16, np.float32)
-    start = next(k for k in range(1, 16) if (buf.ctypes.data + 4 * k) % I.TF_ALIGN_BYTES)
-    unaligned = buf[start:start + big.size].reshape(big.shape)
-    unaligned[...] = big
-    unaligned.flags.writeable = False
-    assert unaligned.ctypes.data % I.TF_ALIGN_BYTES != 0 and not unaligned.flags.writeable
-    cases = {"unaligned read-only": unaligned, "float64": big.astype(np.float64),
-             "int16": (big * 100).astype(np.int16), "transposed": big.transpose(0, 3, 2, 1, 4),
-             "small": big[:, :2, :2], "as is": big}
-    for name, a in cases.items():
-        t = I.host_tensor(a)
-        assert t.dtype == tf.float32 and "CPU" in t.device, name
-        want = a.astype(np.float32)
-        np.testing.assert_array_equal(t.numpy(), want, err_msg=name)
-        np.testing.assert_array_equal(t[:, 3:7, ::2].numpy(), want[:, 3:7, ::2], err_msg=name)
-    assert I.host_tensor(big, np.int32).dtype == tf.int32
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_parallel_copy_matches_numpy(threads):
-    """The threaded copy into the aligned buffer: every element once, cast like
-    np.copyto, for layouts whose first axis is shorter than the threads."""
-    rng = np.random.default_rng(5)
-    base = rng.normal(size=(2, 7, 5, 6, 3)) * 1000
-    cases = {"float64 C": base, "Fortran": np.asfortranarray(base),
-             "transposed": base.transpose(4, 3, 2, 1, 0), "strided": base[:, ::2, :, ::-1],
-             "first axis 1": base[:1], "3-d": base[0, :, :, :, 0]}
-    for name, src in cases.items():
-        for dtype in (np.float32, np.int16):
-            want = np.empty(src.shape, dtype)
-            np.copyto(want, src, casting="unsafe")
-            got = np.full(src.shape, -1, dtype)
-            I._parallel_copyto(got, src, threads)
-            np.testing.assert_array_equal(got, want, err_msg=f"{name} {dtype.__name__}")
-
-
-def test_host_tensor_of_a_large_case_copies_in_threads(monkeypatch):
-    """From 8 MiB the copy runs in threads (here forced to 3): the same values."""
-    monkeypatch.setattr(I, "_copy_threads", lambda: 3)
-    calls = []
-    real = I._parallel_copyto
-    monkeypatch.setattr(I, "_parallel_copyto", lambda d, s, t: (calls.append(t), real(d, s, t)))
-    rng = np.random.default_rng(6)
-    case = np.asfortranarray(rng.normal(size=(4, 72, 64, 60)))  # float64, 8.4 MiB, F order
-    assert case.nbytes >= I._PARALLEL_COPY_MIN_BYTES
-    t = I.host_tensor(case)
-    assert calls == [3] and t.dtype == tf.float32
-    np.testing.assert_array_equal(t.numpy(), case.astype(np.float32))
-
-
-def test_host_tensor_copies_unless_aligned():
-    """No copy of an aligned, contiguous, writeable float32 array (the tensor
-    shares its memory: a write shows through); a copy of anything else."""
-    rng = np.random.default_rng(1)
-    shape = (1, 40, 40, 48, 4)  # > 1 MiB
-    aligned = I._aligned_empty(shape, np.float32)
-    aligned[...] = rng.normal(size=shape)
-    assert aligned.ctypes.data % I.TF_ALIGN_BYTES == 0
-    offset = np.empty(aligned.size + 4, np.float32)
-    if offset.ctypes.data % I.TF_ALIGN_BYTES == 0:
-        offset = offset[1:]  # 4 bytes off: unaligned
-    unaligned = offset[:aligned.size].reshape(shape)
-    unaligned[...] = aligned
-    shared, copied = I.host_tensor(aligned), I.host_tensor(unaligned)
-    before = float(aligned[0, 1, 2, 3, 0])
-    aligned[0, 1, 2, 3, 0] += 10.0
-    unaligned[0, 1, 2, 3, 0] += 10.0
-    after = float(aligned[0, 1, 2, 3, 0])
-    assert after != before
-    assert float(shared[0, 1, 2, 3, 0]) == after
-    assert float(copied[0, 1, 2, 3, 0]) == before
-
-
-def test_normalize_nonzero_matches_numpy():
-    rng = np.random.default_rng(2)
-    image = make_image(rng)
-    before = image.copy()
-    out = I.normalize_nonzero(image)
-    np.testing.assert_array_equal(image, before)  # input untouched
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, numpy_reference_normalize(image), atol=1e-5)
-    assert np.all(out[image == 0] == 0)
-    assert np.all(out[..., 1] == 0) and np.all(out[..., 2] == 0)
-    nz = image[..., 0] != 0
-    assert abs(out[..., 0][nz].mean()) < 1e-5 and abs(out[..., 0][nz].std() - 1) < 1e-5
-
-
 def test_normalize_nonzero_tf_matches_numpy_per_example():
     rng = np.random.default_rng(3)
     batch = np.stack([make_image(rng), make_image(rng) * 3.0 + 7.0])
@@ -245,7 +88,7 @@ def test_normalize_nonzero_tf_matches_numpy_per_example():
     assert not np.isnan(tf_out).any()
     for b in range(2):
         np.testing.assert_allclose(tf_out[b], numpy_reference_normalize(batch[b]), atol=1e-4)
-    np.testing.assert_allclose(I.normalize_nonzero(batch), tf_out, atol=1e-4)
+    np.testing.assert_allclose(V.normalize_nonzero(batch), tf_out, atol=1e-4)
 
 
 def test_normalize_nonzero_tf_precision_on_a_large_volume():
@@ -254,7 +97,7 @@ def test_normalize_nonzero_tf_precision_on_a_large_volume():
     x = rng.uniform(50, 1000, (1, 96, 96, 96, 2)).astype(np.float32)
     x[0, :20] = 0
     np.testing.assert_allclose(I.normalize_nonzero_tf(tf.constant(x)).numpy(),
-                               I.normalize_nonzero(x), atol=1e-6)
+                               V.normalize_nonzero(x), atol=1e-6)
 
 
 # ---------------------------------------------------------------- TTA / ensemble
@@ -287,7 +130,7 @@ def test_tta_of_flip_equivariant_model_equals_plain():
 
 def test_tta_equals_hand_computed_flip_average():
     image = make_image(np.random.default_rng(5), (8, 16, 8))
-    x = I.normalize_nonzero(image)[None].astype(np.float64)
+    x = V.normalize_nonzero(image)[None].astype(np.float64)
     flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)]
     assert len(set(flips)) == 8
     expected = np.mean(
@@ -302,7 +145,7 @@ def test_tta_equals_hand_computed_flip_average():
 
 def test_tta_while_loop_equals_unrolled_tta():
     """The SavedModel's while_loop TTA covers the same 8 flips as the unrolled one."""
-    x = tf.constant(I.normalize_nonzero(make_image(np.random.default_rng(10), (8, 8, 16)))[None])
+    x = tf.constant(V.normalize_nonzero(make_image(np.random.default_rng(10), (8, 8, 16)))[None])
     looped = tf.function(lambda t: I.predict_tta_loop_tf(cumsum_model, t))(x).numpy()
     unrolled = I.predict_tta_tf(cumsum_model, x, tta=True).numpy()
     np.testing.assert_allclose(looped, unrolled, atol=1e-6)
@@ -317,7 +160,7 @@ def test_predict_volume_pads_crops_and_ensembles():
         seen.append(tuple(x.shape))
         return pointwise_model(x)
 
-    x = I.normalize_nonzero(image)[None]
+    x = V.normalize_nonzero(image)[None]
     single = I.predict_volume(recording, image)
     assert seen == [(1, 8, 16, 8, 4)]
     assert single.shape == (5, 11, 3, 3) and single.dtype == np.float32
@@ -335,14 +178,26 @@ def test_predict_volume_pads_crops_and_ensembles():
         I.predict_volume(pointwise_model, image[..., 0])
 
 
+def test_predict_volume_casts_any_real_dtype_like_float32():
+    """int16 (BraTS NIfTI data) and float64 cases go to TensorFlow as float32:
+    the same probabilities as the float32 case, and the caller's array is untouched."""
+    image = np.rint(make_image(np.random.default_rng(16), (5, 11, 3)))
+    want = I.predict_volume(cumsum_model, image.astype(np.float32))
+    for dtype in (np.int16, np.float64):
+        case = image.astype(dtype)
+        before = case.copy()
+        np.testing.assert_array_equal(I.predict_volume(cumsum_model, case), want, err_msg=dtype)
+        np.testing.assert_array_equal(case, before)
+
+
 def test_predict_volume_with_tiny_training_model():
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16))
     image = make_image(np.random.default_rng(7), (9, 12, 7))
     probs = I.predict_volume(model, image)  # the VAE model is converted
-    padded, pads = I.pad_to_multiple(I.normalize_nonzero(image))
+    padded, pads = V.pad_to_multiple(V.normalize_nonzero(image))
     infer = build_inference_model(model)
-    expected = I.crop_back(infer(padded[None], training=False)["seg"].numpy()[0], pads)
+    expected = V.crop_back(infer(padded[None], training=False)["seg"].numpy()[0], pads)
     assert probs.shape == (9, 12, 7, 3)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
@@ -404,15 +259,6 @@ def test_write_prediction_nifti_pastes_crop(reference, tmp_path):
     np.testing.assert_allclose(nib.load(path2).affine, AFFINE)
 
 
-def test_paste_crop_values_and_bounds():
-    sub = np.arange(8).reshape(2, 2, 2)
-    full = I.paste_crop(sub, (4, 3, 5), (2, 1, 3))
-    assert full.shape == (4, 3, 5) and full.sum() == sub.sum()
-    np.testing.assert_array_equal(full[2:4, 1:3, 3:5], sub)
-    with pytest.raises(ValueError, match=r"\(3, 1, 3\)"):
-        I.paste_crop(sub, (4, 3, 5), (3, 1, 3))
-
-
 def test_write_prediction_nifti_errors(reference, tmp_path):
     labels = hand_labels()
     with pytest.raises(ValueError, match="refusing to overwrite the input"):
@@ -461,18 +307,18 @@ def _box_image(shape, lo, hi, channel=2):
 )
 def test_brain_box_hand_computed(shape, lo, hi, margin, start, size):
     image = _box_image(shape, lo, hi)
-    assert I.brain_box(image, 8, margin) == (start, size)
+    assert V.brain_box(image, 8, margin) == (start, size)
     got = [tuple(t.numpy()) for t in I.brain_box_tf(tf.constant(image[None]), 8, margin)]
     assert got == [start, size]
 
 
 def test_brain_box_empty_image_is_the_whole_volume():
     image = np.zeros((9, 10, 11, 4), np.float32)
-    assert I.brain_box(image) == ((0, 0, 0), (9, 10, 11))
+    assert V.brain_box(image) == ((0, 0, 0), (9, 10, 11))
     got = [tuple(t.numpy()) for t in I.brain_box_tf(tf.constant(image[None]))]
     assert got == [(0, 0, 0), (9, 10, 11)]
     with pytest.raises(ValueError, match="margin"):
-        I.brain_box(image, margin=-1)
+        V.brain_box(image, margin=-1)
 
 
 def test_brain_box_numpy_and_graph_agree_on_random_masks():
@@ -483,7 +329,7 @@ def test_brain_box_numpy_and_graph_agree_on_random_masks():
         hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, shape)]
         image = _box_image(shape, lo, hi, channel=int(rng.integers(0, 4)))
         margin = int(rng.integers(0, 4))
-        start, size = I.brain_box(image, 8, margin)
+        start, size = V.brain_box(image, 8, margin)
         for s, n, a, b, d in zip(start, size, lo, hi, shape):
             assert 0 <= s and s + n <= d  # inside the volume
             assert s <= max(a - margin, 0) and s + n >= min(b + margin, d)  # holds the brain
@@ -496,7 +342,7 @@ def test_brain_box_tf_takes_the_union_over_the_batch():
     a = _box_image((32, 32, 32), (2, 2, 2), (5, 5, 5))
     b = _box_image((32, 32, 32), (20, 20, 20), (30, 30, 30))
     start, size = I.brain_box_tf(tf.constant(np.stack([a, b])))
-    assert I.brain_box(a + b) == (tuple(start.numpy()), tuple(size.numpy()))
+    assert V.brain_box(a + b) == (tuple(start.numpy()), tuple(size.numpy()))
 
 
 def test_predict_volume_crops_to_the_brain_and_pastes_back():
@@ -510,9 +356,9 @@ def test_predict_volume_crops_to_the_brain_and_pastes_back():
         return cumsum_model(x)
 
     probs = I.predict_volume(recording, image)
-    start, size = I.brain_box(image)
+    start, size = V.brain_box(image)
     assert seen == [(1,) + size + (4,)] and size == (16, 24, 8)
-    x = I.normalize_nonzero(image)
+    x = V.normalize_nonzero(image)
     sub = x[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
     expected = np.zeros((20, 24, 13, 3), np.float32)
     expected[start[0]:start[0] + size[0], start[1]:start[1] + size[1],
@@ -522,9 +368,9 @@ def test_predict_volume_crops_to_the_brain_and_pastes_back():
     seen.clear()
     whole = I.predict_volume(recording, image, crop_to_brain=False)
     assert seen == [(1, 24, 24, 16, 4)]
-    padded, pads = I.pad_to_multiple(x)
+    padded, pads = V.pad_to_multiple(x)
     np.testing.assert_allclose(
-        whole, I.crop_back(cumsum_numpy(padded[None].astype(np.float64))[0], pads), atol=1e-5)
+        whole, V.crop_back(cumsum_numpy(padded[None].astype(np.float64))[0], pads), atol=1e-5)
 
 
 def test_predict_volume_runs_a_keras_model_as_one_cached_graph():
@@ -550,9 +396,9 @@ def test_predict_volume_graph_pads_like_numpy_at_sizes_not_divisible_by_8():
         ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
     image = make_image(np.random.default_rng(14), (13, 10, 9))
     probs = I.predict_volume(model, image, crop_to_brain=False)
-    padded, pads = I.pad_to_multiple(I.normalize_nonzero(image))
+    padded, pads = V.pad_to_multiple(V.normalize_nonzero(image))
     assert padded.shape[:3] == (16, 16, 16)
-    expected = I.crop_back(model(padded[None], training=False)["seg"].numpy()[0], pads)
+    expected = V.crop_back(model(padded[None], training=False)["seg"].numpy()[0], pads)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 

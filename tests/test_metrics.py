@@ -213,6 +213,8 @@ def test_region_dice_config_round_trip_and_checks():
     assert (clone.region, clone.threshold, clone.name) == ("TC", 0.4, "dice_TC")
     with pytest.raises(ValueError, match="'NET'"):
         M.RegionDice("NET")
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\), got 1.0"):
+        M.RegionDice("ET", threshold=1.0)
 
 
 def test_region_dice_in_compiled_keras_training():

@@ -4,7 +4,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from brats_tf.constants import MODALITIES
-from data_pipeline import features, synthetic
+from brats_tf.volume import paste_crop
+from data_pipeline import synthetic
 from data_pipeline.tfds_brats import Brats
 
 SHAPE = (32, 36, 24)
@@ -32,13 +33,13 @@ def test_builder_loads_synthetic_offline(tmp_path, with_label):
         seen.add(case_id)
         images, label, grade = arrays[case_id]
         assert ex["grade"].decode() == grade
-        image = features.uncrop(ex["image"], ex["box_start"], ex["original_shape"])
+        image = paste_crop(ex["image"], ex["original_shape"], ex["box_start"])
         for c, m in enumerate(MODALITIES):
             np.testing.assert_array_equal(image[..., c], images[m])
         assert bool(ex["has_label"]) == with_label
         expected = label if with_label else np.zeros_like(label)
         np.testing.assert_array_equal(
-            features.uncrop(ex["label"], ex["box_start"], ex["original_shape"]), expected)
+            paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), expected)
         np.testing.assert_array_equal(ex["affine"], np.eye(4))
     assert seen == set(arrays)
 

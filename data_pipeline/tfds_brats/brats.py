@@ -11,8 +11,8 @@ converter (data_pipeline.convert.load_case, which raises a one-line error
 naming the case and the file). One split, "train", with every case, sorted by
 case id; use TFDS slicing for validation (e.g. "train[:80%]", "train[80%:]") or
 the converter's folds. Examples are the converter's: the brain's bounding box,
-channels in brats_tf.constants.MODALITIES order, and what uncrop needs
-(data_pipeline.features.uncrop). The project's own input pipeline reads the
+channels in brats_tf.constants.MODALITIES order, and what pasting them back
+into the NIfTI grid needs (brats_tf.volume.paste_crop). The project's own input pipeline reads the
 converter's TFRecords (data_pipeline.input), not this dataset.
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from brats_tf.constants import MODALITIES, NUM_MODALITIES
-from data_pipeline import convert, features, layouts
+from brats_tf.volume import nonzero_stats
+from data_pipeline import convert, layouts
 
 _ZLIB = tfds.features.Encoding.ZLIB
 
@@ -79,7 +80,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
                     case.case_id, case.images[MODALITIES[0]],
                     "non-integer intensities: this builder stores int16; use "
                     "python -m data_pipeline.convert (float32 storage) instead")
-            mean, std = features.nonzero_stats(loaded.image)
+            mean, std = nonzero_stats(loaded.image)
             label = loaded.label if loaded.label is not None else np.zeros(
                 loaded.image.shape[:3], np.uint8)
             yield case.case_id, {
