@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
-# oneDNN CPU kernels on every x86 CPU, not only those with AVX512-VNNI/AMX (brats_tf/__init__.py).
+# oneDNN CPU kernels on every x86 CPU, not only those with AVX512-VNNI/AMX (as train.py).
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
 .PHONY: venv test demo bench clean

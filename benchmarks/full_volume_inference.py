@@ -1,6 +1,6 @@
 """Full-volume inference of the paper network on one 4 x 240 x 240 x 155 case.
 
-The issue 6 target on the 2-core CPU: one model, no TTA, raw volume -> label
+The target on the 2-core CPU: one model, no TTA, raw volume -> label
 map in <= 15 s and <= 4 GB. Each configuration runs in a fresh subprocess, so
 its peak resident memory is its own:
 
@@ -39,7 +39,7 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # see brats_tf/__init__.py
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402

@@ -1,14 +1,14 @@
 """Runs every benchmark and writes one table: benchmarks/results.json and
-benchmarks/RESULTS.md (README's benchmark section quotes the latter).
+benchmarks/RESULTS.md (docs/performance.md quotes the latter).
 
   make bench                                    # = python benchmarks/run_all.py
   python benchmarks/run_all.py --quick          # 64^3 step + inference + input only
 
 Each benchmark runs as its own process (its own peak memory) one after the
 other; run it on an otherwise idle machine, as the figures are wall-clock
-times. The issue 6 targets are checked and printed as met / NOT met; GPU rows
-come from the device machine when one is lent (benchmarks/gpu.md) and are
-otherwise left "not measured".
+times. The targets are checked and printed as met / NOT met; GPU rows come
+from the JSONs of runs on GPU machines (benchmarks/gpu_runs/, see
+benchmarks/gpu.md) and are otherwise left "not measured".
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _gpu_rows(runs: list[dict]) -> tuple[list[tuple[str, str, str, str]], list[s
 
 
 def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
-    """The Markdown table of results.json, each row with its issue 6 target."""
+    """The Markdown table of results.json, each row with its target."""
     rows = []
     for r in results["steps"]:
         if r["recompute_levels"]:  # recomputation is extra work, not counted in the FLOPs
@@ -160,7 +160,9 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
                       f"{_met(r['fraction_of_matmul'] >= TARGETS['step_fraction_of_matmul'])}")
         rows.append((f"training step {r['crop']}, width {r['init_filters']}, {r['precision']}"
                      + (f", recompute {r['recompute_levels']} level(s)"
-                        if r["recompute_levels"] else ""),
+                        if r["recompute_levels"] else "")
+                     # in runs recorded until 2026-11 (the option is gone)
+                     + (", system allocator" if r.get("system_allocator") else ""),
                      f"{r['sec_per_step']:.2f} s/step, {r['gflops']:.0f} GFLOP/s = "
                      f"{100 * r['fraction_of_matmul']:.1f}% of matmul "
                      f"({r['matmul_gflops']:.0f}"
@@ -207,7 +209,7 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     if gpu_runs:
         dates = ", ".join(sorted({run["date"] for run in gpu_runs}))
-        lines += ["", f"GPU rows: measured {dates} on lent machines (16 CPU cores; "
+        lines += ["", f"GPU rows: measured {dates} on GPU machines (16 CPU cores; "
                       f"{gpu_runs[0].get('software', 'TensorFlow')}); each run's JSON and "
                       f"command is in benchmarks/gpu_runs/, how in benchmarks/gpu.md. Peak RSS "
                       f"there is the host process's."]

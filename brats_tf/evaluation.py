@@ -92,7 +92,7 @@ def save_final(model, model_dir: str, version: int = 1) -> list[str]:
 
 
 # =====================================================================
-# Offline evaluation of trained models (evaluate.py; issue 5)
+# Offline evaluation of trained models (evaluate.py)
 # =====================================================================
 #
 # Paper §4: single model, TTA (mean of the 8 mirror flips) and ensembles (mean

@@ -1,4 +1,4 @@
-"""benchmarks/run_all.py's table: each figure checked against its issue 6 target
+"""benchmarks/run_all.py's table: each figure checked against its target
 (no timing here: the figures are made up, the verdicts are what is tested)."""
 
 import json

@@ -76,8 +76,8 @@ def _xla_clusters(version_dir) -> list:
 
 def test_saved_model_holds_no_xla_cluster(tmp_path):
     """TF Serving's XLA:CPU JIT is off by default, so the serving graph must not
-    need XLA: the training step's XLA-fused GroupNorm tails (layers._fused) stay
-    out of it. The check itself finds a jit_compile function in a SavedModel."""
+    need XLA (a model trained with --jit_compile exports without it). The
+    check itself finds a jit_compile function in a SavedModel."""
     _, _, version_dir, _ = tiny_export()
     assert _xla_clusters(version_dir) == []
     module = tf.Module()
