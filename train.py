@@ -165,6 +165,7 @@ def main(argv):
     import tensorflow as tf
 
     from brats_tf import training
+    inter_op_threads = training.set_inter_op_threads(model_config, train_config.strategy)
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation
@@ -176,7 +177,8 @@ def main(argv):
     write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
                        FLAGS.flags_into_string())
     resolved = {"model": dataclasses.asdict(model_config), "loss": dataclasses.asdict(loss_config),
-                "train": dataclasses.asdict(train_config), "data": data}
+                "train": dataclasses.asdict(train_config), "data": data,
+                "runtime": {"inter_op_threads": inter_op_threads or "tensorflow default"}}
     write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
                        json.dumps(resolved, indent=2, sort_keys=True))
     logging.getLogger("tensorflow").setLevel(logging.WARNING)

@@ -109,6 +109,12 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     import tensorflow as tf
 
     from brats_tf import flops
+    from brats_tf.config import ModelConfig
+    from brats_tf.training import set_inter_op_threads
+
+    # as train.py: one op at a time under --recompute on one device
+    set_inter_op_threads(ModelConfig(input_shape=crop, recompute_levels=FLAGS.recompute_levels),
+                         "default")
     gpus = tf.config.list_physical_devices("GPU")
     if gpus and FLAGS.gpu_memory_limit_mb:
         tf.config.set_logical_device_configuration(
@@ -148,6 +154,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         "precision": FLAGS.precision,
         "jit_compile": FLAGS.jit_compile,
         "recompute_levels": FLAGS.recompute_levels,
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
         "params": model.count_params(),
         "warmup_s": round(first, 2),
         "sec_per_step": round(sec, 3),

@@ -22,18 +22,41 @@ def _check_positive_int(name: str, value) -> int:
 
 
 def conv3d(filters: int, kernel_size: int = 3, strides: int = 1, l2_weight: float = 0.0,
-           name: str | None = None, dtype=None) -> keras.layers.Conv3D:
+           name: str | None = None, dtype=None,
+           layer_class=keras.layers.Conv3D) -> keras.layers.Conv3D:
     """The paper's convolution: 'same' padding, bias, L2 on the kernel (§3.5).
 
     ``kernel_size=1`` is the paper's "Conv1". Kernels start Glorot-uniform,
     TensorFlow's default (the paper names no initialiser); He-normal makes the
     un-normalised residual sums blow the initial logits up (std ~15-20 at
-    init against ~2.5; docs/deviations.md).
+    init against ~2.5; docs/deviations.md). ``layer_class``: a subclass of
+    Keras' Conv3D (``brats_tf.recompute``'s, under ``--recompute``).
     """
     regularizer = keras.regularizers.L2(l2_weight) if l2_weight else None
-    return keras.layers.Conv3D(filters, kernel_size, strides=strides, padding="same",
-                               kernel_initializer="glorot_uniform",
-                               kernel_regularizer=regularizer, name=name, dtype=dtype)
+    return layer_class(filters, kernel_size, strides=strides, padding="same",
+                       kernel_initializer="glorot_uniform", kernel_regularizer=regularizer,
+                       name=name, dtype=dtype)
+
+
+def channel_sums(x):
+    """[B, D, H, W, C] -> [B, 1, 1, 1, C]: sums over H and W, then over D;
+    short float32 sums (~2e-7 relative at the paper's full resolution, where
+    one sum over all 3.9 M voxels errs by ~1e-5)."""
+    return tf.reduce_sum(tf.reduce_sum(x, axis=[2, 3], keepdims=True), axis=1, keepdims=True)
+
+
+def group_average(per_channel, groups: int):
+    """[B, 1, 1, 1, C] -> the mean over each channel's group of channels."""
+    channels = per_channel.shape[-1]
+    grouped = tf.reshape(per_channel, [-1, groups, channels // groups])
+    means = tf.reduce_mean(grouped, axis=-1, keepdims=True)
+    return tf.reshape(tf.broadcast_to(means, tf.shape(grouped)), [-1, 1, 1, 1, channels])
+
+
+def group_mean(x, groups: int):
+    """[B, D, H, W, C] -> [B, 1, 1, 1, C]: each channel's group mean."""
+    voxels = tf.cast(tf.reduce_prod(tf.shape(x)[1:4]), x.dtype)
+    return group_average(channel_sums(x) / voxels, groups)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -46,12 +69,10 @@ class GroupNorm(keras.layers.Layer):
     gamma and shifted by beta. Its statistics are ALWAYS float32 and two-pass
     (mean, then the mean of the squared centred values), also under a mixed
     precision policy, where float16 activations could overflow in a variance.
-    The means are taken over H and W, then over D: short float32 sums,
-    accurate to ~2e-7 of the sum at the paper's full resolution, where one
-    sum over all 3.9 M voxels errs by ~1e-5 (float64 reference in
-    tests/test_layers.py). The output is ``centred * scale + beta``, so
-    autodiff's per-channel sums are of centred values (no cancellation for
-    inputs far from 0). The output has the layer's compute dtype.
+    The means are taken over H and W, then over D (``channel_sums``). The
+    output is ``centred * scale + beta``, so autodiff's per-channel sums are
+    of centred values (no cancellation for inputs far from 0). The output has
+    the layer's compute dtype.
     """
 
     def __init__(self, groups: int = 8, epsilon: float = 1e-5, **kwargs):
@@ -72,18 +93,10 @@ class GroupNorm(keras.layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
         self.built = True
 
-    def _group_mean(self, x):
-        """[B, D, H, W, C] -> [B, 1, 1, 1, C]: each channel's group mean."""
-        per_channel = tf.reduce_mean(tf.reduce_mean(x, axis=[2, 3]), axis=1)  # [B, C]
-        channels = x.shape[-1]
-        grouped = tf.reshape(per_channel, [-1, self.groups, channels // self.groups])
-        per_group = tf.reduce_mean(grouped, axis=-1, keepdims=True)
-        return tf.reshape(tf.broadcast_to(per_group, tf.shape(grouped)), [-1, 1, 1, 1, channels])
-
     def call(self, inputs):
         x = tf.cast(inputs, tf.float32)
-        centred = x - self._group_mean(x)
-        variance = self._group_mean(tf.square(centred))
+        centred = x - group_mean(x, self.groups)
+        variance = group_mean(tf.square(centred), self.groups)
         scale = tf.math.rsqrt(variance + self.epsilon) * tf.cast(self.gamma, tf.float32)
         outputs = centred * scale + tf.cast(self.beta, tf.float32)
         return tf.cast(outputs, self.compute_dtype)
@@ -106,14 +119,14 @@ class ResNetBlock(keras.layers.Layer):
       filters: channels of the input and the output.
       groups: GroupNorm groups (the paper: 8).
       l2_weight: L2 weight on both convolution kernels (the paper: 1e-5).
-      recompute: gradient checkpointing (``tf.recompute_grad``): in training
-        the block keeps only its input for the backward pass and computes its
-        activations again there. Same values and gradients (the block has no
-        random ops), about one more forward pass of the block, less memory.
+
+    ``brats_tf.recompute.RecomputedResNetBlock`` is the same block with
+    gradient checkpointing (``train.py --recompute``).
     """
 
-    def __init__(self, filters: int, groups: int = 8, l2_weight: float = 0.0,
-                 recompute: bool = False, **kwargs):
+    recompute = False  # gradient checkpointing (brats_tf.recompute)
+
+    def __init__(self, filters: int, groups: int = 8, l2_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.filters = _check_positive_int("filters", filters)
         self.groups = _check_positive_int("groups", groups)
@@ -123,7 +136,6 @@ class ResNetBlock(keras.layers.Layer):
         if l2_weight < 0:
             raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
         self.l2_weight = float(l2_weight)
-        self.recompute = bool(recompute)
         self.norm1 = GroupNorm(groups, name="gn1")
         self.conv1 = conv3d(filters, 3, l2_weight=self.l2_weight, name="conv1")
         self.norm2 = GroupNorm(groups, name="gn2")
@@ -138,22 +150,17 @@ class ResNetBlock(keras.layers.Layer):
             layer.build(tuple(input_shape))
         self.built = True
 
-    def residual(self, x):
-        x = self.conv1(tf.nn.relu(self.norm1(x)))
-        return self.conv2(tf.nn.relu(self.norm2(x)))
-
     def call(self, inputs, training=None):
-        if self.recompute and training:
-            return inputs + tf.recompute_grad(self.residual)(inputs)
-        return inputs + self.residual(inputs)
+        x = self.conv1(tf.nn.relu(self.norm1(inputs)))
+        x = self.conv2(tf.nn.relu(self.norm2(x)))
+        return inputs + x
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, groups=self.groups, l2_weight=self.l2_weight,
-                      recompute=self.recompute)
+        config.update(filters=self.filters, groups=self.groups, l2_weight=self.l2_weight)
         return config
 
 

@@ -33,6 +33,7 @@ from typing import Callable
 import keras
 
 from brats_tf import layers as L
+from brats_tf import recompute as R
 from brats_tf.config import ModelConfig
 
 
@@ -80,12 +81,23 @@ class _Stages:
         return self.source.get_layer(name)
 
 
+def _block(cfg: ModelConfig, level: int, name: str) -> L.ResNetBlock:
+    """A ResNet block of ``level``; gradient checkpointed in the finest
+    ``cfg.recompute_levels`` levels (brats_tf.recompute)."""
+    cls = R.RecomputedResNetBlock if level < cfg.recompute_levels else L.ResNetBlock
+    return cls(cfg.filters(level), cfg.groups, cfg.l2_weight, name=name)
+
+
 def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     """Encoder: returns the output of every level, finest first (§3.1)."""
-    x = stage("InitConv", lambda: L.conv3d(cfg.init_filters, 3, l2_weight=cfg.l2_weight,
-                                           name="InitConv"))(x)
-    x = stage("InitDropout", lambda: keras.layers.SpatialDropout3D(
-        cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
+    # Under --recompute the first block makes the stem's output again
+    # instead of keeping it (brats_tf.recompute).
+    stem = cfg.recompute_levels > 0
+    x = stage("InitConv", lambda: L.conv3d(
+        cfg.init_filters, 3, l2_weight=cfg.l2_weight, name="InitConv",
+        layer_class=R.StemConv3D if stem else keras.layers.Conv3D))(x)
+    dropout = R.StemDropout3D if stem else keras.layers.SpatialDropout3D
+    x = stage("InitDropout", lambda: dropout(cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
     features = []
     for level, n_blocks in enumerate(cfg.blocks_down):
         filters = cfg.filters(level)
@@ -95,9 +107,7 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
                                              name=name))(x)
         for i in range(n_blocks):
             name = f"EncoderBlock{level}_{i}"
-            x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
-                                                  recompute=level < cfg.recompute_levels,
-                                                  name=name))(x)
+            x = stage(name, lambda: _block(cfg, level, name))(x)
         features.append(x)
     return features
 
@@ -110,15 +120,17 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
         up = f"DecoderUp{level}"
         x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
                                                   name=f"{up}_Conv1"))(x)
-        x = stage(f"{up}_Upsample", lambda: L.TrilinearUpSampling3D(2, name=f"{up}_Upsample"))(x)
-        x = stage(f"{up}_Add", lambda: keras.layers.Add(name=f"{up}_Add"))([x, features[level]])
+        recomputed = level < cfg.recompute_levels
+        upsample = R.RecomputedUpSampling3D if recomputed else L.TrilinearUpSampling3D
+        x = stage(f"{up}_Upsample", lambda: upsample(2, name=f"{up}_Upsample"))(x)
+        add = R.SkipAdd if recomputed else keras.layers.Add
+        x = stage(f"{up}_Add", lambda: add(name=f"{up}_Add"))([x, features[level]])
         for i in range(cfg.blocks_up[level]):
             name = f"DecoderBlock{level}_{i}"
-            x = stage(name, lambda: L.ResNetBlock(filters, cfg.groups, cfg.l2_weight,
-                                                  recompute=level < cfg.recompute_levels,
-                                                  name=name))(x)
+            x = stage(name, lambda: _block(cfg, level, name))(x)
+    head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
     x = stage("DecoderEnd_Conv1", lambda: L.conv3d(cfg.num_classes, 1, l2_weight=cfg.l2_weight,
-                                                   name="DecoderEnd_Conv1"))(x)
+                                                   name="DecoderEnd_Conv1", layer_class=head))(x)
     # float32 outputs under a mixed precision policy.
     return stage("DecoderEnd_Sigmoid", lambda: keras.layers.Activation(
         "sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"))(x)
@@ -155,14 +167,14 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
         filters = cfg.filters(level)
         x = stage(f"VUp{level}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
                                                         name=f"VUp{level}_Conv1"))(x)
-        x = stage(f"VUp{level}_Upsample", lambda: L.TrilinearUpSampling3D(
-            2, name=f"VUp{level}_Upsample"))(x)
-        x = stage(f"VBlock{level}_0", lambda: L.ResNetBlock(
-            filters, cfg.groups, cfg.l2_weight, recompute=level < cfg.recompute_levels,
-            name=f"VBlock{level}_0"))(x)
+        upsample = (R.RecomputedUpSampling3D if level < cfg.recompute_levels
+                    else L.TrilinearUpSampling3D)
+        x = stage(f"VUp{level}_Upsample", lambda: upsample(2, name=f"VUp{level}_Upsample"))(x)
+        x = stage(f"VBlock{level}_0", lambda: _block(cfg, level, f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
+    head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
     recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.l2_weight,
-                                           name="Vend", dtype="float32"))(x)
+                                           name="Vend", dtype="float32", layer_class=head))(x)
     return recon, z_mean, z_log_var
 
 

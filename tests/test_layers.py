@@ -322,10 +322,10 @@ def test_group_norm_rejects_bad_channels():
         L.GroupNorm(8)(np.zeros((1, 2, 2, 2, 12), np.float32))
 
 
-def _random_block(shape, groups, recompute=False, seed=4, name=None):
+def _random_block(shape, groups, seed=4, name=None):
     """A built block with random weights (GN gamma around 1, non-zero beta and biases)."""
     rng = np.random.default_rng(seed)
-    block = L.ResNetBlock(shape[-1], groups=groups, recompute=recompute, name=name)
+    block = L.ResNetBlock(shape[-1], groups=groups, name=name)
     block.build(shape)
     for var in block.weights:
         value = rng.normal(scale=0.3, size=var.shape).astype(np.float32)
@@ -372,132 +372,6 @@ def test_resnet_block_l2_regularises_both_kernels():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-
-
-# ------------------------------------------------- recomputed ResNet block
-def _block_grads(block, x, weight, graph=True):
-    """The block's output in training and the gradients of sum(output * weight)
-    with respect to its input and its weights (that order), in float64."""
-    def run(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = block(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
-        return y, tape.gradient(loss, [x] + block.trainable_variables)
-
-    if graph:  # unknown spatial sizes, as in a traced training step
-        run = tf.function(run, input_signature=[
-            tf.TensorSpec([None, None, None, None, x.shape[-1]], x.dtype)])
-    y, grads = run(x)
-    return y.numpy().astype(np.float64), [g.numpy().astype(np.float64) for g in grads]
-
-
-@pytest.mark.parametrize("graph", [False, True])
-def test_recomputed_block_has_the_values_and_gradients_of_autodiff(graph):
-    """ResNetBlock(recompute=True) in training (tf.recompute_grad) against the
-    plain block with the same weights: output, input gradient and all eight
-    weight gradients, batch of 2 (per-example GN statistics)."""
-    shape = (2, 6, 5, 4, 8)
-    plain = _random_block(shape, 4, name="plain")
-    recomputed = _random_block(shape, 4, recompute=True, name="recomputed")
-    rng = np.random.default_rng(12)
-    x = tf.constant(rng.normal(size=shape).astype(np.float32))
-    weight = tf.constant(rng.normal(size=shape).astype(np.float32))
-    want_y, want = _block_grads(plain, x, weight, graph)
-    got_y, got = _block_grads(recomputed, x, weight, graph)
-    np.testing.assert_allclose(got_y, want_y, rtol=1e-6, atol=1e-6)
-    names = ["input"] + [v.path for v in plain.trainable_variables]
-    assert len(got) == len(want) == 9
-    for g, w, name in zip(got, want, names):
-        scale = np.abs(w).max()
-        assert scale > 1e-3, name  # every gradient is non-trivial here
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
-
-
-def test_recomputed_block_under_mixed_float16():
-    """float16 activations and gradients, float32 GN statistics: the
-    recomputed block gives the plain block's output and gradients, and both
-    are float32's to float16 rounding (relative L2 error of each tensor: a
-    float16 kernel gradient is a sum over 512 voxels, which CPUs whose
-    float16 convolutions accumulate in float16 may get wrong elementwise)."""
-    shape = (1, 8, 8, 8, 16)
-    rng = np.random.default_rng(13)
-    x32 = rng.normal(size=shape).astype(np.float32)
-    weight = tf.constant(rng.normal(size=shape).astype(np.float32))
-    ref = _block_grads(_random_block(shape, 8), tf.constant(x32), weight)
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    results = [_block_grads(_random_block(shape, 8, recompute), tf.constant(x32, tf.float16),
-                            weight) for recompute in (False, True)]
-    (plain_y, plain), (y, grads) = results
-    np.testing.assert_allclose(y, plain_y, rtol=1e-3, atol=1e-3)
-    for g, w in zip(grads, plain):
-        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3 * np.abs(w).max())
-    # Where float16 convolutions accumulate in float16 (Eigen's kernels; e.g.
-    # an AMD EPYC, where oneDNN takes no float16), the gradients that pass
-    # through conv2's input gradient (432-term float16 sums) err by up to
-    # 3.4% here: slack 2.5.
-    tol = slack("float16")
-    for got, want in zip([y] + grads, [ref[0]] + ref[1]):
-        assert np.linalg.norm(got - want) <= 2e-2 * tol * np.linalg.norm(want)
-
-
-_CHAIN_MEMORY = r"""
-import sys
-import numpy as np
-import tensorflow as tf
-from brats_tf.layers import ResNetBlock
-
-recompute, n = sys.argv[1] == "recompute", int(sys.argv[2])
-shape = (1, 32, 32, 32, 16)
-blocks = [ResNetBlock(16, groups=4, recompute=recompute, name=f"b{i}") for i in range(n)]
-for b in blocks:
-    b.build(shape)
-x = tf.constant(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-variables = [v for b in blocks for v in b.trainable_variables]
-
-@tf.function
-def step(x):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = x
-        for b in blocks:
-            y = b(y, training=True)
-        loss = tf.reduce_sum(y * y)
-    return tape.gradient(loss, [x] + variables)
-
-step(x)
-tf.config.experimental.reset_memory_stats("CPU:0")
-base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-step(x)
-peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-print((peak - base) / (np.prod(shape) * 4))
-"""
-
-
-def _peak_in_activations(*args):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # its allocator keeps the statistics
-    proc = subprocess.run([sys.executable, "-c", _CHAIN_MEMORY, *args], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return float(proc.stdout.split()[-1])
-
-
-def test_recompute_keeps_about_one_activation_per_block():
-    """Peak memory of forward + backward through a chain of 6 blocks, in units
-    of one activation (TensorFlow's allocator statistics): without recompute
-    each block keeps several activations for its backward pass (GN's centred
-    input, both ReLU outputs, ...); with it, only its input, plus the working
-    set of the one block whose gradient is being computed."""
-    plain, recomputed = (_peak_in_activations(mode, "6") for mode in ("plain", "recompute"))
-    assert plain >= 3 * 6, plain
-    assert recomputed <= 6 + 8, recomputed
-    assert recomputed <= plain / 2, (recomputed, plain)
 
 
 def test_group_norm_statistics_in_float32_under_mixed_precision():
@@ -563,7 +437,7 @@ def test_divisibility_check_static_and_runtime():
 @pytest.mark.parametrize(
     "layer",
     [
-        L.ResNetBlock(16, groups=4, l2_weight=1e-5, recompute=True, name="blk"),
+        L.ResNetBlock(16, groups=4, l2_weight=1e-5, name="blk"),
         L.GroupNorm(4, epsilon=1e-3, name="gn"),
         L.TrilinearUpSampling3D((2, 3, 1), name="up"),
         L.GaussianSampling(seed=3, name="draw"),

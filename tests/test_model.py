@@ -9,6 +9,7 @@ from brats_tf import losses
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.layers import GroupNorm, ResNetBlock
 from brats_tf.model import build_inference_model, build_model, config_from_model, model_precision
+from brats_tf.recompute import RecomputedResNetBlock
 from brats_tf.training import make_train_step
 from reduced_precision import slack
 
@@ -375,10 +376,9 @@ def test_recompute_gives_the_same_loss_and_gradients(levels, graph):
 
 
 def test_recompute_runs_the_block_again_in_the_backward_pass():
-    """The checkpointed block's convolutions are traced twice per training
-    step (forward, then again in the gradient: tf.recompute_grad runs the
-    block again; the second conv2's output is needed by no gradient and is
-    pruned when the function runs); without recompute, once. In inference
+    """The checkpointed block's first convolution runs twice per training step
+    (forward, then recomputed for the gradient; the second one's output is not
+    needed by any gradient); without recompute, each runs once. In inference
     the block is never recomputed. Counted in the traced graph."""
     x = tf.constant(np.random.default_rng(9).normal(size=(1, 8, 8, 8, 8)).astype(np.float32))
 
@@ -386,8 +386,9 @@ def test_recompute_runs_the_block_again_in_the_backward_pass():
         graph = tf.function(fn).get_concrete_function().graph
         return sum(op.type == "Conv3D" for op in graph.get_operations())
 
-    for recompute, expected in ((False, 2), (True, 4)):
-        block = ResNetBlock(8, groups=2, recompute=recompute, name=f"b{int(recompute)}")
+    for recompute, expected in ((False, 2), (True, 3)):
+        cls = RecomputedResNetBlock if recompute else ResNetBlock
+        block = cls(8, groups=2, name=f"b{int(recompute)}")
         block.build(x.shape)
 
         def step():
@@ -397,6 +398,31 @@ def test_recompute_runs_the_block_again_in_the_backward_pass():
 
         assert conv3d_ops(step) == expected, recompute
         assert conv3d_ops(lambda: block(x, training=False)) == 2
+
+
+def test_recompute_makes_the_stem_output_again():
+    """In the model's traced training step under --recompute, the first block
+    makes the stem's output (InitConv + InitDropout) again from the image: the
+    4-channel InitConv runs twice, once without recompute; inference once."""
+    cfg = ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4,
+                      blocks_down=(1, 1), blocks_up=(1,), seed=1)
+    image = tf.zeros((1, 16, 16, 16, 4))
+
+    def stem_convs(model, training):
+        def run():
+            with tf.GradientTape() as tape:
+                out = model(image, training=training)
+                loss = tf.add_n([tf.reduce_sum(v) for v in out.values()])
+            return tape.gradient(loss, model.trainable_variables)
+
+        graph = tf.function(run).get_concrete_function().graph
+        return sum(op.type == "Conv3D" and op.inputs[1].shape[3] == 4
+                   for op in graph.get_operations())
+
+    for levels, expected in ((0, 1), (1, 2), (2, 2)):
+        model = build_model(ModelConfig(**{**cfg.__dict__, "recompute_levels": levels}))
+        assert stem_convs(model, True) == expected, levels
+        assert stem_convs(model, False) == 1, levels
 
 
 def test_recompute_levels_is_checked():

@@ -52,8 +52,8 @@ def test_entry_points_turn_onednn_on_and_respect_the_user(entry):
 # (train.py, evaluate.py, serving/). A module may import from its own layer and
 # the ones below it. Modules are listed by name: one that does not exist (yet,
 # or any more) is skipped.
-CORE = ("constants", "config", "layers", "model", "losses", "volume", "io_utils", "schedules",
-        "flops")
+CORE = ("constants", "config", "layers", "recompute", "model", "losses", "volume", "io_utils",
+        "schedules", "flops")
 ABOVE_CORE = ("data_pipeline", "brats_tf.training", "brats_tf.inference",
               "brats_tf.evaluation", "brats_tf.export", "serving", "train", "evaluate")
 ABOVE_DATA = ("brats_tf.training", "brats_tf.inference", "brats_tf.evaluation",

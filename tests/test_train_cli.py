@@ -75,7 +75,7 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
     assert "--crop=32,32,32" in flags_text and f"--data_dir={data_dir}" in flags_text
     config = json.loads((model_dir / "config.json").read_text())
     assert config["train"]["num_train_cases"] == 4  # 6 cases, fold 0 of 3 held out
-    assert "runtime" not in config
+    assert config["runtime"]["inter_op_threads"] == "tensorflow default"
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-2")
     assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
     # The SavedModel serves a raw volume of a size not divisible by 8.
@@ -113,13 +113,15 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message
 
 def test_recompute_run_records_its_levels(data_dir, tmp_path):
     """--recompute trains, and config.json records the levels recomputed
-    (default: every level; this test's network has 4)."""
+    (default: every level; this test's network has 4) and its one inter-op
+    thread on one device."""
     model_dir = tmp_path / "run"
     proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--recompute",
                   "--epochs=1", "--steps_per_epoch=1", "--noexport", "--fold=-1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 4
+    assert config["runtime"]["inter_op_threads"] == 1
 
 
 def _weights(model_dir):
