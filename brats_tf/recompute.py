@@ -313,7 +313,7 @@ class StemDropout3D(keras.layers.SpatialDropout3D):
 
     The same numbers as Keras' layer for the same seed (one stateless draw
     of the [B, 1, 1, 1, C] channel mask, scaled by 1 / (1 - rate);
-    tests/test_layers.py). In a traced training step, if its input has a
+    tests/test_recompute.py). In a traced training step, if its input has a
     recipe, its output's recipe is that one times the mask, so the block
     after it can make it again; the mask is [B, C] numbers.
     """
@@ -348,7 +348,7 @@ class SkipAdd(keras.layers.Add):
     under ``--recompute``) that passes on its inputs' recipes.
 
     Same values and gradients as Keras' Add. In a traced training step, if an
-    input has a recipe (the upsampled decoder features, TrilinearUpSampling3D),
+    input has a recipe (the upsampled decoder features, RecomputedUpSampling3D),
     the sum gets one: the recipes' inputs and the other addends (the skip
     features, which the encoder keeps anyway), so the recomputed block after
     it keeps no full-resolution tensor of its own.
