@@ -22,7 +22,7 @@ VERSION = 3
 
 @functools.lru_cache(maxsize=None)
 def tiny_export():
-    """(training model, .keras path, version dir, loaded SavedModel), made once per session."""
+    """(training model, .keras path, version dir, loaded SavedModel), made once per test run."""
     keras.utils.set_random_seed(0)
     model = build_model(TINY)
     root = pathlib.Path(tempfile.mkdtemp(prefix="brats_export_test_"))
