@@ -33,6 +33,8 @@ flags.DEFINE_boolean("render_only", False, "Only re-make RESULTS.md from out_dir
                      "(e.g. after adding GPU rows to it by hand from benchmarks/gpu.md runs).")
 flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
                     "Where results.json and RESULTS.md go.")
+flags.DEFINE_string("readme", None, "The README whose speed table (between its markers) is "
+                    "made anew; default: the README.md beside out_dir (the repository's).")
 flags.DEFINE_string("gpu_dir", None, "GPU runs (model_step.py / full_volume_inference.py JSON, "
                     "each with a 'gpu' name added) to add to the table; default: "
                     "out_dir/gpu_runs (benchmarks/gpu.md).")
@@ -225,6 +227,70 @@ def render(results: dict, gpu_runs: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN = "<!-- speed table: made by benchmarks/run_all.py from results.json and gpu_runs/ -->"
+README_END = "<!-- end of the speed table -->"
+
+
+def speed_table(results: dict, gpu_runs: list[dict] | None = None) -> str:
+    """README's speed table: the paper crop's float32 training step and the
+    SavedModel's brain-box inference of one case on the CPU of results.json,
+    each GPU run's mixed_float16 step and inference, and the paper's V100."""
+    def cpu_step():
+        for r in results["steps"]:
+            if r["crop"] == "160x192x128" and not r["recompute_levels"] \
+                    and r["precision"] == "float32" and not r.get("system_allocator"):
+                return f"{r['sec_per_step']:.1f} s ({100 * r['fraction_of_matmul']:.0f}% of " \
+                       f"the matrix product)"
+        return "not measured"
+
+    def inference(rows, digits):
+        found = {r.get("precision", "float32"): r["seconds"] for r in rows
+                 if r["path"] == "saved_model" and r["crop_to_brain"] and not r["tta"]}
+        text = f"{found['float32']:.{digits}f} s" if "float32" in found else ""
+        low = [f"{p.split('_')[1]}: {s:.{digits}f} s" for p, s in sorted(found.items())
+               if p != "float32"]
+        return text + (f" ({', '.join(low)})" if low else "") or "not measured"
+
+    lines = ["| machine, date | training step | inference of one case |", "|---|---|---|",
+             f"| {results['machine']}, float32, {results['date']} | {cpu_step()} | "
+             f"{inference(results['inference'], 1)} |"]
+    by_gpu: dict[str, list] = {}
+    for run in sorted(gpu_runs or [], key=lambda run: run["date"]):  # the latest last
+        by_gpu.setdefault(run["gpu"], []).extend((run["date"], r) for r in run["results"])
+    for gpu, measured in by_gpu.items():
+        latest = {}  # kind -> (date, text), the latest measurement of each kind
+        for date, r in measured:
+            if "sec_per_step" in r:
+                if r["recompute_levels"] or r.get("gpu_memory_limit_mb"):
+                    continue
+                kind = "xla" if r.get("jit_compile") else "step"
+                text = f"{r['sec_per_step']:.3f} s"
+            elif r["path"] == "saved_model" and r["crop_to_brain"] and not r["tta"]:
+                kind, text = "inference", f"{r['seconds']:.3f} s"
+            else:
+                continue
+            latest[kind] = (date, text)
+        step = "; ".join(([latest["step"][1]] if "step" in latest else [])
+                         + ([f"with XLA {latest['xla'][1]}"] if "xla" in latest else []))
+        dates = sorted({date for date, _ in latest.values()})
+        lines.append(f"| {gpu}, mixed_float16, {', '.join(dates)} | {step or '—'} | "
+                     f"{latest['inference'][1] if 'inference' in latest else '—'} |")
+    lines.append("| the paper: NVIDIA V100 | 1.9 s | 0.4 s |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, table: str) -> bool:
+    """Replaces the speed table between README_BEGIN and README_END in
+    ``path``; False (nothing written) where the markers are missing."""
+    with open(path) as f:
+        text = f.read()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        return False
+    write_text_atomic(path, text[:begin + len(README_BEGIN)] + "\n" + table + text[end:])
+    return True
+
+
 def main(argv):
     del argv
     json_path = os.path.join(FLAGS.out_dir, "results.json")
@@ -240,6 +306,12 @@ def main(argv):
     write_text_atomic(os.path.join(FLAGS.out_dir, "RESULTS.md"), table)
     print(table)
     print(f"wrote {json_path} and RESULTS.md")
+    # The README beside out_dir (the repository's, for benchmarks/), if any.
+    readme = FLAGS.readme or os.path.join(os.path.dirname(os.path.abspath(FLAGS.out_dir)),
+                                          "README.md")
+    gpu_runs = load_gpu_runs(FLAGS.gpu_dir or os.path.join(FLAGS.out_dir, "gpu_runs"))
+    if os.path.isfile(readme) and update_readme(readme, speed_table(results, gpu_runs)):
+        print(f"updated the speed table in {readme}")
 
 
 if __name__ == "__main__":

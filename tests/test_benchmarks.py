@@ -196,3 +196,37 @@ def test_step_rows_give_both_references(tmp_path):
     assert "65.0% of matmul (300; against the product at the start 76% of 129)" in rows[0]
     assert "at the start" not in rows[1]
     assert "timed just before or just after it" in table
+
+
+def test_readme_speed_table_is_made_from_the_results(tmp_path):
+    """README's speed table is run_all.py's rendering of results.json and the
+    GPU runs, between two markers: --render_only rewrites it there (and only
+    there), and the repository's README holds exactly what it renders."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run_all
+
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    runs = run_all.load_gpu_runs(str(ROOT / "benchmarks" / "gpu_runs"))
+    table = run_all.speed_table(results, runs)
+    readme = (ROOT / "README.md").read_text()
+    assert f"{run_all.README_BEGIN}\n{table}{run_all.README_END}" in readme
+    lines = table.splitlines()
+    assert lines[0] == "| machine, date | training step | inference of one case |"
+    assert lines[-1] == "| the paper: NVIDIA V100 | 1.9 s | 0.4 s |"
+    step = next(r for r in results["steps"] if r["crop"] == "160x192x128"
+                and not r["recompute_levels"] and not r.get("system_allocator"))
+    assert f"{step['sec_per_step']:.1f} s" in lines[2] and results["date"] in lines[2]
+    # In a README beside another out_dir: only the text between the markers changes.
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(results))
+    (tmp_path / "README.md").write_text(f"before\n{run_all.README_BEGIN}\nold\n"
+                                        f"{run_all.README_END}\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"),
+                           "--render_only", f"--out_dir={out}", "--gpu_dir=/nonexistent"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "README.md").read_text() == (
+        f"before\n{run_all.README_BEGIN}\n{run_all.speed_table(results, [])}"
+        f"{run_all.README_END}\nafter\n")
+    assert not run_all.update_readme(str(out / "results.json"), "x")  # no markers: untouched
