@@ -498,3 +498,28 @@ def test_layer_config_round_trip(layer):
     assert type(layer).from_config(config).get_config() == config
     restored = keras.layers.deserialize(keras.layers.serialize(layer))
     assert type(restored) is type(layer) and restored.get_config() == config
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_group_norm_backward_matches_float64(offset):
+    """The recomputed blocks' hand-written GroupNorm backward pass (centred
+    sums) against the textbook gradient in float64 NumPy, for inputs far from
+    0 too (no cancellation: the error does not grow with the mean), with and
+    without a residual gradient added."""
+    from test_layers import _group_norm_grads_np
+
+    shape, groups = (2, 16, 12, 8, 16), 4
+    rng = np.random.default_rng(31)
+    x = (rng.normal(size=shape) * 2 + offset).astype(np.float32)
+    gamma = rng.normal(size=shape[-1]).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    residual = rng.normal(size=shape).astype(np.float32)
+    mean, rstd = R._gn_statistics(tf.constant(x), groups, 1e-5)
+    want = _group_norm_grads_np(x.astype(np.float64), gamma.astype(np.float64),
+                                dy.astype(np.float64), groups)
+    for d_residual in (None, residual):
+        got = R._gn_backward(tf.constant(dy), tf.constant(x), mean, rstd, tf.constant(gamma),
+                             groups, None if d_residual is None else tf.constant(d_residual))
+        expected = [want[0] + (0 if d_residual is None else residual), want[1], want[2]]
+        for g, w in zip(got, expected):
+            assert np.abs(g.numpy() - w).max() <= 2e-6 * np.abs(w).max()
