@@ -74,6 +74,9 @@ def test_mixed_float16_training_step_gradients_point_the_same_way(case, cache):
     assert grads["cosine"] >= 1 - 0.01 * slack("float16")
     # float16 is visibly less exact than float32 (the check measures something)
     assert grads["rel_l2"] > BOUNDS_FLOAT32_STEP
+    # and against float32's gradients (the target as stated): the same bound
+    against_float32 = nc.compare(cache["mixed_float16_step"][0], cache["float32_step"][0])
+    assert nc.judge(against_float32, "step_mixed_float16", slack("float16"))["passed"]
 
 
 BOUNDS_FLOAT32_STEP = nc.BOUNDS["step_float32"][0]
