@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # oneDNN CPU kernels on every x86 CPU, not only those with AVX512-VNNI/AMX (as train.py).
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench learn clean
 
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -44,6 +44,14 @@ demo: venv
 # benchmarks/results.json and benchmarks/RESULTS.md (README quotes it).
 bench: venv
 	$(PY) benchmarks/run_all.py
+
+# Learning curves of the paper network in float32, mixed_float16, mixed_float16
+# with XLA and with recompute, same seed, weights and data order (a GPU's job:
+# docs/gpu_checks.md). LEARN_FLAGS adds flags, e.g. LEARN_FLAGS=--steps=600.
+LEARN_DIR ?= learning_curves
+LEARN_FLAGS ?=
+learn: venv
+	$(PY) benchmarks/learning_curve.py --out_dir=$(LEARN_DIR) $(LEARN_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
