@@ -9,7 +9,9 @@ every `--validate_every` epochs; `--fold=-1` trains on all cases.
 
 Strategies: `--strategy=default` (one device), `mirrored` (all local GPUs or
 `--devices`), `multi_worker` (several machines; the cluster from TF_CONFIG).
-Run again with the same --model_dir to resume from the last epoch checkpoint.
+Run again with the same --model_dir to resume from the last epoch checkpoint;
+a run whose model (or fold) differs from the config.json there stops before
+writing anything.
 
 Writes into --model_dir: flags.txt (a flagfile that reproduces the run),
 config.json (the resolved configs), checkpoints/, logs/ (TensorBoard),
@@ -119,18 +121,29 @@ def configs_from_flags():
             f"--data_dir={FLAGS.data_dir}: no manifest.json there; convert the data first "
             f"(python -m data_pipeline.convert --input_dir ... --output_dir {FLAGS.data_dir})"
         )
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)  # ManifestError (a ValueError): one line
     folds = manifest["options"]["folds"]
     if FLAGS.fold >= folds:
         raise ValueError(f"--fold={FLAGS.fold}: {manifest_path} has {folds} folds")
     if FLAGS.fold >= 0:
         train_files, val_files = fold_files(manifest_path, FLAGS.fold)
         num_train = sum(1 for c in manifest["cases"] if c["fold"] != FLAGS.fold)
+        if not any(c["fold"] == FLAGS.fold for c in manifest["cases"]):
+            raise ValueError(
+                f"--fold={FLAGS.fold}: fold {FLAGS.fold} of {manifest_path} has no case (the "
+                f"converter skipped them), nothing to validate on: choose another --fold, or "
+                f"--fold=-1 to train on every case")
     else:
         train_files = [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"]]
         val_files, num_train = [], len(manifest["cases"])
     if not train_files or num_train == 0:
         raise ValueError(f"--fold={FLAGS.fold}: no training cases in {manifest_path}")
+    if FLAGS.steps_per_epoch and FLAGS.steps_per_epoch * FLAGS.batch_per_replica > num_train:
+        raise ValueError(
+            f"--steps_per_epoch={FLAGS.steps_per_epoch} x --batch_per_replica="
+            f"{FLAGS.batch_per_replica} needs {FLAGS.steps_per_epoch * FLAGS.batch_per_replica} "
+            f"training cases per epoch; --fold={FLAGS.fold} of {manifest_path} has {num_train}")
+    _check_tf_config()
     blocks_down = _ints("blocks_down", FLAGS.blocks_down)
     model_config = ModelConfig(
         input_shape=_ints("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
@@ -152,8 +165,62 @@ def configs_from_flags():
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
     data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
-            "manifest": manifest_path}
+            "manifest": manifest_path, "fold": FLAGS.fold}
     return model_config, loss_config, train_config, data
+
+
+def _check_tf_config():
+    """A TF_CONFIG that is set must be a JSON object (multi_worker: with cluster and task)."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return
+    try:
+        tf_config = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"the TF_CONFIG environment variable is not valid JSON ({e})") from None
+    if not isinstance(tf_config, dict):
+        raise ValueError("the TF_CONFIG environment variable is not a JSON object")
+    missing = [k for k in ("cluster", "task") if k not in tf_config]
+    if FLAGS.strategy == "multi_worker" and missing:
+        raise ValueError(f"the TF_CONFIG environment variable lacks {' and '.join(missing)}")
+
+
+# Fields a run may change when it resumes: how the same network is computed.
+_RESUMABLE_MODEL_FIELDS = ("recompute_levels",)
+
+
+def check_model_dir(model_dir: str, resolved: dict) -> None:
+    """Refuses a model_dir that holds another run: its config.json must agree with
+    ``resolved`` (the model section but for _RESUMABLE_MODEL_FIELDS, the fold
+    and the number of training cases). Reads only; ValueError, one line."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        if os.path.isfile(os.path.join(model_dir, "checkpoints", "checkpoint")):
+            raise ValueError(f"--model_dir={model_dir} holds checkpoints but no config.json: "
+                             f"not a train.py run; use a new --model_dir")
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old_model = old["model"]
+        if not isinstance(old_model, dict):
+            raise TypeError("model is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--model_dir={model_dir}: cannot read {path} of the run there "
+                         f"({type(e).__name__}: {e}); use a new --model_dir") from None
+    new = json.loads(json.dumps(resolved))  # tuples as lists, as on disk
+    pairs = [(key, old_model[key], value) for key, value in new["model"].items()
+             if key in old_model and key not in _RESUMABLE_MODEL_FIELDS]
+    pairs.append(("fold", old.get("data", {}).get("fold", new["data"]["fold"]),
+                  new["data"]["fold"]))
+    pairs.append(("num_train_cases",
+                  old.get("train", {}).get("num_train_cases", new["train"]["num_train_cases"]),
+                  new["train"]["num_train_cases"]))
+    differ = [f"{key} {a!r} there, {b!r} now" for key, a, b in pairs if a != b]
+    if differ:
+        raise ValueError(f"--model_dir={model_dir} holds a run of another configuration "
+                         f"({'; '.join(differ)}): use a new --model_dir, or that run's flags "
+                         f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) to resume it")
 
 
 def main(argv):
@@ -161,6 +228,10 @@ def main(argv):
         sys.exit(f"train.py: error: unexpected arguments: {' '.join(argv[1:])}")
     try:
         model_config, loss_config, train_config, data = configs_from_flags()
+        resolved = {"model": dataclasses.asdict(model_config),
+                    "loss": dataclasses.asdict(loss_config),
+                    "train": dataclasses.asdict(train_config), "data": data}
+        check_model_dir(train_config.model_dir, resolved)
     except ValueError as e:  # one line, before anything is written
         sys.exit(f"train.py: error: {e}")
     # Only now import TensorFlow: the strategy must be created before any op.
@@ -168,21 +239,14 @@ def main(argv):
 
     from brats_tf import training
     inter_op_threads = training.set_inter_op_threads(model_config, train_config.strategy)
+    resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation
     from brats_tf.io_utils import write_text_atomic
     from data_pipeline.input import InputConfig, make_dataset
 
-    os.makedirs(train_config.model_dir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
-                       FLAGS.flags_into_string())
-    resolved = {"model": dataclasses.asdict(model_config), "loss": dataclasses.asdict(loss_config),
-                "train": dataclasses.asdict(train_config), "data": data,
-                "runtime": {"inter_op_threads": inter_op_threads or "tensorflow default"}}
-    write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
-                       json.dumps(resolved, indent=2, sort_keys=True))
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     log.info("configuration: %s", json.dumps(resolved, sort_keys=True))
     log.info("strategy %s with %d replica(s)", type(strategy).__name__,
@@ -210,12 +274,26 @@ def main(argv):
                 return {}
             return evaluation.validation_dice(trainer.model, data["val_files"])
 
-    trainer = training.Trainer(model_config, loss_config, train_config, dataset_fn,
-                               strategy=strategy, epoch_end_fn=epoch_end_fn)
+    try:
+        trainer = training.Trainer(model_config, loss_config, train_config, dataset_fn,
+                                   strategy=strategy, epoch_end_fn=epoch_end_fn)
+    except ValueError as e:  # e.g. fewer cases than a global batch: still nothing written
+        sys.exit(f"train.py: error: {e}")
+    # Every check passed: only now is model_dir written (its earlier config.json,
+    # if any, agrees with this run: check_model_dir).
+    os.makedirs(train_config.model_dir, exist_ok=True)
+    write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
+                      FLAGS.flags_into_string())
+    write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
+                      json.dumps(resolved, indent=2, sort_keys=True))
     try:
         trainer.train()
     except training.NonFiniteLossError as e:
         sys.exit(f"train.py: {e}")
+    except (ValueError, tf.errors.OpError) as e:  # e.g. a shard that cannot be read
+        lines = str(e).strip().splitlines()
+        sys.exit(f"train.py: error: {type(e).__name__}: {lines[0] if lines else ''} "
+                 f"(data {FLAGS.data_dir})")
     if trainer.is_chief and FLAGS.export:
         paths = evaluation.save_final(trainer.model, train_config.model_dir)
         for path in paths:

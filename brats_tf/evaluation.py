@@ -20,8 +20,11 @@ import json
 import logging
 import os
 import pathlib
+import re
+import shutil
 import time
 import weakref
+import zipfile
 from typing import Iterable, Iterator
 
 import keras
@@ -215,6 +218,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _load_keras(path: pathlib.Path, precision: str | None = None):
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a file that is there
+        raise EvaluationError(f"model {path}: not a valid .keras file (not a zip archive: "
+                              f"truncated or corrupt?)")
     try:
         model = keras.saving.load_model(str(path), compile=False)
     except Exception as e:  # noqa: BLE001  Keras raises many types for a bad file
@@ -371,15 +377,26 @@ def spacing_from_affine(affine) -> tuple[float, float, float]:
 
 
 def is_tfrecord_dir(data) -> bool:
-    return os.path.isfile(os.path.join(str(data), "manifest.json"))
+    """A converter output folder: manifest.json there, written by the converter or
+    beside shards (a NIfTI folder may hold an unrelated manifest.json)."""
+    path = os.path.join(str(data), convert.MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    if any(name.endswith(features.SHARD_SUFFIX) for name in os.listdir(str(data))):
+        return True
+    try:
+        with open(path) as f:
+            return "converter_version" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return True  # unreadable: read_manifest says why
 
 
 def _tfrecord_source(data: str, fold: int | None):
     """(files, number of cases, has_labels) of a converter output folder."""
     try:
-        manifest = convert.read_manifest(data)
-    except (OSError, ValueError) as e:
-        raise EvaluationError(f"data {data}: cannot read manifest.json: {_one_line(e)}") from None
+        manifest = convert.read_manifest(data)  # validated: version, keys, shards there
+    except ValueError as e:
+        raise EvaluationError(f"data {data}: {_one_line(e)}") from None
     if fold is None:
         shards = manifest["shards"]
     else:
@@ -395,6 +412,9 @@ def _tfrecord_source(data: str, fold: int | None):
         raise EvaluationError(f"data {data}: no shard (fold {fold})")
     count = sum(len(s["cases"]) if isinstance(s["cases"], list) else int(s["cases"])
                 for s in shards)
+    if count == 0:
+        raise EvaluationError(f"data {data}: no case in fold {fold} (the converter skipped "
+                              f"them: manifest.json's skipped)")
     return files, count, bool(manifest.get("has_labels", True))
 
 
@@ -406,15 +426,19 @@ def _tfrecord_cases(files) -> Iterator[EvalCase]:
                 "has_label": ex["has_label"], "box_start": ex["box_start"],
                 "original_shape": ex["original_shape"], "affine": ex["affine"]}
 
-    ds = tf.data.TFRecordDataset(files, features.COMPRESSION).map(decode)
-    it = iter(ds)
+    for file in files:  # one file at a time: an error names that file
+        yield from _tfrecord_file_cases(file, decode)
+
+
+def _tfrecord_file_cases(file: str, decode) -> Iterator[EvalCase]:
+    it = iter(tf.data.TFRecordDataset(file, features.COMPRESSION).map(decode))
     while True:
         try:
             ex = next(it)
         except StopIteration:
             return
         except tf.errors.OpError as e:
-            raise EvaluationError(f"data: cannot read a record of {files}: "
+            raise EvaluationError(f"data: cannot read a record of {file}: "
                                   f"{_one_line(e)}") from None
         shape, start = ex["original_shape"].numpy(), ex["box_start"].numpy()
         affine = ex["affine"].numpy()
@@ -425,7 +449,7 @@ def _tfrecord_cases(files) -> Iterator[EvalCase]:
             case_id=ex["case_id"].numpy().decode(),
             image=volume.paste_crop(ex["image"].numpy(), shape, start),
             label=label, affine=affine, spacing=spacing_from_affine(affine),
-            reference=None, source=f"TFRecord {', '.join(os.path.basename(f) for f in files)}")
+            reference=None, source=f"TFRecord {os.path.basename(file)}")
 
 
 def _nifti_cases(cases, require_label: bool) -> Iterator[EvalCase]:
@@ -459,7 +483,10 @@ def open_cases(data: str, fold: int | None = None):
         return _tfrecord_cases(files), count, has_labels
     if fold is not None:
         raise EvaluationError(f"fold {fold} given but data {data} is not a TFRecord folder "
-                              f"(no manifest.json)")
+                              f"(no converter manifest.json)")
+    if os.path.isfile(os.path.join(data, convert.MANIFEST)):
+        log.warning("data %s: its manifest.json is not the converter's (no converter_version, "
+                    "no shards): reading the folder as NIfTI cases", data)
     try:
         cases = layouts.find_cases(data)
     except (ValueError, FileNotFoundError) as e:
@@ -498,6 +525,28 @@ def check_output_dir(config: EvalConfig) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise EvaluationError(f"output_dir {out}: parent folder {parent} does not exist")
+
+
+SPACING_ATOL = 1e-3  # mm: BraTS volumes are resampled to 1 mm isotropic voxels
+
+
+def _remove_stale_staging(out: pathlib.Path) -> None:
+    """Removes the hidden staging folders that an earlier evaluation into ``out``,
+    killed midway, left beside it (``.<name>.tmp-<random>`` of ``atomic_path``,
+    holding nothing but evaluate's outputs); other folders are left alone."""
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-[A-Za-z0-9_]{{8}}$")
+    ours = {PREDICTIONS, PROBABILITIES, FIGURES, PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON,
+            RUN_JSON}
+    for path in parent.iterdir():
+        if not pattern.match(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        names = {n for n in os.listdir(path) if not n.startswith(".")}  # .tmp files too
+        if PREDICTIONS in names and names <= ours:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by an interrupted evaluation", path)
 
 
 def _columns():
@@ -581,6 +630,7 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
     Raises: EvaluationError or data_pipeline.convert.BadCaseError, one line.
     """
     check_output_dir(config)
+    _remove_stale_staging(pathlib.Path(config.output_dir))
     if models is None:
         models = load_models(config.models, config.precision)
     if cases is None:
@@ -597,6 +647,7 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
         per_case: dict = {}
         written: list[str] = []
         seen: set = set()
+        other_spacing: dict = {}  # case_id -> spacing, for cases not on a 1 mm grid
         n = 0  # cases done (a disabled tqdm does not count)
         bar = tqdm.tqdm(total=num_cases, unit="case", disable=not config.progress,
                         desc="evaluate", dynamic_ncols=True)
@@ -605,6 +656,8 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 if case.case_id in seen:
                     raise EvaluationError(f"case {case.case_id}: found twice in {config.data}")
                 seen.add(case.case_id)
+                if not np.allclose(case.spacing, 1.0, rtol=0, atol=SPACING_ATOL):
+                    other_spacing[case.case_id] = [round(float(z), 4) for z in case.spacing]
                 probs = ensemble_probabilities(models, case.image, config.tta,
                                                config.crop_to_brain)
                 labels = inference.probabilities_to_labels(probs, config.threshold, config.et_label)
@@ -658,9 +711,16 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                "models": [{"path": m.path, "kind": m.kind, "precision": m.precision()}
                           for m in models],
                "num_cases": n, "has_labels": bool(per_case), "seconds": round(seconds, 1),
+               "spacing_not_1mm": other_spacing,
                "summary_line": line, "written": sorted(written)}
         write_text_atomic(staging / RUN_JSON, json.dumps(run, indent=1))
         written.append(RUN_JSON)
+    if other_spacing:
+        case_id, spacing = next(iter(other_spacing.items()))
+        log.warning("%d of %d case(s) have a voxel spacing other than 1 mm (e.g. %s: %s mm): "
+                    "their HD95 and volumes are in mm of that grid, not comparable with "
+                    "BraTS's 1 mm results; listed in %s", len(other_spacing), n, case_id,
+                    " x ".join(f"{z:g}" for z in spacing), out / RUN_JSON)
     kinds = collections.Counter(name.split("/")[0] for name in written)
     log.info("read %d case(s) from %s; wrote to %s: %s", n, config.data, out,
              ", ".join(f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k

@@ -16,15 +16,23 @@ Nothing half-written: shards are written under hidden temporary names and
 renamed only once every case is written, then manifest.json (also renamed into
 place). A bad case stops the conversion with a one-line error naming the case
 and the file and removes this run's temporary files, unless --skip_bad, which
-skips it and lists it at the end and in the manifest. A rerun after an
-interruption writes the same bytes.
+skips it and lists it at the end and in the manifest (and warns of a fold
+left without cases: manifest "empty_folds"). A rerun, in this process or
+another, writes the same bytes. Nothing it did not write is deleted: a folder
+holding shards without manifest.json needs --overwrite, like a finished
+conversion.
+
+manifest.json records each shard's size; ``read_manifest`` (every reader's
+way in) checks the version, the keys and the shards against it.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -98,7 +106,9 @@ def _image_dtype(case_id, path, data):
     if np.issubdtype(data.dtype, np.integer) or np.array_equal(data, np.rint(data)):
         if data.size == 0 or (data.min() >= -32768 and data.max() <= 32767):
             return np.int16
-    if data.dtype == np.float64 and not np.array_equal(data, data.astype(np.float32)):
+    with np.errstate(over="ignore"):  # beyond float32's range: load_case says so
+        rounded = data.dtype == np.float64 and not np.array_equal(data, data.astype(np.float32))
+    if rounded:
         logging.warning("case %s: file %s: float64 intensities rounded to float32", case_id, path)
     return np.float32
 
@@ -150,7 +160,17 @@ def load_case(case, require_label):
 
     start, stop = nonzero_box(arrays + ([label] if label is not None else []))
     box = tuple(slice(a, b) for a, b in zip(start, stop))
-    image = np.stack([a[box].astype(dtype) for a in arrays], axis=-1)
+    channels = []
+    for modality, array in zip(MODALITIES, arrays):
+        with np.errstate(over="ignore"):
+            channel = array[box].astype(dtype)
+        if dtype == np.float32 and not np.isfinite(channel).all():
+            # finite float64 values beyond float32's range become inf in the cast
+            raise BadCaseError(cid, case.images[modality],
+                               f"{int((~np.isfinite(channel)).sum())} voxels beyond float32's "
+                               f"range (|value| > {float(np.finfo(np.float32).max):.4g})")
+        channels.append(channel)
+    image = np.stack(channels, axis=-1)
     counts = None
     if label is not None:
         label = np.ascontiguousarray(label[box])
@@ -192,6 +212,18 @@ def _plan_shards(cases, fold_of, cases_per_shard, seed):
 
 def _tmp_name(name):
     return f".tmp-{name}.partial"  # hidden, and not matched by *.tfrecord
+
+
+_SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d+-\d+-of-\d+{re.escape(features.SHARD_SUFFIX)}$")
+_TMP_RE = re.compile(rf"^\.tmp-{SHARD_PREFIX}\d+-\d+-of-\d+"
+                     rf"{re.escape(features.SHARD_SUFFIX)}\.partial$")
+
+
+def _shard_files(folder):
+    """Names of the shard files (``_plan_shards``' names) in ``folder``, sorted."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if _SHARD_RE.match(n))
 
 
 def _ordered_parallel(fn, items, workers):
@@ -246,10 +278,17 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
     if cases_per_shard < 1 or (num_shards is not None and num_shards < 1) or folds < 1:
         raise ValueError(f"cases_per_shard ({cases_per_shard}), num_shards ({num_shards}) and "
                          f"folds ({folds}) must be >= 1")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} exists and is not a folder")
     manifest_path = os.path.join(output_dir, MANIFEST)
     if os.path.exists(manifest_path) and not overwrite:
         raise ValueError(f"{manifest_path} exists: a finished conversion is there "
                          "(pass overwrite / --overwrite to replace it)")
+    shards_there = _shard_files(output_dir)
+    if shards_there and not overwrite:
+        raise ValueError(f"output_dir {output_dir!r} holds shards without {MANIFEST} "
+                         f"({shards_there[0]}{', ...' if len(shards_there) > 1 else ''}): "
+                         "pass overwrite / --overwrite to replace them, or choose another folder")
 
     start_time = time.time()
     cases = layouts.find_cases(input_dir)
@@ -280,8 +319,8 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
 
     created = not os.path.exists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    for name in os.listdir(output_dir):  # leftovers of an interrupted run
-        if name.startswith(".tmp-"):
+    for name in os.listdir(output_dir):  # an interrupted run's temporaries, and only those
+        if _TMP_RE.match(name):
             os.remove(os.path.join(output_dir, name))
     options = tf.io.TFRecordOptions(compression_type=features.COMPRESSION,
                                     compression_level=COMPRESSION_LEVEL)
@@ -304,9 +343,19 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
                         logging.warning("skipping: %s", loaded)
                         skipped.append({"case_id": case.case_id, "error": str(loaded)})
                         continue
-                    writer.write(features.serialize_example(
-                        case.case_id, loaded.image, loaded.label, loaded.original_shape,
-                        loaded.affine, loaded.box_start))
+                    try:
+                        record = features.serialize_example(
+                            case.case_id, loaded.image, loaded.label, loaded.original_shape,
+                            loaded.affine, loaded.box_start)
+                    except ValueError as e:
+                        bad = BadCaseError(case.case_id, case.folder,
+                                           str(e).removeprefix(f"case {case.case_id}: "))
+                        if not skip_bad:
+                            raise bad from None
+                        logging.warning("skipping: %s", bad)
+                        skipped.append({"case_id": case.case_id, "error": str(bad)})
+                        continue
+                    writer.write(record)
                     shard_cases.append(case.case_id)
                     records.append(_case_record(loaded, name, fold))
             shards.append({"file": name, "fold": fold, "cases": shard_cases,
@@ -326,11 +375,18 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
     if os.path.exists(manifest_path):
         os.remove(manifest_path)
     names = {s["file"] for s in shards}
-    for name in os.listdir(output_dir):
-        if name.startswith(SHARD_PREFIX) and name.endswith(features.SHARD_SUFFIX) and name not in names:
+    for name in _shard_files(output_dir):  # an earlier conversion's (overwrite, checked above)
+        if name not in names:
             os.remove(os.path.join(output_dir, name))
     for name in sorted(names):
         os.replace(os.path.join(output_dir, _tmp_name(name)), os.path.join(output_dir, name))
+    for shard in shards:  # lets readers spot a truncated or replaced shard without reading it
+        shard["bytes"] = os.path.getsize(os.path.join(output_dir, shard["file"]))
+    counts = collections.Counter(r["fold"] for r in records)
+    empty_folds = [k for k in range(folds) if not counts[k]]
+    for k in empty_folds:
+        logging.warning("fold %d has no case (its cases were skipped): train.py --fold=%d has "
+                        "nothing to validate on", k, k)
     manifest = {
         "converter_version": CONVERTER_VERSION,
         "feature_spec_version": features.FEATURE_SPEC_VERSION,
@@ -345,6 +401,7 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
         "shards": shards,
         "cases": sorted(records, key=lambda r: r["case_id"]),
         "skipped": skipped,
+        "empty_folds": empty_folds,
     }
     write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     elapsed = time.time() - start_time
@@ -374,12 +431,75 @@ def _case_record(loaded, shard, fold):
     }
 
 
-def read_manifest(path):
-    """The manifest dict; `path` is manifest.json or the folder holding it."""
+class ManifestError(ValueError):
+    """manifest.json is unreadable, not the converter's, or does not match its shards;
+    str() is one line naming the file."""
+
+
+def _check(ok, path, problem):
+    if not ok:
+        raise ManifestError(f"{path}: {problem}")
+
+
+def validate_manifest(manifest, path, check_shards=True):
+    """Checks a parsed manifest (version, keys, types) and, with check_shards,
+    that every shard it lists is there with the size it was written with.
+    Raises ManifestError (one line naming ``path`` and what is wrong)."""
+    _check(isinstance(manifest, dict), path, f"not a converter manifest (a JSON "
+           f"{type(manifest).__name__}, not an object)")
+    version = manifest.get("converter_version")
+    _check(version is not None, path, "not a converter manifest (no converter_version): "
+           "write one with python -m data_pipeline.convert")
+    _check(str(version).split(".")[0] == CONVERTER_VERSION.split(".")[0], path,
+           f"converter_version {version!r}, this code reads {CONVERTER_VERSION}: reconvert "
+           "the NIfTI files")
+    spec = manifest.get("feature_spec_version")
+    _check(spec == features.FEATURE_SPEC_VERSION, path,
+           f"feature_spec_version {spec!r}, this code reads {features.FEATURE_SPEC_VERSION}: "
+           "reconvert the NIfTI files")
+    missing = [k for k in ("options", "shards", "cases") if k not in manifest]
+    _check(not missing, path, f"missing key(s) {missing}")
+    options = manifest["options"]
+    _check(isinstance(options, dict) and isinstance(options.get("folds"), int)
+           and options["folds"] >= 1, path, "options.folds is not an integer >= 1")
+    _check(isinstance(manifest["shards"], list) and manifest["shards"], path,
+           "shards is not a non-empty list")
+    _check(isinstance(manifest["cases"], list), path, "cases is not a list")
+    for i, shard in enumerate(manifest["shards"]):
+        _check(isinstance(shard, dict) and isinstance(shard.get("file"), str)
+               and isinstance(shard.get("fold"), int) and "cases" in shard, path,
+               f"shards[{i}] lacks file, fold or cases")
+    for i, case in enumerate(manifest["cases"]):
+        _check(isinstance(case, dict) and isinstance(case.get("case_id"), str)
+               and isinstance(case.get("fold"), int), path, f"cases[{i}] lacks case_id or fold")
+    if not check_shards:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    for shard in manifest["shards"]:
+        file = os.path.join(folder, shard["file"])
+        _check(os.path.isfile(file), path, f"shard {file} listed there is missing")
+        size = os.path.getsize(file)
+        _check(shard.get("bytes") in (None, size), path,
+               f"shard {file} has {size} bytes, {shard.get('bytes')} when written: "
+               "truncated or replaced; reconvert")
+
+
+def read_manifest(path, check_shards=True):
+    """The validated manifest dict (``validate_manifest``), with "dir" = its folder;
+    ``path`` is manifest.json or the folder holding it. Every reader of
+    manifest.json comes through here. Raises ManifestError (one line, naming
+    the file) for a manifest that is missing, unreadable, not valid JSON, of
+    another version, or whose shards are missing or truncated."""
     if os.path.isdir(path):
         path = os.path.join(path, MANIFEST)
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    validate_manifest(manifest, path, check_shards)
     manifest["dir"] = os.path.dirname(os.path.abspath(path))
     return manifest
 
@@ -418,7 +538,8 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the fold split and of the order within shards.")
     flags.DEFINE_bool("skip_bad", False, "Skip cases that fail a check and report them at the end "
                       "(default: stop at the first).")
-    flags.DEFINE_bool("overwrite", False, "Replace a finished conversion in --output_dir.")
+    flags.DEFINE_bool("overwrite", False, "Replace a finished conversion in --output_dir "
+                      "(or shards left there without manifest.json).")
     flags.DEFINE_integer("num_workers", 2, "Threads reading NIfTI files.", lower_bound=1)
     flags.mark_flags_as_required(["input_dir", "output_dir"])
 
@@ -431,7 +552,7 @@ def main(argv):
         convert(FLAGS.input_dir, FLAGS.output_dir, cases_per_shard=FLAGS.cases_per_shard,
                 num_shards=FLAGS.num_shards, folds=FLAGS.folds, seed=FLAGS.seed,
                 skip_bad=FLAGS.skip_bad, overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers)
-    except (ValueError, FileNotFoundError) as e:  # BadCaseError included: one line, no traceback
+    except (ValueError, OSError) as e:  # BadCaseError included: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

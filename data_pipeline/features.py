@@ -114,6 +114,11 @@ def serialize_example(case_id, image, label, original_shape, affine, box_start):
         raise ValueError(f"case {case_id}: label {label.shape} {label.dtype} does not match "
                          f"image {image.shape[:3]} uint8")
     mean, std = nonzero_stats(image)
+    with np.errstate(over="ignore"):
+        finite = all(np.isfinite(np.asarray(v, np.float32)).all() for v in (mean, std))
+    if not finite:
+        raise ValueError(f"case {case_id}: non-finite intensity statistics (mean {mean}, "
+                         f"std {std}): intensities too large for float32")
     feature = {
         "spec_version": _ints([FEATURE_SPEC_VERSION]),
         "case_id": _bytes(case_id.encode()),
@@ -128,7 +133,10 @@ def serialize_example(case_id, image, label, original_shape, affine, box_start):
         "nonzero_mean": _floats(mean),
         "nonzero_std": _floats(std),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: the map's fields in key order. Otherwise their order (and
+    # the shard bytes) can change from one process to the next.
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_raw(serialized):

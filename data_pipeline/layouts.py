@@ -16,6 +16,7 @@ looked at here; data checks are the converter's job.
 """
 
 import dataclasses
+import logging
 import os
 import re
 
@@ -25,6 +26,8 @@ LABEL_SUFFIX = "seg"
 NAMING_2018 = "brats2018"  # t1, t1ce, t2, flair; labels {0, 1, 2, 4} (2018-2021)
 NAMING_2023 = "brats2023"  # t1n, t1c, t2w, t2f; enhancing tumour written as 3
 GRADES = ("HGG", "LGG")
+
+log = logging.getLogger("data_pipeline.layouts")
 
 _NIFTI_RE = re.compile(r"^(?P<stem>.+)[_-](?P<suffix>[A-Za-z0-9]+)\.nii(\.gz)?$")
 
@@ -86,11 +89,20 @@ def find_cases(input_dir):
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"input_dir {input_dir!r} is not a folder")
     cases = []
+    unmatched = []  # folders with NIfTI files none of which is named after the folder
     for folder, dirs, files in os.walk(input_dir, followlinks=True):
         dirs.sort()
         case = _case_from_folder(folder, files)
         if case is not None:
             cases.append(case)
+        elif any(_NIFTI_RE.match(name) for name in files):
+            unmatched.append(folder)
+    if unmatched:
+        example = unmatched[0]
+        log.warning(
+            "%d folder(s) under %s hold NIfTI files not named after their folder and are "
+            "skipped, e.g. %s (expected %s_<modality>.nii.gz there)", len(unmatched),
+            input_dir, example, os.path.basename(example))
     if not cases:
         raise ValueError(
             f"no BraTS case found under {input_dir!r}: expected folders <case_id>/ holding "

@@ -197,7 +197,12 @@ def send_rest(url: str, request: dict, timeout: float = 600.0) -> dict:
                                   headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(http, timeout=timeout) as reply:
-            return json.loads(reply.read())
+            text = reply.read()
+        try:
+            return json.loads(text)
+        except ValueError as e:  # a proxy's HTML page, a truncated reply...
+            start = text[:80].decode(errors="replace").replace("\n", " ")
+            raise RuntimeError(f"{url}: the reply is not JSON ({e}; it starts {start!r})") from None
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace").strip().replace("\n", " ")[:500]
         raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
@@ -303,8 +308,11 @@ def run(config: ClientConfig) -> pathlib.Path:
     image, reference = load_case(config.case_dir, case_id)
     if config.protocol == "rest":
         url = rest_url(config.server, config.model_name, config.version)
-        outputs = decode_rest_response(
-            send_rest(url, rest_request(image, config.signature_name), config.timeout_s))
+        reply = send_rest(url, rest_request(image, config.signature_name), config.timeout_s)
+        try:
+            outputs = decode_rest_response(reply)
+        except (ValueError, RuntimeError) as e:  # JSON, but not a predict response
+            raise RuntimeError(f"{url}: {e}") from None
     else:
         request = grpc_request(image, config.model_name, config.signature_name, config.version)
         outputs = decode_grpc_response(send_grpc(config.grpc_server, request, config.timeout_s))

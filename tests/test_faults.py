@@ -1,0 +1,435 @@
+"""Bad input and faults, met as a user meets them: through the command lines of
+the converter, train.py, evaluate.py and the serving client.
+
+Each fault must end in one line that names the file (and the case, where there
+is one), a non-zero exit status, and nothing written or deleted that the run
+did not own. Every test here failed before its fix: the docstrings say how.
+
+The runs are subprocesses; those that do not depend on each other run side by
+side (``_run_all``), a few at a time, and each test then checks its own.
+"""
+
+import concurrent.futures
+import dataclasses
+import http.server
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import threading
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_tf.config import ModelConfig
+from brats_tf.model import build_inference_model, build_model
+from data_pipeline.convert import convert
+from data_pipeline.synthetic import write_synthetic_dataset
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+ENV.pop("TF_CONFIG", None)
+SMOKE = ROOT / "configs" / "smoke.flags"
+# The model configs/smoke.flags trains (train.py's defaults otherwise).
+SMOKE_MODEL = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16,
+                          blocks_down=(1, 1, 1, 1))
+
+
+def _command(tool, args):
+    if tool == "convert":
+        return [sys.executable, "-m", "data_pipeline.convert", "--num_workers=1"] + args
+    if tool == "client":
+        return [sys.executable, "-m", "serving.client"] + args
+    return [sys.executable, str(ROOT / f"{tool}.py")] + (
+        [f"--flagfile={SMOKE}"] if tool == "train" else ["--noprogress"]) + args
+
+
+def _run(tool, args, env=None):
+    return subprocess.run(_command(tool, [str(a) for a in args]), capture_output=True,
+                          text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=300)
+
+
+def _run_all(jobs):
+    """{name: (tool, args[, env])} -> {name: CompletedProcess}, three at a time."""
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(_run, *job) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _error_line(proc, prefix):
+    """The one error line of a failed run (asserts there is exactly one, and no traceback)."""
+    assert proc.returncode not in (0, None), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith(prefix)]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def _files(folder):
+    """{relative path: bytes} of everything under folder (hidden files too)."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Four synthetic NIfTI cases (nii/) and their conversion in two folds (tfr/)."""
+    root = tmp_path_factory.mktemp("faults")
+    write_synthetic_dataset(str(root / "nii"), 4, shape=(40, 40, 32), seed=0, progress=False)
+    convert(str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=2, seed=0,
+            progress=False)
+    return root
+
+
+def _case_dirs(nii):
+    return sorted(p for p in pathlib.Path(nii).glob("*/*") if p.is_dir())
+
+
+def _nii_copy(root, dst, n=None):
+    """A copy of root/nii's first n NIfTI cases (all by default), in dst."""
+    for case in _case_dirs(root / "nii")[:n]:
+        shutil.copytree(case, dst / case.parent.name / case.name)
+    return dst
+
+
+def _tfr_copy(root, dst):
+    shutil.copytree(root / "tfr", dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def model(root):
+    """A tiny untrained inference model as a .keras file."""
+    keras.utils.set_random_seed(0)
+    path = root / "tiny.keras"
+    build_inference_model(build_model(SMOKE_MODEL)).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def converter_runs(root):
+    """The converter's fault runs, side by side."""
+    r = root / "convert"
+    r.mkdir()
+    # three cases in three folds, one unreadable: --skip_bad leaves its fold empty
+    empty_fold_in = _nii_copy(root, r / "empty_fold_in", 3)
+    flair = next(empty_fold_in.rglob("*_flair.nii.gz"))
+    flair.write_bytes(b"not a NIfTI file")
+    # a float64 voxel beyond float32's range: finite in the file, inf once cast
+    overflow_in = _nii_copy(root, r / "overflow_in", 1)
+    t1 = next(overflow_in.rglob("*_t1.nii.gz"))
+    img = nib.load(t1)
+    data = np.asanyarray(img.dataobj).astype(np.float64)
+    data[tuple(np.argwhere(data != 0)[0])] = 1e39
+    nib.save(nib.Nifti1Image(data, img.affine), t1)
+    # a case folder renamed: its files no longer carry the folder's name
+    mismatch_in = _nii_copy(root, r / "mismatch_in", 2)
+    renamed = _case_dirs(mismatch_in)[1]
+    renamed.rename(renamed.parent / "Renamed_Case")
+    # an output folder holding someone's files: a stray shard, a hidden .tmp- file
+    (r / "stray").mkdir()
+    (r / "stray" / "brats-fold0-000-of-001.tfrecord").write_bytes(b"mine")
+    (r / "stray" / ".tmp-notes").write_bytes(b"mine")
+    (r / "foreign_tmp").mkdir()
+    (r / "foreign_tmp" / ".tmp-notes").write_bytes(b"mine")
+    (r / "a_file").write_bytes(b"mine")
+    nii = root / "nii"
+    jobs = {
+        "empty_fold": ("convert", [f"--input_dir={empty_fold_in}", f"--output_dir={r / 'ef'}",
+                                   "--folds=3", "--skip_bad"]),
+        "overflow": ("convert", [f"--input_dir={overflow_in}", f"--output_dir={r / 'of'}",
+                                 "--folds=1"]),
+        "mismatch": ("convert", [f"--input_dir={mismatch_in}", f"--output_dir={r / 'mm'}",
+                                 "--folds=1"]),
+        "output_is_file": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'a_file'}"]),
+        "stray": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'stray'}",
+                              "--folds=1"]),
+        "foreign_tmp": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'foreign_tmp'}",
+                                    "--folds=1"]),
+        "same_a": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_a'}",
+                               "--folds=2", "--cases_per_shard=1"]),
+        "same_b": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_b'}",
+                               "--folds=2", "--cases_per_shard=1"]),
+    }
+    return r, _run_all(jobs)
+
+
+def _manifest(folder):
+    return json.loads((pathlib.Path(folder) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def train_runs(root, converter_runs):
+    """train.py's fault runs, side by side; each has its own model_dir under root/train."""
+    r = root / "train"
+    r.mkdir()
+    data = {}
+    data["truncated_shard"] = _tfr_copy(root, r / "truncated")
+    shard = sorted(data["truncated_shard"].glob("*.tfrecord"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    data["missing_shard"] = _tfr_copy(root, r / "missing")
+    sorted(data["missing_shard"].glob("*.tfrecord"))[1].unlink()
+    data["empty_manifest"] = _tfr_copy(root, r / "empty_manifest")
+    (data["empty_manifest"] / "manifest.json").write_text("{}")
+    data["invalid_json_manifest"] = _tfr_copy(root, r / "invalid_json")
+    (data["invalid_json_manifest"] / "manifest.json").write_text('{"converter_version": ')
+    # a model_dir of an earlier run of the smoke model, init_filters=8
+    earlier = r / "earlier"
+    earlier.mkdir()
+    config = {"model": dataclasses.asdict(SMOKE_MODEL), "data": {"fold": 0}}
+    (earlier / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (earlier / "flags.txt").write_text("--init_filters=8\n")
+    conv, runs = converter_runs
+    empty_fold = _manifest(conv / "ef")["empty_folds"][0]
+    tfr = root / "tfr"
+    jobs = {name: ("train", [f"--data_dir={path}", f"--model_dir={r / ('md_' + name)}"])
+            for name, path in data.items()}
+    jobs["other_architecture"] = ("train", [f"--data_dir={tfr}", f"--model_dir={earlier}",
+                                            "--init_filters=16"])
+    jobs["bad_tf_config"] = ("train", [f"--data_dir={tfr}", f"--model_dir={r / 'md_tfc'}",
+                                       "--strategy=multi_worker"],
+                             {"TF_CONFIG": '{"cluster": {"worker": ["localhost:1"]'})
+    jobs["too_many_steps"] = ("train", [f"--data_dir={tfr}", f"--model_dir={r / 'md_steps'}",
+                                        "--fold=-1", "--steps_per_epoch=50"])
+    jobs["empty_fold"] = ("train", [f"--data_dir={conv / 'ef'}", f"--model_dir={r / 'md_ef'}",
+                                    f"--fold={empty_fold}"])
+    return r, data, _run_all(jobs)
+
+
+@pytest.fixture(scope="module")
+def evaluate_runs(root, model):
+    """evaluate.py's fault runs, side by side."""
+    r = root / "evaluate"
+    r.mkdir()
+    empty_manifest = _tfr_copy(root, r / "empty_manifest")
+    (empty_manifest / "manifest.json").write_text("{}")
+    truncated = _tfr_copy(root, r / "truncated")
+    bad_shard = sorted(truncated.glob("*.tfrecord"))[1]
+    bad_shard.write_bytes(bad_shard.read_bytes()[:-100])
+    # the same, with a manifest that does not record the shards' sizes (the read must fail)
+    unsized = _tfr_copy(root, r / "unsized")
+    (unsized / bad_shard.name).write_bytes(bad_shard.read_bytes())
+    manifest = _manifest(unsized)
+    for shard in manifest["shards"]:
+        del shard["bytes"]
+    (unsized / "manifest.json").write_text(json.dumps(manifest))
+    corrupt = r / "corrupt.keras"
+    corrupt.write_bytes(model.read_bytes()[: len(model.read_bytes()) // 2])
+    # A NIfTI folder holding an unrelated manifest.json, one case on a 2 mm grid,
+    # and beside the output folder the staging folder of a killed evaluation and
+    # someone's hidden folder of a similar name.
+    nii = _nii_copy(root, r / "nii", 2)
+    (nii / "manifest.json").write_text(json.dumps({"study": "unrelated"}))
+    for path in _case_dirs(nii)[0].glob("*.nii.gz"):
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([2.0, 1.0, 1.0, 1.0])),
+                 path)
+    killed = r / ".out.tmp-k1lled00"
+    (killed / "predictions").mkdir(parents=True)
+    (killed / "predictions" / "case.nii.gz").write_bytes(b"partial")
+    foreign = r / ".out.tmp-notmine0"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_bytes(b"mine")
+    jobs = {
+        "empty_manifest": ("evaluate", [f"--model={model}", f"--data={empty_manifest}",
+                                        f"--output_dir={r / 'o_empty'}"]),
+        "truncated_shard": ("evaluate", [f"--model={model}", f"--data={truncated}",
+                                         f"--output_dir={r / 'o_trunc'}"]),
+        "truncated_unsized": ("evaluate", [f"--model={model}", f"--data={unsized}",
+                                           f"--output_dir={r / 'o_unsized'}"]),
+        "corrupt_keras": ("evaluate", [f"--model={corrupt}", f"--data={root / 'tfr'}",
+                                       f"--output_dir={r / 'o_corrupt'}"]),
+        "nifti": ("evaluate", [f"--model={model}", f"--data={nii}", f"--output_dir={r / 'out'}",
+                               "--nofigures"]),
+    }
+    return r, bad_shard.name, _run_all(jobs)
+
+
+# ------------------------------------------------------------------- train.py
+def test_rerun_with_another_architecture_stops_before_writing(train_runs):
+    """A rerun into a model_dir of another architecture stops with one line naming
+    model_dir and the differing field, and leaves config.json and flags.txt as
+    they were. Before: train.py wrote both first, then crashed restoring."""
+    r, _, runs = train_runs
+    line = _error_line(runs["other_architecture"], "train.py: error:")
+    assert str(r / "earlier") in line and "init_filters 8 there, 16 now" in line, line
+    assert "groups" not in line and "latent_dim" not in line  # only what differs
+    assert sorted(_files(r / "earlier")) == ["config.json", "flags.txt"]
+    assert (r / "earlier" / "flags.txt").read_text() == "--init_filters=8\n"
+    assert json.loads((r / "earlier" / "config.json").read_text())["model"]["init_filters"] == 8
+
+
+@pytest.mark.parametrize("name,words", [
+    ("truncated_shard", ["bytes", "truncated"]),  # before: a traceback after model_dir was made
+    ("missing_shard", ["is missing"]),  # before: a traceback after model_dir was made
+    ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
+    ("invalid_json_manifest", ["manifest.json", "not valid JSON"]),  # before: no file named
+    ("bad_tf_config", ["TF_CONFIG", "not valid JSON"]),  # before: a JSONDecodeError traceback
+    ("too_many_steps", ["--steps_per_epoch=50", "has 4"]),  # before: ValueError after an epoch
+])
+def test_bad_data_or_environment_stops_train_before_writing(train_runs, name, words):
+    r, data, runs = train_runs
+    line = _error_line(runs[name], "train.py: error:")
+    for word in words:
+        assert word in line, line
+    if name in data and name != "empty_manifest" and name != "invalid_json_manifest":
+        assert str(data[name]) in line, line  # the shard's path
+    elif name in data:
+        assert str(data[name] / "manifest.json") in line, line
+    assert not any(p.name.startswith("md_") for p in r.iterdir())  # no model_dir made
+
+
+def test_empty_validation_fold_is_reported_by_the_converter_and_refused_by_train(
+        converter_runs, train_runs):
+    """--skip_bad can leave a fold without cases: the converter says so (and
+    records it in the manifest); train.py --fold=<that fold> stops before
+    training. Before: silent exit 0, then a traceback after a full epoch."""
+    conv, runs = converter_runs
+    proc = runs["empty_fold"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (fold,) = _manifest(conv / "ef")["empty_folds"]
+    assert f"fold {fold} has no case" in proc.stderr
+    line = _error_line(train_runs[2]["empty_fold"], "train.py: error:")
+    assert f"fold {fold} of {conv / 'ef' / 'manifest.json'} has no case" in line, line
+
+
+# ------------------------------------------------------------------ converter
+def test_intensity_beyond_float32_is_a_bad_case(converter_runs):
+    """A float64 voxel beyond float32's range: one line naming case and file, nothing
+    written. Before: stored as inf, exit 0, inf/nan statistics in the shard."""
+    conv, runs = converter_runs
+    line = _error_line(runs["overflow"], "error:")
+    t1 = next((conv / "overflow_in").rglob("*_t1.nii.gz"))
+    assert f"case {t1.parent.name}: file {t1}:" in line and "float32's range" in line, line
+    assert not (conv / "of").exists()
+
+
+def test_shards_are_byte_identical_across_processes(converter_runs):
+    """Two processes convert the same input to the same bytes. Before: the
+    Example's feature map was serialised in an order that changes per process."""
+    conv, runs = converter_runs
+    for name in ("same_a", "same_b"):
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    a, b = _files(conv / "same_a"), _files(conv / "same_b")
+    assert sorted(a) == sorted(b) and len(a) > 2
+    for name in a:
+        if name.endswith(".tfrecord"):
+            assert a[name] == b[name], name
+    assert _manifest(conv / "same_a")["shards"] == _manifest(conv / "same_b")["shards"]
+
+
+def test_output_folder_contents_it_did_not_write_are_kept(converter_runs):
+    """Without --overwrite the converter deletes nothing it did not write: a
+    folder with shards but no manifest is refused in one line; a hidden .tmp-
+    file of someone else's is left alone. Before: both were deleted."""
+    conv, runs = converter_runs
+    line = _error_line(runs["stray"], "error:")
+    assert str(conv / "stray") in line and "--overwrite" in line, line
+    assert _files(conv / "stray") == {"brats-fold0-000-of-001.tfrecord": b"mine",
+                                      ".tmp-notes": b"mine"}
+    assert runs["foreign_tmp"].returncode == 0, runs["foreign_tmp"].stderr[-3000:]
+    assert (conv / "foreign_tmp" / ".tmp-notes").read_bytes() == b"mine"
+
+
+def test_output_dir_that_is_a_file_is_one_line(converter_runs):
+    """Before: a FileExistsError traceback."""
+    conv, runs = converter_runs
+    line = _error_line(runs["output_is_file"], "error:")
+    assert str(conv / "a_file") in line and "not a folder" in line, line
+    assert (conv / "a_file").read_bytes() == b"mine"
+
+
+def test_case_folder_not_matching_its_files_is_reported(converter_runs):
+    """Before: the folder was skipped without a word."""
+    conv, runs = converter_runs
+    proc = runs["mismatch"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    renamed = next((conv / "mismatch_in").rglob("Renamed_Case"))
+    warnings = [l for l in proc.stderr.splitlines() if "not named after their folder" in l]
+    assert len(warnings) == 1 and "1 folder(s)" in warnings[0] and str(renamed) in warnings[0]
+    assert _manifest(conv / "mm")["num_cases"] == 1
+
+
+# ----------------------------------------------------------------- evaluate.py
+@pytest.mark.parametrize("name,words", [
+    ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
+    ("corrupt_keras", ["corrupt.keras", "not a valid .keras file"]),  # before: "File not found"
+])
+def test_bad_input_to_evaluate_is_one_line(evaluate_runs, name, words):
+    r, _, runs = evaluate_runs
+    line = _error_line(runs[name], "evaluate.py: error:")
+    for word in words:
+        assert word in line, line
+    assert "File not found" not in line
+    assert not list(r.glob("o_*")) and not list(r.glob(".o_*"))
+
+
+@pytest.mark.parametrize("name", ["truncated_shard", "truncated_unsized"])
+def test_truncated_shard_is_named_alone(evaluate_runs, name):
+    """The error names the truncated shard, not every shard read (before: the
+    list of all shards; now the manifest's recorded size catches it before
+    any inference, and a manifest without sizes fails on the read, naming
+    that file)."""
+    r, bad_shard, runs = evaluate_runs
+    line = _error_line(runs[name], "evaluate.py: error:")
+    others = [p.name for p in (r / "truncated").glob("*.tfrecord") if p.name != bad_shard]
+    assert bad_shard in line and others and not any(o in line for o in others), line
+    assert not list(r.glob("o_*")) and not list(r.glob(".o_*"))
+
+
+def test_evaluate_says_what_it_accepts_and_cleans_what_a_killed_run_left(evaluate_runs):
+    """A NIfTI folder with an unrelated manifest.json is read as NIfTI cases (before:
+    KeyError 'shards'); a case not on a 1 mm grid gets a warning with a count
+    (before: silence); the staging folder of a killed evaluation into the same
+    output is removed, someone's similar folder is kept (before: both kept)."""
+    r, _, runs = evaluate_runs
+    proc = runs["nifti"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not the converter's" in proc.stderr
+    warnings = [l for l in proc.stderr.splitlines() if "voxel spacing other than 1 mm" in l]
+    assert len(warnings) == 1 and "1 of 2 case(s)" in warnings[0] and "2 x 1 x 1" in warnings[0]
+    record = json.loads((r / "out" / "evaluation.json").read_text())
+    assert list(record["spacing_not_1mm"].values()) == [[2.0, 1.0, 1.0]]
+    assert not (r / ".out.tmp-k1lled00").exists()
+    assert (r / ".out.tmp-notmine0" / "notes.txt").read_bytes() == b"mine"
+
+
+# --------------------------------------------------------------------- client
+class _HtmlReply(http.server.BaseHTTPRequestHandler):
+    """A server that answers with an HTML page (a proxy's, say), not JSON."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b"<html><body>Bad gateway</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_client_names_the_server_of_a_reply_that_is_not_json(root, tmp_path):
+    """Before: 'Expecting value: line 1 column 1 (char 0)', no server named."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _HtmlReply)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        proc = _run("client", [f"--case_dir={_case_dirs(root / 'nii')[0]}",
+                               f"--output_dir={tmp_path}", f"--server={url}"])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    line = _error_line(proc, "serving.client: error:")
+    assert f"{url}/v1/models/brats:predict" in line and "not JSON" in line, line
+    assert not list(tmp_path.iterdir())
