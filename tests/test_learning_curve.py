@@ -1,4 +1,4 @@
-"""benchmarks/learning_curve.py at a CPU's size: 32^3, width 8, 6 steps,
+"""benchmarks/learning_curve.py at a CPU's size: 16^3, width 8, 6 steps,
 float32 and mixed_float16 (XLA and mixed_float16 are slow on a CPU; the
 full-size run is for a GPU, docs/gpu_checks.md)."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import learning_curve as lc
 
-CROP, WIDTH, STEPS, K = (32, 32, 32), 8, 6, 4  # points at steps 4 and 6
+CROP, WIDTH, STEPS, K = (16, 16, 16), 8, 6, 4  # points at steps 4 and 6
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def _command(out, variants):
     # One ResNet block per level (the paper: 1,2,2,4): the same path, half
     # the graph to trace (most of a short CPU run).
     return [sys.executable, "benchmarks/learning_curve.py", f"--out_dir={out}",
-            "--crop=32,32,32", f"--init_filters={WIDTH}", "--blocks_down=1,1,1,1",
+            "--crop=16,16,16", f"--init_filters={WIDTH}", "--blocks_down=1,1,1,1",
             f"--steps={STEPS}", f"--log_every={K}", f"--variants={variants}",
             "--num_train_cases=3", "--num_heldout_cases=1", "--seed=3"]
 
