@@ -452,3 +452,35 @@ def test_layer_config_round_trip(layer):
     restored = keras.layers.deserialize(keras.layers.serialize(layer))
     assert type(restored) is type(layer)
     assert restored.get_config() == config
+
+
+# ------------------------------------------------------ stride-2 convolution
+def _conv_stride2_np(x, kernel, bias, pad):
+    """3x3x3 stride-2 convolution by explicit sums (NumPy), each spatial axis
+    padded by ``pad`` = (before, after) zeros."""
+    xp = np.pad(x, ((0, 0), pad, pad, pad, (0, 0)))
+    out_shape = [(n + sum(pad) - 3) // 2 + 1 for n in x.shape[1:4]]
+    out = np.zeros([x.shape[0]] + out_shape + [kernel.shape[-1]])
+    for i, j, k in itertools.product(range(3), repeat=3):
+        window = xp[:, i:i + 2 * out_shape[0]:2, j:j + 2 * out_shape[1]:2,
+                    k:k + 2 * out_shape[2]:2, :]
+        out += window @ kernel[i, j, k]
+    return out + bias
+
+
+def test_stride2_convolution_pads_0_before_and_1_after_on_even_sizes():
+    """The encoder's stride-2 'same' convolutions (EncoderDown, VD) on even
+    sizes pad 0 voxels before and 1 after each axis (TensorFlow's 'SAME'),
+    where PyTorch's padding=1 (MONAI's SegResNet) pads 1 and 1: the same
+    weights give other outputs, so weights do not move between the two
+    without this change."""
+    rng = np.random.default_rng(41)
+    x = rng.normal(size=(1, 6, 8, 4, 3)).astype(np.float32)
+    conv = L.conv3d(5, 3, strides=2)
+    got = conv(x).numpy()
+    kernel, bias = conv.kernel.numpy().astype(np.float64), conv.bias.numpy()
+    assert got.shape == (1, 3, 4, 2, 5)
+    want = _conv_stride2_np(x.astype(np.float64), kernel, bias, (0, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    torch_like = _conv_stride2_np(x.astype(np.float64), kernel, bias, (1, 1))
+    assert torch_like.shape == want.shape and np.abs(torch_like - want).max() > 0.1
