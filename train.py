@@ -238,7 +238,8 @@ def main(argv):
     import tensorflow as tf
 
     from brats_tf import training
-    inter_op_threads = training.set_inter_op_threads(model_config, train_config.strategy)
+    inter_op_threads = training.set_inter_op_threads(model_config.recompute_levels,
+                                                     train_config.strategy)
     resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 

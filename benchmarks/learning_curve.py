@@ -168,7 +168,7 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
     from brats_tf.config import LossConfig
     from brats_tf.inference import model_probabilities
     from brats_tf.model import build_inference_model, build_model
-    from brats_tf.training import make_train_step
+    from brats_tf.training import make_optimizer, make_train_step
 
     precision, jit_compile, recompute = VARIANTS[name]
     keras.mixed_precision.set_global_policy(precision)
@@ -177,9 +177,7 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
     model = build_model(config)
     model.load_weights(os.path.join(folder, "initial.weights.h5"))
     initial_checksum = weights_checksum(model)
-    optimizer = keras.optimizers.Adam(lr)
-    if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer = make_optimizer(lr, precision)
     region_dice = [metrics.RegionDice(region) for region in constants.REGIONS]
     step = make_train_step(model, optimizer, LossConfig(), region_dice=region_dice,
                            jit_compile=jit_compile)

@@ -53,7 +53,7 @@ def cpu_has_bf16() -> bool:
     """True when the CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16,
     /proc/cpuinfo flags), where oneDNN runs bfloat16 convolutions fast;
     elsewhere they are emulated and slower than float32."""
-    return bool((cpu_flags()) & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def device_name() -> str:
@@ -105,15 +105,13 @@ def paper_training_step(crop: tuple, init_filters: int = 32, recompute_levels: i
 
     from brats_tf.config import LossConfig, ModelConfig
     from brats_tf.model import build_model
-    from brats_tf.training import make_train_step
+    from brats_tf.training import make_optimizer, make_train_step
 
     config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters,
                          recompute_levels=recompute_levels)
     keras.utils.set_random_seed(0)
     model = build_model(config)
-    optimizer = keras.optimizers.Adam(1e-4)
-    if keras.mixed_precision.global_policy().name == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer = make_optimizer(1e-4, keras.mixed_precision.global_policy().name)
     rng = np.random.default_rng(0)
     batch = {"image": tf.constant(rng.normal(size=(1,) + tuple(crop) + (4,)).astype(np.float32)),
              "label": tf.constant((rng.random((1,) + tuple(crop) + (3,)) > 0.9)

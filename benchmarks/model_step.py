@@ -109,12 +109,10 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     import tensorflow as tf
 
     from brats_tf import flops
-    from brats_tf.config import ModelConfig
     from brats_tf.training import set_inter_op_threads
 
     # as train.py: one op at a time under --recompute on one device
-    set_inter_op_threads(ModelConfig(input_shape=crop, recompute_levels=FLAGS.recompute_levels),
-                         "default")
+    set_inter_op_threads(FLAGS.recompute_levels, "default")
     gpus = tf.config.list_physical_devices("GPU")
     if gpus and FLAGS.gpu_memory_limit_mb:
         tf.config.set_logical_device_configuration(

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -462,20 +461,18 @@ def step_gradients(case: StepCase, precision="float32", tf32=False, recompute=Fa
     set to the same fixed value before the step, as for the reference."""
     import dataclasses as dc
 
-    import keras
     import tensorflow as tf
 
     from brats_tf.config import LossConfig
     from brats_tf.model import build_model
-    from brats_tf.training import make_train_step
+    from brats_tf.training import make_optimizer, make_train_step
 
     config = dc.replace(case.config, recompute_levels=case.config.levels if recompute else 0)
     with policy(precision, tf32):
         model = build_model(config)
         model.set_weights(case.weights)
-        optimizer = gradient_capture_optimizer()
-        if precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = make_optimizer(None, precision,
+                                   optimizer_fn=lambda _: gradient_capture_optimizer())
         optimizer.build(model.trainable_variables)
         capture = getattr(optimizer, "inner_optimizer", optimizer)
         step = make_train_step(model, optimizer, LossConfig(), jit_compile=jit_compile)

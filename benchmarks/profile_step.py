@@ -88,13 +88,12 @@ def main(argv):
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     from benchmarks.machine import op_event_key, paper_training_step
-    from brats_tf.config import ModelConfig
     from brats_tf.training import set_inter_op_threads
+
     try:
         crop = tuple(int(c) for c in FLAGS.crop)
         # as train.py: one op at a time under --recompute on one device
-        set_inter_op_threads(ModelConfig(input_shape=crop, recompute_levels=FLAGS.recompute_levels),
-                             "default")
+        set_inter_op_threads(FLAGS.recompute_levels, "default")
         _, make_step = paper_training_step(crop, FLAGS.init_filters, FLAGS.recompute_levels)
     except ValueError as e:  # one line, no traceback
         sys.exit(f"profile_step.py: --crop={','.join(FLAGS.crop)}: {e}")

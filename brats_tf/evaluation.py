@@ -33,11 +33,12 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-import brats_tf.layers  # noqa: F401  (registers the custom layers)
 from brats_tf import constants, figures, inference, metrics, volume
 from brats_tf.config import ModelConfig
 from brats_tf.export import export_saved_model
 from brats_tf.io_utils import atomic_path, write_text_atomic
+# (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
+# registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, check_precision, model_precision
 from data_pipeline import convert, features, layouts
 from data_pipeline.input import InputConfig, make_dataset

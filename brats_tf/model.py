@@ -88,6 +88,13 @@ def _block(cfg: ModelConfig, level: int, name: str) -> L.ResNetBlock:
     return cls(cfg.filters(level), cfg.groups, cfg.l2_weight, name=name)
 
 
+def _upsample(cfg: ModelConfig, level: int, name: str) -> L.TrilinearUpSampling3D:
+    """The trilinear x2 upsampling into ``level``; under --recompute of that
+    level, one whose output the block after it can make again."""
+    recomputed = level < cfg.recompute_levels
+    return (R.RecomputedUpSampling3D if recomputed else L.TrilinearUpSampling3D)(2, name=name)
+
+
 def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     """Encoder: returns the output of every level, finest first (§3.1)."""
     # Under --recompute the first block makes the stem's output again
@@ -120,10 +127,8 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
         up = f"DecoderUp{level}"
         x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
                                                   name=f"{up}_Conv1"))(x)
-        recomputed = level < cfg.recompute_levels
-        upsample = R.RecomputedUpSampling3D if recomputed else L.TrilinearUpSampling3D
-        x = stage(f"{up}_Upsample", lambda: upsample(2, name=f"{up}_Upsample"))(x)
-        add = R.SkipAdd if recomputed else keras.layers.Add
+        x = stage(f"{up}_Upsample", lambda: _upsample(cfg, level, f"{up}_Upsample"))(x)
+        add = R.SkipAdd if level < cfg.recompute_levels else keras.layers.Add
         x = stage(f"{up}_Add", lambda: add(name=f"{up}_Add"))([x, features[level]])
         for i in range(cfg.blocks_up[level]):
             name = f"DecoderBlock{level}_{i}"
@@ -167,9 +172,8 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
         filters = cfg.filters(level)
         x = stage(f"VUp{level}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
                                                         name=f"VUp{level}_Conv1"))(x)
-        upsample = (R.RecomputedUpSampling3D if level < cfg.recompute_levels
-                    else L.TrilinearUpSampling3D)
-        x = stage(f"VUp{level}_Upsample", lambda: upsample(2, name=f"VUp{level}_Upsample"))(x)
+        x = stage(f"VUp{level}_Upsample",
+                  lambda: _upsample(cfg, level, f"VUp{level}_Upsample"))(x)
         x = stage(f"VBlock{level}_0", lambda: _block(cfg, level, f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
     head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D

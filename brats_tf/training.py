@@ -139,7 +139,7 @@ class TrainConfig:
                 )
 
 
-def set_inter_op_threads(model_config: ModelConfig, strategy: str) -> int | None:
+def set_inter_op_threads(recompute_levels: int, strategy: str) -> int | None:
     """TensorFlow's inter-op thread pool for training; call before TensorFlow
     runs an op. Gradient checkpointing on one device runs one op at a time:
     the recomputed blocks' backward passes already run one after the other
@@ -147,10 +147,25 @@ def set_inter_op_threads(model_config: ModelConfig, strategy: str) -> int | None
     still ran other full-resolution work beside them (paper crop, float32,
     4 levels, 2-core AMD EPYC Zen 4, 2026-12-04: 7.8 against 6.6 GiB peak
     RSS). Otherwise TensorFlow chooses. Returns the pool's size, or None."""
-    if model_config.recompute_levels and strategy == "default":
+    if recompute_levels and strategy == "default":
         tf.config.threading.set_inter_op_parallelism_threads(1)
         return 1
     return None
+
+
+def make_optimizer(learning_rate: float, precision: str, skip_nonfinite: bool = False,
+                   optimizer_fn: Callable[[float], keras.optimizers.Optimizer] | None = None
+                   ) -> keras.optimizers.Optimizer:
+    """train.py's optimizer: Adam (§3.5), or ``optimizer_fn(learning_rate)``,
+    wrapped in a LossScaleOptimizer under mixed_float16 (dynamic loss
+    scaling) or with ``skip_nonfinite``: in float32 the scale stays a power
+    of two (exact) and the wrapper's only effect is to skip updates whose
+    gradients are not finite."""
+    optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr)))(
+        learning_rate)
+    if precision == "mixed_float16" or skip_nonfinite:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def check_precision_for_model(model_config: ModelConfig, precision: str) -> None:
@@ -292,14 +307,8 @@ class Trainer:
         seeded = dataclasses.replace(model_config, seed=config.seed)
         with self.strategy.scope():
             self.model = build_model(seeded)
-            optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr)))(
-                config.initial_lr)
-            if config.precision == "mixed_float16" or config.on_nonfinite == "skip":
-                # Dynamic loss scaling for float16; in float32 the scale stays a
-                # power of two (exact) and the wrapper's only effect is to skip
-                # updates whose gradients are not finite.
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            self.optimizer = optimizer
+            self.optimizer = make_optimizer(config.initial_lr, config.precision,
+                                            config.on_nonfinite == "skip", optimizer_fn)
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             # Per-region training Dice (thresholded at 0.5), per epoch.

@@ -8,7 +8,6 @@ import pytest
 import tensorflow as tf
 
 from brats_tf import layers as L
-from reduced_precision import slack
 
 
 # ----------------------------------------------------------------- trilinear
