@@ -27,8 +27,7 @@ import pytest
 
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
-from data_pipeline.convert import convert
-from data_pipeline.synthetic import write_synthetic_dataset
+from tiny_data import synthetic_tfrecords
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -81,9 +80,7 @@ def _files(folder):
 def root(tmp_path_factory):
     """Four synthetic NIfTI cases (nii/) and their conversion in two folds (tfr/)."""
     root = tmp_path_factory.mktemp("faults")
-    write_synthetic_dataset(str(root / "nii"), 4, shape=(40, 40, 32), seed=0, progress=False)
-    convert(str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=2, seed=0,
-            progress=False)
+    synthetic_tfrecords(root, 4, (40, 40, 32), folds=2)
     return root
 
 

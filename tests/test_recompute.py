@@ -523,3 +523,22 @@ def test_group_norm_backward_matches_float64(offset):
         expected = [want[0] + (0 if d_residual is None else residual), want[1], want[2]]
         for g, w in zip(got, expected):
             assert np.abs(g.numpy() - w).max() <= 2e-6 * np.abs(w).max()
+
+
+def test_a_recomputing_model_saves_and_loads_as_the_same_network(tmp_path):
+    """A .keras file of a model trained with --recompute loads without
+    custom_objects (its layers are registered) into the same classes, with
+    the same outputs."""
+    from brats_tf.config import ModelConfig
+    from brats_tf.model import build_model
+
+    cfg = ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4,
+                      blocks_down=(1, 1), blocks_up=(1,), recompute_levels=1, seed=1)
+    model = build_model(cfg)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.get_layer("EncoderBlock0_0")) is R.RecomputedResNetBlock
+    assert type(loaded.get_layer("Vend")) is R.HeadConv3D
+    x = np.random.default_rng(40).normal(size=(1, 16, 16, 16, 4)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x)["seg"].numpy(), model(x)["seg"].numpy(), atol=1e-6)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline.convert import convert
-from data_pipeline.synthetic import write_synthetic_dataset
+from tiny_data import synthetic_tfrecords
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -21,10 +20,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(str(root / "nii"), 6, shape=(48, 48, 40), seed=0, progress=False)
-    convert(str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=3, seed=0,
-            progress=False)
-    return str(root / "tfr")
+    return str(synthetic_tfrecords(root, 6, (48, 48, 40), folds=3))
 
 
 def _train_cmd(args):

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks import train_timing
-from data_pipeline.convert import convert
-from data_pipeline.synthetic import write_synthetic_dataset
+from tiny_data import synthetic_tfrecords
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,10 +61,7 @@ def test_replicas_identical_compares_every_replica():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("timing_data")
-    write_synthetic_dataset(str(root / "nii"), 4, shape=(40, 40, 40), seed=0, progress=False)
-    convert(str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=2, seed=0,
-            progress=False)
-    return str(root / "tfr")
+    return str(synthetic_tfrecords(root, 4, (40, 40, 40), folds=2))
 
 
 def test_mirrored_train_py_on_two_logical_cpus_is_timed_and_ends_equal(data_dir, tmp_path):
