@@ -1,11 +1,12 @@
 """Evaluates trained models on BraTS data the way the BraTS challenge does (paper §4).
 
     python evaluate.py --model=runs/b18 --data=data/brats18 --fold=0 --output_dir=eval/b18_f0
-    python evaluate.py --model=runs/a,runs/b,runs/c --tta --data=/data/BraTS2018_Validation \
-        --output_dir=eval/val_ens3          # ensemble + TTA on an unlabelled NIfTI set
+    python evaluate.py --model='runs/ens/member_*' --tta --data=/data/BraTS2018_Validation \
+        --output_dir=eval/val_ens           # ensemble + TTA on an unlabelled NIfTI set
 
---model: a comma list (several = an ensemble, the mean of the probabilities);
-each a train.py model_dir (segmenter.keras, else model.keras, else the latest
+--model: a comma list, shell patterns allowed (quoted; several models = an
+ensemble, the mean of the probabilities; members with the same seed and data
+split are warned of); each a train.py model_dir (segmenter.keras, else model.keras, else the latest
 checkpoint + config.json), a .keras file, a SavedModel folder (export/<n>/),
 or a checkpoint prefix. --data: the converter's TFRecord folder
 (manifest.json; --fold=k: only fold k's shards) or a folder of BraTS NIfTI
@@ -15,6 +16,8 @@ Writes into --output_dir (refused when it is / is inside / contains an input,
 or is not empty without --overwrite): predictions/<case_id>.nii.gz (uint8 labels,
 the original grid, affine and header), probabilities/ (--save_probabilities),
 figures/<case_id>.png, per_case.csv, summary.csv, summary.json, evaluation.json.
+summary.json and evaluation.json record the protocol: region (brain box or
+whole volume), padding, TTA, ensemble size, threshold, post-processing.
 See brats_tf/EVALUATION.md.
 """
 
@@ -31,8 +34,9 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("model", None, "Model path(s), comma separated (several: an ensemble): a "
-                  "model_dir, a .keras file, a SavedModel folder or a checkpoint prefix.")
+flags.DEFINE_list("model", None, "Model path(s), comma separated, shell patterns allowed "
+                  "(several: an ensemble): a model_dir, a .keras file, a SavedModel folder or a "
+                  "checkpoint prefix.")
 flags.DEFINE_string("data", None, "A TFRecord folder with manifest.json, or a folder of BraTS "
                     "NIfTI cases.")
 flags.DEFINE_string("output_dir", None, "Where everything is written; not an input folder.")
@@ -51,6 +55,9 @@ flags.DEFINE_enum("et_label", "4", ["4", "3"], "Enhancing tumour label: 4 (BraTS
                   "3 (BraTS 2023+), in the written predictions and the metrics.")
 flags.DEFINE_float("threshold", 0.5, "A voxel is in a region when p > threshold.",
                    lower_bound=0.0, upper_bound=0.999999)
+flags.DEFINE_integer("et_min_voxels", 0, "Post-processing, not the paper's (0: off): a case "
+                     "whose predicted ET has fewer voxels gets necrosis (label 1) there. Choose "
+                     "it on training folds: python -m brats_tf.postprocess.", lower_bound=0)
 flags.DEFINE_enum("hd95_mode", "pooled", ["pooled", "max_directed"],
                   "HD95: 95th percentile of both directions' surface distances pooled (MedPy), "
                   "or the max of the two directed 95th percentiles (MONAI).")
@@ -72,7 +79,8 @@ def config_from_flags():
             raise ValueError(f"--{name} is required")
     return EvalConfig(models=tuple(FLAGS.model), data=FLAGS.data, output_dir=FLAGS.output_dir,
                       fold=FLAGS.fold, tta=FLAGS.tta, et_label=int(FLAGS.et_label),
-                      threshold=FLAGS.threshold, crop_to_brain=FLAGS.crop_to_brain,
+                      threshold=FLAGS.threshold, et_min_voxels=FLAGS.et_min_voxels,
+                      crop_to_brain=FLAGS.crop_to_brain,
                       precision=None if FLAGS.precision == "saved" else FLAGS.precision,
                       hd95_mode=FLAGS.hd95_mode,
                       save_probabilities=FLAGS.save_probabilities, figures=FLAGS.figures,

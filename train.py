@@ -9,9 +9,11 @@ every `--validate_every` epochs; `--fold=-1` trains on all cases.
 
 Strategies: `--strategy=default` (one device), `mirrored` (all local GPUs or
 `--devices`), `multi_worker` (several machines; the cluster from TF_CONFIG).
+Ensembles (the paper's 10 models): `--member=K` trains member K with seed
+--seed + K into --model_dir/member_K; evaluate.py --model='<model_dir>/member_*'.
 Run again with the same --model_dir to resume from the last epoch checkpoint;
-a run whose model (or fold) differs from the config.json there stops before
-writing anything.
+a run whose model, fold or seed differs from the config.json there stops
+before writing anything.
 
 Writes into --model_dir: flags.txt (a flagfile that reproduces the run),
 config.json (the resolved configs), checkpoints/, logs/ (TensorBoard),
@@ -88,6 +90,10 @@ flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bf
 flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "skip"],
                   "A NaN/inf loss stops the run, or its update is skipped.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, dropout, VAE sampling, data order.")
+flags.DEFINE_integer("member", None, "Train member K of an ensemble trained from scratch (the "
+                     "paper's 10 models, §4): seed --seed + K, written into "
+                     "--model_dir/member_K. evaluate.py --model='<model_dir>/member_*' averages "
+                     "the members.", lower_bound=0)
 flags.DEFINE_boolean("deterministic", False, "Deterministic ops and data (slower).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on CPU).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Epoch checkpoints kept.", lower_bound=1)
@@ -115,6 +121,7 @@ def configs_from_flags():
     for name in ("data_dir", "model_dir"):
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required")
+    model_dir, seed = member_dir_and_seed(FLAGS.model_dir, FLAGS.seed, FLAGS.member)
     manifest_path = os.path.join(FLAGS.data_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise ValueError(
@@ -154,19 +161,28 @@ def configs_from_flags():
     loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
                              l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
     train_config = TrainConfig(
-        model_dir=FLAGS.model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
+        model_dir=model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
         initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power,
         batch_per_replica=FLAGS.batch_per_replica, strategy=FLAGS.strategy,
         devices=tuple(FLAGS.devices), precision=FLAGS.precision,
-        on_nonfinite=FLAGS.on_nonfinite, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+        on_nonfinite=FLAGS.on_nonfinite, seed=seed, deterministic=FLAGS.deterministic,
         steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
         jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
     check_precision_for_model(model_config, train_config.precision)
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
     data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
-            "manifest": manifest_path, "fold": FLAGS.fold}
+            "manifest": manifest_path, "fold": FLAGS.fold, "member": FLAGS.member}
     return model_config, loss_config, train_config, data
+
+
+def member_dir_and_seed(model_dir: str, seed: int, member: int | None) -> tuple[str, int]:
+    """(model_dir, seed) of one run: ensemble member K trains with seed + K in
+    model_dir/member_K (its own initial weights, dropout, VAE sampling and data
+    order); without a member, model_dir and seed as given."""
+    if member is None:
+        return model_dir, seed
+    return os.path.join(model_dir, f"member_{member}"), seed + member
 
 
 def _check_tf_config():
@@ -191,8 +207,8 @@ _RESUMABLE_MODEL_FIELDS = ("recompute_levels",)
 
 def check_model_dir(model_dir: str, resolved: dict) -> None:
     """Refuses a model_dir that holds another run: its config.json must agree with
-    ``resolved`` (the model section but for _RESUMABLE_MODEL_FIELDS, the fold
-    and the number of training cases). Reads only; ValueError, one line."""
+    ``resolved`` (the model section but for _RESUMABLE_MODEL_FIELDS, the fold,
+    the seed and the number of training cases). Reads only; ValueError, one line."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         if os.path.isfile(os.path.join(model_dir, "checkpoints", "checkpoint")):
@@ -213,6 +229,8 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
              if key in old_model and key not in _RESUMABLE_MODEL_FIELDS]
     pairs.append(("fold", old.get("data", {}).get("fold", new["data"]["fold"]),
                   new["data"]["fold"]))
+    pairs.append(("seed", old.get("train", {}).get("seed", new["train"]["seed"]),
+                  new["train"]["seed"]))
     pairs.append(("num_train_cases",
                   old.get("train", {}).get("num_train_cases", new["train"]["num_train_cases"]),
                   new["train"]["num_train_cases"]))
@@ -295,6 +313,13 @@ def main(argv):
         lines = str(e).strip().splitlines()
         sys.exit(f"train.py: error: {type(e).__name__}: {lines[0] if lines else ''} "
                  f"(data {FLAGS.data_dir})")
+    unlearned = training.unlearned_regions(trainer.history[-1]) if trainer.history else {}
+    if unlearned:
+        log.warning(
+            "this run has not learned %s: training Dice %s in its last epoch (a sigmoid channel "
+            "saturated early and got no gradient since); train it again with another --seed "
+            "or --member, and leave it out of an ensemble",
+            " and ".join(unlearned), ", ".join(f"{r} {d:.3f}" for r, d in unlearned.items()))
     if trainer.is_chief and FLAGS.export:
         paths = evaluation.save_final(trainer.model, train_config.model_dir)
         for path in paths:

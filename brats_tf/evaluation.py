@@ -33,10 +33,10 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from brats_tf import constants, figures, inference, metrics, volume
+from brats_tf import constants, figures, inference, metrics, training, volume
 from brats_tf.config import ModelConfig
-from brats_tf.export import export_saved_model
-from brats_tf.io_utils import atomic_path, write_text_atomic
+from brats_tf.export import METADATA_FILE, export_saved_model
+from brats_tf.io_utils import atomic_path, expand_pattern, write_text_atomic
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
 # registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, check_precision, model_precision
@@ -133,6 +133,9 @@ class EvalConfig:
       et_label: the ET value written in the predictions and read in NIfTI
         ground truths: 4 (BraTS 2017-2021) or 3 (BraTS 2023+).
       threshold: a voxel is in a region when p > threshold.
+      et_min_voxels: post-processing (not the paper's; 0: off): a case whose
+        predicted ET has fewer voxels becomes necrosis there
+        (``volume.et_to_necrosis``); choose it with ``brats_tf.postprocess``.
       precision: compute Keras models and checkpoints in this Keras dtype
         policy (``model.PRECISIONS``; ``mixed_bfloat16``: 2x faster on CPUs
         with AMX) instead of the one they were saved with (None). A
@@ -151,6 +154,7 @@ class EvalConfig:
     tta: bool = False
     et_label: int = constants.LABEL_ET
     threshold: float = 0.5
+    et_min_voxels: int = 0
     crop_to_brain: bool = True
     precision: str | None = None
     hd95_mode: str = "pooled"
@@ -175,6 +179,7 @@ class EvalConfig:
             raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
         volume.check_et_label(self.et_label)
         volume.check_threshold(self.threshold)
+        volume.check_et_min_voxels(self.et_min_voxels)
         check_precision(self.precision)
         if self.hd95_mode not in metrics.HD95_MODES:
             raise ValueError(
@@ -199,6 +204,31 @@ class LoadedModel:
     def precision(self) -> str | None:
         """The Keras dtype policy the network computes in (None: a SavedModel)."""
         return None if self.raw_input else model_precision(self.model)
+
+    def saved_metadata(self) -> dict:
+        """A SavedModel's assets.extra/brats_tf.json ({} if absent or unreadable)."""
+        if not self.raw_input:
+            return {}
+        try:
+            meta = json.loads((pathlib.Path(self.path) / METADATA_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def region(self, crop_to_brain: bool) -> str:
+        """'brain_box' or 'whole_volume': what this model runs on (a SavedModel:
+        as exported; 'unknown' when its metadata does not say)."""
+        if self.raw_input:
+            exported = self.saved_metadata().get("crop_to_brain")
+            if exported is None:
+                return "unknown"
+            crop_to_brain = exported
+        return "brain_box" if crop_to_brain else "whole_volume"
+
+    def networks(self) -> int:
+        """How many networks it averages (a SavedModel exported from an ensemble: several)."""
+        size = self.saved_metadata().get("protocol", {}).get("ensemble_size", 1)
+        return size if isinstance(size, int) and size >= 1 else 1
 
     def predict(self, image: np.ndarray, tta: bool, crop_to_brain: bool = True) -> np.ndarray:
         """[D, H, W, 4] RAW intensities -> [D, H, W, 3] probabilities (WT, TC, ET).
@@ -349,6 +379,95 @@ def load_models(paths, precision: str | None = None) -> list[LoadedModel]:
                  f", computing in {precision}" if precision else "")
         models.append(model)
     return models
+
+
+def expand_model_paths(paths) -> list[str]:
+    """Model paths with shell patterns expanded (``runs/ens/member_*``: the
+    matches, sorted); a pattern that matches nothing is an EvaluationError."""
+    expanded = []
+    for path in paths:
+        matches = expand_pattern(path)
+        if not matches:
+            raise EvaluationError(f"model {path}: the pattern matches no file or folder")
+        expanded.extend(matches)
+    return expanded
+
+
+def _run_file(model: LoadedModel, name: str):
+    """A file of the train.py model_dir a model comes from (its model_dir, the
+    model_dir of its checkpoints/ or export/<n>/), parsed as JSON; None if absent."""
+    p = pathlib.Path(model.path)
+    if model.kind == "checkpoint" or model.raw_input:
+        run_dir = p.parent.parent  # checkpoints/ckpt-N, export/N/
+    else:
+        run_dir = p if p.is_dir() else p.parent  # model_dir/*.keras
+    try:
+        return json.loads((run_dir / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def training_run(model: LoadedModel) -> dict | None:
+    """The train.py config.json of the run a model comes from, or None."""
+    config = _run_file(model, "config.json")
+    if not isinstance(config, dict) or not all(
+            isinstance(config.get(k), dict) for k in ("model", "train", "data")):
+        return None
+    return config
+
+
+def unlearned_regions(model: LoadedModel) -> dict:
+    """``training.unlearned_regions`` of the last epoch in the model's
+    history.json ({} without one)."""
+    history = _run_file(model, "history.json")
+    if not isinstance(history, list) or not history or not isinstance(history[-1], dict):
+        return {}
+    return training.unlearned_regions(history[-1])
+
+
+def member_warnings(models: list[LoadedModel]) -> list[str]:
+    """Warnings for an ensemble whose members are not distinct: the same file
+    twice, or two runs with the same seed, network and data split (the same
+    initial weights and data order: an average of near copies, not the
+    paper's ensemble of models trained from scratch); and for a model whose
+    training history shows a region it has not learned."""
+    warnings, seen_paths, seen_runs = [], {}, {}
+    for model in models:
+        real = os.path.realpath(model.path)
+        if real in seen_paths:
+            warnings.append(f"models {seen_paths[real]} and {model.path} are the same file")
+            continue
+        seen_paths[real] = model.path
+        unlearned = unlearned_regions(model)
+        if unlearned:
+            warnings.append(
+                f"model {model.path} has not learned {' and '.join(unlearned)}: training Dice "
+                f"{', '.join(f'{d:.3f}' for d in unlearned.values())} in its last epoch (a "
+                f"channel saturated early in training); leave it out of the ensemble")
+        run = training_run(model)
+        if run is None:
+            continue
+        key = json.dumps([run["train"].get("seed"), run["data"].get("fold"),
+                          run["train"].get("num_train_cases"), run["model"]], sort_keys=True)
+        if key in seen_runs:
+            warnings.append(
+                f"models {seen_runs[key]} and {model.path} were trained with the same seed "
+                f"{run['train'].get('seed')} on the same data split (fold "
+                f"{run['data'].get('fold')}): the same initial weights and data order; train "
+                f"ensemble members with train.py --member=K")
+        else:
+            seen_runs[key] = model.path
+    return warnings
+
+
+def run_protocol(config: EvalConfig, models: list[LoadedModel]) -> dict:
+    """``inference.protocol`` of an evaluation: what produced its scores."""
+    regions = sorted({m.region(config.crop_to_brain) for m in models})
+    record = inference.protocol(
+        crop_to_brain=True, tta=config.tta, ensemble_size=sum(m.networks() for m in models),
+        threshold=config.threshold, et_min_voxels=config.et_min_voxels)
+    record["region"] = regions[0] if len(regions) == 1 else "mixed: " + ", ".join(regions)
+    return record
 
 
 # ------------------------------------------------------------------- cases
@@ -506,11 +625,13 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_output_dir(config: EvalConfig) -> None:
+def check_output_dir(config: EvalConfig, model_paths=None) -> None:
     """Refuses an output_dir that is / is inside / holds an input, or a non-empty
-    folder without ``overwrite`` (and with it, one not written by evaluate)."""
+    folder without ``overwrite`` (and with it, one not written by evaluate).
+    ``model_paths``: the models with their patterns expanded (default: config.models)."""
     out = config.output_dir
-    for name, path in [("data", config.data)] + [("model", m) for m in config.models]:
+    models = config.models if model_paths is None else model_paths
+    for name, path in [("data", config.data)] + [("model", m) for m in models]:
         if os.path.exists(path) and (_inside(out, path) or _inside(path, out)):
             raise EvaluationError(f"output_dir {out} is, is inside or contains the {name} "
                                   f"input {path}: choose another folder")
@@ -603,12 +724,22 @@ def _reference_for(case: EvalCase):
     return case.affine, header
 
 
-def _one_line_summary(summary: dict | None, n: int, seconds: float, out: str) -> str:
+def _one_line_summary(summary: dict | None, n: int, seconds: float, out: str,
+                      protocol: dict) -> str:
+    how = inference.describe_protocol(protocol)
     if summary is None:
-        return f"evaluated {n} case(s) without labels in {seconds:.0f} s: predictions in {out}"
+        return (f"evaluated {n} case(s) without labels in {seconds:.0f} s ({how}): "
+                f"predictions in {out}")
     parts = [f"{r} Dice {summary[r]['dice']['mean']:.4f} HD95 {summary[r]['hd95']['mean']:.2f} mm"
              for r in constants.REGIONS]
-    return f"{n} case(s) in {seconds:.0f} s: " + " | ".join(parts) + f" -> {out}"
+    return f"{n} case(s) in {seconds:.0f} s ({how}): " + " | ".join(parts) + f" -> {out}"
+
+
+def _model_record(model: LoadedModel) -> dict:
+    run = training_run(model) or {}
+    return {"path": model.path, "kind": model.kind, "precision": model.precision(),
+            "networks": model.networks(), "seed": run.get("train", {}).get("seed"),
+            "member": run.get("data", {}).get("member")}
 
 
 def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
@@ -630,10 +761,16 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
       "line": the one-line summary, "written": [paths relative to output_dir]}.
     Raises: EvaluationError or data_pipeline.convert.BadCaseError, one line.
     """
-    check_output_dir(config)
+    model_paths = expand_model_paths(config.models) if models is None else None
+    check_output_dir(config, model_paths)
     _remove_stale_staging(pathlib.Path(config.output_dir))
     if models is None:
-        models = load_models(config.models, config.precision)
+        models = load_models(model_paths, config.precision)
+    warnings = member_warnings(models)
+    for warning in warnings:
+        log.warning("%s", warning)
+    protocol = run_protocol(config, models)
+    log.info("protocol: %s", inference.describe_protocol(protocol))
     if cases is None:
         cases, num_cases, _ = open_cases(config.data, config.fold)
     out = pathlib.Path(config.output_dir)
@@ -662,6 +799,7 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 probs = ensemble_probabilities(models, case.image, config.tta,
                                                config.crop_to_brain)
                 labels = inference.probabilities_to_labels(probs, config.threshold, config.et_label)
+                labels = volume.et_to_necrosis(labels, config.et_min_voxels, config.et_label)
                 name = f"{PREDICTIONS}/{case.case_id}.nii.gz"
                 inference.write_prediction_nifti(labels, _reference_for(case), staging / name,
                                                  case_id=case.case_id, et_label=config.et_label)
@@ -703,14 +841,14 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
             write_text_atomic(staging / SUMMARY_CSV,
                         _csv_text(["statistic"] + _columns()[1:], summary_rows(summary)))
             write_text_atomic(staging / SUMMARY_JSON, json.dumps(
-                {"num_cases": n, "statistics": list(metrics.STATISTICS), "summary": summary},
+                {"num_cases": n, "protocol": protocol, "statistics": list(metrics.STATISTICS),
+                 "summary": summary},
                 indent=1))
             written += [PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON]
         seconds = time.monotonic() - start
-        line = _one_line_summary(summary, n, seconds, str(out))
-        run = {"config": dataclasses.asdict(config),
-               "models": [{"path": m.path, "kind": m.kind, "precision": m.precision()}
-                          for m in models],
+        line = _one_line_summary(summary, n, seconds, str(out), protocol)
+        run = {"config": dataclasses.asdict(config), "protocol": protocol,
+               "models": [_model_record(m) for m in models], "warnings": warnings,
                "num_cases": n, "has_labels": bool(per_case), "seconds": round(seconds, 1),
                "spacing_not_1mm": other_spacing,
                "summary_line": line, "written": sorted(written)}

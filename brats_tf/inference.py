@@ -391,6 +391,56 @@ def probabilities_to_labels_tf(probs: tf.Tensor, threshold: float = 0.5,
     return tf.where(on[..., _ET], fill(et_label), labels)
 
 
+def et_to_necrosis_tf(labels: tf.Tensor, et_min_voxels: int,
+                      et_label: int = constants.LABEL_ET) -> tf.Tensor:
+    """Graph version of ``volume.et_to_necrosis`` for a batch [B, D, H, W] of
+    label maps: each case's ET count against ``et_min_voxels`` (0: unchanged)."""
+    et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
+    et_label = volume.check_et_label(et_label)
+    if et_min_voxels == 0:
+        return labels
+    et = tf.equal(labels, tf.constant(et_label, labels.dtype))
+    count = tf.reduce_sum(tf.cast(et, tf.int64), axis=[1, 2, 3])
+    small = tf.reshape(count < et_min_voxels, [-1, 1, 1, 1])
+    necrosis = tf.fill(tf.shape(labels), tf.constant(constants.LABEL_NCR_NET, labels.dtype))
+    return tf.where(et & small, necrosis, labels)
+
+
+# --------------------------------------------------------------- protocol
+def protocol(crop_to_brain: bool, tta: bool, ensemble_size: int = 1, threshold: float = 0.5,
+             et_min_voxels: int = 0, multiple: int = constants.SPATIAL_DIVISOR) -> dict:
+    """How a prediction was made, as evaluation.json, summary.json, the
+    SavedModel's metadata and the client's output record it.
+
+    The paper's protocol (§4): the whole volume zero-padded to a multiple of 8
+    (240 x 240 x 155 -> 240 x 240 x 160), one model or an ensemble of 10 with
+    or without the 8 mirror flips, p > 0.5, no post-processing.
+    """
+    et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
+    return {
+        "region": "brain_box" if crop_to_brain else "whole_volume",
+        "padding": f"zeros to a multiple of {int(multiple)}, split evenly (odd voxel after)",
+        "tta": "8 mirror flips" if tta else "none",
+        "ensemble_size": int(ensemble_size),
+        "threshold": float(threshold),
+        "post_processing": (f"ET below {et_min_voxels} voxels -> necrosis (label 1)"
+                            if et_min_voxels else "none"),
+        "et_min_voxels": et_min_voxels,
+    }
+
+
+def describe_protocol(p: dict) -> str:
+    """``protocol``'s dict as one line, e.g. 'whole volume, TTA, 1 model, p > 0.5'."""
+    parts = ["brain box" if p["region"] == "brain_box" else
+             "whole volume" if p["region"] == "whole_volume" else str(p["region"]),
+             "TTA (8 flips)" if p["tta"] != "none" else "no TTA",
+             f"{p['ensemble_size']} model{'s' if p['ensemble_size'] != 1 else ''}",
+             f"p > {p['threshold']:g}"]
+    if p["et_min_voxels"]:
+        parts.append(f"ET < {p['et_min_voxels']} voxels -> NCR")
+    return ", ".join(parts)
+
+
 # ----------------------------------------------------------- NIfTI output
 def _reference(reference):
     """(shape or None, affine, header, path or None) from a path, a nibabel image or

@@ -10,6 +10,7 @@ exception: they are renamed together, once every case is written
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pathlib
@@ -96,3 +97,12 @@ def write_text_atomic(path, text: str) -> None:
 def write_json_atomic(path, payload, indent: int = 2) -> None:
     """JSON (sorted keys) written atomically."""
     write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=True))
+
+
+def expand_pattern(path) -> list[str]:
+    """A path with shell wildcards (``*``, ``?``, ``[``) -> its matches, sorted
+    ([] if none); a path without them -> [path]."""
+    path = str(path)
+    if not any(c in path for c in "*?["):
+        return [path]
+    return sorted(glob.glob(path))

@@ -4,7 +4,10 @@ Reads ``<case_dir>/<case>_{t1,t1ce,t2,flair}.nii.gz`` (channel order
 ``brats_tf.constants.MODALITIES``), sends the RAW volume (the SavedModel
 normalises and pads in its graph, see brats_tf/export.py) to a
 ``tensorflow_model_server`` over REST (JSON) or gRPC, and writes
-``<output_dir>/<case>.nii.gz`` (uint8 labels) with the case's affine and header.
+``<output_dir>/<case>.nii.gz`` (uint8 labels) with the case's affine and header,
+and ``<output_dir>/<case>.json``: how the labels were made (the SavedModel's
+``protocol`` output: region, padding, TTA, ensemble size, threshold,
+post-processing) and by which server, model and signature.
 
     python -m serving.client --case_dir=/data/Brats18_2013_2_1 --output_dir=/preds \\
         --server=http://localhost:8501 --model_name=brats
@@ -13,7 +16,11 @@ REST sends the volume as JSON text (a 240x240x155x4 case is ~35.7 M numbers,
 some 300 MB of JSON, and the response carries the probabilities as well);
 gRPC (``--protocol=grpc --grpc_server=localhost:8500``, needs the
 ``tensorflow-serving-api`` package) sends 143 MB of binary float32 and asks
-for the ``labels`` output only.
+for the ``labels`` and ``protocol`` outputs only.
+
+``--et_min_voxels=N`` applies the post-processing here, to the labels the
+server returns (``brats_tf.volume.et_to_necrosis``, the same function the
+SavedModel exported with ``--et_min_voxels`` runs in its graph).
 
 The request builders and response decoders are plain functions, testable
 without a server (tests/test_client.py feeds them through the SavedModel).
@@ -30,7 +37,8 @@ import urllib.request
 
 import numpy as np
 
-from brats_tf import constants
+from brats_tf import constants, volume
+from brats_tf.io_utils import write_text_atomic
 
 INPUT_NAME = "image"  # brats_tf.export.INPUT_NAME, without importing TensorFlow here
 SIGNATURES = ("serving_default", "serving_tta")
@@ -180,13 +188,22 @@ def decode_rest_response(response) -> dict[str, np.ndarray]:
     return _typed(outputs)
 
 
-def _typed(outputs: dict) -> dict[str, np.ndarray]:
+def _typed(outputs: dict) -> dict:
+    """Named outputs -> {"labels", ["probabilities"], ["protocol"]}: arrays, and
+    the protocol as a dict (the first case's; one export made them all)."""
     decoded = {}
     for name, dtype in OUTPUT_DTYPES.items():
         if name in outputs:
             decoded[name] = np.asarray(outputs[name], dtype=dtype)
     if "labels" not in decoded:
         raise ValueError(f"response has no 'labels' output: {sorted(outputs)}")
+    if "protocol" in outputs:
+        first = np.asarray(outputs["protocol"], dtype=object).reshape(-1)[0]
+        try:
+            decoded["protocol"] = json.loads(first.decode() if isinstance(first, bytes)
+                                             else first)
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"response's 'protocol' output is not JSON ({e})") from None
     return decoded
 
 
@@ -220,7 +237,7 @@ def grpc_available() -> bool:
 
 
 def grpc_request(image, model_name: str = "brats", signature_name: str = "serving_default",
-                 version: int | None = None, outputs=("labels",)):
+                 version: int | None = None, outputs=("labels", "protocol")):
     """A ``tensorflow_serving.apis.predict_pb2.PredictRequest`` for raw image(s).
 
     ``outputs`` fills ``output_filter`` (default: only the labels come back).
@@ -238,7 +255,7 @@ def grpc_request(image, model_name: str = "brats", signature_name: str = "servin
     if version:
         request.model_spec.version.value = int(version)
     request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.float32))
-    unknown = set(outputs or ()) - set(OUTPUT_DTYPES)
+    unknown = set(outputs or ()) - set(OUTPUT_DTYPES) - {"protocol"}
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; known: {sorted(OUTPUT_DTYPES)}")
     request.output_filter.extend(outputs or ())
@@ -250,6 +267,22 @@ def decode_grpc_response(response) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     return _typed({name: tf.make_ndarray(proto) for name, proto in response.outputs.items()})
+
+
+def case_protocol(server_protocol: dict | None, et_min_voxels: int) -> dict:
+    """What produced a case's labels: the server's protocol (its ``protocol``
+    output; None from a SavedModel that does not report one), with the
+    client's post-processing added (the larger ET threshold wins: applying
+    both is applying the larger)."""
+    et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
+    record = dict(server_protocol) if server_protocol else {
+        "unknown": "the server's model does not report its protocol (export it again)"}
+    server_n = int(record.get("et_min_voxels", 0) or 0)
+    if et_min_voxels > server_n:
+        record["et_min_voxels"] = et_min_voxels
+        record["post_processing"] = (f"ET below {et_min_voxels} voxels -> necrosis (label 1), "
+                                     f"applied by the client")
+    return record
 
 
 def send_grpc(target: str, request, timeout: float = 600.0):
@@ -283,8 +316,10 @@ class ClientConfig:
     case_id: str | None = None
     timeout_s: float = 600.0
     overwrite: bool = False
+    et_min_voxels: int = 0
 
     def __post_init__(self):
+        volume.check_et_min_voxels(self.et_min_voxels)
         if self.protocol not in ("rest", "grpc"):
             raise ValueError(f"protocol must be 'rest' or 'grpc', got {self.protocol!r}")
         _check_signature(self.signature_name)
@@ -295,7 +330,8 @@ class ClientConfig:
 
 
 def run(config: ClientConfig) -> pathlib.Path:
-    """Reads the case, asks the server, writes ``<output_dir>/<case_id>.nii.gz``."""
+    """Reads the case, asks the server, writes ``<output_dir>/<case_id>.nii.gz``
+    and its protocol ``<output_dir>/<case_id>.json``."""
     from brats_tf.inference import write_prediction_nifti
 
     case_id = config.case_id or pathlib.Path(config.case_dir).name
@@ -303,17 +339,20 @@ def run(config: ClientConfig) -> pathlib.Path:
     if not out_dir.is_dir():
         raise FileNotFoundError(f"case {case_id}: output directory not found: {out_dir}")
     target = out_dir / f"{case_id}.nii.gz"
-    if target.exists() and not config.overwrite:  # fail before the long request
-        raise FileExistsError(f"case {case_id}: {target} exists (use --overwrite)")
+    record_path = out_dir / f"{case_id}.json"
+    for path in (target, record_path):
+        if path.exists() and not config.overwrite:  # fail before the long request
+            raise FileExistsError(f"case {case_id}: {path} exists (use --overwrite)")
     image, reference = load_case(config.case_dir, case_id)
     if config.protocol == "rest":
-        url = rest_url(config.server, config.model_name, config.version)
+        url = server = rest_url(config.server, config.model_name, config.version)
         reply = send_rest(url, rest_request(image, config.signature_name), config.timeout_s)
         try:
             outputs = decode_rest_response(reply)
         except (ValueError, RuntimeError) as e:  # JSON, but not a predict response
             raise RuntimeError(f"{url}: {e}") from None
     else:
+        server = config.grpc_server
         request = grpc_request(image, config.model_name, config.signature_name, config.version)
         outputs = decode_grpc_response(send_grpc(config.grpc_server, request, config.timeout_s))
     labels = outputs["labels"]
@@ -322,8 +361,15 @@ def run(config: ClientConfig) -> pathlib.Path:
                          f"expected {(1,) + image.shape[:3]}")
     et_label = (constants.LABEL_ET_2023 if constants.LABEL_ET_2023 in labels
                 else constants.LABEL_ET)
-    return write_prediction_nifti(labels[0], reference, target, case_id=case_id,
-                                  et_label=et_label, overwrite=config.overwrite)
+    label_map = volume.et_to_necrosis(labels[0], config.et_min_voxels, et_label)
+    record = {"case_id": case_id, "prediction": target.name, "server": server,
+              "model_name": config.model_name, "version": config.version,
+              "signature": config.signature_name,
+              "protocol": case_protocol(outputs.get("protocol"), config.et_min_voxels)}
+    written = write_prediction_nifti(label_map, reference, target, case_id=case_id,
+                                     et_label=et_label, overwrite=config.overwrite)
+    write_text_atomic(record_path, json.dumps(record, indent=1) + "\n")
+    return written
 
 
 def define_flags():
@@ -343,6 +389,9 @@ def define_flags():
                       "serving_tta averages the 8 mirror flips (8x slower).")
     flags.DEFINE_float("timeout_s", 600.0, "Request timeout in seconds.", lower_bound=1.0)
     flags.DEFINE_bool("overwrite", False, "Replace an existing prediction file.")
+    flags.DEFINE_integer("et_min_voxels", 0, "Post-processing here, not the paper's (0: off): "
+                         "a case whose predicted ET has fewer voxels gets necrosis (label 1) "
+                         "there; as a SavedModel exported with --et_min_voxels.", lower_bound=0)
 
 
 def main(argv):
@@ -356,11 +405,12 @@ def main(argv):
                               grpc_server=f.grpc_server, protocol=f.protocol,
                               model_name=f.model_name, version=f.version,
                               signature_name=f.signature, case_id=f.case_id,
-                              timeout_s=f.timeout_s, overwrite=f.overwrite)
+                              timeout_s=f.timeout_s, overwrite=f.overwrite,
+                              et_min_voxels=f.et_min_voxels)
         path = run(config)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"serving.client: error: {e}")
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_name(path.name[:-len('.nii.gz')] + '.json')}")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,12 @@ def case_dir(tmp_path):
 
 
 def serve(loaded, signature_name, inputs):
-    """What tensorflow_model_server does with a request's input: the loaded signature."""
+    """What tensorflow_model_server does with a request's input: the loaded
+    signature (string outputs as text, as its REST API returns them)."""
     out = loaded.signatures[signature_name](image=tf.constant(np.asarray(inputs, np.float32)))
-    return {k: v.numpy() for k, v in out.items()}
+    out = {k: v.numpy() for k, v in out.items()}
+    out["protocol"] = np.array([t.decode() for t in out["protocol"]])
+    return out
 
 
 def test_load_case_channel_order_and_errors(case_dir, tmp_path):
@@ -94,6 +97,8 @@ def test_rest_request_through_saved_model(case_dir, fmt, signature_name):
     decoded = client.decode_rest_response(json.dumps(response))
     assert decoded["labels"].shape == (1,) + SHAPE and decoded["labels"].dtype == np.uint8
     assert decoded["probabilities"].shape == (1,) + SHAPE + (3,)
+    assert decoded["protocol"]["tta"] == ("8 mirror flips" if signature_name == "serving_tta"
+                                          else "none")
     # independent path: Keras model + NumPy pre-processing
     probs = I.predict_volume(model, image, tta=signature_name == "serving_tta")
     np.testing.assert_allclose(decoded["probabilities"][0], probs, atol=2e-5)
@@ -112,17 +117,19 @@ def test_grpc_request_through_saved_model(case_dir):
     request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
     assert request.model_spec.name == "brats" and request.model_spec.version.value == 3
     assert request.model_spec.signature_name == "serving_default"
-    assert list(request.output_filter) == ["labels"]
+    assert list(request.output_filter) == ["labels", "protocol"]
     sent = tf.make_ndarray(request.inputs["image"])
     assert sent.dtype == np.float32
     np.testing.assert_array_equal(sent, image[None])
     out = serve(loaded, "serving_default", sent)
     response = predict_pb2.PredictResponse()
     response.outputs["labels"].CopyFrom(tf.make_tensor_proto(out["labels"]))
+    response.outputs["protocol"].CopyFrom(tf.make_tensor_proto(out["protocol"].astype(bytes)))
     decoded = client.decode_grpc_response(
         predict_pb2.PredictResponse.FromString(response.SerializeToString()))
     np.testing.assert_array_equal(decoded["labels"], out["labels"])
     assert decoded["labels"].dtype == np.uint8 and "probabilities" not in decoded
+    assert decoded["protocol"]["region"] == "brain_box"
 
 
 def test_request_and_response_errors():
@@ -144,6 +151,7 @@ class _FakeServing(http.server.BaseHTTPRequestHandler):
 
     loaded = None
     paths = []
+    outputs = ("labels", "probabilities", "protocol")
 
     def do_POST(self):  # noqa: N802
         self.paths.append(self.path)
@@ -154,7 +162,8 @@ class _FakeServing(http.server.BaseHTTPRequestHandler):
         else:
             out = serve(self.loaded, body["signature_name"], body["inputs"]["image"])
             self.send_response(200)
-            reply = {"outputs": {k: v.tolist() for k, v in out.items()}}
+            reply = {"outputs": {k: v.tolist() for k, v in out.items()
+                                 if k in self.outputs}}
         data = json.dumps(reply).encode()
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -170,6 +179,7 @@ def fake_server():
     """Base URL of a loopback fake TF Serving that runs the tiny SavedModel."""
     _, _, _, loaded = tiny_export()
     _FakeServing.loaded = loaded
+    _FakeServing.outputs = ("labels", "probabilities", "protocol")
     server = http.server.HTTPServer(("127.0.0.1", 0), _FakeServing)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -196,6 +206,10 @@ def test_client_run_end_to_end_over_loopback(case_dir, tmp_path, fake_server):
     image, _ = client.load_case(case_dir)
     expected = serve(loaded, "serving_default", image[None])["labels"][0]
     np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+    record = json.loads((out_dir / f"{CASE}.json").read_text())
+    assert record["protocol"] == json.loads(
+        (tiny_export()[2] / "assets.extra" / "brats_tf.json").read_text())["protocol"]
+    assert record["signature"] == "serving_default" and record["case_id"] == CASE
     with pytest.raises(FileExistsError, match="--overwrite"):
         client.run(config)
     wrong = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
@@ -218,5 +232,43 @@ def test_client_command_line(case_dir, tmp_path, fake_server):
         f"serving.client: error: case nope: case directory not found: {tmp_path / 'nope'}")
     result = cli(f"--case_dir={case_dir}", f"--output_dir={out_dir}", f"--server={fake_server}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == f"wrote {out_dir / (CASE + '.nii.gz')}"
+    assert result.stdout.strip() == (f"wrote {out_dir / (CASE + '.nii.gz')} and "
+                                     f"{out_dir / (CASE + '.json')}")
     assert nib.load(out_dir / f"{CASE}.nii.gz").shape == SHAPE
+
+
+def test_client_post_processing_equals_the_exported_one(case_dir, tmp_path, fake_server):
+    """--et_min_voxels in the client on a plain SavedModel's labels = a SavedModel
+    exported with it; the record says who applied it."""
+    from brats_tf.export import export_saved_model
+
+    model, _, _, loaded = tiny_export()
+    image, _ = client.load_case(case_dir)
+    plain = serve(loaded, "serving_default", image[None])["labels"][0]
+    n = int((plain == C.LABEL_ET).sum()) + 1  # more than this case has: its ET goes
+    assert n > 1  # the untrained model predicts some ET here: the test can fail
+    exported = tf.saved_model.load(str(export_saved_model(model, tmp_path / "e",
+                                                          et_min_voxels=n)))
+    served = serve(exported, "serving_default", image[None])
+    out_dir = tmp_path / "preds"
+    out_dir.mkdir()
+    path = client.run(client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
+                                          server=fake_server, et_min_voxels=n))
+    by_client = np.asarray(nib.load(path).dataobj)
+    np.testing.assert_array_equal(by_client, served["labels"][0])
+    np.testing.assert_array_equal(by_client, np.where(plain == C.LABEL_ET, 1, plain))
+    record = json.loads((out_dir / f"{CASE}.json").read_text())["protocol"]
+    assert record["et_min_voxels"] == n and "applied by the client" in record["post_processing"]
+    assert json.loads(served["protocol"][0])["et_min_voxels"] == n
+
+
+def test_client_record_of_a_server_without_protocol(case_dir, tmp_path, fake_server):
+    """A SavedModel exported before the protocol output: the labels are written
+    and the record says the protocol is unknown."""
+    _FakeServing.outputs = ("labels", "probabilities")
+    out_dir = tmp_path / "preds"
+    out_dir.mkdir()
+    client.run(client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
+                                   server=fake_server))
+    record = json.loads((out_dir / f"{CASE}.json").read_text())
+    assert list(record["protocol"]) == ["unknown"]

@@ -1,8 +1,8 @@
 """The docs show only commands the code accepts, and link only to files that exist.
 
 Every `--flag` that a command line in the Markdown docs passes to train.py,
-evaluate.py, `python -m data_pipeline.<module>`, `python -m brats_tf.export` or
-`python -m serving.client` must be one of that program's absl flags, read from
+evaluate.py, `python -m data_pipeline.<module>`, `python -m brats_tf.export`,
+`python -m brats_tf.postprocess` or `python -m serving.client` must be one of that program's absl flags, read from
 its own `--helpfull` (each program runs once, in a subprocess, all at once).
 Command lines come from fenced code blocks (backslash continuations joined)
 and from inline code spans. Every relative Markdown link must point to an
@@ -29,7 +29,8 @@ DOCS = sorted([ROOT / "README.md", ROOT / "WORKSPACE.md", *(ROOT / "docs").glob(
                *(ROOT / "brats_tf").glob("*.md")])
 
 SCRIPTS = ("train.py", "evaluate.py")
-MODULES = re.compile(r"^(data_pipeline\.\w+|brats_tf\.export|serving\.client)$")
+MODULES = re.compile(r"^(data_pipeline\.\w+|brats_tf\.export|brats_tf\.postprocess|"
+                     r"serving\.client)$")
 SHELL_BREAKS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1"}
 README_LIMIT_BYTES = 10 * 1024
 

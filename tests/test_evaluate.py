@@ -372,6 +372,8 @@ def test_command_line_exit_status_and_one_line_error(data, tmp_path):
     (dict(hd95_mode="mean"), "hd95_mode"),
     (dict(fold=-1), "fold"),
     (dict(precision="bfloat16"), "precision"),
+    (dict(et_min_voxels=-1), "et_min_voxels"),
+    (dict(et_min_voxels=2.5), "et_min_voxels"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     base = dict(models=("m",), data="d", output_dir="o")
@@ -387,3 +389,128 @@ def test_config_rejects_bad_values(kwargs, message):
 ])
 def test_spacing_from_affine(affine, expected):
     assert evaluation.spacing_from_affine(affine) == pytest.approx(expected)
+
+
+# ------------------------------------------- post-processing, protocol, ensembles
+def _labels(out):
+    return {f.name: np.asarray(nib.load(str(f)).dataobj)
+            for f in sorted((out / "predictions").iterdir())}
+
+
+def test_et_post_processing_and_the_protocol_on_record(data, models, tmp_path, capsys):
+    common = [f"--model={models / 'md'}", f"--data={data / 'tfr'}", "--nofigures"]
+    assert run(common + [f"--output_dir={tmp_path / 'plain'}"], capsys)[0] == 0
+    plain = _labels(tmp_path / "plain")
+    counts = sorted(int((l == 4).sum()) for l in plain.values())
+    assert counts[-1] > counts[0] > 0  # the untrained model predicts ET of several sizes
+    n = counts[-1]  # every case but the largest ET loses its ET
+    code, stdout, err = run(common + [f"--output_dir={tmp_path / 'post'}", f"--et_min_voxels={n}"],
+                            capsys)
+    assert code == 0, err
+    assert f"ET < {n} voxels -> NCR" in stdout
+    post = _labels(tmp_path / "post")
+    changed = 0
+    for name, before in plain.items():
+        expected = before.copy()
+        if (before == 4).sum() < n:  # hand-written rule: ET -> 1, nothing else changes
+            expected[before == 4] = 1
+            changed += 1
+        np.testing.assert_array_equal(post[name], expected)
+    assert changed == len(plain) - 1
+    # ET Dice of the changed cases: 1 where the truth has no ET, else 0
+    rows = {r["case_id"]: r for r in read_csv(tmp_path / "post" / "per_case.csv")}
+    plain_rows = {r["case_id"]: r for r in read_csv(tmp_path / "plain" / "per_case.csv")}
+    for case_id, row in rows.items():
+        assert row["WT_dice"] == plain_rows[case_id]["WT_dice"]
+        assert row["TC_dice"] == plain_rows[case_id]["TC_dice"]
+    for name in ("plain", "post"):
+        record = json.loads((tmp_path / name / evaluation.RUN_JSON).read_text())
+        summary = json.loads((tmp_path / name / evaluation.SUMMARY_JSON).read_text())
+        assert record["protocol"] == summary["protocol"]
+        assert record["protocol"] == {
+            "region": "brain_box", "tta": "none", "ensemble_size": 1, "threshold": 0.5,
+            "et_min_voxels": n if name == "post" else 0,
+            "post_processing": (f"ET below {n} voxels -> necrosis (label 1)" if name == "post"
+                                else "none"),
+            "padding": "zeros to a multiple of 8, split evenly (odd voxel after)"}
+
+
+def test_protocol_region_follows_what_ran(data, models, tmp_path, capsys):
+    """--crop_to_brain=false is the paper's whole volume for Keras models; a
+    SavedModel runs as it was exported (here on the brain box)."""
+    saved = models / "md" / "export" / "1"
+    common = [f"--data={data / 'tfr'}", "--fold=0", "--nofigures", "--nocrop_to_brain", "--tta"]
+    regions = {}
+    for name, model in [("keras", models / "md"), ("saved", saved),
+                        ("both", f"{models / 'md'},{saved}")]:
+        out = tmp_path / name
+        code, _, err = run(common + [f"--model={model}", f"--output_dir={out}"], capsys)
+        assert code == 0, err
+        protocol = json.loads((out / evaluation.SUMMARY_JSON).read_text())["protocol"]
+        assert protocol["tta"] == "8 mirror flips"
+        regions[name] = (protocol["region"], protocol["ensemble_size"])
+    assert regions == {"keras": ("whole_volume", 1), "saved": ("brain_box", 1),
+                       "both": ("mixed: brain_box, whole_volume", 2)}
+
+
+def _member(root, name, models, seed, fold=0, dice=(0.9, 0.8, 0.6)):
+    """A copy of the tiny model_dir with a train.py config.json of ``seed`` and
+    a history.json whose last epoch has the training Dice ``dice`` (WT, TC, ET)."""
+    member = root / name
+    shutil.copytree(models / "md", member)
+    (member / "config.json").write_text(json.dumps({
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+        "train": {"seed": seed, "num_train_cases": 2}, "data": {"fold": fold, "member": None}}))
+    (member / "history.json").write_text(json.dumps(
+        [{"epoch": 1, "dice_WT": 0.0, "dice_TC": 0.0, "dice_ET": 0.0},
+         {"epoch": 2, **{f"dice_{r}": d for r, d in zip(("WT", "TC", "ET"), dice)}}]))
+    return member
+
+
+def test_member_patterns_and_equal_seed_warnings(data, models, tmp_path, capsys, caplog):
+    ens = tmp_path / "ens"
+    _member(ens, "member_0", models, seed=0)
+    _member(ens, "member_1", models, seed=1)
+    _member(ens, "member_2", models, seed=1)  # the same seed and split as member_1
+    common = [f"--data={data / 'tfr'}", "--fold=1", "--nofigures"]
+    code, stdout, err = run(common + [f"--model={ens}/member_[01]", f"--output_dir={tmp_path / 'a'}"],
+                            capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "a" / evaluation.RUN_JSON).read_text())
+    assert [m["path"] for m in record["models"]] == [
+        str(ens / f"member_{k}" / "segmenter.keras") for k in (0, 1)]
+    assert [m["seed"] for m in record["models"]] == [0, 1]
+    assert record["warnings"] == [] and record["protocol"]["ensemble_size"] == 2
+    assert "2 models" in stdout
+    code, _, err = run(common + [f"--model={ens}/member_*,{ens / 'member_0'}",
+                                 f"--output_dir={tmp_path / 'b'}"], capsys)
+    assert code == 0, err
+    warnings = json.loads((tmp_path / "b" / evaluation.RUN_JSON).read_text())["warnings"]
+    assert len(warnings) == 2, warnings
+    assert "member_1" in warnings[0] and "member_2" in warnings[0] and "seed 1" in warnings[0]
+    assert "member_0" in warnings[1] and "same file" in warnings[1]
+    assert "same seed 1" in caplog.text  # logged too
+    code, _, err = run(common + [f"--model={ens}/member_9*", f"--output_dir={tmp_path / 'c'}"],
+                       capsys)
+    assert code != 0 and f"model {ens}/member_9*: the pattern matches no file or folder" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_member_that_has_not_learned_a_region_is_warned_of(data, models, tmp_path, capsys):
+    """A member whose last training epoch ends with a region's Dice below
+    training.UNLEARNED_DICE (a saturated channel) is named in the warnings."""
+    ens = tmp_path / "ens"
+    _member(ens, "member_0", models, seed=0)
+    _member(ens, "member_1", models, seed=1, dice=(0.95, 0.002, 0.7))
+    _member(ens, "member_2", models, seed=2, dice=(0.95, 0.8, 0.099))
+    code, _, err = run([f"--data={data / 'tfr'}", "--fold=1", "--nofigures",
+                        f"--model={ens}/member_*", f"--output_dir={tmp_path / 'o'}"], capsys)
+    assert code == 0, err
+    warnings = json.loads((tmp_path / "o" / evaluation.RUN_JSON).read_text())["warnings"]
+    assert warnings == [
+        f"model {ens / 'member_1' / 'segmenter.keras'} has not learned TC: training Dice "
+        f"0.002 in its last epoch (a channel saturated early in training); leave it out of "
+        f"the ensemble",
+        f"model {ens / 'member_2' / 'segmenter.keras'} has not learned ET: training Dice "
+        f"0.099 in its last epoch (a channel saturated early in training); leave it out of "
+        f"the ensemble"]

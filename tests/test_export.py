@@ -106,6 +106,8 @@ def test_saved_model_cli_shows_both_signatures():
                          r"shape: \(-1, -1, -1, -1, 3\)", block), block
         assert re.search(r"outputs\['labels'\] tensor_info: dtype: DT_UINT8 "
                          r"shape: \(-1, -1, -1, -1\)", block), block
+        assert re.search(r"outputs\['protocol'\] tensor_info: dtype: DT_STRING "
+                         r"shape: \(-1\)", block), block
         assert "Method name is: tensorflow/serving/predict" in block
 
 
@@ -270,3 +272,73 @@ def test_brain_box_in_the_graph_matches_numpy_and_can_be_turned_off(tmp_path):
     np.testing.assert_allclose(out, expected_full, atol=2e-5)
     np.testing.assert_allclose(I.predict_volume(model, image, crop_to_brain=False),
                                expected_full, atol=2e-5)
+
+
+def _small(seed):
+    # 2 levels (inputs divisible by 2): quick to export
+    keras.utils.set_random_seed(seed)
+    return build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
+                                   blocks_down=(1, 1), blocks_up=(1,)))
+
+
+def test_protocol_output_and_metadata():
+    _, _, version_dir, loaded = tiny_export()
+    meta = json.loads((version_dir / export.METADATA_FILE).read_text())
+    x = raw_batch((9, 16, 8), batch=2, seed=4)
+    for signature, key, tta in [("serving_default", "protocol", "none"),
+                                ("serving_tta", "protocol_serving_tta", "8 mirror flips")]:
+        out = loaded.signatures[signature](image=tf.constant(x))["protocol"].numpy()
+        assert out.shape == (2,)
+        protocol = json.loads(out[0].decode())
+        assert protocol == meta[key] and out[1] == out[0]
+        assert protocol == {"region": "brain_box", "tta": tta, "ensemble_size": 1,
+                            "threshold": 0.5, "et_min_voxels": 0, "post_processing": "none",
+                            "padding": "zeros to a multiple of 8, split evenly (odd voxel after)"}
+
+
+def test_ensemble_export_is_the_mean_and_post_processing_runs_in_the_graph(tmp_path):
+    a, b = _small(1), _small(2)
+    x = raw_batch((7, 8, 6), batch=2, seed=6)
+    x[1, :, :, :3] = 0.0  # a smaller brain: the two cases get different ET volumes
+    expected = (keras_reference(a, x, False, 2) + keras_reference(b, x, False, 2)) / 2
+    plain = tf.saved_model.load(str(export.export_saved_model([a, b], tmp_path / "plain")))
+    out = plain.signatures["serving_default"](image=tf.constant(x))
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=2e-5)
+    assert np.abs(keras_reference(a, x, False, 2) - expected).max() > 1e-3  # not one model
+    labels = out["labels"].numpy()
+    assert json.loads(out["protocol"].numpy()[0].decode())["ensemble_size"] == 2
+    counts = [int((c == C.LABEL_ET).sum()) for c in labels]
+    assert min(counts) > 0 and counts[0] != counts[1], counts
+    n = max(counts)  # the case with fewer ET voxels loses them, the other keeps them
+    post_dir = export.export_saved_model([a, b], tmp_path / "post", et_min_voxels=n)
+    post = tf.saved_model.load(str(post_dir))
+    got = post.signatures["serving_default"](image=tf.constant(x))
+    for case, before in zip(got["labels"].numpy(), labels):
+        want = before.copy()
+        if (before == C.LABEL_ET).sum() < n:
+            want[before == C.LABEL_ET] = 1
+        np.testing.assert_array_equal(case, want)
+    assert sorted(int((c == C.LABEL_ET).sum()) for c in got["labels"].numpy()) == [0, n]
+    meta = json.loads((post_dir / export.METADATA_FILE).read_text())
+    assert meta["et_min_voxels"] == n and meta["protocol"]["ensemble_size"] == 2
+    assert json.loads(got["protocol"].numpy()[0].decode()) == meta["protocol"]
+    with pytest.raises(ValueError, match="et_min_voxels"):
+        export.export_saved_model(a, tmp_path / "bad", et_min_voxels=-2)
+    with pytest.raises(ValueError, match="no model"):
+        export.export_saved_model([], tmp_path / "none")
+
+
+def test_cli_exports_an_ensemble_from_a_pattern(tmp_path):
+    for k in (0, 1):
+        (tmp_path / f"member_{k}").mkdir()
+        _small(k + 3).save(tmp_path / f"member_{k}" / "model.keras")
+    result = run_cli(f"--model={tmp_path}/member_*/model.keras", f"--export_dir={tmp_path / 'e'}",
+                     "--et_min_voxels=50")
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((tmp_path / "e" / "1" / export.METADATA_FILE).read_text())
+    assert meta["protocol"]["ensemble_size"] == 2 and meta["protocol"]["et_min_voxels"] == 50
+    result = run_cli(f"--model={tmp_path}/nothing_*/model.keras", f"--export_dir={tmp_path / 'f'}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"brats_tf.export: error: model pattern {tmp_path}/nothing_*/model.keras matches no file")
+    assert not (tmp_path / "f").exists()

@@ -55,9 +55,10 @@ def test_entry_points_turn_onednn_on_and_respect_the_user(entry):
 CORE = ("constants", "config", "layers", "recompute", "model", "losses", "volume", "io_utils",
         "schedules", "flops")
 ABOVE_CORE = ("data_pipeline", "brats_tf.training", "brats_tf.inference",
-              "brats_tf.evaluation", "brats_tf.export", "serving", "train", "evaluate")
+              "brats_tf.evaluation", "brats_tf.export", "brats_tf.postprocess", "serving",
+              "train", "evaluate")
 ABOVE_DATA = ("brats_tf.training", "brats_tf.inference", "brats_tf.evaluation",
-              "brats_tf.export", "serving", "train", "evaluate")
+              "brats_tf.export", "brats_tf.postprocess", "serving", "train", "evaluate")
 PKG = pathlib.Path(ROOT)
 
 

@@ -120,6 +120,33 @@ def test_recompute_run_records_its_levels(data_dir, tmp_path):
     assert config["runtime"]["inter_op_threads"] == 1
 
 
+def test_ensemble_members_train_with_their_own_seed_and_folder(data_dir, tmp_path):
+    """--member=K: seed --seed + K into model_dir/member_K. The runs are
+    deterministic (smoke.flags), so equal seeds would give equal weights."""
+    common = [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'ens'}", "--seed=5",
+              "--epochs=1", "--steps_per_epoch=1", "--noexport", "--fold=-1"]
+    procs = [start_train(common + [f"--member={k}"], tmp_path / f"member{k}.log")
+             for k in (0, 1)]
+    for proc in procs:
+        assert finish(proc).returncode == 0, proc.stderr[-3000:]
+    members = [tmp_path / "ens" / f"member_{k}" for k in (0, 1)]
+    configs = [json.loads((m / "config.json").read_text()) for m in members]
+    assert [c["train"]["seed"] for c in configs] == [5, 6]
+    assert [c["data"]["member"] for c in configs] == [0, 1]
+    assert [c["train"]["model_dir"] for c in configs] == [str(m) for m in members]
+    assert "--member=1" in (members[1] / "flags.txt").read_text()
+    w0, w1 = _weights(members[0]), _weights(members[1])
+    kernels = [n for n in w0 if np.ndim(w0[n]) == 5]  # 3-D convolution kernels (and Adam's)
+    assert kernels and all(not np.array_equal(w0[n], w1[n]) for n in kernels)
+    # member 1 again with another --seed: refused, nothing written
+    before = (members[1] / "config.json").read_text()
+    proc = train(common[:2] + ["--seed=7", "--member=1", "--fold=-1"], timeout=120)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("train.py: error:")]
+    assert len(errors) == 1 and "seed 6 there, 8 now" in errors[0], proc.stderr[-2000:]
+    assert (members[1] / "config.json").read_text() == before
+
+
 def _weights(model_dir):
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
     # Everything: weights, Adam slots and step, epoch, random-generator states.

@@ -359,3 +359,16 @@ def test_epoch_iterators_are_destroyed_off_the_main_thread():
     assert done.is_set() and not thread.daemon
     assert destroyed and destroyed[0] is not threading.main_thread()
     assert holder == []
+
+
+def test_unlearned_regions_by_hand():
+    from brats_tf.training import UNLEARNED_DICE, unlearned_regions
+
+    assert UNLEARNED_DICE == 0.1
+    assert unlearned_regions({"epoch": 60, "dice_WT": 0.95, "dice_TC": 0.002,
+                              "dice_ET": 0.1}) == {"TC": 0.002}  # 0.1 itself is learned
+    assert unlearned_regions({"dice_WT": 0.05, "dice_TC": 0.5, "dice_ET": 0.0099}) == {
+        "WT": 0.05, "ET": 0.0099}
+    assert unlearned_regions({"epoch": 3, "loss": 1.0}) == {}  # no Dice recorded: nothing
+    assert unlearned_regions({"dice_WT": 0.5, "dice_TC": 0.5, "dice_ET": 0.2}, 0.3) == {
+        "ET": 0.2}

@@ -1,0 +1,234 @@
+"""Chooses the ET post-processing's volume threshold on training folds.
+
+BraTS scores ET as 1 on a case without ET when nothing is predicted there, and
+0 when even a few voxels are: entries after the paper (Isensee et al., BraTS
+2018; nnU-Net's BraTS set-up) relabel a predicted ET below N voxels as
+necrosis (label 1; TC and WT are unchanged). The paper has no post-processing,
+so it is an option, off by default (``--et_min_voxels`` of evaluate.py,
+brats_tf.export and serving.client; ``volume.et_to_necrosis``).
+
+N is chosen on cases the held-out evaluation will not see: by default every
+fold but the models' validation folds (their train.py config.json says which);
+naming a model's validation fold is an error. Each case is predicted once with
+the protocol it will be evaluated with (region, TTA, threshold); then every
+candidate N is scored by the mean ET Dice over the cases (BraTS's empty-mask
+rule), and the best wins (ties: the smallest N, the least change).
+
+    python -m brats_tf.postprocess --model=runs/b18 --data=data/brats18_tfrecord \
+        --tta --output=runs/b18/et_min_voxels.json
+
+Cases a model was trained on are easier than new ones: the predictions there
+have fewer false ET voxels than on unseen cases, so N chosen on them tends to
+be small. Out-of-fold predictions (each fold by a model that held it out,
+``--model`` of the models trained with ``--fold=k`` together with
+``--folds``) give a choice closer to what the test set will see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+import numpy as np
+
+from brats_tf import constants, inference, metrics, volume
+
+log = logging.getLogger("brats_tf.postprocess")
+
+DEFAULT_CANDIDATES = (0, 25, 50, 100, 200, 300, 400, 500, 750, 1000, 1500, 2000)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseET:
+    """One case's ET as predicted without post-processing, and its truth."""
+
+    case_id: str
+    fold: int | None
+    predicted_voxels: int  # predicted ET voxels
+    dice: float  # ET Dice of that prediction (BraTS empty-mask rule)
+    truth_voxels: int  # ET voxels of the ground truth
+
+
+def score(cases, et_min_voxels: int) -> tuple[float, int]:
+    """(mean ET Dice, cases changed) with ``et_min_voxels``: a case whose
+    prediction has fewer ET voxels loses them, and scores 1 if its truth has no
+    ET, else 0 (``metrics.dice`` of an empty prediction)."""
+    et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
+    values, changed = [], 0
+    for case in cases:
+        if 0 < case.predicted_voxels < et_min_voxels:
+            values.append(1.0 if case.truth_voxels == 0 else 0.0)
+            changed += 1
+        else:
+            values.append(case.dice)
+    if not values:
+        raise ValueError("no case to score")
+    return float(np.mean(values)), changed
+
+
+def choose(cases, candidates=DEFAULT_CANDIDATES) -> tuple[int, list[dict]]:
+    """(the best N, the table of every candidate) for ``cases`` (CaseET)."""
+    candidates = sorted({volume.check_et_min_voxels(n) for n in candidates} | {0})
+    table = []
+    for n in candidates:
+        mean, changed = score(cases, n)
+        table.append({"et_min_voxels": n, "mean_et_dice": mean, "cases_changed": changed})
+    best = max(table, key=lambda row: (row["mean_et_dice"], -row["et_min_voxels"]))
+    return best["et_min_voxels"], table
+
+
+def training_folds(models, num_folds: int, folds=None) -> list[int]:
+    """The folds to choose on: ``folds`` (checked), or every fold but the
+    models' validation folds. A model's validation fold in ``folds`` is an
+    error, as is a model without its train.py config.json when ``folds`` is
+    not given."""
+    from brats_tf.evaluation import EvaluationError, training_run
+
+    held_out = {}
+    for model in models:
+        run = training_run(model)
+        if run is None:
+            if folds is None:
+                raise EvaluationError(
+                    f"model {model.path}: no train.py config.json says which fold it held "
+                    f"out: give --folds (folds it was trained on)")
+            continue
+        fold = run["data"].get("fold")
+        if isinstance(fold, int) and fold >= 0:
+            held_out.setdefault(fold, model.path)
+    if folds is None:
+        folds = [k for k in range(num_folds) if k not in held_out]
+    for k in folds:
+        if not 0 <= k < num_folds:
+            raise EvaluationError(f"fold {k}: the data has folds 0 to {num_folds - 1}")
+        if k in held_out:
+            raise EvaluationError(f"fold {k} is the held-out fold of model {held_out[k]}: "
+                                  f"choose N on the folds it was trained on")
+    if not folds:
+        raise EvaluationError("no fold left to choose on (every fold is a model's held-out one)")
+    return sorted(set(folds))
+
+
+def collect(models, data: str, folds, tta: bool, crop_to_brain: bool, threshold: float,
+            progress: bool = True) -> list[CaseET]:
+    """Predicts every case of ``folds`` once: its ET voxels, Dice and truth."""
+    import tqdm
+
+    from brats_tf.evaluation import EvaluationError, ensemble_probabilities, open_cases
+
+    sources = []
+    for fold in folds:
+        cases, count, has_labels = open_cases(data, fold)
+        if not has_labels:
+            raise EvaluationError(f"data {data}: no labels, nothing to choose N with")
+        sources.append((fold, cases, count))
+    result = []
+    with tqdm.tqdm(total=sum(c for _, _, c in sources), unit="case", disable=not progress,
+                   desc="predict", dynamic_ncols=True) as bar:
+        for fold, cases, _ in sources:
+            for case in cases:
+                probs = ensemble_probabilities(models, case.image, tta, crop_to_brain)
+                labels = inference.probabilities_to_labels(probs, threshold)
+                predicted = labels == constants.LABEL_ET
+                truth = case.label == constants.LABEL_ET
+                result.append(CaseET(case.case_id, fold, int(np.count_nonzero(predicted)),
+                                     float(metrics.dice(predicted, truth)),
+                                     int(np.count_nonzero(truth))))
+                bar.update(1)
+    return result
+
+
+# ---------------------------------------------------------------- command line
+def define_flags():
+    """This entry point's flags (only when run as a program)."""
+    from absl import flags
+
+    flags.DEFINE_list("model", None, "Model path(s) as evaluate.py --model (several: an "
+                      "ensemble; shell patterns allowed).")
+    flags.DEFINE_string("data", None, "The converter's TFRecord folder (manifest.json).")
+    flags.DEFINE_list("folds", None, "Folds to choose on (default: every fold but the models' "
+                      "validation folds).")
+    flags.DEFINE_boolean("tta", False, "Predict with the 8 mirror flips, as the evaluation "
+                         "that will use N.")
+    flags.DEFINE_boolean("crop_to_brain", True, "As evaluate.py --crop_to_brain.")
+    flags.DEFINE_float("threshold", 0.5, "As evaluate.py --threshold.", lower_bound=0.0,
+                       upper_bound=0.999999)
+    flags.DEFINE_list("candidates", [str(n) for n in DEFAULT_CANDIDATES],
+                      "ET volume thresholds (voxels) to try; 0 (none) is always tried.")
+    flags.DEFINE_string("output", None, "The JSON written (the choice, its table, every case).")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing --output.")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+    return flags.FLAGS
+
+
+def _ints(name, values) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--{name} must be integers, got {','.join(values)}") from None
+
+
+def main(argv):
+    from absl import flags as absl_flags
+
+    from brats_tf.evaluation import (EvaluationError, expand_model_paths, is_tfrecord_dir,
+                                     load_models)
+    from brats_tf.io_utils import write_json_atomic
+    from data_pipeline.convert import read_manifest
+
+    if len(argv) > 1:
+        sys.exit(f"brats_tf.postprocess: error: unexpected arguments {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    f = absl_flags.FLAGS
+    try:
+        for name in ("model", "data", "output"):
+            if not f[name].value:
+                raise ValueError(f"--{name} is required")
+        if not is_tfrecord_dir(f.data):
+            raise ValueError(f"--data={f.data}: not a converter output folder (manifest.json "
+                             f"with folds): N is chosen on training folds")
+        if os.path.exists(f.output) and not f.overwrite:
+            raise ValueError(f"--output={f.output} exists (pass --overwrite to replace it)")
+        if os.path.isdir(f.output):
+            raise ValueError(f"--output={f.output} is a folder")
+        candidates = [volume.check_et_min_voxels(n) for n in _ints("candidates", f.candidates)]
+        threshold = volume.check_threshold(f.threshold)
+        manifest = read_manifest(f.data)
+        models = load_models(expand_model_paths(f.model))
+        folds = training_folds(models, manifest["options"]["folds"],
+                               None if f.folds is None else _ints("folds", f.folds))
+        log.info("choosing on fold(s) %s of %s", ",".join(map(str, folds)), f.data)
+        cases = collect(models, f.data, folds, f.tta, f.crop_to_brain, threshold, f.progress)
+    except (EvaluationError, ValueError, OSError) as e:
+        text = str(e).strip().splitlines()
+        sys.exit(f"brats_tf.postprocess: error: {text[0] if text else type(e).__name__}")
+    best, table = choose(cases, candidates)
+    for row in table:
+        log.info("et_min_voxels %5d: mean ET Dice %.4f (%d case(s) changed)%s",
+                 row["et_min_voxels"], row["mean_et_dice"], row["cases_changed"],
+                 "  <- chosen" if row["et_min_voxels"] == best else "")
+    record = {
+        "et_min_voxels": best,
+        "chosen_on": {"data": f.data, "folds": folds, "num_cases": len(cases)},
+        "models": [m.path for m in models],
+        "protocol": inference.protocol(f.crop_to_brain, f.tta,
+                                       sum(m.networks() for m in models), threshold),
+        "table": table,
+        "cases": [dataclasses.asdict(c) for c in cases],
+    }
+    write_json_atomic(f.output, record)
+    log.info("wrote %s", f.output)
+    chosen = next(row for row in table if row["et_min_voxels"] == best)
+    print(f"et_min_voxels={best} (mean ET Dice {chosen['mean_et_dice']:.4f} on {len(cases)} "
+          f"case(s) of fold(s) {','.join(map(str, folds))}, {table[0]['mean_et_dice']:.4f} "
+          f"without): use evaluate.py --et_min_voxels={best}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
