@@ -47,14 +47,18 @@ demo: venv
 # and 4: at this size seeds 1 and 2 leave a region unlearned (train.py and
 # evaluate.py warn; docs/demo_runs.md, "The ensemble"), MEMBERS="0 1 2" runs them.
 MEMBERS ?= 0 3 4
+empty :=
+comma := ,
+# the members' folders, comma separated: evaluate.py --model
+MEMBER_DIRS = $(subst $(empty) $(empty),$(comma),$(strip $(addprefix $(DEMO_DIR)/ensemble/member_,$(MEMBERS))))
 demo_ensemble: venv
 	@test -f $(DEMO_DIR)/tfrecord/manifest.json || { echo "no $(DEMO_DIR)/tfrecord: run make demo first"; exit 1; }
 	for k in $(MEMBERS); do \
 	  $(PY) train.py --flagfile=configs/demo.flags --data_dir=$(DEMO_DIR)/tfrecord --model_dir=$(DEMO_DIR)/ensemble --member=$$k --noverbose || exit 1; \
 	done
-	$(PY) evaluate.py --model=$(DEMO_DIR)/ensemble/member_0 --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_member0_tta --overwrite
-	$(PY) evaluate.py --model='$(DEMO_DIR)/ensemble/member_*' --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_ensemble_tta --overwrite
-	@echo "ensemble done: members in $(DEMO_DIR)/ensemble, held-out evaluations in $(DEMO_DIR)/eval_member0_tta (one member) and $(DEMO_DIR)/eval_ensemble_tta (the ensemble), both with TTA"
+	$(PY) evaluate.py --model=$(DEMO_DIR)/ensemble/member_$(firstword $(MEMBERS)) --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_member0_tta --overwrite
+	$(PY) evaluate.py --model=$(MEMBER_DIRS) --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_ensemble_tta --overwrite
+	@echo "ensemble done: members in $(DEMO_DIR)/ensemble, held-out evaluations in $(DEMO_DIR)/eval_member0_tta (member $(firstword $(MEMBERS))) and $(DEMO_DIR)/eval_ensemble_tta (the ensemble), both with TTA"
 
 # Every benchmark (about an hour on 2 cores; run it on an idle machine): writes
 # benchmarks/results.json and benchmarks/RESULTS.md (README quotes it).
