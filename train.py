@@ -105,16 +105,9 @@ flags.DEFINE_boolean("verbose", True, "Progress bar per epoch.")
 log = logging.getLogger("train")
 
 
-def _ints(name: str, values) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise ValueError(f"--{name} must be integers, got {','.join(values)}") from None
-
-
 def configs_from_flags():
     """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
-    from brats_tf.config import LossConfig, ModelConfig
+    from brats_tf.config import LossConfig, ModelConfig, int_flag_list
     from brats_tf.training import TrainConfig, check_precision_for_model
     from data_pipeline.convert import fold_files, read_manifest
 
@@ -151,11 +144,11 @@ def configs_from_flags():
             f"{FLAGS.batch_per_replica} needs {FLAGS.steps_per_epoch * FLAGS.batch_per_replica} "
             f"training cases per epoch; --fold={FLAGS.fold} of {manifest_path} has {num_train}")
     _check_tf_config()
-    blocks_down = _ints("blocks_down", FLAGS.blocks_down)
+    blocks_down = int_flag_list("blocks_down", FLAGS.blocks_down)
     model_config = ModelConfig(
-        input_shape=_ints("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
+        input_shape=int_flag_list("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
         groups=FLAGS.groups, blocks_down=blocks_down,
-        blocks_up=_ints("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
+        blocks_up=int_flag_list("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
         dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae,
         recompute_levels=(FLAGS.recompute_levels or len(blocks_down)) if FLAGS.recompute else 0)
     loss_config = LossConfig(dice_weight=FLAGS.dice_weight,

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
+from brats_tf.config import int_flag_list  # noqa: E402
 from brats_tf.io_utils import write_json_atomic  # noqa: E402
 
 # name -> (Keras policy, XLA, recompute every level)
@@ -379,9 +380,9 @@ def main(argv):
     if not FLAGS.out_dir:
         _fail("--out_dir is required")
     try:
-        blocks_down = tuple(int(v) for v in FLAGS.blocks_down)
-    except ValueError:
-        _fail(f"--blocks_down must be integers, got {','.join(FLAGS.blocks_down)}")
+        blocks_down = int_flag_list("blocks_down", FLAGS.blocks_down)
+    except ValueError as e:
+        _fail(str(e))
     if len(blocks_down) != 4 or min(blocks_down) < 1:
         _fail(f"--blocks_down must be 4 positive integers (the paper's 4 levels), "
               f"got {','.join(FLAGS.blocks_down)}")

@@ -12,6 +12,15 @@ import dataclasses
 from brats_tf import constants
 
 
+def int_flag_list(name: str, values) -> tuple[int, ...]:
+    """An entry point's list flag (``--name=1,2,3``, as absl gives it) as integers;
+    ValueError naming the flag and quoting the values."""
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{name} must be integers, got {','.join(values)}") from None
+
+
 def _positive_int(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")

@@ -223,7 +223,7 @@ class LoadedModel:
             if exported is None:
                 return "unknown"
             crop_to_brain = exported
-        return "brain_box" if crop_to_brain else "whole_volume"
+        return inference.region_name(crop_to_brain)
 
     def networks(self) -> int:
         """How many networks it averages (a SavedModel exported from an ensemble: several)."""
@@ -463,11 +463,10 @@ def member_warnings(models: list[LoadedModel]) -> list[str]:
 def run_protocol(config: EvalConfig, models: list[LoadedModel]) -> dict:
     """``inference.protocol`` of an evaluation: what produced its scores."""
     regions = sorted({m.region(config.crop_to_brain) for m in models})
-    record = inference.protocol(
-        crop_to_brain=True, tta=config.tta, ensemble_size=sum(m.networks() for m in models),
+    return inference.protocol(
+        region=regions[0] if len(regions) == 1 else "mixed: " + ", ".join(regions),
+        tta=config.tta, ensemble_size=sum(m.networks() for m in models),
         threshold=config.threshold, et_min_voxels=config.et_min_voxels)
-    record["region"] = regions[0] if len(regions) == 1 else "mixed: " + ", ".join(regions)
-    return record
 
 
 # ------------------------------------------------------------------- cases

@@ -118,8 +118,8 @@ class BratsServingModule(tf.Module):
 
     def protocol(self, tta: bool) -> dict:
         """``inference.protocol`` of a signature (``tta``: serving_tta)."""
-        return inf.protocol(self._crop_to_brain, tta, len(self.models), self._threshold,
-                            self._et_min_voxels, self._multiple)
+        return inf.protocol(inf.region_name(self._crop_to_brain), tta, len(self.models),
+                            self._threshold, self._et_min_voxels, self._multiple)
 
 
 def _check_version(version) -> int:

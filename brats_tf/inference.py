@@ -407,10 +407,16 @@ def et_to_necrosis_tf(labels: tf.Tensor, et_min_voxels: int,
 
 
 # --------------------------------------------------------------- protocol
-def protocol(crop_to_brain: bool, tta: bool, ensemble_size: int = 1, threshold: float = 0.5,
+def region_name(crop_to_brain: bool) -> str:
+    """The protocol's name of what the network ran on: 'brain_box' or 'whole_volume'."""
+    return "brain_box" if crop_to_brain else "whole_volume"
+
+
+def protocol(region: str, tta: bool, ensemble_size: int = 1, threshold: float = 0.5,
              et_min_voxels: int = 0, multiple: int = constants.SPATIAL_DIVISOR) -> dict:
     """How a prediction was made, as evaluation.json, summary.json, the
-    SavedModel's metadata and the client's output record it.
+    SavedModel's metadata and the client's output record it. ``region``:
+    ``region_name(crop_to_brain)``, or what an evaluation of several models ran on.
 
     The paper's protocol (§4): the whole volume zero-padded to a multiple of 8
     (240 x 240 x 155 -> 240 x 240 x 160), one model or an ensemble of 10 with
@@ -418,13 +424,12 @@ def protocol(crop_to_brain: bool, tta: bool, ensemble_size: int = 1, threshold: 
     """
     et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
     return {
-        "region": "brain_box" if crop_to_brain else "whole_volume",
+        "region": region,
         "padding": f"zeros to a multiple of {int(multiple)}, split evenly (odd voxel after)",
         "tta": "8 mirror flips" if tta else "none",
         "ensemble_size": int(ensemble_size),
         "threshold": float(threshold),
-        "post_processing": (f"ET below {et_min_voxels} voxels -> necrosis (label 1)"
-                            if et_min_voxels else "none"),
+        "post_processing": volume.describe_et_to_necrosis(et_min_voxels),
         "et_min_voxels": et_min_voxels,
     }
 

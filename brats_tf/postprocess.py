@@ -163,16 +163,10 @@ def define_flags():
     return flags.FLAGS
 
 
-def _ints(name, values) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--{name} must be integers, got {','.join(values)}") from None
-
-
 def main(argv):
     from absl import flags as absl_flags
 
+    from brats_tf.config import int_flag_list
     from brats_tf.evaluation import (EvaluationError, expand_model_paths, is_tfrecord_dir,
                                      load_models)
     from brats_tf.io_utils import write_json_atomic
@@ -194,12 +188,13 @@ def main(argv):
             raise ValueError(f"--output={f.output} exists (pass --overwrite to replace it)")
         if os.path.isdir(f.output):
             raise ValueError(f"--output={f.output} is a folder")
-        candidates = [volume.check_et_min_voxels(n) for n in _ints("candidates", f.candidates)]
+        candidates = [volume.check_et_min_voxels(n)
+                      for n in int_flag_list("candidates", f.candidates)]
         threshold = volume.check_threshold(f.threshold)
         manifest = read_manifest(f.data)
         models = load_models(expand_model_paths(f.model))
         folds = training_folds(models, manifest["options"]["folds"],
-                               None if f.folds is None else _ints("folds", f.folds))
+                               None if f.folds is None else int_flag_list("folds", f.folds))
         log.info("choosing on fold(s) %s of %s", ",".join(map(str, folds)), f.data)
         cases = collect(models, f.data, folds, f.tta, f.crop_to_brain, threshold, f.progress)
     except (EvaluationError, ValueError, OSError) as e:
@@ -214,7 +209,7 @@ def main(argv):
         "et_min_voxels": best,
         "chosen_on": {"data": f.data, "folds": folds, "num_cases": len(cases)},
         "models": [m.path for m in models],
-        "protocol": inference.protocol(f.crop_to_brain, f.tta,
+        "protocol": inference.protocol(inference.region_name(f.crop_to_brain), f.tta,
                                        sum(m.networks() for m in models), threshold),
         "table": table,
         "cases": [dataclasses.asdict(c) for c in cases],

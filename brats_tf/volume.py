@@ -341,6 +341,13 @@ def labels_to_regions(label_map: np.ndarray, et_label: int = constants.LABEL_ET)
     return np.stack([np.isin(label_map, values) for values in region_labels(et_label)], axis=-1)
 
 
+def describe_et_to_necrosis(et_min_voxels: int) -> str:
+    """``et_to_necrosis`` with ``et_min_voxels`` in words, as protocols record it."""
+    et_min_voxels = check_et_min_voxels(et_min_voxels)
+    return (f"ET below {et_min_voxels} voxels -> necrosis (label 1)" if et_min_voxels
+            else "none")
+
+
 def et_to_necrosis(label_map: np.ndarray, et_min_voxels: int,
                    et_label: int = constants.LABEL_ET) -> np.ndarray:
     """BraTS post-processing (not the paper's; off at 0): when a case's predicted

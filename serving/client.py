@@ -280,8 +280,8 @@ def case_protocol(server_protocol: dict | None, et_min_voxels: int) -> dict:
     server_n = int(record.get("et_min_voxels", 0) or 0)
     if et_min_voxels > server_n:
         record["et_min_voxels"] = et_min_voxels
-        record["post_processing"] = (f"ET below {et_min_voxels} voxels -> necrosis (label 1), "
-                                     f"applied by the client")
+        record["post_processing"] = (volume.describe_et_to_necrosis(et_min_voxels)
+                                     + ", applied by the client")
     return record
 
 
