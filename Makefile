@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # oneDNN CPU kernels on every x86 CPU, not only those with AVX512-VNNI/AMX (as train.py).
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: venv test demo demo_ensemble bench learn clean
+.PHONY: venv test demo demo_ensemble real bench learn clean
 
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -59,6 +59,25 @@ demo_ensemble: venv
 	$(PY) evaluate.py --model=$(DEMO_DIR)/ensemble/member_$(firstword $(MEMBERS)) --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_member0_tta --overwrite
 	$(PY) evaluate.py --model=$(MEMBER_DIRS) --data=$(DEMO_DIR)/tfrecord --fold=0 --tta --output_dir=$(DEMO_DIR)/eval_ensemble_tta --overwrite
 	@echo "ensemble done: members in $(DEMO_DIR)/ensemble, held-out evaluations in $(DEMO_DIR)/eval_member0_tta (member $(firstword $(MEMBERS))) and $(DEMO_DIR)/eval_ensemble_tta (the ensemble), both with TTA"
+
+# Real BraTS cases (never in this repository): REAL_DIR (default: the
+# BRATS_REAL_DIR environment variable) is a folder of cases in a BraTS layout.
+# Converts them once into $(REAL_OUT)/tfrecord (5 folds), then for each fold
+# of REAL_FOLDS trains configs/real_cpu.flags (about an hour per fold on 2
+# cores; a stopped run resumes), chooses the ET post-processing's N on the
+# fold's training cases and evaluates the held-out fold: single model, with
+# TTA, with TTA and post-processing; per-fold records, training curves and the
+# held-out Dice against training minutes in $(REAL_OUT)/records
+# (benchmarks/real_cv.py; docs/real_runs.md). REAL_FOLDS="0 1 2 3 4" runs the
+# cross-validation.
+REAL_DIR ?= $(BRATS_REAL_DIR)
+REAL_OUT ?= real_output
+REAL_FOLDS ?= 0
+real: venv
+	@test -n "$(REAL_DIR)" || { echo "make real needs REAL_DIR=<folder of BraTS cases> (or the BRATS_REAL_DIR environment variable)"; exit 1; }
+	test -f $(REAL_OUT)/tfrecord/manifest.json || $(PY) -m data_pipeline.convert --input_dir $(REAL_DIR) --output_dir $(REAL_OUT)/tfrecord --folds 5 --seed 0
+	$(PY) benchmarks/real_cv.py --data_dir=$(REAL_OUT)/tfrecord --out_dir=$(REAL_OUT)/cv --record_dir=$(REAL_OUT)/records --folds=$(subst $(empty) $(empty),$(comma),$(strip $(REAL_FOLDS)))
+	@echo "real done: models and evaluations in $(REAL_OUT)/cv/fold_<k>, records (cv.json, curves) in $(REAL_OUT)/records"
 
 # Every benchmark (about an hour on 2 cores; run it on an idle machine): writes
 # benchmarks/results.json and benchmarks/RESULTS.md (README quotes it).

@@ -49,6 +49,10 @@ flags.DEFINE_boolean("input_cache", False,
                      "Shuffle over all training cases each epoch (a uniform order) instead of "
                      "shard order plus an 8-case buffer; holds the epoch's decompressed cases in "
                      "memory (~30 MB per BraTS case). The data are read again every epoch.")
+flags.DEFINE_enum("crop_from", "grid", ["grid", "brain_box"],
+                  "Where the random training crop is drawn: uniformly in the original grid (the "
+                  "paper), or in the brain's bounding box, so that crops smaller than the "
+                  "paper's are still mostly brain (docs/deviations.md).")
 flags.DEFINE_boolean("augment", True, "Random flips and intensity augmentation (§3.7).")
 # Model (Table 1).
 flags.DEFINE_list("crop", ["160", "192", "128"], "Training crop D,H,W; divisible by 16.")
@@ -70,6 +74,13 @@ flags.DEFINE_boolean("recompute", False,
                      "some more time per step (docs/performance.md).")
 flags.DEFINE_integer("recompute_levels", None, "Levels recomputed with --recompute (1: the "
                      "full-resolution blocks only). Default: all.", lower_bound=1)
+flags.DEFINE_enum("head_kernel_init", "glorot_uniform", ["glorot_uniform", "normal"],
+                  "Kernel initialiser of the segmentation head DecoderEnd_Conv1 (the paper names "
+                  "none): Keras' glorot_uniform, or normal with std --head_kernel_std.")
+flags.DEFINE_float("head_kernel_std", 0.01, "Std of --head_kernel_init=normal (0.01: every voxel "
+                   "starts near the probability of --head_bias_init).", lower_bound=0.0)
+flags.DEFINE_float("head_bias_init", 0.0, "Initial bias of the segmentation head's 3 channels "
+                   "(e.g. -4.6 = logit(0.01), a rare-foreground prior).")
 # Loss (§3.4).
 flags.DEFINE_float("dice_weight", 1.0, "Weight of the soft Dice loss.", lower_bound=0.0)
 flags.DEFINE_float("l2_loss_weight", 0.1, "Weight of the VAE reconstruction loss.",
@@ -79,6 +90,8 @@ flags.DEFINE_float("kl_weight", 0.1, "Weight of the VAE KL loss.", lower_bound=0
 flags.DEFINE_integer("epochs", 300, "Epochs N_e of the poly schedule.", lower_bound=1)
 flags.DEFINE_float("lr", 1e-4, "Adam's initial learning rate.", lower_bound=0.0)
 flags.DEFINE_float("lr_power", 0.9, "Exponent of the poly decay.", lower_bound=0.0)
+flags.DEFINE_float("adam_epsilon", 1e-7, "Adam's epsilon (Keras' default; the paper names "
+                   "none).", lower_bound=0.0)
 flags.DEFINE_integer("batch_per_replica", 1, "Examples per replica and step.", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass).",
                      lower_bound=1)
@@ -150,12 +163,14 @@ def configs_from_flags():
         groups=FLAGS.groups, blocks_down=blocks_down,
         blocks_up=int_flag_list("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
         dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae,
-        recompute_levels=(FLAGS.recompute_levels or len(blocks_down)) if FLAGS.recompute else 0)
+        recompute_levels=(FLAGS.recompute_levels or len(blocks_down)) if FLAGS.recompute else 0,
+        head_kernel_init=FLAGS.head_kernel_init, head_kernel_std=FLAGS.head_kernel_std,
+        head_bias_init=FLAGS.head_bias_init)
     loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
                              l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
     train_config = TrainConfig(
         model_dir=model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
-        initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power,
+        initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power, adam_epsilon=FLAGS.adam_epsilon,
         batch_per_replica=FLAGS.batch_per_replica, strategy=FLAGS.strategy,
         devices=tuple(FLAGS.devices), precision=FLAGS.precision,
         on_nonfinite=FLAGS.on_nonfinite, seed=seed, deterministic=FLAGS.deterministic,
@@ -165,7 +180,8 @@ def configs_from_flags():
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
     data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
-            "manifest": manifest_path, "fold": FLAGS.fold, "member": FLAGS.member}
+            "manifest": manifest_path, "fold": FLAGS.fold, "member": FLAGS.member,
+            "crop_from": FLAGS.crop_from}
     return model_config, loss_config, train_config, data
 
 
@@ -254,7 +270,7 @@ def main(argv):
     resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
-    from brats_tf import evaluation
+    from brats_tf import evaluation, figures
     from brats_tf.io_utils import write_text_atomic
     from data_pipeline.input import InputConfig, make_dataset
 
@@ -274,6 +290,7 @@ def main(argv):
             crop_shape=model_config.input_shape, batch_size=global_batch,
             augment=FLAGS.augment, seed=train_config.seed * 100003 + epoch,
             deterministic=train_config.deterministic, cache=FLAGS.input_cache,
+            crop_from=data["crop_from"],
             drop_remainder=True)
         return make_dataset(config, ctx)
 
@@ -306,6 +323,9 @@ def main(argv):
         lines = str(e).strip().splitlines()
         sys.exit(f"train.py: error: {type(e).__name__}: {lines[0] if lines else ''} "
                  f"(data {FLAGS.data_dir})")
+    if trainer.is_chief and trainer.history:  # epochs ran: the whole history drawn again
+        path = figures.write_training_curves(train_config.model_dir)
+        log.info("wrote %s", path)
     unlearned = training.unlearned_regions(trainer.history[-1]) if trainer.history else {}
     if unlearned:
         log.warning(

@@ -17,7 +17,9 @@ converted as users do: ``build_inference_model(model, precision=...)``
 (evaluate.py --precision) or ``export_saved_model(..., precision=...)``
 (brats_tf.export --precision). The case is a synthetic BraTS-like head at the
 real size (data_pipeline.synthetic: brain ~140 x 173 x 133 voxels, like
-BraTS); the network has random weights (timing does not depend on them).
+BraTS), or with --case_dir a real case's folder (its four modalities as
+evaluate.py reads them: data_pipeline.layouts, data_pipeline.convert); the
+network has random weights (timing does not depend on them).
 The first call (tracing) is reported apart from the timed calls.
 
   python benchmarks/full_volume_inference.py                   # the default set
@@ -25,6 +27,8 @@ The first call (tracing) is reported apart from the timed calls.
   python benchmarks/full_volume_inference.py --configs=keras:crop@mixed_bfloat16   # AMX CPUs
   python benchmarks/full_volume_inference.py --configs=saved_model:crop --breakdown
   python benchmarks/full_volume_inference.py --json_out=benchmarks/full_volume_inference.json
+  python benchmarks/full_volume_inference.py --init_filters=8 \
+      --case_dir=$BRATS_REAL_DIR/HGG/Brats18_2013_11_1 --configs=keras:crop,keras:full
 
 The paper reports 0.4 s per volume on one V100 (§4).
 """
@@ -62,6 +66,8 @@ flags.DEFINE_boolean("breakdown", False, "Also time the parts of a call apart (n
                      "normalisation + box + padding, the network, crop back + paste + labels "
                      "+ copy back (the 'parts').")
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+flags.DEFINE_string("case_dir", None, "A real case's folder (BraTS layout) instead of the "
+                    "synthetic case.")
 flags.DEFINE_string("_single", None, "Internal: run this one configuration in this process.")
 
 
@@ -79,9 +85,21 @@ def _parse(text: str, precision: str) -> dict:
 
 
 def _case():
+    """(image float32 [D, H, W, 4], label) of --case_dir, else of the synthetic case."""
     import numpy as np
 
     from brats_tf import constants
+
+    if FLAGS.case_dir:
+        from data_pipeline.convert import load_case
+        from data_pipeline.layouts import find_cases
+
+        (case,) = find_cases(FLAGS.case_dir)
+        loaded = load_case(case, require_label=False)  # the brain's box, placed back below
+        image = np.zeros(tuple(loaded.original_shape) + (loaded.image.shape[-1],), np.float32)
+        box = tuple(slice(a, a + n) for a, n in zip(loaded.box_start, loaded.image.shape))
+        image[box] = loaded.image
+        return image, None
     from data_pipeline.synthetic import make_case
 
     images, label = make_case(constants.BRATS_SHAPE, seed=0)
@@ -234,12 +252,15 @@ def main(argv):
         return
     configs = [(c, _parse(c, FLAGS.precision)) for c in FLAGS.configs]
     machine = describe()
-    print(f"machine: {machine}")
+    print(f"machine: {machine}; case: {FLAGS.case_dir or 'synthetic'}; width "
+          f"{FLAGS.init_filters}")
     results = []
     for text, _ in configs:
         args = [sys.executable, os.path.abspath(__file__), f"--_single={text}",
                 f"--repeats={FLAGS.repeats}", f"--init_filters={FLAGS.init_filters}",
                 f"--precision={FLAGS.precision}", f"--breakdown={FLAGS.breakdown}"]
+        if FLAGS.case_dir:
+            args.append(f"--case_dir={FLAGS.case_dir}")
         print(f"running {text} ...", flush=True)
         r = run_measurement(args, text)
         results.append(r)
@@ -251,7 +272,9 @@ def main(argv):
             print("    parts: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["parts"].items()),
                   flush=True)
     if FLAGS.json_out:
-        write_json_atomic(FLAGS.json_out, {"machine": machine, "results": results})
+        write_json_atomic(FLAGS.json_out, {"machine": machine, "case": FLAGS.case_dir or
+                                           "synthetic", "init_filters": FLAGS.init_filters,
+                                           "results": results})
         print(f"wrote {FLAGS.json_out}")
 
 

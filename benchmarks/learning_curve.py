@@ -14,7 +14,7 @@ once per variant:
   float32                   float32 (TF32 as TensorFlow's default on the GPU)
   mixed_float16             the Keras mixed_float16 policy
   mixed_float16_xla         the same, the step compiled with XLA (--jit_compile)
-  mixed_float16_recompute   the same, tf.recompute_grad in every level (--recompute)
+  mixed_float16_recompute   the same, brats_tf.recompute in every level (--recompute)
 
 Every variant gets the same seed, the same initial weights (written once,
 loaded by each), the same cases in the same order (a fresh permutation of
@@ -255,65 +255,24 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
 
 
 # ------------------------------------------------------------ the figure
-_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
-
-
-def _line(canvas, x0, y0, x1, y1, colour):
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.rint(np.linspace(x0, x1, n)).astype(int)
-    ys = np.rint(np.linspace(y0, y1, n)).astype(int)
-    for dy in (0, 1):  # two pixels thick
-        canvas[np.clip(ys + dy, 0, canvas.shape[0] - 1), xs] = colour
-
-
 def curves_figure(results: dict) -> np.ndarray:
-    """An RGB image: one panel per curve (x: step), a line per variant, a
-    legend with the variants' colours; each panel's title gives its range."""
-    from brats_tf.figures import draw_text
+    """An RGB image: one panel per curve (x: step), a line per variant; the
+    legend gives each variant's held-out Dice (brats_tf.figures.line_panels)."""
+    from brats_tf.figures import line_panels
 
     names = [n for n, r in results.items() if "curves" in r]
-    width, height, margin = 360, 230, 30
-    cols = 4
-    rows = -(-len(CURVES) // cols)
-    legend = 22 * (len(names) + 1)
-    canvas = np.full((rows * height + legend, cols * width, 3), 255, np.uint8)
-    for k, key in enumerate(CURVES):
-        top, left = (k // cols) * height, (k % cols) * width
-        series = [(np.array(results[n]["curves"]["step"], float),
-                   np.array(results[n]["curves"][key], float)) for n in names]
-        values = np.concatenate([v for _, v in series] + [np.zeros(0)])
-        values = values[np.isfinite(values)]
-        steps = np.concatenate([s for s, _ in series] + [np.zeros(0)])
-        lo, hi = (values.min(), values.max()) if values.size else (0.0, 1.0)
-        hi = hi if hi > lo else lo + 1.0
-        x_max = steps.max() if steps.size else 1.0
-        x0, x1 = left + margin, left + width - 10
-        y0, y1 = top + height - margin, top + margin
-        canvas[y1:y0 + 1, [x0, x1]] = 0
-        canvas[[y1, y0], x0:x1 + 1] = 0
-        draw_text(canvas, f"{key} {lo:.3g} TO {hi:.3g}", top + 6, left + margin, (0, 0, 0))
-        draw_text(canvas, f"STEP {int(x_max)}", y0 + 8, x1 - 110, (0, 0, 0))
-        for (s, v), colour in zip(series, _COLOURS):
-            px = x0 + (x1 - x0) * s / x_max
-            py = y0 - (y0 - y1) * (v - lo) / (hi - lo)
-            ok = np.isfinite(py)
-            pts = list(zip(px[ok], py[ok]))
-            for (a, b), (c, d) in zip(pts, pts[1:]):
-                _line(canvas, a, b, c, d, colour)
-            for a, b in pts:
-                canvas[int(b) - 2:int(b) + 3, int(a) - 2:int(a) + 3] = colour
-    for n, (name, colour) in enumerate(zip(names, _COLOURS)):
-        y = rows * height + 8 + 22 * n
-        canvas[y:y + 14, 20:50] = colour
+    panels = [(key, [(name, results[name]["curves"]["step"], results[name]["curves"][key])
+                     for name in names]) for key in CURVES]
+    legend = []
+    for name in names:
         text = name
         if "heldout_dice" in results[name]:
             text += "  HELD-OUT DICE WT {WT:.3f} TC {TC:.3f} ET {ET:.3f}".format(
                 **results[name]["heldout_dice"])
-        draw_text(canvas, text, y, 60, (0, 0, 0))
-    return canvas
+        legend.append(text)
+    return line_panels(panels, x_label="STEP", legend=legend)
 
 
-# --------------------------------------------------------------- driver
 def summarize(results: dict) -> dict:
     """Per variant: did the loss fall (last point below the first), is the
     last training WT Dice above 0 (no collapse), held-out WT Dice minus

@@ -18,7 +18,7 @@ enable_tensor_float_32_execution``, applies only to NVIDIA GPUs of compute
 capability >= 8.0; on a CPU the TF32-on run is skipped and recorded as not
 applicable), mixed_float16 (the Keras policy; float16 activations, float32
 variables and GroupNorm statistics), optionally the XLA-compiled step
-(--jit_compile), and --recompute (tf.recompute_grad in every level) against
+(--jit_compile), and --recompute (brats_tf.recompute in every level) against
 the plain step, same weights.
 
 The whole step is ``brats_tf.training.make_train_step`` itself, with an
@@ -539,7 +539,7 @@ def check_training_step(case: StepCase, precision="float32", tf32=False, jit_com
 
 
 def check_recompute(case: StepCase, seed=0, plain=None) -> dict:
-    """The step with tf.recompute_grad in every level against the plain
+    """The step with brats_tf.recompute in every level against the plain
     step, same weights and draw, float32 with TF32 off. ``plain``: the
     plain step's (gradients, loss terms), if already computed."""
     if plain is None:

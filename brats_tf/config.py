@@ -31,6 +31,10 @@ def _non_negative(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be a number >= 0, got {value!r}")
 
 
+# The segmentation head's kernel initialisers (ModelConfig.head_kernel_init).
+HEAD_KERNEL_INITS = ("glorot_uniform", "normal")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The network of Table 1.
@@ -58,6 +62,15 @@ class ModelConfig:
         recompute their activations in the backward pass instead of keeping
         them; 0 = off (the paper), 1 = the full-resolution blocks. Same
         results, less memory, a little more time.
+      head_kernel_init: the segmentation head's (DecoderEnd_Conv1) kernel
+        initialiser, one of HEAD_KERNEL_INITS; the paper names none.
+        'glorot_uniform' (Keras' default, as every other convolution);
+        'normal': normal with std head_kernel_std (0.01 as Lin et al. 2017,
+        "Focal loss": every voxel starts at the probability of
+        head_bias_init).
+      head_kernel_std: the std of the 'normal' head kernel.
+      head_bias_init: the head's initial bias, the same for the 3 channels
+        (0: Keras' default; e.g. -4.6 = logit(0.01), a rare-foreground prior).
     """
 
     input_shape: tuple[int, int, int] = constants.PAPER_CROP
@@ -74,6 +87,9 @@ class ModelConfig:
     vae: bool = True
     seed: int | None = None
     recompute_levels: int = 0
+    head_kernel_init: str = "glorot_uniform"
+    head_kernel_std: float = 0.01
+    head_bias_init: float = 0.0
 
     def __post_init__(self):
         owner = "ModelConfig"
@@ -111,6 +127,19 @@ class ModelConfig:
                 or not 0 <= self.recompute_levels <= self.levels):
             raise ValueError(f"{owner}.recompute_levels must be an integer in [0, {self.levels}], "
                              f"got {self.recompute_levels!r}")
+        if self.head_kernel_init not in HEAD_KERNEL_INITS:
+            raise ValueError(f"{owner}.head_kernel_init must be one of {HEAD_KERNEL_INITS}, "
+                             f"got {self.head_kernel_init!r}")
+        if (isinstance(self.head_kernel_std, bool)
+                or not isinstance(self.head_kernel_std, (int, float))
+                or not 0 < self.head_kernel_std < 10):
+            raise ValueError(f"{owner}.head_kernel_std must be a number in (0, 10), "
+                             f"got {self.head_kernel_std!r}")
+        if (isinstance(self.head_bias_init, bool)
+                or not isinstance(self.head_bias_init, (int, float))
+                or not abs(self.head_bias_init) < 50):
+            raise ValueError(f"{owner}.head_bias_init must be a number in (-50, 50), "
+                             f"got {self.head_bias_init!r}")
         divisor = self.train_divisor if self.vae else self.spatial_divisor
         bad = [n for n in self.input_shape if n % divisor]
         if bad:

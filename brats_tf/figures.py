@@ -273,3 +273,107 @@ def write_png(rgb: np.ndarray, path) -> pathlib.Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path
+
+
+# ------------------------------------------------------------ line charts
+SERIES_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+                  (148, 103, 189))
+
+
+def _line(canvas: np.ndarray, x0, y0, x1, y1, colour) -> None:
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    xs = np.rint(np.linspace(x0, x1, n)).astype(int)
+    ys = np.rint(np.linspace(y0, y1, n)).astype(int)
+    for dy in (0, 1):  # two pixels thick
+        canvas[np.clip(ys + dy, 0, canvas.shape[0] - 1), np.clip(xs, 0, canvas.shape[1] - 1)] = \
+            colour
+
+
+def line_panels(panels, x_label: str = "STEP", cols: int = 4, width: int = 400,
+                height: int = 230, legend: list[str] | None = None) -> np.ndarray:
+    """An RGB image of line charts, one panel per entry of ``panels``.
+
+    Args:
+      panels: [(title, [(name, x, y), ...][, (y_min, y_max)])] (without a
+        range: the values' own): each series a line with a dot
+        per point, coloured by its position in the panel (SERIES_COLOURS);
+        non-finite values are left out. The series' names are listed under
+        the title in their colours; the y range is written inside the axes.
+      x_label: the x axis' caption, written with its largest value.
+      legend: lines of text below the panels (e.g. the series' meaning).
+    """
+    margin, rows = 30, -(-len(panels) // cols)
+    extra = 22 * len(legend or [])
+    canvas = np.full((rows * height + extra + 8, cols * width, 3), 255, np.uint8)
+    for k, (title, series, *y_range) in enumerate(panels):
+        top, left = (k // cols) * height, (k % cols) * width
+        arrays = [(name, np.asarray(x, float), np.asarray(y, float)) for name, x, y in series]
+        values = np.concatenate([y[np.isfinite(y)] for _, _, y in arrays] + [np.zeros(0)])
+        xs = np.concatenate([x for _, x, _ in arrays] + [np.zeros(0)])
+        lo, hi = (values.min(), values.max()) if values.size else (0.0, 1.0)
+        if y_range:
+            lo, hi = y_range[0]
+        hi = hi if hi > lo else lo + 1.0
+        x_max = xs.max() if xs.size and xs.max() > 0 else 1.0
+        x0, x1 = left + margin, left + width - 10
+        y0, y1 = top + height - margin, top + margin + 18
+        canvas[y1:y0 + 1, [x0, x1]] = 0
+        canvas[[y1, y0], x0:x1 + 1] = 0
+        draw_text(canvas, title, top + 4, left + margin, (0, 0, 0))
+        draw_text(canvas, f"{hi:.3g}", y1 + 4, x0 + 4, (96, 96, 96))
+        draw_text(canvas, f"{lo:.3g}", y0 - 18, x0 + 4, (96, 96, 96))
+        cursor = left + margin
+        for (name, _, _), colour in zip(arrays, SERIES_COLOURS):
+            draw_text(canvas, name, top + 22, cursor, colour)
+            cursor += _GLYPH_W * (len(name) + 1)
+        draw_text(canvas, f"{x_label} {x_max:.4g}", y0 + 8, x1 - 150, (0, 0, 0))
+        for (_, x, y), colour in zip(arrays, SERIES_COLOURS):
+            px = x0 + (x1 - x0) * x / x_max
+            py = y0 - (y0 - y1) * (y - lo) / (hi - lo)
+            ok = np.isfinite(py)
+            points = list(zip(px[ok], py[ok]))
+            for (a, b), (c, d) in zip(points, points[1:]):
+                _line(canvas, a, b, c, d, colour)
+            for a, b in points:
+                canvas[max(int(b) - 2, 0):int(b) + 3, max(int(a) - 2, 0):int(a) + 3] = colour
+    for n, text in enumerate(legend or []):
+        draw_text(canvas, text, rows * height + 6 + 22 * n, 20, (0, 0, 0))
+    return canvas
+
+
+def training_curves(history: list[dict], title: str = "") -> np.ndarray:
+    """train.py's history.json as an RGB image, x the epoch: the loss and its
+    terms, the training Dice per region (on the epoch's crops), and the
+    held-out Dice per region where the run validated (--validate_every)."""
+    epochs = [h["epoch"] for h in history]
+
+    def series(keys_names):
+        return [(name, [h["epoch"] for h in history if key in h],
+                 [h[key] for h in history if key in h])
+                for key, name in keys_names if any(key in h for h in history)]
+
+    panels = [
+        ("LOSS", series([("loss", "TOTAL"), ("dice", "DICE"), ("l2", "L2"), ("kl", "KL")])),
+        ("TRAINING DICE", series([(f"dice_{r}", r) for r in constants.REGIONS]), (0.0, 1.0)),
+    ]
+    held_out = series([(f"val_dice_{r}", r) for r in constants.REGIONS])
+    if held_out:
+        panels.append(("HELD-OUT DICE", held_out, (0.0, 1.0)))
+    seconds = [h.get("seconds", float("nan")) for h in history]
+    panels.append(("SECONDS PER EPOCH", [("TRAINING", epochs, seconds)]))
+    return line_panels(panels, x_label="EPOCH", cols=len(panels),
+                       legend=[title.upper()] if title else None)
+
+
+TRAINING_CURVES_PNG = "curves.png"
+
+
+def write_training_curves(model_dir) -> pathlib.Path:
+    """<model_dir>/curves.png (``training_curves``) from <model_dir>/history.json."""
+    import json
+
+    model_dir = pathlib.Path(model_dir)
+    with open(model_dir / "history.json") as f:
+        history = json.load(f)
+    return write_png(training_curves(history, title=f"{model_dir.name}: history.json"),
+                     model_dir / TRAINING_CURVES_PNG)

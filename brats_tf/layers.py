@@ -22,19 +22,22 @@ def _check_positive_int(name: str, value) -> int:
 
 
 def conv3d(filters: int, kernel_size: int = 3, strides: int = 1, l2_weight: float = 0.0,
-           name: str | None = None, dtype=None,
-           layer_class=keras.layers.Conv3D) -> keras.layers.Conv3D:
+           name: str | None = None, dtype=None, layer_class=keras.layers.Conv3D,
+           kernel_initializer="glorot_uniform", bias_initializer="zeros") -> keras.layers.Conv3D:
     """The paper's convolution: 'same' padding, bias, L2 on the kernel (§3.5).
 
     ``kernel_size=1`` is the paper's "Conv1". Kernels start Glorot-uniform,
     TensorFlow's default (the paper names no initialiser); He-normal makes the
     un-normalised residual sums blow the initial logits up (std ~15-20 at
     init against ~2.5; docs/deviations.md). ``layer_class``: a subclass of
-    Keras' Conv3D (``brats_tf.recompute``'s, under ``--recompute``).
+    Keras' Conv3D (``brats_tf.recompute``'s, under ``--recompute``);
+    ``kernel_initializer``/``bias_initializer``: Keras initialisers (the
+    segmentation head's options, ``ModelConfig.head_kernel_init``).
     """
     regularizer = keras.regularizers.L2(l2_weight) if l2_weight else None
     return layer_class(filters, kernel_size, strides=strides, padding="same",
-                       kernel_initializer="glorot_uniform", kernel_regularizer=regularizer,
+                       kernel_initializer=kernel_initializer,
+                       bias_initializer=bias_initializer, kernel_regularizer=regularizer,
                        name=name, dtype=dtype)
 
 

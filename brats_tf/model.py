@@ -119,6 +119,13 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     return features
 
 
+def _head_kernel_initializer(cfg: ModelConfig):
+    """The segmentation head's kernel initialiser (ModelConfig.head_kernel_init)."""
+    if cfg.head_kernel_init == "normal":
+        return keras.initializers.RandomNormal(stddev=cfg.head_kernel_std)
+    return "glorot_uniform"
+
+
 def _decode(features: list, cfg: ModelConfig, stage: _Stages):
     """Segmentation decoder with additive skips (§3.1); returns probabilities."""
     x = features[-1]
@@ -134,8 +141,10 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
             name = f"DecoderBlock{level}_{i}"
             x = stage(name, lambda: _block(cfg, level, name))(x)
     head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
-    x = stage("DecoderEnd_Conv1", lambda: L.conv3d(cfg.num_classes, 1, l2_weight=cfg.l2_weight,
-                                                   name="DecoderEnd_Conv1", layer_class=head))(x)
+    x = stage("DecoderEnd_Conv1", lambda: L.conv3d(
+        cfg.num_classes, 1, l2_weight=cfg.l2_weight, name="DecoderEnd_Conv1", layer_class=head,
+        kernel_initializer=_head_kernel_initializer(cfg),
+        bias_initializer=keras.initializers.Constant(cfg.head_bias_init)))(x)
     # float32 outputs under a mixed precision policy.
     return stage("DecoderEnd_Sigmoid", lambda: keras.layers.Activation(
         "sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"))(x)

@@ -80,6 +80,7 @@ class TrainConfig:
       epochs: N_e, total epochs of the poly schedule (300).
       initial_lr: Adam's initial learning rate (1e-4).
       lr_power: exponent of the poly decay (0.9).
+      adam_epsilon: Adam's epsilon (Keras' default 1e-7; the paper names none).
       batch_per_replica: examples per replica and step (1).
       strategy: 'default' (one device), 'mirrored' (local GPUs), 'multi_worker'.
       devices: for 'mirrored', the devices to use (empty: all local GPUs).
@@ -100,6 +101,7 @@ class TrainConfig:
     epochs: int = 300
     initial_lr: float = 1e-4
     lr_power: float = 0.9
+    adam_epsilon: float = 1e-7
     batch_per_replica: int = 1
     strategy: str = "default"
     devices: tuple[str, ...] = ()
@@ -129,6 +131,8 @@ class TrainConfig:
             )
         if not self.initial_lr > 0:
             raise ValueError(f"TrainConfig.initial_lr must be > 0, got {self.initial_lr!r}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"TrainConfig.adam_epsilon must be > 0, got {self.adam_epsilon!r}")
         if not self.lr_power > 0:
             raise ValueError(f"TrainConfig.lr_power must be > 0, got {self.lr_power!r}")
         for name, allowed in (("strategy", STRATEGIES), ("precision", PRECISIONS),
@@ -170,14 +174,15 @@ def unlearned_regions(summary: dict, threshold: float = UNLEARNED_DICE) -> dict:
 
 
 def make_optimizer(learning_rate: float, precision: str, skip_nonfinite: bool = False,
-                   optimizer_fn: Callable[[float], keras.optimizers.Optimizer] | None = None
-                   ) -> keras.optimizers.Optimizer:
+                   optimizer_fn: Callable[[float], keras.optimizers.Optimizer] | None = None,
+                   epsilon: float = 1e-7) -> keras.optimizers.Optimizer:
     """train.py's optimizer: Adam (§3.5), or ``optimizer_fn(learning_rate)``,
     wrapped in a LossScaleOptimizer under mixed_float16 (dynamic loss
     scaling) or with ``skip_nonfinite``: in float32 the scale stays a power
     of two (exact) and the wrapper's only effect is to skip updates whose
     gradients are not finite."""
-    optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr)))(
+    optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr,
+                                                                   epsilon=epsilon)))(
         learning_rate)
     if precision == "mixed_float16" or skip_nonfinite:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -324,7 +329,8 @@ class Trainer:
         with self.strategy.scope():
             self.model = build_model(seeded)
             self.optimizer = make_optimizer(config.initial_lr, config.precision,
-                                            config.on_nonfinite == "skip", optimizer_fn)
+                                            config.on_nonfinite == "skip", optimizer_fn,
+                                            epsilon=config.adam_epsilon)
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             # Per-region training Dice (thresholded at 0.5), per epoch.

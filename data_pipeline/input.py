@@ -32,6 +32,8 @@ from data_pipeline import augment, features
 from data_pipeline.convert import fold_files  # noqa: F401  (re-exported: files of a fold)
 
 MODES = ("train", "eval")
+# Where a training crop's random window is drawn (InputConfig.crop_from).
+CROP_FROM = ("grid", "brain_box")
 _READ_BUFFER = 8 << 20  # bytes; records are MBs
 _EPS = 1e-8  # std floor of the normalisation: a constant channel (std 0) stays finite
 _CACHE_SHUFFLE_BUFFER = 100_000  # > any number of cases: a full shuffle
@@ -67,6 +69,12 @@ class InputConfig:
       cache: keep the decompressed examples in memory after the first epoch
         (~30 MB per BraTS case) and shuffle over all of them: later epochs skip
         reading and decompression, and the case order is uniformly random.
+      crop_from: where train mode draws the random crop window: 'grid', uniformly
+        in the original NIfTI grid (the paper's 240 x 240 x 155, where its
+        160 x 192 x 128 crop holds nearly all of the brain); 'brain_box',
+        uniformly in the stored brain bounding box (a box smaller than the
+        crop is padded, placed at random), so that a crop much smaller than the
+        paper's is still mostly brain (docs/deviations.md).
       eval_brain_box: eval mode yields the stored brain bounding box (smaller,
         faster) instead of the whole original grid (as the paper infers on; the
         network's group norms see the same background as in training crops).
@@ -93,6 +101,7 @@ class InputConfig:
     drop_remainder: bool = False
     jit: bool = True
     cache: bool = False
+    crop_from: str = "grid"
     eval_brain_box: bool = False
 
     def __post_init__(self):
@@ -112,6 +121,8 @@ class InputConfig:
         if self.mode == "eval" and self.batch_size != 1:
             raise ValueError(f"eval mode yields whole volumes of different sizes: batch_size "
                              f"must be 1, got {self.batch_size!r}")
+        if self.crop_from not in CROP_FROM:
+            raise ValueError(f"crop_from must be one of {CROP_FROM}, got {self.crop_from!r}")
         if self.mode == "train" and not self.has_labels:
             raise ValueError(f"train mode needs labels, got has_labels={self.has_labels!r}")
         if not 0.0 <= self.flip_probability <= 1.0:
@@ -175,7 +186,8 @@ def train_transform(ex, seeds, config):
     """One training example from a features.parse_raw dict.
 
     Equal (up to float rounding) to: decode the whole box, crop_or_pad at a
-    random_crop_start drawn in the original grid (seeds[0]), random_flip
+    random_crop_start drawn in the original grid, or in the box with
+    crop_from='brain_box' (seeds[0]), random_flip
     (seeds[1]), the normalisation with the stored statistics ((x - mean) /
     max(std, 1e-8) on the non-zero voxels), random_intensity (seeds[2]),
     labels_to_regions. Computed cheaply instead: only the part of
@@ -192,7 +204,10 @@ def train_transform(ex, seeds, config):
       {"image": float32 [*crop_shape, 4], "label": float32 [*crop_shape, 3]}.
     """
     crop = config.crop_shape
-    start = augment.random_crop_start(ex["original_shape"], crop, seeds[0]) - ex["box_start"]
+    if config.crop_from == "brain_box":  # drawn in the box, relative to it
+        start = augment.random_crop_start(ex["box_shape"], crop, seeds[0])
+    else:  # drawn in the original grid, then made relative to the stored box
+        start = augment.random_crop_start(ex["original_shape"], crop, seeds[0]) - ex["box_start"]
     begin, extent, paddings = augment.crop_window(start, crop, ex["box_shape"])
     label = tf.ensure_shape(features.decode_label(ex, begin, extent, paddings), crop)
     flip_index = tf.constant(0, tf.int32)

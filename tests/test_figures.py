@@ -141,3 +141,33 @@ def test_case_figure_is_the_same_for_a_flipped_storage_order():
     np.testing.assert_array_equal(lps, ras)
     assert not np.array_equal(figures.case_figure(t1ce[flip], np.eye(4), truth[flip],
                                                   prediction[flip]), ras)
+
+
+def test_line_panels_draw_each_series_in_its_colour_where_its_points_are():
+    """Two series in one panel with a fixed y range: each point's dot is in its
+    series' colour at the position the axes give it (hand-computed)."""
+    width, height, margin = 400, 230, 30
+    panels = [("P", [("A", [1, 2], [0.0, 1.0]), ("B", [2], [0.5])], (0.0, 1.0))]
+    rgb = figures.line_panels(panels, x_label="EPOCH", cols=1, width=width, height=height)
+    assert rgb.shape == (height + 8, width, 3) and rgb.dtype == np.uint8
+    x0, x1, y0, y1 = margin, width - 10, height - margin, margin + 18
+    a, b = figures.SERIES_COLOURS[:2]
+    for x, y, colour in [(1, 0.0, a), (2, 1.0, a), (2, 0.5, b)]:
+        px = round(x0 + (x1 - x0) * x / 2)
+        py = round(y0 - (y0 - y1) * y)
+        assert tuple(rgb[py, px]) == colour, (x, y)
+
+
+def test_training_curves_from_a_history(tmp_path):
+    """train.py's history.json as curves.png: panels for the loss, the training
+    Dice, the held-out Dice (only where the run validated) and the epoch time."""
+    history = [{"epoch": e, "loss": 2.0 / e, "dice": 1.5 / e, "l2": 0.4, "kl": 0.01,
+                "dice_WT": 0.2 * e, "dice_TC": 0.1 * e, "dice_ET": 0.05 * e, "seconds": 10.0}
+               for e in (1, 2, 3)]
+    history[-1].update(val_dice_WT=0.7, val_dice_TC=0.5, val_dice_ET=0.4)
+    (tmp_path / "history.json").write_text(__import__("json").dumps(history))
+    path = figures.write_training_curves(tmp_path)
+    assert path == tmp_path / figures.TRAINING_CURVES_PNG
+    image = tf.io.decode_png(path.read_bytes()).numpy()
+    without_validation = figures.training_curves(history[:2])
+    assert image.shape[1] == 4 * 400 and without_validation.shape[1] == 3 * 400

@@ -269,3 +269,47 @@ def test_train_transform_float32_storage(jit, seed):
     np.testing.assert_array_equal(out["label"].numpy(), ref_label)
     np.testing.assert_array_equal(features.parse_example(tf.constant(record))["image"].numpy(),
                                   image)
+
+
+def _offset_in(box: np.ndarray, crop: np.ndarray):
+    """The offsets o at which box[o:o + crop.shape] equals crop, by exhaustive search."""
+    c = crop.shape[:3]
+    return [o for o in itertools.product(*(range(b - k + 1) for b, k in zip(box.shape, c)))
+            if np.array_equal(box[o[0]:o[0] + c[0], o[1]:o[1] + c[1], o[2]:o[2] + c[2]], crop)]
+
+
+def test_brain_box_crops_lie_inside_the_box_and_move(records):
+    """crop_from='brain_box': every crop smaller than the stored box is a window
+    of the box (found by exhaustive search in the decoded box), at offsets that
+    vary with the seed; from the grid, windows of the same size reach outside
+    the box (zero padding) for some seeds."""
+    _, files, _ = records
+    crop = (16, 16, 16)
+    record = next(iter(tf.data.TFRecordDataset(files[0], features.COMPRESSION)))
+    ex = features.parse_raw(record)
+    box_image, _ = features.decode_volumes(ex)
+    box_t1 = box_image.numpy()[..., 0]
+    assert all(b > k for b, k in zip(box_t1.shape, crop))
+    normalised = InputConfig(files=files, crop_shape=crop, augment=False)
+    offsets, outside = set(), 0
+    for seed in range(12):
+        seeds = tf.random.experimental.stateless_split(tf.constant([seed, 3], tf.int64), 3)
+        inside = train_transform(ex, seeds, dataclasses.replace(normalised,
+                                                                crop_from="brain_box"))
+        # un-normalise T1 (the affine map of the non-zero voxels) to find it in the box
+        mean, std = ex["nonzero_mean"].numpy()[0], max(ex["nonzero_std"].numpy()[0], 1e-8)
+        t1 = inside["image"].numpy()[..., 0]
+        t1 = np.where(t1 != 0, np.rint(t1 * std + mean), 0)
+        found = _offset_in(box_t1, t1)
+        assert found, f"seed {seed}: the brain_box crop is not a window of the box"
+        offsets.add(found[0])
+        grid = train_transform(ex, seeds, normalised)["image"].numpy()[..., 0]
+        grid = np.where(grid != 0, np.rint(grid * std + mean), 0)
+        outside += not _offset_in(box_t1, grid)
+    assert len(offsets) > 3
+    assert outside > 0
+
+
+def test_crop_from_is_checked():
+    with pytest.raises(ValueError, match="'box'"):
+        InputConfig(files="x", crop_from="box")

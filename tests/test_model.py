@@ -253,6 +253,10 @@ def test_inference_model_rejects_sizes_not_divisible_by_8(tiny_model):
         (dict(dropout=1.0), "dropout"),
         (dict(l2_weight=-1.0), "l2_weight"),
         (dict(latent_dim=0), "latent_dim"),
+        (dict(head_kernel_init="he_normal"), "head_kernel_init.*'he_normal'"),
+        (dict(head_bias_init=float("nan")), "head_bias_init.*nan"),
+        (dict(head_bias_init=True), "head_bias_init"),
+        (dict(head_kernel_std=0.0), "head_kernel_std.*0.0"),
     ],
 )
 def test_model_config_rejects_bad_values(kwargs, match):
@@ -263,6 +267,31 @@ def test_model_config_rejects_bad_values(kwargs, match):
 def test_config_without_vae_needs_only_divisibility_by_8():
     model = build_model(ModelConfig(input_shape=(24, 40, 8), init_filters=8, vae=False))
     assert set(model.output) == {"seg"}
+
+
+def test_segmentation_head_initialisation_options():
+    """Default: Glorot-uniform kernel (|w| <= sqrt(6 / (fan_in + fan_out))),
+    zero bias, logits spread over the volume. normal (std 0.01) with a bias b:
+    kernel std 0.01, every voxel's probability within 0.01 of sigmoid(b)."""
+    shape = (16, 16, 16)
+    image = np.random.default_rng(0).normal(size=(1,) + shape + (4,)).astype(np.float32)
+    keras.utils.set_random_seed(1)
+    default = build_model(ModelConfig(input_shape=shape, init_filters=8, latent_dim=8))
+    kernel, bias = default.get_layer("DecoderEnd_Conv1").get_weights()
+    assert np.abs(kernel).max() <= np.sqrt(6 / (8 + 3)) and np.abs(kernel).std() > 0.1
+    assert np.all(bias == 0)
+    assert np.std(default(image)["seg"].numpy()) > 0.05
+    keras.utils.set_random_seed(1)
+    prior = build_model(ModelConfig(input_shape=shape, init_filters=8, latent_dim=8,
+                                    head_kernel_init="normal", head_bias_init=-4.6))
+    kernel, bias = prior.get_layer("DecoderEnd_Conv1").get_weights()
+    assert 0.004 < kernel.std() < 0.02
+    np.testing.assert_array_equal(bias, np.float32(-4.6))
+    seg = prior(image)["seg"].numpy()
+    np.testing.assert_allclose(seg, 1 / (1 + np.exp(4.6)), atol=0.01)
+    wider = build_model(ModelConfig(input_shape=shape, init_filters=8, latent_dim=8,
+                                    head_kernel_init="normal", head_kernel_std=0.3))
+    assert 0.15 < wider.get_layer("DecoderEnd_Conv1").get_weights()[0].std() < 0.5
 
 
 def test_config_from_model_recovers_the_segmentation_network(paper_model):

@@ -62,6 +62,15 @@ def test_train_config_rejects_bad_values(tmp_path):
         training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, strategy="tpu")
     with pytest.raises(ValueError, match="precision"):
         training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, precision="float16")
+    with pytest.raises(ValueError, match="adam_epsilon must be > 0, got 0"):
+        training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, adam_epsilon=0.0)
+
+
+def test_adam_epsilon_reaches_the_optimizer():
+    assert training.make_optimizer(1e-4, "float32").epsilon == 1e-7  # Keras' default
+    assert training.make_optimizer(1e-4, "float32", epsilon=1e-4).epsilon == 1e-4
+    wrapped = training.make_optimizer(1e-4, "mixed_float16", epsilon=1e-3)
+    assert wrapped.inner_optimizer.epsilon == 1e-3
 
 
 def test_one_sgd_step_matches_the_hand_written_gradient(tmp_path):
