@@ -20,7 +20,7 @@ cross-validation resumes where it was. The figures of a fold are recorded in
 <record_dir>/fold_<k>.json (no image data: per-case scores, the protocol,
 training time and curve, the machine) with its training curves
 (fold_<k>_curves.png); <record_dir>/cv.json gathers every fold recorded so
-far (per fold and mean Dice and HD95 per region and row) and
+far (per fold and mean Dice and HD95 per region and row; cv.md as a table) and
 <record_dir>/heldout_vs_minutes.png draws each fold's held-out Dice against
 its training minutes. Records are small and meant to be committed; the
 models, predictions and TFRecords stay in --out_dir.
@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from brats_tf.constants import REGIONS  # noqa: E402
-from brats_tf.io_utils import write_json_atomic  # noqa: E402
+from brats_tf.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("single", "tta", "tta_post")
@@ -180,6 +180,21 @@ def gather(record_dir: str) -> dict:
     return result
 
 
+def markdown(cv: dict) -> str:
+    """cv.json as a Markdown table: per row of the protocol, each fold's and the
+    mean over folds' Dice WT / TC / ET and HD95 (mm)."""
+    lines = ["| row | folds | Dice WT / TC / ET | HD95 WT / TC / ET (mm) |", "|---|---|---|---|"]
+    for values in cv["rows"].values():
+        cells = [(f"fold {k}", m) for k, m in values["per_fold"].items()]
+        cells.append((f"mean of {len(values['per_fold'])} fold(s), {values['num_cases']} cases",
+                      values["mean_of_folds"]))
+        for name, m in cells:
+            dice = " / ".join(f"{m[r]['dice']:.3f}" for r in REGIONS)
+            hd95 = " / ".join(f"{m[r]['hd95']:.1f}" for r in REGIONS)
+            lines.append(f"| {values['title']} | {name} | {dice} | {hd95} |")
+    return "\n".join(lines) + "\n"
+
+
 def heldout_figure(record_dir: str):
     """Held-out Dice (periodic validation) against training minutes, a line per fold."""
     from brats_tf.figures import line_panels
@@ -220,6 +235,7 @@ def main(argv):
                         os.path.join(record_dir, f"fold_{fold}_curves.png"))
         cv = gather(record_dir)
         write_json_atomic(os.path.join(record_dir, "cv.json"), cv)
+        write_text_atomic(os.path.join(record_dir, "cv.md"), markdown(cv))
         write_png(heldout_figure(record_dir), os.path.join(record_dir, "heldout_vs_minutes.png"))
         for row, values in cv["rows"].items():
             print(f"  {values['title']} over folds {cv['folds']}: " + "  ".join(

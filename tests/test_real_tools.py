@@ -45,8 +45,10 @@ def _fold(fold, cases, minutes):
         mean = {r: {m: sum(p[r][m] for p in per_case.values()) / len(per_case)
                     for m in ("dice", "hd95")} for r in ("WT", "TC", "ET")}
         return {"title": "", "protocol": {}, "mean": mean, "per_case": per_case}
+    def titled(row_, name):
+        return dict(row_, title=real_cv.ROW_TITLES[name])
     return {"fold": fold, "train": {"training_minutes": minutes, "curve": []},
-            "rows": {"single": row(1.0), "tta": row(1.1)}}
+            "rows": {"single": titled(row(1.0), "single"), "tta": titled(row(1.1), "tta")}}
 
 
 def test_real_cv_gathers_folds_by_fold_and_by_case(tmp_path):
@@ -64,6 +66,10 @@ def test_real_cv_gathers_folds_by_fold_and_by_case(tmp_path):
     assert cv["rows"]["tta"]["mean_of_folds"]["TC"]["dice"] == pytest.approx(1.1 * 0.65)
     assert single["num_cases"] == 3
     assert cv["training_minutes"] == {"0": 55.0, "1": 58.5}
+    table = real_cv.markdown(cv).splitlines()
+    assert "| single model | mean of 2 fold(s), 3 cases | 0.800 / 0.650 / 0.500 | 8.0 / 6.5 / 5.0 |" \
+        in table
+    assert "| single model + TTA | fold 1 | 0.990 / 0.880 / 0.770 | 9.9 / 8.8 / 7.7 |" in table
 
 
 def test_make_real_without_a_folder_says_what_it_needs():
