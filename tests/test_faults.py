@@ -136,6 +136,14 @@ def converter_runs(root):
     (r / "foreign_tmp").mkdir()
     (r / "foreign_tmp" / ".tmp-notes").write_bytes(b"mine")
     (r / "a_file").write_bytes(b"mine")
+    # root/nii's four cases and a fifth that fails only when read (its FLAIR is not NIfTI)
+    skip_folds_in = _nii_copy(root, r / "skip_folds_in")
+    first = _case_dirs(skip_folds_in)[0]
+    bad = first.parent / "Brats18_SYN_0004_1"
+    shutil.copytree(first, bad)
+    for path in list(bad.iterdir()):
+        path.rename(bad / path.name.replace(first.name, bad.name))
+    (bad / f"{bad.name}_flair.nii.gz").write_bytes(b"not a NIfTI file")
     nii = root / "nii"
     jobs = {
         "empty_fold": ("convert", [f"--input_dir={empty_fold_in}", f"--output_dir={r / 'ef'}",
@@ -151,6 +159,8 @@ def converter_runs(root):
                                     "--folds=1"]),
         "same_a": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_a'}",
                                "--folds=2", "--cases_per_shard=1"]),
+        "skip_folds": ("convert", [f"--input_dir={skip_folds_in}", f"--output_dir={r / 'sf'}",
+                                   "--folds=2", "--cases_per_shard=1", "--skip_bad"]),
         "same_b": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_b'}",
                                "--folds=2", "--cases_per_shard=1"]),
     }
@@ -351,6 +361,28 @@ def test_case_folder_not_matching_its_files_is_reported(converter_runs):
     warnings = [l for l in proc.stderr.splitlines() if "not named after their folder" in l]
     assert len(warnings) == 1 and "1 folder(s)" in warnings[0] and str(renamed) in warnings[0]
     assert _manifest(conv / "mm")["num_cases"] == 1
+
+
+def test_skip_bad_deals_the_folds_over_the_cases_kept(root, converter_runs):
+    """--skip_bad with a case that fails only when read: its four good cases in
+    two folds of two, the shards and folds of a conversion of those four alone
+    (same seed), the bad case listed. Before: folds dealt over all five, then
+    the bad one dropped: three cases in fold 0, one in fold 1, exit 0."""
+    conv, runs = converter_runs
+    proc = runs["skip_folds"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest, alone = _manifest(conv / "sf"), _manifest(root / "tfr")
+    assert sorted(c["fold"] for c in manifest["cases"]) == [0, 0, 1, 1]
+    assert [s["case_id"] for s in manifest["skipped"]] == ["Brats18_SYN_0004_1"]
+    assert "Brats18_SYN_0004_1_flair.nii.gz" in manifest["skipped"][0]["error"]
+    assert manifest["shards"] == alone["shards"]
+    assert ([dict(c, files=None) for c in manifest["cases"]]  # all but their source files
+            == [dict(c, files=None) for c in alone["cases"]])
+    for shard in manifest["shards"]:
+        assert (conv / "sf" / shard["file"]).read_bytes() == \
+            (root / "tfr" / shard["file"]).read_bytes()
+    assert sorted(p.name for p in (conv / "sf").iterdir()) == sorted(
+        [s["file"] for s in manifest["shards"]] + ["manifest.json"])  # no temporary left
 
 
 # ----------------------------------------------------------------- evaluate.py
