@@ -36,12 +36,13 @@ import tqdm
 from brats_tf import constants, figures, inference, metrics, training, volume
 from brats_tf.config import ModelConfig
 from brats_tf.export import METADATA_FILE, export_saved_model
-from brats_tf.io_utils import atomic_path, expand_pattern, write_text_atomic
+from brats_tf.io_utils import (atomic_path, expand_pattern, remove_path, stale_temporaries,
+                               write_text_atomic)
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
 # registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, check_precision, model_precision
 from data_pipeline import convert, features, layouts
-from data_pipeline.input import InputConfig, make_dataset
+from data_pipeline.input import InputConfig, make_dataset, shard_error
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -84,15 +85,47 @@ def _save_keras_atomic(model, path: str) -> None:
         model.save(str(tmp))
 
 
-def save_final(model, model_dir: str, version: int = 1) -> list[str]:
-    """Writes model.keras, segmenter.keras and export/<version>/ (SavedModel) into model_dir."""
+def save_final(model, model_dir: str, version: int = 1,
+               keep_newer_than: float | None = None) -> list[str]:
+    """Writes model.keras (the training model), segmenter.keras (the inference
+    model) and export/<version>/ (SavedModel) into model_dir; returns the
+    paths written.
+
+    First removes what an earlier save into model_dir, killed before its
+    rename, left there: the temporaries of exactly those three
+    (``io_utils.stale_temporaries``), nothing else.
+
+    Args:
+      keep_newer_than: a time (seconds since the epoch; train.py: the latest
+        checkpoint's): each of the three that exists and was written since
+        is kept as it is, so that a rerun of a finished run rewrites nothing.
+        None: all three are written.
+    """
     model_path = os.path.join(model_dir, "model.keras")
     segmenter_path = os.path.join(model_dir, "segmenter.keras")
-    _save_keras_atomic(model, model_path)
-    _save_keras_atomic(build_inference_model(model), segmenter_path)
     export_dir = os.path.join(model_dir, "export")
-    version_dir = export_saved_model(model, export_dir, version=version, overwrite=True)
-    return [model_path, segmenter_path, str(version_dir)]
+    version_dir = os.path.join(export_dir, str(version))
+    for stale in (stale_temporaries(model_path, ".keras")
+                  + stale_temporaries(segmenter_path, ".keras")
+                  + stale_temporaries(version_dir, directory=True)):
+        remove_path(stale)
+        log.info("removed %s, left by an interrupted save", stale)
+
+    def current(path: str) -> bool:
+        return (keep_newer_than is not None and os.path.isfile(path)
+                and os.path.getmtime(path) >= keep_newer_than)
+
+    written = []
+    if not current(model_path):
+        _save_keras_atomic(model, model_path)
+        written.append(model_path)
+    if not current(segmenter_path):
+        _save_keras_atomic(build_inference_model(model), segmenter_path)
+        written.append(segmenter_path)
+    if not current(os.path.join(version_dir, "saved_model.pb")):
+        written.append(str(export_saved_model(model, export_dir, version=version,
+                                              overwrite=True)))
+    return written
 
 
 # =====================================================================
@@ -512,6 +545,12 @@ def is_tfrecord_dir(data) -> bool:
 
 def _tfrecord_source(data: str, fold: int | None):
     """(files, number of cases, has_labels) of a converter output folder."""
+    return _tfrecord_shards(data, fold)[:3]
+
+
+def _tfrecord_shards(data: str, fold: int | None):
+    """(files, number of cases, has_labels, {file: its case ids}) of a converter
+    output folder, checked: every shard there, some case."""
     try:
         manifest = convert.read_manifest(data)  # validated: version, keys, shards there
     except ValueError as e:
@@ -534,10 +573,11 @@ def _tfrecord_source(data: str, fold: int | None):
     if count == 0:
         raise EvaluationError(f"data {data}: no case in fold {fold} (the converter skipped "
                               f"them: manifest.json's skipped)")
-    return files, count, bool(manifest.get("has_labels", True))
+    cases_of = {file: s["cases"] for file, s in zip(files, shards)}
+    return files, count, bool(manifest.get("has_labels", True)), cases_of
 
 
-def _tfrecord_cases(files) -> Iterator[EvalCase]:
+def _tfrecord_cases(files, cases_of: dict) -> Iterator[EvalCase]:
     def decode(serialized):
         ex = features.parse_raw(serialized)
         image, label = features.decode_volumes(ex)
@@ -545,20 +585,21 @@ def _tfrecord_cases(files) -> Iterator[EvalCase]:
                 "has_label": ex["has_label"], "box_start": ex["box_start"],
                 "original_shape": ex["original_shape"], "affine": ex["affine"]}
 
-    for file in files:  # one file at a time: an error names that file
-        yield from _tfrecord_file_cases(file, decode)
+    for file in files:  # one file at a time: an error names that file (and the case)
+        yield from _tfrecord_file_cases(file, decode, cases_of.get(file))
 
 
-def _tfrecord_file_cases(file: str, decode) -> Iterator[EvalCase]:
+def _tfrecord_file_cases(file: str, decode, listed) -> Iterator[EvalCase]:
     it = iter(tf.data.TFRecordDataset(file, features.COMPRESSION).map(decode))
+    index = 0
     while True:
         try:
             ex = next(it)
         except StopIteration:
             return
         except tf.errors.OpError as e:
-            raise EvaluationError(f"data: cannot read a record of {file}: "
-                                  f"{_one_line(e)}") from None
+            raise EvaluationError(str(shard_error(file, index, listed, e))) from None
+        index += 1
         shape, start = ex["original_shape"].numpy(), ex["box_start"].numpy()
         affine = ex["affine"].numpy()
         label = None
@@ -596,10 +637,10 @@ def open_cases(data: str, fold: int | None = None):
     if not os.path.isdir(data):
         raise EvaluationError(f"data {data}: not a folder")
     if is_tfrecord_dir(data):
-        files, count, has_labels = _tfrecord_source(data, fold)
+        files, count, has_labels, cases_of = _tfrecord_shards(data, fold)
         log.info("data: %d TFRecord shard(s), %d case(s), %s, from %s", len(files), count,
                  "labelled" if has_labels else "unlabelled", data)
-        return _tfrecord_cases(files), count, has_labels
+        return _tfrecord_cases(files, cases_of), count, has_labels
     if fold is not None:
         raise EvaluationError(f"fold {fold} given but data {data} is not a TFRecord folder "
                               f"(no converter manifest.json)")

@@ -15,6 +15,7 @@ import http.server
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,21 @@ def _nii_copy(root, dst, n=None):
 def _tfr_copy(root, dst):
     shutil.copytree(root / "tfr", dst)
     return dst
+
+
+def _flip_middle(path, n=64):
+    """Corrupts a file in place: n bytes in its middle inverted, its size unchanged."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    path.write_bytes(bytes(data))
+
+
+def _times(folder):
+    """{relative path: (bytes, mtime in ns)} of everything under folder."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +202,18 @@ def train_runs(root, converter_runs):
     (data["empty_manifest"] / "manifest.json").write_text("{}")
     data["invalid_json_manifest"] = _tfr_copy(root, r / "invalid_json")
     (data["invalid_json_manifest"] / "manifest.json").write_text('{"converter_version": ')
-    # a model_dir of an earlier run of the smoke model, init_filters=8
-    earlier = r / "earlier"
-    earlier.mkdir()
+    # a training shard (fold 1; --fold=0 trains on it) corrupted in place
+    data["corrupt_shard"] = _tfr_copy(root, r / "corrupt")
+    _flip_middle(sorted(data["corrupt_shard"].glob("brats-fold1-*.tfrecord"))[0])
+    # a model_dir of an earlier run of the smoke model, init_filters=8, and one
+    # more such with a file of the user's
     config = {"model": dataclasses.asdict(SMOKE_MODEL), "data": {"fold": 0}}
-    (earlier / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    (earlier / "flags.txt").write_text("--init_filters=8\n")
+    earlier = r / "earlier"
+    for folder in (earlier, r / "existing"):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / "flags.txt").write_text("--init_filters=8\n")
+    (r / "existing" / "notes.txt").write_text("mine")
     conv, runs = converter_runs
     empty_fold = _manifest(conv / "ef")["empty_folds"][0]
     tfr = root / "tfr"
@@ -206,7 +228,43 @@ def train_runs(root, converter_runs):
                                         "--fold=-1", "--steps_per_epoch=50"])
     jobs["empty_fold"] = ("train", [f"--data_dir={conv / 'ef'}", f"--model_dir={r / 'md_ef'}",
                                     f"--fold={empty_fold}"])
+    jobs["corrupt_shard_existing"] = ("train", [f"--data_dir={data['corrupt_shard']}",
+                                                f"--model_dir={r / 'existing'}"])
+    jobs["nifti_data_dir"] = ("train", [f"--data_dir={root / 'nii'}",
+                                        f"--model_dir={r / 'md_nifti'}"])
+    jobs["finished"] = ("train", FINISHED + [f"--data_dir={tfr}", f"--model_dir={r / 'finished'}"])
     return r, data, _run_all(jobs)
+
+
+# The shortest finished run: one step, on every case, exported.
+FINISHED = ["--epochs=1", "--steps_per_epoch=1", "--fold=-1"]
+
+
+@pytest.fixture(scope="module")
+def second_runs(root, train_runs):
+    """Runs that follow train_runs': train.py again on the finished run (into
+    which the temporaries of a save killed midway were put, and two folders
+    of the user's of similar names), and the converter command that
+    train.py's error for a NIfTI --data_dir gives."""
+    r, _, runs = train_runs
+    assert runs["finished"].returncode == 0, runs["finished"].stderr[-3000:]
+    finished = r / "finished"
+    before = _times(finished)
+    (finished / "export" / ".1.tmp-k1lled00" / "variables").mkdir(parents=True)
+    (finished / "export" / ".1.tmp-k1lled00" / "saved_model.pb").write_bytes(b"partial")
+    (finished / ".model.keras.k1lled00.tmp.keras").write_bytes(b"partial")
+    (finished / ".segmenter.keras.k1lled00.tmp.keras").write_bytes(b"partial")
+    for mine in (finished / "export" / ".1.tmp-notes", finished / "export" / ".2.tmp-k1lled00"):
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+    line = _error_line(runs["nifti_data_dir"], "train.py: error:")
+    command = re.search(r"python -m data_pipeline\.convert (--input_dir \S+ --output_dir \S+),",
+                        line)
+    jobs = {"rerun": ("train", FINISHED + [f"--data_dir={root / 'tfr'}",
+                                           f"--model_dir={finished}"])}
+    if command:  # the test data have 4 cases, fewer than the default 5 folds
+        jobs["hint"] = ("convert", command.group(1).split() + ["--folds=2"])
+    return before, _run_all(jobs)
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +362,70 @@ def test_empty_validation_fold_is_reported_by_the_converter_and_refused_by_train
     assert f"fold {fold} has no case" in proc.stderr
     line = _error_line(train_runs[2]["empty_fold"], "train.py: error:")
     assert f"fold {fold} of {conv / 'ef' / 'manifest.json'} has no case" in line, line
+
+
+def test_shard_corrupt_in_place_is_named_and_model_dir_left_as_found(train_runs):
+    """A training shard with 64 bytes inverted in its middle (its size, which
+    the manifest records, unchanged): one line naming the shard and its case,
+    without TensorFlow's internals; a model_dir the run made is removed again,
+    an existing one keeps exactly what it had. Before: TensorFlow's
+    DataLossError text ({{function_node __wrapped__IteratorGetNext...}}),
+    naming the data folder only, and config.json, flags.txt and logs/ left
+    in the model_dir."""
+    r, data, runs = train_runs
+    bad = sorted(data["corrupt_shard"].glob("brats-fold1-*.tfrecord"))[0]
+    (case,) = next(s["cases"] for s in _manifest(data["corrupt_shard"])["shards"]
+                   if s["file"] == bad.name)
+    for name in ("corrupt_shard", "corrupt_shard_existing"):
+        line = _error_line(runs[name], "train.py: error:")
+        assert f"shard {bad}:" in line and f"(case {case})" in line, line
+        assert "function_node" not in line and "[Op:" not in line and "Error:" not in line, line
+    assert not (r / "md_corrupt_shard").exists()
+    assert _files(r / "existing") == _files(r / "earlier") | {"notes.txt": b"mine"}
+
+
+def test_nifti_data_dir_gets_a_converter_command_it_accepts(root, train_runs, second_runs):
+    """train.py --data_dir=<a folder of BraTS NIfTI cases> says so and gives the
+    whole converter command, into a folder beside it; that command converts.
+    Before: '--output_dir <that same NIfTI folder>', which the converter
+    refuses (inside input_dir)."""
+    line = _error_line(train_runs[2]["nifti_data_dir"], "train.py: error:")
+    nii = root / "nii"
+    assert "4 BraTS NIfTI case(s)" in line, line
+    assert (f"python -m data_pipeline.convert --input_dir {nii} --output_dir {nii}_tfrecord, "
+            f"then train with --data_dir={nii}_tfrecord") in line, line
+    hint = second_runs[1]["hint"]
+    assert hint.returncode == 0, hint.stderr[-3000:]
+    assert _manifest(f"{nii}_tfrecord")["num_cases"] == 4
+
+
+def test_rerun_of_a_finished_run_removes_only_its_own_stale_temporaries(train_runs, second_runs):
+    """The temporaries of model.keras, segmenter.keras and export/1 that a save
+    killed midway left are removed by the next run; folders of the user's with
+    similar names (another pattern, another version) are kept. Before: the
+    rerun wrote export/1 and left export/.1.tmp-* there."""
+    finished = train_runs[0] / "finished"
+    rerun = second_runs[1]["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not (finished / "export" / ".1.tmp-k1lled00").exists()
+    assert not list(finished.glob(".*.tmp.keras"))
+    for mine in (".1.tmp-notes", ".2.tmp-k1lled00"):
+        assert (finished / "export" / mine / "notes.txt").read_text() == "mine"
+    assert "left by an interrupted save" in rerun.stderr
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(train_runs, second_runs):
+    """The same command again on a finished run: every file keeps its bytes and
+    its time stamp. Before: model.keras, segmenter.keras and export/1 were
+    written again, with other bytes."""
+    finished = train_runs[0] / "finished"
+    before, runs = second_runs
+    assert runs["rerun"].returncode == 0, runs["rerun"].stderr[-3000:]
+    after = {name: value for name, value in _times(finished).items()
+             if "notes" not in name}
+    assert sorted(after) == sorted(before) and "model.keras" in after
+    for name in before:
+        assert after[name] == before[name], name
 
 
 # ------------------------------------------------------------------ converter
