@@ -2,11 +2,12 @@
 so that a reader (or a crash) never sees a half-written file or folder.
 
 ``atomic_path`` is the one implementation: every file or folder this project
-writes for others to read (JSON, CSV, NIfTI, PNG, .keras, SavedModels,
-evaluation folders) goes through it; ``stale_temporaries`` finds what a
-write killed before its rename left. The converter's shards are the one
-exception: they are renamed together, once every case is written
-(``data_pipeline.convert``)."""
+writes for others to read (JSON, CSV, NIfTI, PNG, .keras, SavedModels)
+goes through it; ``stale_temporaries`` finds what a write killed before its
+rename left. The converter's shards are one exception: they are renamed
+together, once every case is written (``data_pipeline.convert``); an
+evaluation's folder another: it is filled under a name of its own (from
+which an interrupted evaluation resumes), then renamed (``replace_folder``)."""
 
 from __future__ import annotations
 

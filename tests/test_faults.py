@@ -17,15 +17,18 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import keras
 import nibabel as nib
 import numpy as np
 import pytest
 
+from brats_tf import constants
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from tiny_data import synthetic_tfrecords
@@ -107,6 +110,23 @@ def _flip_middle(path, n=64):
     middle = len(data) // 2
     data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
     path.write_bytes(bytes(data))
+
+
+def _nii_2023(root, dst, n):
+    """root/nii's first n cases renamed as BraTS 2023 names them (-t1n, -t1c, -t2w,
+    -t2f, -seg; ET written as 3)."""
+    suffixes = dict(zip(constants.MODALITIES, constants.MODALITIES_2023), seg="seg")
+    for case in _case_dirs(root / "nii")[:n]:
+        case_id = case.name.replace("Brats18_SYN", "BraTS-GLI")
+        (dst / case_id).mkdir(parents=True)
+        for old, new in suffixes.items():
+            img = nib.load(case / f"{case.name}_{old}.nii.gz")
+            array = np.asarray(img.dataobj)
+            if old == "seg":
+                array = np.where(array == constants.LABEL_ET, constants.LABEL_ET_2023, array)
+            nib.save(nib.Nifti1Image(array.astype(img.get_data_dtype()), img.affine, img.header),
+                     dst / case_id / f"{case_id}-{new}.nii.gz")
+    return dst
 
 
 def _times(folder):
@@ -301,6 +321,13 @@ def evaluate_runs(root, model):
     foreign = r / ".out.tmp-notmine0"
     foreign.mkdir()
     (foreign / "notes.txt").write_bytes(b"mine")
+    # BraTS 2023 data: NIfTI files named so, and TFRecords whose manifest says so
+    nii_2023 = _nii_2023(root, r / "nii_2023", 2)
+    tfr_2023 = _tfr_copy(root, r / "tfr_2023")
+    manifest = _manifest(tfr_2023)
+    for case in manifest["cases"]:
+        case["naming"] = "brats2023"
+    (tfr_2023 / "manifest.json").write_text(json.dumps(manifest))
     jobs = {
         "empty_manifest": ("evaluate", [f"--model={model}", f"--data={empty_manifest}",
                                         f"--output_dir={r / 'o_empty'}"]),
@@ -312,6 +339,10 @@ def evaluate_runs(root, model):
                                        f"--output_dir={r / 'o_corrupt'}"]),
         "nifti": ("evaluate", [f"--model={model}", f"--data={nii}", f"--output_dir={r / 'out'}",
                                "--nofigures"]),
+        "et_nifti_2023": ("evaluate", [f"--model={model}", f"--data={nii_2023}",
+                                       f"--output_dir={r / 'et_nifti'}", "--nofigures"]),
+        "et_tfr_2023": ("evaluate", [f"--model={model}", f"--data={tfr_2023}", "--fold=1",
+                                     f"--output_dir={r / 'et_tfr'}", "--nofigures"]),
     }
     return r, bad_shard.name, _run_all(jobs)
 
@@ -549,6 +580,81 @@ def test_evaluate_says_what_it_accepts_and_cleans_what_a_killed_run_left(evaluat
     assert list(record["spacing_not_1mm"].values()) == [[2.0, 1.0, 1.0]]
     assert not (r / ".out.tmp-k1lled00").exists()
     assert (r / ".out.tmp-notmine0" / "notes.txt").read_bytes() == b"mine"
+
+
+def _labels_written(out):
+    return set(np.unique(np.concatenate(
+        [np.asarray(nib.load(p).dataobj).ravel() for p in (out / "predictions").iterdir()])))
+
+
+def _check_et_label(proc, out, et_label, source):
+    """ET written as et_label, the protocol of both JSON files says so and why, the log too."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _labels_written(out) == {0, 1, 2, et_label}
+    for record in ("summary.json", "evaluation.json"):
+        protocol = json.loads((out / record).read_text())["protocol"]
+        assert (protocol["et_label"], protocol["et_label_source"]) == (et_label, source)
+    assert f"ET written as {et_label}: {source}" in proc.stderr
+
+
+@pytest.mark.parametrize("name,out", [("et_nifti_2023", "et_nifti"),  # the files' names
+                                      ("et_tfr_2023", "et_tfr")])  # the manifest's cases
+def test_et_label_follows_the_datas_naming(evaluate_runs, name, out):
+    """BraTS 2023 data get ET as 3 by default (--et_label given overrides it:
+    the test below), and the protocol records which and why. Before: 4
+    unless --et_label=3 was given (a 2023 submission made with the defaults
+    carried the wrong label)."""
+    r, _, runs = evaluate_runs
+    _check_et_label(runs[name], r / out, 3, "the data's BraTS 2023 naming")
+
+
+def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
+    """evaluate.py killed (-9) after its first case: the staging folder is
+    <output_dir>.partial, named in the log; the same command again resumes
+    there (the cases done are not computed again), a command of another
+    protocol (--et_label=3, which overrides the data's 2018 naming) starts
+    over and says so, and both end with the same scores. Before: a hidden
+    .<output>.tmp-* folder, removed by the rerun, which started again from
+    the first case."""
+    r = root / "resume"
+    r.mkdir()
+    args = [f"--model={model}", f"--data={root / 'tfr'}", f"--output_dir={r / 'out'}"]
+    child = subprocess.Popen(_command("evaluate", args), cwd=ROOT, env=ENV, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    staging = r / "out.partial"
+    try:
+        deadline = time.time() + 300
+        while not list(staging.glob("cases_done/*.json")):
+            assert child.poll() is None and time.time() < deadline, "ended before a case"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert f"writing into {staging}" in stderr
+    done = sorted(p.stem for p in staging.glob("cases_done/*.json"))
+    assert 1 <= len(done) < 4, "killed too late to test a resume"
+    kept = {f"predictions/{case}.nii.gz": (staging / "predictions" / f"{case}.nii.gz")
+            .stat().st_mtime_ns for case in done}
+    shutil.copytree(staging, r / "other.partial")  # the same, for an evaluation of another protocol
+    runs = _run_all({"same": ("evaluate", args),
+                     "other": ("evaluate", args[:2] + [f"--output_dir={r / 'other'}",
+                                                       "--et_label=3"])})
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming the interrupted evaluation in {staging}: {len(done)} case(s)" in \
+        runs["same"].stderr
+    assert f"starting over: {r / 'other.partial'}" in runs["other"].stderr
+    assert not staging.exists() and not (r / "other.partial").exists()
+    for name, mtime in kept.items():
+        assert (r / "out" / name).stat().st_mtime_ns == mtime  # not written again
+        assert (r / "other" / name).stat().st_mtime_ns != mtime
+    assert (r / "out" / "per_case.csv").read_text() == (r / "other" / "per_case.csv").read_text()
+    _check_et_label(runs["other"], r / "other", 3, "--et_label")
+    _check_et_label(runs["same"], r / "out", 4, "the data's BraTS 2018-2021 naming")
+    assert len(json.loads((r / "out" / "evaluation.json").read_text())["written"]) == 4 + 4 + 3
 
 
 # --------------------------------------------------------------------- client
