@@ -14,11 +14,14 @@ cases (2018-2023 layouts; without seg files: predictions only).
 
 Writes into --output_dir (refused when it is / is inside / contains an input,
 or is not empty without --overwrite): predictions/<case_id>.nii.gz (uint8 labels,
-the original grid, affine and header), probabilities/ (--save_probabilities),
-figures/<case_id>.png, per_case.csv, summary.csv, summary.json, evaluation.json.
-summary.json and evaluation.json record the protocol: region (brain box or
-whole volume), padding, TTA, ensemble size, threshold, post-processing.
-See brats_tf/EVALUATION.md.
+ET as 4 or, for BraTS 2023 data, 3 (--et_label); the original grid, affine and
+header), probabilities/ (--save_probabilities), figures/<case_id>.png,
+per_case.csv, summary.csv, summary.json, evaluation.json. summary.json and
+evaluation.json record the protocol: region (brain box or whole volume),
+padding, TTA, ensemble size, threshold, post-processing, ET label. Everything
+is written into <output_dir>.partial first and renamed when every case is
+done; killed, the same command again resumes there at the first case not
+done. See brats_tf/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ flags.DEFINE_list("model", None, "Model path(s), comma separated, shell patterns
                   "checkpoint prefix.")
 flags.DEFINE_string("data", None, "A TFRecord folder with manifest.json, or a folder of BraTS "
                     "NIfTI cases.")
-flags.DEFINE_string("output_dir", None, "Where everything is written; not an input folder.")
+flags.DEFINE_string("output_dir", None, "Where everything is written (first into "
+                    "<output_dir>.partial beside it, renamed when complete; an interrupted run "
+                    "resumes there); not an input folder.")
 flags.DEFINE_integer("fold", None, "TFRecords only: evaluate this fold's shards (the validation "
                      "fold of train.py --fold); default all.", lower_bound=0)
 flags.DEFINE_boolean("tta", False, "Test-time augmentation: mean of the 8 mirror flips (§4).")
@@ -51,8 +56,10 @@ flags.DEFINE_enum("precision", "saved", ["saved", "float32", "mixed_float16", "m
                   "trained), or a Keras dtype policy: mixed_bfloat16 is ~2x faster on CPUs "
                   "with AMX (Sapphire Rapids and later), mixed_float16 is for GPUs. .keras "
                   "files, model_dirs and checkpoints only; a SavedModel computes as exported.")
-flags.DEFINE_enum("et_label", "4", ["4", "3"], "Enhancing tumour label: 4 (BraTS 2017-2021) or "
-                  "3 (BraTS 2023+), in the written predictions and the metrics.")
+flags.DEFINE_enum("et_label", "auto", ["auto", "4", "3"], "Enhancing tumour label in the "
+                  "written predictions: 4 (BraTS 2017-2021) or 3 (BraTS 2023+); 'auto': as "
+                  "the data's cases are named (3 for BraTS 2023 names, from manifest.json or "
+                  "the NIfTI files, else 4). The protocol records which, and why.")
 flags.DEFINE_float("threshold", 0.5, "A voxel is in a region when p > threshold.",
                    lower_bound=0.0, upper_bound=0.999999)
 flags.DEFINE_integer("et_min_voxels", 0, "Post-processing, not the paper's (0: off): a case "
@@ -78,7 +85,8 @@ def config_from_flags():
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required")
     return EvalConfig(models=tuple(FLAGS.model), data=FLAGS.data, output_dir=FLAGS.output_dir,
-                      fold=FLAGS.fold, tta=FLAGS.tta, et_label=int(FLAGS.et_label),
+                      fold=FLAGS.fold, tta=FLAGS.tta,
+                      et_label=None if FLAGS.et_label == "auto" else int(FLAGS.et_label),
                       threshold=FLAGS.threshold, et_min_voxels=FLAGS.et_min_voxels,
                       crop_to_brain=FLAGS.crop_to_brain,
                       precision=None if FLAGS.precision == "saved" else FLAGS.precision,

@@ -4,7 +4,8 @@
     python train.py --flagfile=configs/demo.flags         # CPU demo on synthetic data
 
 Data: the output folder of `python -m data_pipeline.convert` (shards and
-manifest.json). `--fold=k` trains on every other fold and validates on fold k
+manifest.json; a folder of NIfTI cases is refused with the command that
+converts it). `--fold=k` trains on every other fold and validates on fold k
 every `--validate_every` epochs; `--fold=-1` trains on all cases.
 
 Strategies: `--strategy=default` (one device), `mirrored` (all local GPUs or
@@ -13,13 +14,16 @@ Ensembles (the paper's 10 models): `--member=K` trains member K with seed
 --seed + K into --model_dir/member_K; evaluate.py --model='<model_dir>/member_*'.
 Run again with the same --model_dir to resume from the last epoch checkpoint;
 a run whose model, fold or seed differs from the config.json there stops
-before writing anything.
+before writing anything; a run that finished before trains and rewrites
+nothing. A shard that cannot be read stops the run in one line naming it (and
+its case); when no epoch finished, --model_dir is left as it was found.
 
 Writes into --model_dir: flags.txt (a flagfile that reproduces the run),
 config.json (the resolved configs), checkpoints/, logs/ (TensorBoard),
 history.json, and at the end model.keras (the training model),
 segmenter.keras (the inference model) and export/<version>/ (a SavedModel for
-TF Serving).
+TF Serving): each when it is missing, older than the last checkpoint, or the
+run trained.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 
 # Data.
-flags.DEFINE_string("data_dir", None, "Converter output: TFRecord shards and manifest.json.")
+flags.DEFINE_string("data_dir", None, "Converter output: TFRecord shards and manifest.json "
+                    "(python -m data_pipeline.convert --input_dir <NIfTI folder> --output_dir "
+                    "<NIfTI folder>_tfrecord writes one).")
 flags.DEFINE_integer("fold", 0, "Validation fold (others train); -1: train on all cases.",
                      lower_bound=-1)
 flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and the export go here.")
@@ -112,7 +118,9 @@ flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on 
 flags.DEFINE_integer("keep_checkpoints", 3, "Epoch checkpoints kept.", lower_bound=1)
 flags.DEFINE_integer("validate_every", 0, "Validate on the held-out fold every K epochs "
                      "(0: only after the last epoch; needs --fold >= 0).", lower_bound=0)
-flags.DEFINE_boolean("export", True, "Export the inference model at the end.")
+flags.DEFINE_boolean("export", True, "At the end, write model.keras, segmenter.keras and "
+                     "export/1 (a run that trained nothing writes only those missing or older "
+                     "than the last checkpoint).")
 flags.DEFINE_boolean("verbose", True, "Progress bar per epoch.")
 
 log = logging.getLogger("train")
@@ -130,10 +138,7 @@ def configs_from_flags():
     model_dir, seed = member_dir_and_seed(FLAGS.model_dir, FLAGS.seed, FLAGS.member)
     manifest_path = os.path.join(FLAGS.data_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
-        raise ValueError(
-            f"--data_dir={FLAGS.data_dir}: no manifest.json there; convert the data first "
-            f"(python -m data_pipeline.convert --input_dir ... --output_dir {FLAGS.data_dir})"
-        )
+        raise ValueError(not_converted(FLAGS.data_dir))
     manifest = read_manifest(manifest_path)  # ManifestError (a ValueError): one line
     folds = manifest["options"]["folds"]
     if FLAGS.fold >= folds:
@@ -183,6 +188,40 @@ def configs_from_flags():
             "manifest": manifest_path, "fold": FLAGS.fold, "member": FLAGS.member,
             "crop_from": FLAGS.crop_from}
     return model_config, loss_config, train_config, data
+
+
+def not_converted(data_dir: str) -> str:
+    """The error for a --data_dir without manifest.json, with a converter
+    command that the converter accepts: into that folder when it does not
+    exist yet; for a folder of BraTS NIfTI cases, from it into a folder
+    beside it (the converter writes nothing inside its input)."""
+    from data_pipeline import layouts
+
+    if not os.path.exists(data_dir):
+        return (f"--data_dir={data_dir}: no manifest.json there (no such folder); convert the "
+                f"data into it first: python -m data_pipeline.convert --input_dir <BraTS NIfTI "
+                f"folder> --output_dir {data_dir}")
+    folder = os.path.normpath(data_dir)
+    if os.path.basename(folder) in ("", ".", ".."):
+        folder = os.path.abspath(folder)
+    beside = f"{folder}_tfrecord"
+    try:
+        cases = layouts.find_cases(data_dir)
+    except (ValueError, OSError):
+        cases = []
+    if not cases:
+        return (f"--data_dir={data_dir}: no manifest.json there: not the converter's output "
+                f"(nor BraTS NIfTI cases); train.py reads what python -m data_pipeline.convert "
+                f"--input_dir <BraTS NIfTI folder> --output_dir <a folder outside it> writes")
+    namings = " and ".join(sorted({c.naming for c in cases}))
+    if os.path.isfile(os.path.join(beside, "manifest.json")):
+        return (f"--data_dir={data_dir}: no manifest.json there: it holds {len(cases)} BraTS "
+                f"NIfTI case(s) ({namings} naming), and {beside} their conversion, it seems: "
+                f"train with --data_dir={beside}")
+    return (f"--data_dir={data_dir}: no manifest.json there: it holds {len(cases)} BraTS NIfTI "
+            f"case(s) ({namings} naming), not the converter's TFRecords; convert them first, "
+            f"into a folder beside it: python -m data_pipeline.convert --input_dir {data_dir} "
+            f"--output_dir {beside}, then train with --data_dir={beside}")
 
 
 def member_dir_and_seed(model_dir: str, seed: int, member: int | None) -> tuple[str, int]:
@@ -250,6 +289,79 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
                          f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) to resume it")
 
 
+def data_error(error: Exception, data: dict) -> str:
+    """One line for an error met while training reads its data. A read error
+    of the tf.data pipeline names neither shard nor case: each shard is then
+    read once (``input.find_unreadable_shard``) to name the one that fails
+    and its case; otherwise the error's own words and the data folder."""
+    import tensorflow as tf
+
+    from data_pipeline.convert import read_manifest
+    from data_pipeline.input import find_unreadable_shard, tf_error_text
+
+    if isinstance(error, tf.errors.OpError):
+        if isinstance(error, tf.errors.DataLossError) or "Iterator" in str(error):
+            manifest = read_manifest(data["manifest"], check_shards=False)
+            cases_of = {os.path.join(manifest["dir"], s["file"]): s["cases"]
+                        for s in manifest["shards"]}
+            bad = find_unreadable_shard(data["train_files"] + data["val_files"], cases_of)
+            if bad is not None:
+                return str(bad)
+        text = tf_error_text(error)
+    else:
+        lines = str(error).strip().splitlines()
+        text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text} (data {os.path.dirname(data['manifest'])})"
+
+
+def model_dir_contents(model_dir: str) -> dict:
+    """What a run finds in model_dir before it writes there: "created", the
+    topmost folder of model_dir's path that does not exist yet (None when
+    model_dir exists); else "paths", every file and folder under it
+    (relative), and "bytes", the contents of the two files every run
+    rewrites, flags.txt and config.json."""
+    if not os.path.isdir(model_dir):
+        top = os.path.abspath(model_dir)
+        while not os.path.exists(os.path.dirname(top)):
+            top = os.path.dirname(top)
+        return {"created": top}
+    paths, contents = set(), {}
+    for folder, dirs, files in os.walk(model_dir):
+        rel = os.path.relpath(folder, model_dir)
+        paths.update(os.path.normpath(os.path.join(rel, name)) for name in dirs + files)
+    for name in ("flags.txt", "config.json"):
+        if os.path.isfile(os.path.join(model_dir, name)):
+            with open(os.path.join(model_dir, name), "rb") as f:
+                contents[name] = f.read()
+    return {"created": None, "paths": paths, "bytes": contents}
+
+
+def restore_model_dir(model_dir: str, found: dict) -> None:
+    """Undoes a run's writes into model_dir (one that trained nothing):
+    folders it created are removed; in a model_dir that existed, what it
+    added (TensorBoard events, a flags.txt or config.json) is removed and
+    flags.txt and config.json get their earlier bytes back. Nothing that was
+    there before is removed."""
+    from brats_tf.io_utils import atomic_path, remove_path
+
+    if found["created"] is not None:
+        remove_path(found["created"])
+        return
+    for folder, dirs, files in os.walk(model_dir, topdown=False):
+        rel = os.path.relpath(folder, model_dir)
+        for name in files + dirs:
+            if os.path.normpath(os.path.join(rel, name)) not in found["paths"]:
+                remove_path(os.path.join(folder, name))
+    for name, contents in found["bytes"].items():
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read() == contents:
+                    continue
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(contents)
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"train.py: error: unexpected arguments: {' '.join(argv[1:])}")
@@ -271,7 +383,7 @@ def main(argv):
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation, figures
-    from brats_tf.io_utils import write_text_atomic
+    from brats_tf.io_utils import update_text
     from data_pipeline.input import InputConfig, make_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -309,22 +421,25 @@ def main(argv):
     except ValueError as e:  # e.g. fewer cases than a global batch: still nothing written
         sys.exit(f"train.py: error: {e}")
     # Every check passed: only now is model_dir written (its earlier config.json,
-    # if any, agrees with this run: check_model_dir).
-    os.makedirs(train_config.model_dir, exist_ok=True)
-    write_text_atomic(os.path.join(train_config.model_dir, "flags.txt"),
-                      FLAGS.flags_into_string())
-    write_text_atomic(os.path.join(train_config.model_dir, "config.json"),
-                      json.dumps(resolved, indent=2, sort_keys=True))
+    # if any, agrees with this run: check_model_dir); files that would get the
+    # same text are left as they are.
+    model_dir = train_config.model_dir
+    found = model_dir_contents(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    update_text(os.path.join(model_dir, "flags.txt"), FLAGS.flags_into_string())
+    update_text(os.path.join(model_dir, "config.json"),
+                json.dumps(resolved, indent=2, sort_keys=True))
     try:
         trainer.train()
     except training.NonFiniteLossError as e:
         sys.exit(f"train.py: {e}")
     except (ValueError, tf.errors.OpError) as e:  # e.g. a shard that cannot be read
-        lines = str(e).strip().splitlines()
-        sys.exit(f"train.py: error: {type(e).__name__}: {lines[0] if lines else ''} "
-                 f"(data {FLAGS.data_dir})")
+        message = data_error(e, data)
+        if not trainer.history:  # no epoch finished in this run: leave model_dir as found
+            restore_model_dir(model_dir, found)
+        sys.exit(f"train.py: error: {message}")
     if trainer.is_chief and trainer.history:  # epochs ran: the whole history drawn again
-        path = figures.write_training_curves(train_config.model_dir)
+        path = figures.write_training_curves(model_dir)
         log.info("wrote %s", path)
     unlearned = training.unlearned_regions(trainer.history[-1]) if trainer.history else {}
     if unlearned:
@@ -334,10 +449,13 @@ def main(argv):
             "or --member, and leave it out of an ensemble",
             " and ".join(unlearned), ", ".join(f"{r} {d:.3f}" for r, d in unlearned.items()))
     if trainer.is_chief and FLAGS.export:
-        paths = evaluation.save_final(trainer.model, train_config.model_dir)
-        for path in paths:
+        # A run that trained nothing now (finished before) keeps the final files
+        # written since its last checkpoint; missing or older ones are written.
+        latest = trainer.manager.latest_checkpoint
+        keep = os.path.getmtime(f"{latest}.index") if latest and not trainer.history else None
+        for path in evaluation.save_final(trainer.model, model_dir, keep_newer_than=keep):
             log.info("wrote %s", path)
-    log.info("done: %s", train_config.model_dir)
+    log.info("done: %s", model_dir)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import glob
 import io
 import json
 import logging
 import os
 import pathlib
-import re
-import shutil
 import time
 import weakref
 import zipfile
@@ -36,12 +35,13 @@ import tqdm
 from brats_tf import constants, figures, inference, metrics, training, volume
 from brats_tf.config import ModelConfig
 from brats_tf.export import METADATA_FILE, export_saved_model
-from brats_tf.io_utils import atomic_path, expand_pattern, write_text_atomic
+from brats_tf.io_utils import (atomic_path, expand_pattern, remove_path, replace_folder,
+                               stale_temporaries, write_text_atomic)
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
 # registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, check_precision, model_precision
 from data_pipeline import convert, features, layouts
-from data_pipeline.input import InputConfig, make_dataset
+from data_pipeline.input import InputConfig, make_dataset, shard_error
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -84,15 +84,47 @@ def _save_keras_atomic(model, path: str) -> None:
         model.save(str(tmp))
 
 
-def save_final(model, model_dir: str, version: int = 1) -> list[str]:
-    """Writes model.keras, segmenter.keras and export/<version>/ (SavedModel) into model_dir."""
+def save_final(model, model_dir: str, version: int = 1,
+               keep_newer_than: float | None = None) -> list[str]:
+    """Writes model.keras (the training model), segmenter.keras (the inference
+    model) and export/<version>/ (SavedModel) into model_dir; returns the
+    paths written.
+
+    First removes what an earlier save into model_dir, killed before its
+    rename, left there: the temporaries of exactly those three
+    (``io_utils.stale_temporaries``), nothing else.
+
+    Args:
+      keep_newer_than: a time (seconds since the epoch; train.py: the latest
+        checkpoint's): each of the three that exists and was written since
+        is kept as it is, so that a rerun of a finished run rewrites nothing.
+        None: all three are written.
+    """
     model_path = os.path.join(model_dir, "model.keras")
     segmenter_path = os.path.join(model_dir, "segmenter.keras")
-    _save_keras_atomic(model, model_path)
-    _save_keras_atomic(build_inference_model(model), segmenter_path)
     export_dir = os.path.join(model_dir, "export")
-    version_dir = export_saved_model(model, export_dir, version=version, overwrite=True)
-    return [model_path, segmenter_path, str(version_dir)]
+    version_dir = os.path.join(export_dir, str(version))
+    for stale in (stale_temporaries(model_path, ".keras")
+                  + stale_temporaries(segmenter_path, ".keras")
+                  + stale_temporaries(version_dir, directory=True)):
+        remove_path(stale)
+        log.info("removed %s, left by an interrupted save", stale)
+
+    def current(path: str) -> bool:
+        return (keep_newer_than is not None and os.path.isfile(path)
+                and os.path.getmtime(path) >= keep_newer_than)
+
+    written = []
+    if not current(model_path):
+        _save_keras_atomic(model, model_path)
+        written.append(model_path)
+    if not current(segmenter_path):
+        _save_keras_atomic(build_inference_model(model), segmenter_path)
+        written.append(segmenter_path)
+    if not current(os.path.join(version_dir, "saved_model.pb")):
+        written.append(str(export_saved_model(model, export_dir, version=version,
+                                              overwrite=True)))
+    return written
 
 
 # =====================================================================
@@ -130,8 +162,9 @@ class EvalConfig:
       tta: mean over the 8 mirror flips (§4).
       crop_to_brain: run Keras models on the brain's bounding box
         (``volume.brain_box``); False: the whole padded volume (the paper).
-      et_label: the ET value written in the predictions and read in NIfTI
-        ground truths: 4 (BraTS 2017-2021) or 3 (BraTS 2023+).
+      et_label: the ET value written in the predictions: 4 (BraTS 2017-2021)
+        or 3 (BraTS 2023+); None (the default): the data's naming decides
+        (``et_label_for_data``: 3 for BraTS 2023 names, else 4).
       threshold: a voxel is in a region when p > threshold.
       et_min_voxels: post-processing (not the paper's; 0: off): a case whose
         predicted ET has fewer voxels becomes necrosis there
@@ -152,7 +185,7 @@ class EvalConfig:
     output_dir: str
     fold: int | None = None
     tta: bool = False
-    et_label: int = constants.LABEL_ET
+    et_label: int | None = None
     threshold: float = 0.5
     et_min_voxels: int = 0
     crop_to_brain: bool = True
@@ -177,7 +210,8 @@ class EvalConfig:
         if self.fold is not None and (isinstance(self.fold, bool) or not isinstance(self.fold, int)
                                       or self.fold < 0):
             raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
-        volume.check_et_label(self.et_label)
+        if self.et_label is not None:
+            volume.check_et_label(self.et_label)
         volume.check_threshold(self.threshold)
         volume.check_et_min_voxels(self.et_min_voxels)
         check_precision(self.precision)
@@ -460,13 +494,18 @@ def member_warnings(models: list[LoadedModel]) -> list[str]:
     return warnings
 
 
-def run_protocol(config: EvalConfig, models: list[LoadedModel]) -> dict:
-    """``inference.protocol`` of an evaluation: what produced its scores."""
+def run_protocol(config: EvalConfig, models: list[LoadedModel],
+                 et_label: tuple[int, str] | None = None) -> dict:
+    """``inference.protocol`` of an evaluation: what produced its scores;
+    with ``et_label`` (``et_label_for_data``), the ET label written and why."""
     regions = sorted({m.region(config.crop_to_brain) for m in models})
-    return inference.protocol(
+    protocol = inference.protocol(
         region=regions[0] if len(regions) == 1 else "mixed: " + ", ".join(regions),
         tta=config.tta, ensemble_size=sum(m.networks() for m in models),
         threshold=config.threshold, et_min_voxels=config.et_min_voxels)
+    if et_label is not None:
+        protocol["et_label"], protocol["et_label_source"] = et_label
+    return protocol
 
 
 # ------------------------------------------------------------------- cases
@@ -486,6 +525,15 @@ class EvalCase:
     affine: np.ndarray
     spacing: tuple
     reference: str | None
+    source: str
+
+
+@dataclasses.dataclass
+class SkippedCase:
+    """A case ``open_cases`` was asked to skip (``skip``) and did not read:
+    one an interrupted evaluation has done."""
+
+    case_id: str
     source: str
 
 
@@ -510,19 +558,29 @@ def is_tfrecord_dir(data) -> bool:
         return True  # unreadable: read_manifest says why
 
 
-def _tfrecord_source(data: str, fold: int | None):
-    """(files, number of cases, has_labels) of a converter output folder."""
+def _tfrecord_manifest(data: str, fold: int | None):
+    """(manifest, its shards of ``fold`` (all when None)) of a converter output folder."""
     try:
         manifest = convert.read_manifest(data)  # validated: version, keys, shards there
     except ValueError as e:
         raise EvaluationError(f"data {data}: {_one_line(e)}") from None
     if fold is None:
-        shards = manifest["shards"]
-    else:
-        folds = manifest["options"]["folds"]
-        if not 0 <= fold < folds:
-            raise EvaluationError(f"fold must be in [0, {folds}) for {data}, got {fold}")
-        shards = [s for s in manifest["shards"] if s["fold"] == fold]
+        return manifest, manifest["shards"]
+    folds = manifest["options"]["folds"]
+    if not 0 <= fold < folds:
+        raise EvaluationError(f"fold must be in [0, {folds}) for {data}, got {fold}")
+    return manifest, [s for s in manifest["shards"] if s["fold"] == fold]
+
+
+def _tfrecord_source(data: str, fold: int | None):
+    """(files, number of cases, has_labels) of a converter output folder."""
+    return _tfrecord_shards(data, fold)[:3]
+
+
+def _tfrecord_shards(data: str, fold: int | None):
+    """(files, number of cases, has_labels, {file: its case ids}) of a converter
+    output folder, checked: every shard there, some case."""
+    manifest, shards = _tfrecord_manifest(data, fold)
     files = [os.path.join(manifest["dir"], s["file"]) for s in shards]
     for f in files:
         if not os.path.isfile(f):
@@ -534,10 +592,11 @@ def _tfrecord_source(data: str, fold: int | None):
     if count == 0:
         raise EvaluationError(f"data {data}: no case in fold {fold} (the converter skipped "
                               f"them: manifest.json's skipped)")
-    return files, count, bool(manifest.get("has_labels", True))
+    cases_of = {file: s["cases"] for file, s in zip(files, shards)}
+    return files, count, bool(manifest.get("has_labels", True)), cases_of
 
 
-def _tfrecord_cases(files) -> Iterator[EvalCase]:
+def _tfrecord_cases(files, cases_of: dict, skip=frozenset()) -> Iterator[EvalCase | SkippedCase]:
     def decode(serialized):
         ex = features.parse_raw(serialized)
         image, label = features.decode_volumes(ex)
@@ -545,34 +604,47 @@ def _tfrecord_cases(files) -> Iterator[EvalCase]:
                 "has_label": ex["has_label"], "box_start": ex["box_start"],
                 "original_shape": ex["original_shape"], "affine": ex["affine"]}
 
-    for file in files:  # one file at a time: an error names that file
-        yield from _tfrecord_file_cases(file, decode)
+    for file in files:  # one file at a time: an error names that file (and the case)
+        listed = cases_of.get(file)
+        source = f"TFRecord {os.path.basename(file)}"
+        if isinstance(listed, list) and listed and set(listed) <= set(skip):
+            yield from (SkippedCase(case_id, source) for case_id in listed)  # not read
+            continue
+        yield from _tfrecord_file_cases(file, decode, listed, skip)
 
 
-def _tfrecord_file_cases(file: str, decode) -> Iterator[EvalCase]:
+def _tfrecord_file_cases(file: str, decode, listed, skip) -> Iterator[EvalCase | SkippedCase]:
     it = iter(tf.data.TFRecordDataset(file, features.COMPRESSION).map(decode))
+    index = 0
     while True:
         try:
             ex = next(it)
         except StopIteration:
             return
         except tf.errors.OpError as e:
-            raise EvaluationError(f"data: cannot read a record of {file}: "
-                                  f"{_one_line(e)}") from None
+            raise EvaluationError(str(shard_error(file, index, listed, e))) from None
+        index += 1
+        case_id = ex["case_id"].numpy().decode()
+        source = f"TFRecord {os.path.basename(file)}"
+        if case_id in skip:
+            yield SkippedCase(case_id, source)
+            continue
         shape, start = ex["original_shape"].numpy(), ex["box_start"].numpy()
         affine = ex["affine"].numpy()
         label = None
         if bool(ex["has_label"].numpy()):
             label = volume.paste_crop(ex["label"].numpy(), shape, start)
         yield EvalCase(
-            case_id=ex["case_id"].numpy().decode(),
-            image=volume.paste_crop(ex["image"].numpy(), shape, start),
+            case_id=case_id, image=volume.paste_crop(ex["image"].numpy(), shape, start),
             label=label, affine=affine, spacing=spacing_from_affine(affine),
-            reference=None, source=f"TFRecord {os.path.basename(file)}")
+            reference=None, source=source)
 
 
-def _nifti_cases(cases, require_label: bool) -> Iterator[EvalCase]:
+def _nifti_cases(cases, require_label: bool, skip=frozenset()) -> Iterator[EvalCase | SkippedCase]:
     for case in cases:
+        if case.case_id in skip:
+            yield SkippedCase(case.case_id, case.folder)  # not read
+            continue
         loaded = convert.load_case(case, require_label)  # BadCaseError: one line, case and file
         ref = case.images[constants.MODALITIES[0]]
         label = None
@@ -587,35 +659,67 @@ def _nifti_cases(cases, require_label: bool) -> Iterator[EvalCase]:
             reference=ref, source=case.folder)
 
 
-def open_cases(data: str, fold: int | None = None):
+def _find_nifti_cases(data: str) -> list:
+    try:
+        return layouts.find_cases(data)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvaluationError(f"data {data}: {_one_line(e)}") from None
+
+
+def open_cases(data: str, fold: int | None = None, skip=frozenset()):
     """(iterable of EvalCase, number of cases, has_labels) for a TFRecord or NIfTI folder.
 
     Cheap checks run now (manifest, shards present, every modality file
-    present); the volumes are read lazily, one case at a time.
+    present); the volumes are read lazily, one case at a time. A case whose
+    id is in ``skip`` comes as a SkippedCase, unread where its id is known
+    without reading it (NIfTI cases; every case of a shard skipped).
     """
     if not os.path.isdir(data):
         raise EvaluationError(f"data {data}: not a folder")
     if is_tfrecord_dir(data):
-        files, count, has_labels = _tfrecord_source(data, fold)
+        files, count, has_labels, cases_of = _tfrecord_shards(data, fold)
         log.info("data: %d TFRecord shard(s), %d case(s), %s, from %s", len(files), count,
                  "labelled" if has_labels else "unlabelled", data)
-        return _tfrecord_cases(files), count, has_labels
+        return _tfrecord_cases(files, cases_of, frozenset(skip)), count, has_labels
     if fold is not None:
         raise EvaluationError(f"fold {fold} given but data {data} is not a TFRecord folder "
                               f"(no converter manifest.json)")
     if os.path.isfile(os.path.join(data, convert.MANIFEST)):
         log.warning("data %s: its manifest.json is not the converter's (no converter_version, "
                     "no shards): reading the folder as NIfTI cases", data)
-    try:
-        cases = layouts.find_cases(data)
-    except (ValueError, FileNotFoundError) as e:
-        raise EvaluationError(f"data {data}: {_one_line(e)}") from None
+    cases = _find_nifti_cases(data)
     has_labels = any(c.label is not None for c in cases)
     for case in cases:
         convert.check_files(case, has_labels)  # a missing modality: one line, before any work
     log.info("data: %d NIfTI case(s), %s, from %s", len(cases),
              "labelled" if has_labels else "unlabelled", data)
-    return _nifti_cases(cases, has_labels), len(cases), has_labels
+    return _nifti_cases(cases, has_labels, frozenset(skip)), len(cases), has_labels
+
+
+def et_label_for_data(data: str, fold: int | None = None) -> tuple[int, str]:
+    """(ET label, why) that the cases of ``data`` (of ``fold``) are named for:
+    3 when every case has the BraTS 2023 naming (``layouts.NAMING_2023``,
+    from manifest.json's cases or the NIfTI files' names), 4 when every case
+    has the 2018-2021 naming or the manifest does not record it. A mix is an
+    EvaluationError (choose with ``EvalConfig.et_label``)."""
+    if not os.path.isdir(data):
+        raise EvaluationError(f"data {data}: not a folder")
+    if is_tfrecord_dir(data):
+        manifest, _ = _tfrecord_manifest(data, fold)
+        namings = [c.get("naming") for c in manifest["cases"] if fold is None or c["fold"] == fold]
+    else:
+        namings = [c.naming for c in _find_nifti_cases(data)]
+    found = collections.Counter(namings)
+    if found.get(layouts.NAMING_2023) and len(found) > 1:
+        raise EvaluationError(
+            f"data {data}: {found[layouts.NAMING_2023]} case(s) named as BraTS 2023, "
+            f"{len(namings) - found[layouts.NAMING_2023]} not: pass --et_label=3 (BraTS 2023) "
+            f"or --et_label=4 (2017-2021)")
+    if found.get(layouts.NAMING_2023):
+        return constants.LABEL_ET_2023, "the data's BraTS 2023 naming"
+    if found.get(layouts.NAMING_2018) == len(namings):
+        return constants.LABEL_ET, "the data's BraTS 2018-2021 naming"
+    return constants.LABEL_ET, "the default (the data's naming is not recorded)"
 
 
 # ----------------------------------------------------------------- outputs
@@ -650,24 +754,116 @@ def check_output_dir(config: EvalConfig, model_paths=None) -> None:
 
 SPACING_ATOL = 1e-3  # mm: BraTS volumes are resampled to 1 mm isotropic voxels
 
+# An evaluation writes into <output_dir>.partial beside output_dir, renamed to
+# output_dir once every case is done; until then it holds RESUME_JSON (what it
+# is an evaluation of) and CASES_DONE/<case_id>.json (one per finished case),
+# from which the same command, run again after an interruption, resumes.
+STAGING_SUFFIX = ".partial"
+RESUME_JSON = "resume.json"
+CASES_DONE = "cases_done"
+
+
+def staging_dir(output_dir) -> pathlib.Path:
+    """Where an evaluation into ``output_dir`` writes until it is complete:
+    ``<output_dir>.partial``, beside it."""
+    out = pathlib.Path(output_dir)
+    if out.name in ("", ".", ".."):
+        out = pathlib.Path(os.path.abspath(output_dir))
+    return out.with_name(out.name + STAGING_SUFFIX)
+
 
 def _remove_stale_staging(out: pathlib.Path) -> None:
-    """Removes the hidden staging folders that an earlier evaluation into ``out``,
-    killed midway, left beside it (``.<name>.tmp-<random>`` of ``atomic_path``,
-    holding nothing but evaluate's outputs); other folders are left alone."""
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        return
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-[A-Za-z0-9_]{{8}}$")
+    """Removes the hidden temporaries that an evaluation into ``out``, killed
+    midway, left beside it and that nothing resumes from: the staging folders
+    of earlier versions (``.<name>.tmp-<random>``, holding nothing but
+    evaluate's outputs) and those of a staging folder killed while it was
+    made; other folders are left alone."""
     ours = {PREDICTIONS, PROBABILITIES, FIGURES, PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON,
             RUN_JSON}
-    for path in parent.iterdir():
-        if not pattern.match(path.name) or path.is_symlink() or not path.is_dir():
-            continue
+    for path in stale_temporaries(out, directory=True):
         names = {n for n in os.listdir(path) if not n.startswith(".")}  # .tmp files too
         if PREDICTIONS in names and names <= ours:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_path(path)
             log.info("removed %s, left by an interrupted evaluation", path)
+    for path in stale_temporaries(staging_dir(out), directory=True):
+        if set(os.listdir(path)) <= {RESUME_JSON, CASES_DONE, PREDICTIONS, PROBABILITIES, FIGURES}:
+            remove_path(path)
+
+
+def _files_of(path) -> list:
+    """[name, bytes, mtime in ns] of a file, of every file under a folder, or
+    of the files of a checkpoint prefix: what tells whether it changed."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        base, files = path.parent, [path]
+    elif path.is_dir():
+        base, files = path, sorted(pathlib.Path(folder) / name
+                                   for folder, _, names in os.walk(path, followlinks=True)
+                                   for name in names)
+    else:
+        base, files = path.parent, sorted(pathlib.Path(p) for p in
+                                          glob.glob(glob.escape(str(path)) + ".*"))
+    stats = []
+    for file in files:
+        st = file.stat()
+        stats.append([str(file.relative_to(base)), st.st_size, st.st_mtime_ns])
+    return stats
+
+
+def _resume_key(config: EvalConfig, models: list[LoadedModel], protocol: dict) -> dict:
+    """What the staging folder of an evaluation is an evaluation of: the
+    models' and the data's files (names, sizes, times), the fold, the
+    protocol and what is written per case. A rerun resumes only where this
+    is the same (JSON types: as read back)."""
+    model_files = []
+    for model in models:
+        files = _files_of(model.path)
+        if model.kind == "checkpoint":  # its architecture comes from config.json
+            files += _files_of(pathlib.Path(model.path).parent.parent / "config.json")
+        model_files.append({"path": os.path.realpath(model.path), "files": files})
+    return json.loads(json.dumps({
+        "models": model_files,
+        "data": {"path": os.path.realpath(config.data), "fold": config.fold,
+                 "files": _files_of(config.data)},
+        "protocol": protocol,
+        "outputs": {k: getattr(config, k) for k in ("precision", "hd95_mode",
+                                                    "save_probabilities", "figures")},
+    }))
+
+
+def _read_json(path):
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _evaluate_case(case: EvalCase, models: list[LoadedModel], config: EvalConfig,
+                   et_label: int, staging: pathlib.Path) -> dict:
+    """Predicts, scores and writes one case into ``staging``; returns its
+    record: case_id, metrics (None without labels), spacing, files written."""
+    probs = ensemble_probabilities(models, case.image, config.tta, config.crop_to_brain)
+    labels = inference.probabilities_to_labels(probs, config.threshold, et_label)
+    labels = volume.et_to_necrosis(labels, config.et_min_voxels, et_label)
+    written = [f"{PREDICTIONS}/{case.case_id}.nii.gz"]
+    inference.write_prediction_nifti(labels, _reference_for(case), staging / written[-1],
+                                     case_id=case.case_id, et_label=et_label)
+    if config.save_probabilities:
+        written.append(f"{PROBABILITIES}/{case.case_id}_probabilities.nii.gz")
+        _write_probabilities(probs, case, staging / written[-1])
+    truth = scores = None
+    if case.label is not None:
+        truth = case.label.copy()
+        truth[truth == constants.LABEL_ET] = et_label  # the project's ET (4) -> the output's
+        scores = metrics.case_metrics(labels, truth, case.spacing, et_label, config.hd95_mode)
+    if config.figures:
+        rgb = figures.case_figure(case.image[..., constants.MODALITIES.index("t1ce")],
+                                  case.affine, truth, labels, et_label=et_label,
+                                  title=case.case_id)
+        written.append(f"{FIGURES}/{case.case_id}.png")
+        figures.write_png(rgb, staging / written[-1])
+    return {"case_id": case.case_id, "metrics": scores,
+            "spacing": [float(z) for z in case.spacing], "written": written}
 
 
 def _columns():
@@ -741,15 +937,65 @@ def _model_record(model: LoadedModel) -> dict:
             "member": run.get("data", {}).get("member")}
 
 
+def _resumable_cases(staging: pathlib.Path, key: dict) -> dict | None:
+    """{case_id: record} of the cases that an interrupted evaluation with the
+    same ``key`` has done in ``staging`` (their files there); None when there
+    is nothing to resume: no staging folder, or one of another evaluation
+    (said so: ``_make_staging`` replaces it). A folder of that name that is
+    not an evaluation's staging folder is an EvaluationError. Reads only."""
+    if not os.path.lexists(staging):
+        return None
+    recorded = _read_json(staging / RESUME_JSON) if staging.is_dir() else None
+    if staging.is_symlink() or not isinstance(recorded, dict):
+        raise EvaluationError(f"{staging} exists and is not the staging folder of an "
+                              f"interrupted evaluation (no {RESUME_JSON}): move it away or "
+                              f"choose another output_dir")
+    if recorded != key:
+        differ = [name for name in key if recorded.get(name) != key[name]] or ["versions"]
+        log.warning("starting over: %s holds an interrupted evaluation whose %s differ from "
+                    "this one's (nothing to resume there); it is replaced", staging,
+                    " and ".join(differ))
+        return None
+    done = {}
+    for path in sorted((staging / CASES_DONE).glob("*.json")):
+        record = _read_json(path)
+        if (isinstance(record, dict) and isinstance(record.get("written"), list)
+                and all((staging / name).is_file() for name in record["written"])):
+            done[record["case_id"]] = record
+    log.info("resuming the interrupted evaluation in %s: %d case(s) done there are kept, the "
+             "others evaluated now", staging, len(done))
+    return done
+
+
+def _make_staging(staging: pathlib.Path, key: dict, config: EvalConfig) -> None:
+    """A new staging folder for ``key`` (replacing an earlier evaluation's)."""
+    if os.path.lexists(staging):
+        remove_path(staging)  # checked by _resumable_cases: an evaluation's, of another key
+    with atomic_path(staging, directory=True) as tmp:
+        for name, wanted in [(CASES_DONE, True), (PREDICTIONS, True),
+                             (PROBABILITIES, config.save_probabilities),
+                             (FIGURES, config.figures)]:
+            if wanted:
+                (tmp / name).mkdir()
+        (tmp / RESUME_JSON).write_text(json.dumps(key, indent=1))
+    log.info("writing into %s, renamed to %s once every case is done (if interrupted, the "
+             "same command resumes there)", staging, config.output_dir)
+
+
 def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
              cases: Iterable[EvalCase] | None = None, num_cases: int | None = None) -> dict:
     """Predicts every case, scores it, and writes the outputs of EVALUATION.md (§1, §4).
 
     Inputs are checked before any inference (models load and take 4 channels;
     output_dir is not an input and is empty or an earlier evaluation; every
-    modality file present). Everything is written into a hidden staging folder
-    beside output_dir and renamed to output_dir at the end: on any error the
-    staging folder is removed and nothing is left.
+    modality file present). Everything is written into ``staging_dir``
+    (``<output_dir>.partial``, named in the log) and renamed to output_dir at
+    the end. An error removes what this run wrote there (the folder, when
+    this run made it): nothing is left. An interruption (Ctrl-C, a kill)
+    leaves it, and the same evaluation run again resumes there at the first
+    case not done: when the models' and the data's files (names, sizes,
+    times), the fold, the protocol and the outputs per case are the same;
+    otherwise it starts over and says so.
 
     Args:
       config: EvalConfig.
@@ -762,30 +1008,37 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
     """
     model_paths = expand_model_paths(config.models) if models is None else None
     check_output_dir(config, model_paths)
-    _remove_stale_staging(pathlib.Path(config.output_dir))
+    out = pathlib.Path(config.output_dir)
+    _remove_stale_staging(out)
     if models is None:
         models = load_models(model_paths, config.precision)
     warnings = member_warnings(models)
     for warning in warnings:
         log.warning("%s", warning)
-    protocol = run_protocol(config, models)
+    if config.et_label is None:
+        et_label, source = et_label_for_data(config.data, config.fold)
+    else:
+        et_label, source = config.et_label, "--et_label"
+    log.info("ET written as %d: %s", et_label, source)
+    protocol = run_protocol(config, models, (et_label, source))
     log.info("protocol: %s", inference.describe_protocol(protocol))
+    staging = staging_dir(out)
+    key = _resume_key(config, models, protocol)
+    done = _resumable_cases(staging, key)
     if cases is None:
-        cases, num_cases, _ = open_cases(config.data, config.fold)
-    out = pathlib.Path(config.output_dir)
+        cases, num_cases, _ = open_cases(config.data, config.fold, skip=set(done or ()))
+    created = done is None
+    if created:
+        _make_staging(staging, key, config)
+        done = {}
     start = time.monotonic()
-    # checked above: out is absent, empty, or an earlier evaluation with overwrite
-    with atomic_path(out, directory=True) as staging:
-        (staging / PREDICTIONS).mkdir()
-        if config.save_probabilities:
-            (staging / PROBABILITIES).mkdir()
-        if config.figures:
-            (staging / FIGURES).mkdir()
-        per_case: dict = {}
-        written: list[str] = []
-        seen: set = set()
-        other_spacing: dict = {}  # case_id -> spacing, for cases not on a 1 mm grid
-        n = 0  # cases done (a disabled tqdm does not count)
+    per_case: dict = {}
+    written: list[str] = []
+    mine: list[str] = []  # what this run wrote into the staging folder
+    seen: set = set()
+    other_spacing: dict = {}  # case_id -> spacing, for cases not on a 1 mm grid
+    n = resumed = 0  # cases done, of them done by an interrupted run (tqdm may not count)
+    try:
         bar = tqdm.tqdm(total=num_cases, unit="case", disable=not config.progress,
                         desc="evaluate", dynamic_ncols=True)
         with bar:
@@ -793,35 +1046,24 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 if case.case_id in seen:
                     raise EvaluationError(f"case {case.case_id}: found twice in {config.data}")
                 seen.add(case.case_id)
-                if not np.allclose(case.spacing, 1.0, rtol=0, atol=SPACING_ATOL):
-                    other_spacing[case.case_id] = [round(float(z), 4) for z in case.spacing]
-                probs = ensemble_probabilities(models, case.image, config.tta,
-                                               config.crop_to_brain)
-                labels = inference.probabilities_to_labels(probs, config.threshold, config.et_label)
-                labels = volume.et_to_necrosis(labels, config.et_min_voxels, config.et_label)
-                name = f"{PREDICTIONS}/{case.case_id}.nii.gz"
-                inference.write_prediction_nifti(labels, _reference_for(case), staging / name,
-                                                 case_id=case.case_id, et_label=config.et_label)
-                written.append(name)
-                if config.save_probabilities:
-                    name = f"{PROBABILITIES}/{case.case_id}_probabilities.nii.gz"
-                    _write_probabilities(probs, case, staging / name)
-                    written.append(name)
-                truth = None
-                if case.label is not None:
-                    truth = case.label.copy()
-                    # the project's ET (4) -> the output convention (4 or 3)
-                    truth[truth == constants.LABEL_ET] = config.et_label
-                    per_case[case.case_id] = metrics.case_metrics(
-                        labels, truth, case.spacing, config.et_label, config.hd95_mode)
-                if config.figures:
-                    rgb = figures.case_figure(
-                        case.image[..., constants.MODALITIES.index("t1ce")], case.affine, truth,
-                        labels, et_label=config.et_label, title=case.case_id)
-                    name = f"{FIGURES}/{case.case_id}.png"
-                    figures.write_png(rgb, staging / name)
-                    written.append(name)
-                log.debug("case %s from %s: done", case.case_id, case.source)
+                record = done.get(case.case_id)
+                if record is None:
+                    if isinstance(case, SkippedCase):
+                        raise EvaluationError(f"case {case.case_id}: skipped, but no record of "
+                                              f"it in {staging / CASES_DONE}")
+                    record = _evaluate_case(case, models, config, et_label, staging)
+                    mine += record["written"]
+                    name = f"{CASES_DONE}/{case.case_id}.json"
+                    write_text_atomic(staging / name, json.dumps(record))
+                    mine.append(name)
+                    log.debug("case %s from %s: done", case.case_id, case.source)
+                else:
+                    resumed += 1
+                written += record["written"]
+                if record["metrics"] is not None:
+                    per_case[case.case_id] = record["metrics"]
+                if not np.allclose(record["spacing"], 1.0, rtol=0, atol=SPACING_ATOL):
+                    other_spacing[case.case_id] = [round(float(z), 4) for z in record["spacing"]]
                 bar.update(1)
                 n += 1
                 if per_case.get(case.case_id):
@@ -836,9 +1078,11 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                 raise EvaluationError(f"data {config.data}: {n - len(per_case)} case(s) "
                                       f"without labels among labelled ones")
             summary = metrics.summarize(per_case)
-            write_text_atomic(staging / PER_CASE_CSV, _csv_text(_columns(), per_case_rows(per_case)))
+            mine += [PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON]
+            write_text_atomic(staging / PER_CASE_CSV,
+                              _csv_text(_columns(), per_case_rows(per_case)))
             write_text_atomic(staging / SUMMARY_CSV,
-                        _csv_text(["statistic"] + _columns()[1:], summary_rows(summary)))
+                              _csv_text(["statistic"] + _columns()[1:], summary_rows(summary)))
             write_text_atomic(staging / SUMMARY_JSON, json.dumps(
                 {"num_cases": n, "protocol": protocol, "statistics": list(metrics.STATISTICS),
                  "summary": summary},
@@ -848,11 +1092,27 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
         line = _one_line_summary(summary, n, seconds, str(out), protocol)
         run = {"config": dataclasses.asdict(config), "protocol": protocol,
                "models": [_model_record(m) for m in models], "warnings": warnings,
-               "num_cases": n, "has_labels": bool(per_case), "seconds": round(seconds, 1),
-               "spacing_not_1mm": other_spacing,
+               "num_cases": n, "resumed_cases": resumed, "has_labels": bool(per_case),
+               "seconds": round(seconds, 1), "spacing_not_1mm": other_spacing,
                "summary_line": line, "written": sorted(written)}
+        mine.append(RUN_JSON)
         write_text_atomic(staging / RUN_JSON, json.dumps(run, indent=1))
         written.append(RUN_JSON)
+        # complete: the staging folder's own records go, then it becomes output_dir
+        remove_path(staging / CASES_DONE)
+        remove_path(staging / RESUME_JSON)
+        replace_folder(staging, out)
+    except KeyboardInterrupt:
+        log.warning("interrupted: the %d case(s) done are kept in %s; the same command resumes "
+                    "there", len(done) + n - resumed, staging)
+        raise
+    except BaseException:
+        if created:
+            remove_path(staging)
+        else:  # an earlier run's staging folder: only what this run added goes
+            for name in mine:
+                remove_path(staging / name)
+        raise
     if other_spacing:
         case_id, spacing = next(iter(other_spacing.items()))
         log.warning("%d of %d case(s) have a voxel spacing other than 1 mm (e.g. %s: %s mm): "
@@ -860,7 +1120,8 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
                     "BraTS's 1 mm results; listed in %s", len(other_spacing), n, case_id,
                     " x ".join(f"{z:g}" for z in spacing), out / RUN_JSON)
     kinds = collections.Counter(name.split("/")[0] for name in written)
-    log.info("read %d case(s) from %s; wrote to %s: %s", n, config.data, out,
+    log.info("read %d case(s) from %s%s; wrote to %s: %s", n, config.data,
+             f" ({resumed} of them done by the interrupted run)" if resumed else "", out,
              ", ".join(f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k
                        for k, v in sorted(kinds.items())))
     return {"summary": summary, "per_case": per_case, "line": line, "written": sorted(written)}

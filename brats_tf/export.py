@@ -3,8 +3,9 @@
 Layout: ``<export_dir>/<version>/`` (saved_model.pb, variables/, assets.extra/
 brats_tf.json), the model_name/version layout that ``tensorflow_model_server
 --model_base_path=<export_dir>`` watches. The version is written under a hidden
-temporary name in ``export_dir`` (not a number, so TF Serving ignores it) and
-renamed when complete.
+temporary name in ``export_dir`` (``.<version>.tmp-<random>``: not a number, so
+TF Serving ignores it) and renamed when complete; the temporaries of that
+version left by an export killed midway are removed first.
 
 Signatures (PAPER.md §3.7, "Network", §4):
 
@@ -53,7 +54,7 @@ import tensorflow as tf
 
 from brats_tf import constants, volume
 from brats_tf import inference as inf
-from brats_tf.io_utils import atomic_path, expand_pattern
+from brats_tf.io_utils import atomic_path, expand_pattern, remove_path, stale_temporaries
 from brats_tf.model import (PRECISIONS, build_inference_model, check_precision,
                             config_from_model, model_precision)
 
@@ -192,6 +193,8 @@ def export_saved_model(training_model, export_dir, version: int = 1,
     module = BratsServingModule(models, et_label, threshold, multiple, bool(crop_to_brain),
                                 et_min_voxels)
     export_dir.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(target, directory=True):  # of an export killed midway
+        remove_path(stale)
     with atomic_path(target, directory=True) as tmp:  # replaces an existing version
         tf.saved_model.save(
             module, str(tmp),

@@ -443,6 +443,8 @@ def describe_protocol(p: dict) -> str:
              f"p > {p['threshold']:g}"]
     if p["et_min_voxels"]:
         parts.append(f"ET < {p['et_min_voxels']} voxels -> NCR")
+    if "et_label" in p:  # an evaluation's: the label its predictions give ET
+        parts.append(f"ET as {p['et_label']}")
     return ", ".join(parts)
 
 

@@ -2,10 +2,12 @@
 so that a reader (or a crash) never sees a half-written file or folder.
 
 ``atomic_path`` is the one implementation: every file or folder this project
-writes for others to read (JSON, CSV, NIfTI, PNG, .keras, SavedModels,
-evaluation folders) goes through it. The converter's shards are the one
-exception: they are renamed together, once every case is written
-(``data_pipeline.convert``)."""
+writes for others to read (JSON, CSV, NIfTI, PNG, .keras, SavedModels)
+goes through it; ``stale_temporaries`` finds what a write killed before its
+rename left. The converter's shards are one exception: they are renamed
+together, once every case is written (``data_pipeline.convert``); an
+evaluation's folder another: it is filled under a name of its own (from
+which an interrupted evaluation resumes), then renamed (``replace_folder``)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import uuid
 from typing import Iterator
+
+# tempfile's random part of a name: 8 of these characters.
+_RANDOM = "[a-z0-9_]{8}"
 
 
 def umask() -> int:
@@ -34,9 +40,13 @@ def _remove(path: pathlib.Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _replace_folder(tmp: pathlib.Path, path: pathlib.Path) -> None:
-    """Renames the folder ``tmp`` to ``path``, which exists: ``path`` is moved
+def replace_folder(tmp, path) -> None:
+    """Renames the folder ``tmp`` to ``path``. An existing ``path`` is moved
     aside first (put back if the rename fails), then deleted."""
+    tmp, path = pathlib.Path(tmp), pathlib.Path(path)
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     os.replace(path, old)
     try:
@@ -79,8 +89,8 @@ def atomic_path(path, suffix: str = "", directory: bool = False) -> Iterator[pat
     try:
         yield tmp
         os.chmod(tmp, (0o777 if directory else 0o666) & ~umask())
-        if directory and os.path.lexists(path):
-            _replace_folder(tmp, path)
+        if directory:
+            replace_folder(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -88,10 +98,45 @@ def atomic_path(path, suffix: str = "", directory: bool = False) -> Iterator[pat
         raise
 
 
+def stale_temporaries(path, suffix: str = "", directory: bool = False) -> list[pathlib.Path]:
+    """The temporaries ``atomic_path(path, suffix, directory)`` makes, that
+    are there beside ``path`` now: those of a write killed before its rename
+    (or of one under way). Only names of exactly that pattern, and only
+    folders (``directory``) or files, never links; sorted."""
+    path = pathlib.Path(path)
+    name, end = re.escape(path.name), re.escape(suffix)
+    pattern = re.compile(rf"^\.{name}\.tmp-{_RANDOM}{end}$" if directory else
+                         rf"^\.{name}\.{_RANDOM}\.tmp{end}$")
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if pattern.match(p.name) and not p.is_symlink()
+                  and (p.is_dir() if directory else p.is_file()))
+
+
+def remove_path(path) -> None:
+    """Removes a file, or a folder and everything in it."""
+    _remove(pathlib.Path(path))
+
+
 def write_text_atomic(path, text: str) -> None:
     """Writes ``text`` to ``path`` atomically (``atomic_path``)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def update_text(path, text: str) -> bool:
+    """Writes ``text`` to ``path`` atomically unless the file holds exactly
+    that already (then it is left as it is, its time stamps too); returns
+    whether it wrote."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text_atomic(path, text)
+    return True
 
 
 def write_json_atomic(path, payload, indent: int = 2) -> None:

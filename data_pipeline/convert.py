@@ -17,7 +17,10 @@ renamed only once every case is written, then manifest.json (also renamed into
 place). A bad case stops the conversion with a one-line error naming the case
 and the file and removes this run's temporary files, unless --skip_bad, which
 skips it and lists it at the end and in the manifest (and warns of a fold
-left without cases: manifest "empty_folds"). A rerun, in this process or
+left without cases: manifest "empty_folds"). With --skip_bad every case is
+read and checked (each written to a temporary file of its own) before the
+folds are dealt, so they are dealt over the cases kept: the shards are those
+of a conversion of the good cases alone. A rerun, in this process or
 another, writes the same bytes. Nothing it did not write is deleted: a folder
 holding shards without manifest.json needs --overwrite, like a finished
 conversion.
@@ -214,9 +217,13 @@ def _tmp_name(name):
     return f".tmp-{name}.partial"  # hidden, and not matched by *.tfrecord
 
 
+def _case_tmp_name(index):
+    return f".tmp-case-{index:06d}.partial"  # --skip_bad: one checked case, before its shard
+
+
 _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d+-\d+-of-\d+{re.escape(features.SHARD_SUFFIX)}$")
-_TMP_RE = re.compile(rf"^\.tmp-{SHARD_PREFIX}\d+-\d+-of-\d+"
-                     rf"{re.escape(features.SHARD_SUFFIX)}\.partial$")
+_TMP_RE = re.compile(rf"^\.tmp-({SHARD_PREFIX}\d+-\d+-of-\d+"
+                     rf"{re.escape(features.SHARD_SUFFIX)}|case-\d+)\.partial$")
 
 
 def _shard_files(folder):
@@ -253,6 +260,30 @@ def _ordered_parallel(fn, items, workers):
                 yield item, e
 
 
+def _checked_cases(cases, require_label, workers):
+    """Yields (case, (its serialized Example, its manifest record without
+    fold and shard) or its BadCaseError), in order; `workers` threads read
+    the NIfTI files."""
+    for case, loaded in _ordered_parallel(lambda c: load_case(c, require_label), cases, workers):
+        if isinstance(loaded, BadCaseError):
+            yield case, loaded
+            continue
+        try:
+            record = features.serialize_example(
+                case.case_id, loaded.image, loaded.label, loaded.original_shape,
+                loaded.affine, loaded.box_start)
+        except ValueError as e:
+            yield case, BadCaseError(case.case_id, case.folder,
+                                     str(e).removeprefix(f"case {case.case_id}: "))
+            continue
+        yield case, (record, _case_record(loaded))
+
+
+def _read_record(path):
+    """The one record of a file _case_tmp_name names."""
+    return next(iter(tf.data.TFRecordDataset(path, features.COMPRESSION))).numpy()
+
+
 def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, seed=0,
             skip_bad=False, overwrite=False, num_workers=2, progress=True):
     """Converts a folder of BraTS NIfTI cases; returns the manifest (a dict).
@@ -262,7 +293,8 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
       num_shards: if set, overrides cases_per_shard with ceil(num_cases / num_shards)
         (so about num_shards files in all).
       folds: number of cross-validation folds (1: no split).
-      skip_bad: skip cases that fail a check (listed in the manifest) instead of stopping.
+      skip_bad: skip cases that fail a check (listed in the manifest) instead of
+        stopping; the folds are dealt over the cases kept, once every case is checked.
       overwrite: replace an existing conversion (manifest.json) in output_dir.
       num_workers: threads reading NIfTI files.
 
@@ -297,8 +329,6 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
                  "with" if require_label else "without")
     if folds > len(cases):
         raise ValueError(f"folds ({folds}) is more than the number of cases ({len(cases)})")
-    if num_shards is not None:
-        cases_per_shard = math.ceil(len(cases) / num_shards)
 
     # Cheap checks first: a missing file stops the run before any data is read.
     skipped = []
@@ -314,8 +344,6 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
             skipped.append({"case_id": case.case_id, "error": str(e)})
     if not good:
         raise ValueError(f"every case under {input_dir!r} failed its checks (see the warnings)")
-    fold_of = assign_folds(good, folds, seed)
-    plan = _plan_shards(good, fold_of, cases_per_shard, seed)
 
     created = not os.path.exists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
@@ -329,37 +357,56 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
     shards = []
     bar = tqdm(total=len(good), desc="converting", unit="case", disable=not progress)
     try:
+        if skip_bad:
+            # Every case is read and checked before the folds are dealt, so that
+            # they are dealt over the cases kept: each case goes to a temporary
+            # file of its own first, and into its shard once the plan is made.
+            kept, checked = [], {}
+            for index, (case, result) in enumerate(_checked_cases(good, require_label,
+                                                                  num_workers)):
+                bar.update(1)
+                if isinstance(result, BadCaseError):
+                    logging.warning("skipping: %s", result)
+                    skipped.append({"case_id": case.case_id, "error": str(result)})
+                    continue
+                tmp = os.path.join(output_dir, _case_tmp_name(index))
+                written_tmp.append(tmp)
+                with tf.io.TFRecordWriter(tmp, options) as writer:
+                    writer.write(result[0])
+                kept.append(case)
+                checked[case.case_id] = (tmp, result[1])
+            if not kept:
+                raise ValueError(f"every case under {input_dir!r} failed its checks (see the "
+                                 "warnings)")
+
+            def cases_of(members):
+                for case in members:
+                    tmp, case_record = checked[case.case_id]
+                    yield case, (_read_record(tmp), case_record)
+        else:
+            kept = good
+
+            def cases_of(members):
+                for case, result in _checked_cases(members, require_label, num_workers):
+                    bar.update(1)
+                    if isinstance(result, BadCaseError):
+                        raise result
+                    yield case, result
+        if num_shards is not None:
+            cases_per_shard = math.ceil(len(kept) / num_shards)
+        plan = _plan_shards(kept, assign_folds(kept, folds, seed), cases_per_shard, seed)
         for name, fold, members in plan:
             tmp = os.path.join(output_dir, _tmp_name(name))
             written_tmp.append(tmp)
-            shard_cases = []
             with tf.io.TFRecordWriter(tmp, options) as writer:
-                for case, loaded in _ordered_parallel(lambda c: load_case(c, require_label),
-                                                      members, num_workers):
-                    bar.update(1)
-                    if isinstance(loaded, BadCaseError):
-                        if not skip_bad:
-                            raise loaded
-                        logging.warning("skipping: %s", loaded)
-                        skipped.append({"case_id": case.case_id, "error": str(loaded)})
-                        continue
-                    try:
-                        record = features.serialize_example(
-                            case.case_id, loaded.image, loaded.label, loaded.original_shape,
-                            loaded.affine, loaded.box_start)
-                    except ValueError as e:
-                        bad = BadCaseError(case.case_id, case.folder,
-                                           str(e).removeprefix(f"case {case.case_id}: "))
-                        if not skip_bad:
-                            raise bad from None
-                        logging.warning("skipping: %s", bad)
-                        skipped.append({"case_id": case.case_id, "error": str(bad)})
-                        continue
+                for case, (record, case_record) in cases_of(members):
                     writer.write(record)
-                    shard_cases.append(case.case_id)
-                    records.append(_case_record(loaded, name, fold))
-            shards.append({"file": name, "fold": fold, "cases": shard_cases,
-                           "num_examples": len(shard_cases)})
+                    records.append(dict(case_record, fold=fold, shard=name))
+            shards.append({"file": name, "fold": fold, "cases": [c.case_id for c in members],
+                           "num_examples": len(members)})
+            if skip_bad:
+                for case in members:
+                    os.remove(checked[case.case_id][0])
     except BaseException:
         bar.close()
         for tmp in written_tmp:
@@ -413,14 +460,16 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
     return manifest
 
 
-def _case_record(loaded, shard, fold):
+def _case_record(loaded):
+    """A case's entry in the manifest; its fold and shard are set once it is
+    written (None until then)."""
     case = loaded.case
     return {
         "case_id": case.case_id,
         "grade": case.grade,
         "naming": case.naming,
-        "fold": fold,
-        "shard": shard,
+        "fold": None,
+        "shard": None,
         "original_shape": list(loaded.original_shape),
         "affine": np.asarray(loaded.affine).tolist(),
         "box_start": list(loaded.box_start),
@@ -537,7 +586,7 @@ def define_flags():
                          lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of the fold split and of the order within shards.")
     flags.DEFINE_bool("skip_bad", False, "Skip cases that fail a check and report them at the end "
-                      "(default: stop at the first).")
+                      "(default: stop at the first); the folds are dealt over the cases kept.")
     flags.DEFINE_bool("overwrite", False, "Replace a finished conversion in --output_dir "
                       "(or shards left there without manifest.json).")
     flags.DEFINE_integer("num_workers", 2, "Threads reading NIfTI files.", lower_bound=1)

@@ -139,7 +139,7 @@ def test_end_to_end(source, data, models, tmp_path, capsys):
     written = json.loads((out / "evaluation.json").read_text())["written"]
     assert sorted(written) == sorted(str(p.relative_to(out)) for p in out.rglob("*")
                                      if p.is_file() and p.name != "evaluation.json")
-    assert not list(tmp_path.glob(".eval*"))  # no staging folder left
+    assert not list(tmp_path.glob(".eval*")) and not (tmp_path / "eval.partial").exists()
 
 
 def test_tfrecords_and_nifti_give_the_same_scores(data, models, tmp_path, capsys):
@@ -279,7 +279,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(kind, data, models, tmp_path, 
     lines = [l for l in stderr.splitlines() if l.startswith("evaluate.py: error:")]
     assert len(lines) == 1 and name in lines[0], stderr
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out.partial"))]
 
 
 @pytest.mark.parametrize("where", ["data", "inside_data"])
@@ -432,7 +432,8 @@ def test_et_post_processing_and_the_protocol_on_record(data, models, tmp_path, c
             "et_min_voxels": n if name == "post" else 0,
             "post_processing": (f"ET below {n} voxels -> necrosis (label 1)" if name == "post"
                                 else "none"),
-            "padding": "zeros to a multiple of 8, split evenly (odd voxel after)"}
+            "padding": "zeros to a multiple of 8, split evenly (odd voxel after)",
+            "et_label": 4, "et_label_source": "the data's BraTS 2018-2021 naming"}
 
 
 def test_protocol_region_follows_what_ran(data, models, tmp_path, capsys):

@@ -15,16 +15,20 @@ import http.server
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import keras
 import nibabel as nib
 import numpy as np
 import pytest
 
+from brats_tf import constants
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from tiny_data import synthetic_tfrecords
@@ -100,6 +104,38 @@ def _tfr_copy(root, dst):
     return dst
 
 
+def _flip_middle(path, n=64):
+    """Corrupts a file in place: n bytes in its middle inverted, its size unchanged."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    path.write_bytes(bytes(data))
+
+
+def _nii_2023(root, dst, n):
+    """root/nii's first n cases renamed as BraTS 2023 names them (-t1n, -t1c, -t2w,
+    -t2f, -seg; ET written as 3)."""
+    suffixes = dict(zip(constants.MODALITIES, constants.MODALITIES_2023), seg="seg")
+    for case in _case_dirs(root / "nii")[:n]:
+        case_id = case.name.replace("Brats18_SYN", "BraTS-GLI")
+        (dst / case_id).mkdir(parents=True)
+        for old, new in suffixes.items():
+            img = nib.load(case / f"{case.name}_{old}.nii.gz")
+            array = np.asarray(img.dataobj)
+            if old == "seg":
+                array = np.where(array == constants.LABEL_ET, constants.LABEL_ET_2023, array)
+            nib.save(nib.Nifti1Image(array.astype(img.get_data_dtype()), img.affine, img.header),
+                     dst / case_id / f"{case_id}-{new}.nii.gz")
+    return dst
+
+
+def _times(folder):
+    """{relative path: (bytes, mtime in ns)} of everything under folder."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def model(root):
     """A tiny untrained inference model as a .keras file."""
@@ -136,6 +172,14 @@ def converter_runs(root):
     (r / "foreign_tmp").mkdir()
     (r / "foreign_tmp" / ".tmp-notes").write_bytes(b"mine")
     (r / "a_file").write_bytes(b"mine")
+    # root/nii's four cases and a fifth that fails only when read (its FLAIR is not NIfTI)
+    skip_folds_in = _nii_copy(root, r / "skip_folds_in")
+    first = _case_dirs(skip_folds_in)[0]
+    bad = first.parent / "Brats18_SYN_0004_1"
+    shutil.copytree(first, bad)
+    for path in list(bad.iterdir()):
+        path.rename(bad / path.name.replace(first.name, bad.name))
+    (bad / f"{bad.name}_flair.nii.gz").write_bytes(b"not a NIfTI file")
     nii = root / "nii"
     jobs = {
         "empty_fold": ("convert", [f"--input_dir={empty_fold_in}", f"--output_dir={r / 'ef'}",
@@ -151,6 +195,8 @@ def converter_runs(root):
                                     "--folds=1"]),
         "same_a": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_a'}",
                                "--folds=2", "--cases_per_shard=1"]),
+        "skip_folds": ("convert", [f"--input_dir={skip_folds_in}", f"--output_dir={r / 'sf'}",
+                                   "--folds=2", "--cases_per_shard=1", "--skip_bad"]),
         "same_b": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_b'}",
                                "--folds=2", "--cases_per_shard=1"]),
     }
@@ -176,12 +222,18 @@ def train_runs(root, converter_runs):
     (data["empty_manifest"] / "manifest.json").write_text("{}")
     data["invalid_json_manifest"] = _tfr_copy(root, r / "invalid_json")
     (data["invalid_json_manifest"] / "manifest.json").write_text('{"converter_version": ')
-    # a model_dir of an earlier run of the smoke model, init_filters=8
-    earlier = r / "earlier"
-    earlier.mkdir()
+    # a training shard (fold 1; --fold=0 trains on it) corrupted in place
+    data["corrupt_shard"] = _tfr_copy(root, r / "corrupt")
+    _flip_middle(sorted(data["corrupt_shard"].glob("brats-fold1-*.tfrecord"))[0])
+    # a model_dir of an earlier run of the smoke model, init_filters=8, and one
+    # more such with a file of the user's
     config = {"model": dataclasses.asdict(SMOKE_MODEL), "data": {"fold": 0}}
-    (earlier / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    (earlier / "flags.txt").write_text("--init_filters=8\n")
+    earlier = r / "earlier"
+    for folder in (earlier, r / "existing"):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / "flags.txt").write_text("--init_filters=8\n")
+    (r / "existing" / "notes.txt").write_text("mine")
     conv, runs = converter_runs
     empty_fold = _manifest(conv / "ef")["empty_folds"][0]
     tfr = root / "tfr"
@@ -196,7 +248,43 @@ def train_runs(root, converter_runs):
                                         "--fold=-1", "--steps_per_epoch=50"])
     jobs["empty_fold"] = ("train", [f"--data_dir={conv / 'ef'}", f"--model_dir={r / 'md_ef'}",
                                     f"--fold={empty_fold}"])
+    jobs["corrupt_shard_existing"] = ("train", [f"--data_dir={data['corrupt_shard']}",
+                                                f"--model_dir={r / 'existing'}"])
+    jobs["nifti_data_dir"] = ("train", [f"--data_dir={root / 'nii'}",
+                                        f"--model_dir={r / 'md_nifti'}"])
+    jobs["finished"] = ("train", FINISHED + [f"--data_dir={tfr}", f"--model_dir={r / 'finished'}"])
     return r, data, _run_all(jobs)
+
+
+# The shortest finished run: one step, on every case, exported.
+FINISHED = ["--epochs=1", "--steps_per_epoch=1", "--fold=-1"]
+
+
+@pytest.fixture(scope="module")
+def second_runs(root, train_runs):
+    """Runs that follow train_runs': train.py again on the finished run (into
+    which the temporaries of a save killed midway were put, and two folders
+    of the user's of similar names), and the converter command that
+    train.py's error for a NIfTI --data_dir gives."""
+    r, _, runs = train_runs
+    assert runs["finished"].returncode == 0, runs["finished"].stderr[-3000:]
+    finished = r / "finished"
+    before = _times(finished)
+    (finished / "export" / ".1.tmp-k1lled00" / "variables").mkdir(parents=True)
+    (finished / "export" / ".1.tmp-k1lled00" / "saved_model.pb").write_bytes(b"partial")
+    (finished / ".model.keras.k1lled00.tmp.keras").write_bytes(b"partial")
+    (finished / ".segmenter.keras.k1lled00.tmp.keras").write_bytes(b"partial")
+    for mine in (finished / "export" / ".1.tmp-notes", finished / "export" / ".2.tmp-k1lled00"):
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+    line = _error_line(runs["nifti_data_dir"], "train.py: error:")
+    command = re.search(r"python -m data_pipeline\.convert (--input_dir \S+ --output_dir \S+),",
+                        line)
+    jobs = {"rerun": ("train", FINISHED + [f"--data_dir={root / 'tfr'}",
+                                           f"--model_dir={finished}"])}
+    if command:  # the test data have 4 cases, fewer than the default 5 folds
+        jobs["hint"] = ("convert", command.group(1).split() + ["--folds=2"])
+    return before, _run_all(jobs)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +321,13 @@ def evaluate_runs(root, model):
     foreign = r / ".out.tmp-notmine0"
     foreign.mkdir()
     (foreign / "notes.txt").write_bytes(b"mine")
+    # BraTS 2023 data: NIfTI files named so, and TFRecords whose manifest says so
+    nii_2023 = _nii_2023(root, r / "nii_2023", 2)
+    tfr_2023 = _tfr_copy(root, r / "tfr_2023")
+    manifest = _manifest(tfr_2023)
+    for case in manifest["cases"]:
+        case["naming"] = "brats2023"
+    (tfr_2023 / "manifest.json").write_text(json.dumps(manifest))
     jobs = {
         "empty_manifest": ("evaluate", [f"--model={model}", f"--data={empty_manifest}",
                                         f"--output_dir={r / 'o_empty'}"]),
@@ -244,6 +339,10 @@ def evaluate_runs(root, model):
                                        f"--output_dir={r / 'o_corrupt'}"]),
         "nifti": ("evaluate", [f"--model={model}", f"--data={nii}", f"--output_dir={r / 'out'}",
                                "--nofigures"]),
+        "et_nifti_2023": ("evaluate", [f"--model={model}", f"--data={nii_2023}",
+                                       f"--output_dir={r / 'et_nifti'}", "--nofigures"]),
+        "et_tfr_2023": ("evaluate", [f"--model={model}", f"--data={tfr_2023}", "--fold=1",
+                                     f"--output_dir={r / 'et_tfr'}", "--nofigures"]),
     }
     return r, bad_shard.name, _run_all(jobs)
 
@@ -294,6 +393,70 @@ def test_empty_validation_fold_is_reported_by_the_converter_and_refused_by_train
     assert f"fold {fold} has no case" in proc.stderr
     line = _error_line(train_runs[2]["empty_fold"], "train.py: error:")
     assert f"fold {fold} of {conv / 'ef' / 'manifest.json'} has no case" in line, line
+
+
+def test_shard_corrupt_in_place_is_named_and_model_dir_left_as_found(train_runs):
+    """A training shard with 64 bytes inverted in its middle (its size, which
+    the manifest records, unchanged): one line naming the shard and its case,
+    without TensorFlow's internals; a model_dir the run made is removed again,
+    an existing one keeps exactly what it had. Before: TensorFlow's
+    DataLossError text ({{function_node __wrapped__IteratorGetNext...}}),
+    naming the data folder only, and config.json, flags.txt and logs/ left
+    in the model_dir."""
+    r, data, runs = train_runs
+    bad = sorted(data["corrupt_shard"].glob("brats-fold1-*.tfrecord"))[0]
+    (case,) = next(s["cases"] for s in _manifest(data["corrupt_shard"])["shards"]
+                   if s["file"] == bad.name)
+    for name in ("corrupt_shard", "corrupt_shard_existing"):
+        line = _error_line(runs[name], "train.py: error:")
+        assert f"shard {bad}:" in line and f"(case {case})" in line, line
+        assert "function_node" not in line and "[Op:" not in line and "Error:" not in line, line
+    assert not (r / "md_corrupt_shard").exists()
+    assert _files(r / "existing") == _files(r / "earlier") | {"notes.txt": b"mine"}
+
+
+def test_nifti_data_dir_gets_a_converter_command_it_accepts(root, train_runs, second_runs):
+    """train.py --data_dir=<a folder of BraTS NIfTI cases> says so and gives the
+    whole converter command, into a folder beside it; that command converts.
+    Before: '--output_dir <that same NIfTI folder>', which the converter
+    refuses (inside input_dir)."""
+    line = _error_line(train_runs[2]["nifti_data_dir"], "train.py: error:")
+    nii = root / "nii"
+    assert "4 BraTS NIfTI case(s)" in line, line
+    assert (f"python -m data_pipeline.convert --input_dir {nii} --output_dir {nii}_tfrecord, "
+            f"then train with --data_dir={nii}_tfrecord") in line, line
+    hint = second_runs[1]["hint"]
+    assert hint.returncode == 0, hint.stderr[-3000:]
+    assert _manifest(f"{nii}_tfrecord")["num_cases"] == 4
+
+
+def test_rerun_of_a_finished_run_removes_only_its_own_stale_temporaries(train_runs, second_runs):
+    """The temporaries of model.keras, segmenter.keras and export/1 that a save
+    killed midway left are removed by the next run; folders of the user's with
+    similar names (another pattern, another version) are kept. Before: the
+    rerun wrote export/1 and left export/.1.tmp-* there."""
+    finished = train_runs[0] / "finished"
+    rerun = second_runs[1]["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not (finished / "export" / ".1.tmp-k1lled00").exists()
+    assert not list(finished.glob(".*.tmp.keras"))
+    for mine in (".1.tmp-notes", ".2.tmp-k1lled00"):
+        assert (finished / "export" / mine / "notes.txt").read_text() == "mine"
+    assert "left by an interrupted save" in rerun.stderr
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(train_runs, second_runs):
+    """The same command again on a finished run: every file keeps its bytes and
+    its time stamp. Before: model.keras, segmenter.keras and export/1 were
+    written again, with other bytes."""
+    finished = train_runs[0] / "finished"
+    before, runs = second_runs
+    assert runs["rerun"].returncode == 0, runs["rerun"].stderr[-3000:]
+    after = {name: value for name, value in _times(finished).items()
+             if "notes" not in name}
+    assert sorted(after) == sorted(before) and "model.keras" in after
+    for name in before:
+        assert after[name] == before[name], name
 
 
 # ------------------------------------------------------------------ converter
@@ -353,6 +516,28 @@ def test_case_folder_not_matching_its_files_is_reported(converter_runs):
     assert _manifest(conv / "mm")["num_cases"] == 1
 
 
+def test_skip_bad_deals_the_folds_over_the_cases_kept(root, converter_runs):
+    """--skip_bad with a case that fails only when read: its four good cases in
+    two folds of two, the shards and folds of a conversion of those four alone
+    (same seed), the bad case listed. Before: folds dealt over all five, then
+    the bad one dropped: three cases in fold 0, one in fold 1, exit 0."""
+    conv, runs = converter_runs
+    proc = runs["skip_folds"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest, alone = _manifest(conv / "sf"), _manifest(root / "tfr")
+    assert sorted(c["fold"] for c in manifest["cases"]) == [0, 0, 1, 1]
+    assert [s["case_id"] for s in manifest["skipped"]] == ["Brats18_SYN_0004_1"]
+    assert "Brats18_SYN_0004_1_flair.nii.gz" in manifest["skipped"][0]["error"]
+    assert manifest["shards"] == alone["shards"]
+    assert ([dict(c, files=None) for c in manifest["cases"]]  # all but their source files
+            == [dict(c, files=None) for c in alone["cases"]])
+    for shard in manifest["shards"]:
+        assert (conv / "sf" / shard["file"]).read_bytes() == \
+            (root / "tfr" / shard["file"]).read_bytes()
+    assert sorted(p.name for p in (conv / "sf").iterdir()) == sorted(
+        [s["file"] for s in manifest["shards"]] + ["manifest.json"])  # no temporary left
+
+
 # ----------------------------------------------------------------- evaluate.py
 @pytest.mark.parametrize("name,words", [
     ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
@@ -395,6 +580,81 @@ def test_evaluate_says_what_it_accepts_and_cleans_what_a_killed_run_left(evaluat
     assert list(record["spacing_not_1mm"].values()) == [[2.0, 1.0, 1.0]]
     assert not (r / ".out.tmp-k1lled00").exists()
     assert (r / ".out.tmp-notmine0" / "notes.txt").read_bytes() == b"mine"
+
+
+def _labels_written(out):
+    return set(np.unique(np.concatenate(
+        [np.asarray(nib.load(p).dataobj).ravel() for p in (out / "predictions").iterdir()])))
+
+
+def _check_et_label(proc, out, et_label, source):
+    """ET written as et_label, the protocol of both JSON files says so and why, the log too."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _labels_written(out) == {0, 1, 2, et_label}
+    for record in ("summary.json", "evaluation.json"):
+        protocol = json.loads((out / record).read_text())["protocol"]
+        assert (protocol["et_label"], protocol["et_label_source"]) == (et_label, source)
+    assert f"ET written as {et_label}: {source}" in proc.stderr
+
+
+@pytest.mark.parametrize("name,out", [("et_nifti_2023", "et_nifti"),  # the files' names
+                                      ("et_tfr_2023", "et_tfr")])  # the manifest's cases
+def test_et_label_follows_the_datas_naming(evaluate_runs, name, out):
+    """BraTS 2023 data get ET as 3 by default (--et_label given overrides it:
+    the test below), and the protocol records which and why. Before: 4
+    unless --et_label=3 was given (a 2023 submission made with the defaults
+    carried the wrong label)."""
+    r, _, runs = evaluate_runs
+    _check_et_label(runs[name], r / out, 3, "the data's BraTS 2023 naming")
+
+
+def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
+    """evaluate.py killed (-9) after its first case: the staging folder is
+    <output_dir>.partial, named in the log; the same command again resumes
+    there (the cases done are not computed again), a command of another
+    protocol (--et_label=3, which overrides the data's 2018 naming) starts
+    over and says so, and both end with the same scores. Before: a hidden
+    .<output>.tmp-* folder, removed by the rerun, which started again from
+    the first case."""
+    r = root / "resume"
+    r.mkdir()
+    args = [f"--model={model}", f"--data={root / 'tfr'}", f"--output_dir={r / 'out'}"]
+    child = subprocess.Popen(_command("evaluate", args), cwd=ROOT, env=ENV, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    staging = r / "out.partial"
+    try:
+        deadline = time.time() + 300
+        while not list(staging.glob("cases_done/*.json")):
+            assert child.poll() is None and time.time() < deadline, "ended before a case"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert f"writing into {staging}" in stderr
+    done = sorted(p.stem for p in staging.glob("cases_done/*.json"))
+    assert 1 <= len(done) < 4, "killed too late to test a resume"
+    kept = {f"predictions/{case}.nii.gz": (staging / "predictions" / f"{case}.nii.gz")
+            .stat().st_mtime_ns for case in done}
+    shutil.copytree(staging, r / "other.partial")  # the same, for an evaluation of another protocol
+    runs = _run_all({"same": ("evaluate", args),
+                     "other": ("evaluate", args[:2] + [f"--output_dir={r / 'other'}",
+                                                       "--et_label=3"])})
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming the interrupted evaluation in {staging}: {len(done)} case(s)" in \
+        runs["same"].stderr
+    assert f"starting over: {r / 'other.partial'}" in runs["other"].stderr
+    assert not staging.exists() and not (r / "other.partial").exists()
+    for name, mtime in kept.items():
+        assert (r / "out" / name).stat().st_mtime_ns == mtime  # not written again
+        assert (r / "other" / name).stat().st_mtime_ns != mtime
+    assert (r / "out" / "per_case.csv").read_text() == (r / "other" / "per_case.csv").read_text()
+    _check_et_label(runs["other"], r / "other", 3, "--et_label")
+    _check_et_label(runs["same"], r / "out", 4, "the data's BraTS 2018-2021 naming")
+    assert len(json.loads((r / "out" / "evaluation.json").read_text())["written"]) == 4 + 4 + 3
 
 
 # --------------------------------------------------------------------- client

@@ -101,3 +101,28 @@ def test_expand_pattern(tmp_path):
     assert io_utils.expand_pattern(tmp_path / "nothing_*") == []
     # no wildcard: the path as given, whether or not it exists
     assert io_utils.expand_pattern(tmp_path / "missing") == [str(tmp_path / "missing")]
+
+
+def test_stale_temporaries_are_exactly_the_names_atomic_path_makes(tmp_path):
+    """What a write killed before its rename leaves is found by its name; names
+    of another pattern (a user's) are not."""
+    model = tmp_path / "model.keras"
+    for mine in (".model.keras.notes.tmp.keras", ".model.keras.abcd1234.tmp.keras.bak"):
+        (tmp_path / mine).write_text("mine")
+    with io_utils.atomic_path(model, suffix=".keras") as tmp:
+        assert io_utils.stale_temporaries(model, ".keras") == [tmp]
+        assert io_utils.stale_temporaries(model, ".keras", directory=True) == []
+    for mine in (".1.tmp-notes", ".1.tmp-abcd1234.old", ".2.tmp-abcd1234"):
+        (tmp_path / mine).mkdir()
+    with io_utils.atomic_path(tmp_path / "1", directory=True) as tmp:
+        assert io_utils.stale_temporaries(tmp_path / "1", directory=True) == [tmp]
+    assert io_utils.stale_temporaries(tmp_path / "1", directory=True) == []
+    assert io_utils.stale_temporaries(model, ".keras") == []
+
+
+def test_update_text_leaves_a_file_of_the_same_text_alone(tmp_path):
+    path = tmp_path / "flags.txt"
+    assert io_utils.update_text(path, "--a=1\n") and path.read_text() == "--a=1\n"
+    mtime = path.stat().st_mtime_ns
+    assert not io_utils.update_text(path, "--a=1\n") and path.stat().st_mtime_ns == mtime
+    assert io_utils.update_text(path, "--a=2\n") and path.read_text() == "--a=2\n"
