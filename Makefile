@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # oneDNN CPU kernels on every x86 CPU, not only those with AVX512-VNNI/AMX (as train.py).
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: venv test demo demo_ensemble real bench learn clean
+.PHONY: venv test demo demo_ensemble real real_dir bench learn clean
 
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -73,8 +73,9 @@ demo_ensemble: venv
 REAL_DIR ?= $(BRATS_REAL_DIR)
 REAL_OUT ?= real_output
 REAL_FOLDS ?= 0
-real: venv
+real_dir:
 	@test -n "$(REAL_DIR)" || { echo "make real needs REAL_DIR=<folder of BraTS cases> (or the BRATS_REAL_DIR environment variable)"; exit 1; }
+real: real_dir venv
 	test -f $(REAL_OUT)/tfrecord/manifest.json || $(PY) -m data_pipeline.convert --input_dir $(REAL_DIR) --output_dir $(REAL_OUT)/tfrecord --folds 5 --seed 0
 	$(PY) benchmarks/real_cv.py --data_dir=$(REAL_OUT)/tfrecord --out_dir=$(REAL_OUT)/cv --record_dir=$(REAL_OUT)/records --folds=$(subst $(empty) $(empty),$(comma),$(strip $(REAL_FOLDS)))
 	@echo "real done: models and evaluations in $(REAL_OUT)/cv/fold_<k>, records (cv.json, curves) in $(REAL_OUT)/records"
