@@ -1,4 +1,4 @@
-"""Frozen configurations. Defaults are the paper's (PAPER.md §3, §3.4, §3.5).
+"""Frozen configurations. Defaults are the paper's (§3, §3.4, §3.5).
 
 Library code takes these (or plain arguments) and never reads absl FLAGS;
 entry points turn their flags into these dataclasses. Every field is checked

@@ -1,6 +1,6 @@
 """BraTS label values, tumour regions and channel orders: the one place they are defined.
 
-Paper §1 (PAPER.md "Task and data"). Every other module imports these names;
+Paper §1. Every other module imports these names;
 nothing else hard-codes a label value, a modality order or a region order.
 """
 

@@ -7,7 +7,7 @@ temporary name in ``export_dir`` (``.<version>.tmp-<random>``: not a number, so
 TF Serving ignores it) and renamed when complete; the temporaries of that
 version left by an export killed midway are removed first.
 
-Signatures (PAPER.md §3.7, "Network", §4):
+Signatures (§3.1, §3.7, §4):
 
 * ``serving_default``: input ``image`` float32 [B, D, H, W, 4], RAW intensities,
   channels in ``constants.MODALITIES`` order (t1, t1ce, t2, flair), any spatial

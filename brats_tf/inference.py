@@ -1,10 +1,10 @@
 """Full-volume inference: TTA, ensembles, label maps, NIfTI output, and the graph
 (TF) versions of the volume helpers that run in the SavedModel.
 
-Paper references (PAPER.md): §1 "Task and data" (labels, nested regions WT/TC/ET,
+Paper references: §1 (labels, nested regions WT/TC/ET,
 back to a label map), §3.7 (per-channel normalisation over non-zero voxels),
-"Network" (spatial sizes divisible by 8: pad 240x240x155 to 240x240x160 and crop
-back), §4 "Results" (TTA = average of the 8 mirror flips; ensemble = average of
+§3.1 (spatial sizes divisible by 8: pad 240x240x155 to 240x240x160 and crop
+back), §4 (TTA = average of the 8 mirror flips; ensemble = average of
 models).
 
 Layouts: a single case is [D, H, W, C] (D, H, W = the nibabel array axes,

@@ -279,8 +279,7 @@ class SpatialDivisibilityCheck(keras.layers.Layer):
     """Identity that fails with a clear message when D, H or W is not divisible.
 
     The encoder downsamples three times by 2 and the decoder adds the skip
-    connections back, so every spatial size must be divisible by 8 (PAPER.md
-    "Network"). Checked statically when the size is known and at run time
+    connections back, so every spatial size must be divisible by 8 (§3.1). Checked statically when the size is known and at run time
     (tf.debugging) when it is not.
     """
 

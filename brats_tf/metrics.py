@@ -1,6 +1,6 @@
 """BraTS evaluation metrics (NumPy/SciPy) and a graph-safe Dice metric for training.
 
-The regions are the paper's nested WT, TC, ET (PAPER.md §1, ``constants.REGIONS``);
+The regions are the paper's nested WT, TC, ET (§1, ``constants.REGIONS``);
 a label map becomes region masks with ``volume.labels_to_regions``.
 
 Per region and case (``region_metrics``):

@@ -1,4 +1,4 @@
-"""The network of PAPER.md "Network" (§3, Fig. 1, Table 1), assembled functionally.
+"""The paper's network (§3.1, Fig. 1, Table 1), assembled functionally.
 
 Two models share one set of layers:
 

@@ -9,8 +9,8 @@ the SavedModel (``inference.pad_to_multiple_tf``, ``brain_box_tf``,
 are tested against these. This module imports only NumPy and
 ``brats_tf.constants``.
 
-Paper references (PAPER.md): §1 "Task and data" (labels, nested regions WT/TC/ET),
-§3.7 (per-channel normalisation over non-zero voxels), "Network" (spatial
+Paper references: §1 (labels, nested regions WT/TC/ET),
+§3.7 (per-channel normalisation over non-zero voxels), §3.1 (spatial
 sizes divisible by 8: pad 240x240x155 to 240x240x160 and crop back).
 
 Layouts: a single case is [D, H, W, C] (D, H, W = the nibabel array axes,
@@ -138,7 +138,7 @@ def pad_to_multiple(volume: np.ndarray, multiple: int = constants.SPATIAL_DIVISO
     Args:
       volume: [D, H, W], [D, H, W, C] or [B, D, H, W, C] (or any array with
         ``spatial_axes`` given).
-      multiple: 8 for this network (three stride-2 stages, PAPER.md "Network").
+      multiple: 8 for this network (three stride-2 stages, §3.1).
       mode: "symmetric" (odd voxel at the end) or "end" (all padding at the end).
     Returns:
       (padded, pads): pads is ((before, after),) * 3, for ``crop_back``.

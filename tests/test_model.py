@@ -44,7 +44,7 @@ def dense(n_in, n_out):
     return n_in * n_out + n_out
 
 
-# PAPER.md Table 1 with the paper's sizes: input 4 x 160x192x128, 32 filters.
+# The paper's Table 1 with the paper's sizes: input 4 x 160x192x128, 32 filters.
 VD_GRID = 16 * 10 * 12 * 8  # VD output: 16 channels x 10x12x8
 PAPER_STAGES = {
     "InitConv": conv(3, 4, 32),
@@ -85,7 +85,7 @@ def test_paper_parameter_counts_per_stage(paper_model):
     assert paper_model.count_params() == sum(PAPER_STAGES.values())
 
 
-# PAPER.md Table 1 "output" column, channels last.
+# The paper's Table 1 "output" column, channels last.
 PAPER_SHAPES = {
     "InitConv": (160, 192, 128, 32),
     "EncoderBlock0_0": (160, 192, 128, 32),
