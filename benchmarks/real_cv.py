@@ -156,12 +156,18 @@ def fold_record(fold: int, model_dir: str, evals: dict, et_min_voxels) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def gather(record_dir: str) -> dict:
-    """cv.json: every fold_<k>.json in record_dir, per fold and over all."""
-    folds = []
+def read_records(record_dir: str) -> list[dict]:
+    """Every fold_<k>.json in record_dir, in file-name order."""
+    records = []
     for path in sorted(glob.glob(os.path.join(record_dir, "fold_*.json"))):
         with open(path) as f:
-            folds.append(json.load(f))
+            records.append(json.load(f))
+    return records
+
+
+def gather(record_dir: str) -> dict:
+    """cv.json: every fold_<k>.json in record_dir, per fold and over all."""
+    folds = read_records(record_dir)
     result = {"folds": [f["fold"] for f in folds], "rows": {}}
     for row in ROWS:
         have = [f for f in folds if row in f["rows"]]
@@ -199,10 +205,7 @@ def heldout_figure(record_dir: str):
     """Held-out Dice (periodic validation) against training minutes, a line per fold."""
     from brats_tf.figures import line_panels
 
-    records = []
-    for path in sorted(glob.glob(os.path.join(record_dir, "fold_*.json"))):
-        with open(path) as f:
-            records.append(json.load(f))
+    records = read_records(record_dir)
     panels = []
     for r in REGIONS:
         series = []
