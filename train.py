@@ -130,7 +130,7 @@ def configs_from_flags():
     """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
     from brats_tf.config import LossConfig, ModelConfig, int_flag_list
     from brats_tf.training import TrainConfig, check_precision_for_model
-    from data_pipeline.convert import fold_files, read_manifest
+    from data_pipeline.manifest import fold_files, read_manifest
 
     for name in ("data_dir", "model_dir"):
         if not FLAGS[name].value:
@@ -296,7 +296,7 @@ def data_error(error: Exception, data: dict) -> str:
     and its case; otherwise the error's own words and the data folder."""
     import tensorflow as tf
 
-    from data_pipeline.convert import read_manifest
+    from data_pipeline.manifest import read_manifest
     from data_pipeline.input import find_unreadable_shard, tf_error_text
 
     if isinstance(error, tf.errors.OpError):
@@ -342,7 +342,7 @@ def restore_model_dir(model_dir: str, found: dict) -> None:
     added (TensorBoard events, a flags.txt or config.json) is removed and
     flags.txt and config.json get their earlier bytes back. Nothing that was
     there before is removed."""
-    from brats_tf.io_utils import atomic_path, remove_path
+    from data_pipeline.io_utils import atomic_path, remove_path
 
     if found["created"] is not None:
         remove_path(found["created"])
@@ -383,7 +383,7 @@ def main(argv):
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
     from brats_tf import evaluation, figures
-    from brats_tf.io_utils import update_text
+    from data_pipeline.io_utils import update_text
     from data_pipeline.input import InputConfig, make_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import describe, device_name, run_measurement  # noqa: E402
-from brats_tf.io_utils import write_json_atomic  # noqa: E402
+from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
@@ -88,7 +88,7 @@ def _case():
     """(image float32 [D, H, W, 4], label) of --case_dir, else of the synthetic case."""
     import numpy as np
 
-    from brats_tf import constants
+    from data_pipeline import constants
 
     if FLAGS.case_dir:
         from data_pipeline.convert import load_case
@@ -181,7 +181,8 @@ def _run_one(config: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from brats_tf import export, inference, volume
+    from data_pipeline import volume
+    from brats_tf import export, inference
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_inference_model, build_model
 

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from brats_tf.constants import BRATS_SHAPE, PAPER_CROP  # noqa: E402
-from brats_tf.io_utils import write_json_atomic  # noqa: E402
+from data_pipeline.constants import BRATS_SHAPE, PAPER_CROP  # noqa: E402
+from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 from data_pipeline import convert, input as input_lib, synthetic  # noqa: E402
 
 FLAGS = flags.FLAGS

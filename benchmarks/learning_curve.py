@@ -53,7 +53,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from brats_tf.config import int_flag_list  # noqa: E402
-from brats_tf.io_utils import write_json_atomic  # noqa: E402
+from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 # name -> (Keras policy, XLA, recompute every level)
 VARIANTS = {
@@ -99,8 +99,8 @@ def make_cases(crop, first: int, count: int, seed: int):
     """``count`` synthetic cases of size ``crop`` (cases first, first + 1,
     ...), normalised per channel over the brain (§3.7) and as WT/TC/ET
     masks: (images float32 [N, D, H, W, 4], labels uint8 [N, D, H, W, 3])."""
-    from brats_tf.constants import MODALITIES
-    from brats_tf.volume import labels_to_regions, normalize_nonzero
+    from data_pipeline.constants import MODALITIES
+    from data_pipeline.volume import labels_to_regions, normalize_nonzero
     from data_pipeline.synthetic import make_case
 
     images, labels = [], []
@@ -165,7 +165,8 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
     import tensorflow as tf
 
     from benchmarks.machine import device_name
-    from brats_tf import constants, metrics
+    from data_pipeline import constants
+    from brats_tf import metrics
     from brats_tf.config import LossConfig
     from brats_tf.inference import model_probabilities
     from brats_tf.model import build_inference_model, build_model

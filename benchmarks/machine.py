@@ -1,6 +1,6 @@
 """Shared by the benchmarks: the machine's description and running one
 measurement in a fresh subprocess (its own peak memory). Files are written
-with brats_tf.io_utils (atomic)."""
+with data_pipeline.io_utils (atomic)."""
 
 from __future__ import annotations
 

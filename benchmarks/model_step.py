@@ -39,7 +39,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import (  # noqa: E402
     describe, device_name, paired_fraction, paper_training_step, run_measurement)
-from brats_tf.io_utils import write_json_atomic  # noqa: E402
+from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("crops", ["64,64,64", "160,192,128"],

@@ -665,7 +665,7 @@ def _main():
         import tensorflow as tf
 
         from benchmarks.machine import describe, device_name
-        from brats_tf.io_utils import write_json_atomic
+        from data_pipeline.io_utils import write_json_atomic
 
         gpu = bool(tf.config.list_physical_devices("GPU"))
         slack = FLAGS.float16_slack

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import cpu_has_bf16, describe  # noqa: E402
-from brats_tf.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+from data_pipeline.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_boolean("quick", False, "Skip the paper-crop training steps (~4 min each).")

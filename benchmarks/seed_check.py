@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from brats_tf.constants import REGIONS  # noqa: E402
-from brats_tf.io_utils import write_json_atomic  # noqa: E402
+from data_pipeline.constants import REGIONS  # noqa: E402
+from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 UNLEARNED_DICE = 0.1  # brats_tf.training.UNLEARNED_DICE (tested equal; no TensorFlow import)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -147,7 +147,7 @@ def main(argv):
     import train
     from benchmarks.machine import describe, device_name
     from brats_tf import training
-    from brats_tf.io_utils import write_json_atomic
+    from data_pipeline.io_utils import write_json_atomic
 
     split = (split_devices(FLAGS.logical_devices, FLAGS.logical_gpu_memory_mb)
              if FLAGS.logical_devices else None)

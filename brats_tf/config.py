@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from brats_tf import constants
+from data_pipeline import constants
 
 
 def int_flag_list(name: str, values) -> tuple[int, ...]:

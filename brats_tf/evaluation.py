@@ -32,15 +32,17 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from brats_tf import constants, figures, inference, metrics, training, volume
+from data_pipeline import constants, volume
+from brats_tf import figures, inference, metrics, training
 from brats_tf.config import ModelConfig
 from brats_tf.export import METADATA_FILE, export_saved_model
-from brats_tf.io_utils import (atomic_path, expand_pattern, remove_path, replace_folder,
+from data_pipeline.io_utils import (atomic_path, expand_pattern, remove_path, replace_folder,
                                stale_temporaries, write_text_atomic)
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
 # registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, check_precision, model_precision
 from data_pipeline import convert, features, layouts
+from data_pipeline import manifest as manifest_lib
 from data_pipeline.input import InputConfig, make_dataset, shard_error
 
 log = logging.getLogger("brats_tf.evaluation")
@@ -546,7 +548,7 @@ def spacing_from_affine(affine) -> tuple[float, float, float]:
 def is_tfrecord_dir(data) -> bool:
     """A converter output folder: manifest.json there, written by the converter or
     beside shards (a NIfTI folder may hold an unrelated manifest.json)."""
-    path = os.path.join(str(data), convert.MANIFEST)
+    path = os.path.join(str(data), manifest_lib.MANIFEST)
     if not os.path.isfile(path):
         return False
     if any(name.endswith(features.SHARD_SUFFIX) for name in os.listdir(str(data))):
@@ -561,7 +563,7 @@ def is_tfrecord_dir(data) -> bool:
 def _tfrecord_manifest(data: str, fold: int | None):
     """(manifest, its shards of ``fold`` (all when None)) of a converter output folder."""
     try:
-        manifest = convert.read_manifest(data)  # validated: version, keys, shards there
+        manifest = manifest_lib.read_manifest(data)  # validated: version, keys, shards there
     except ValueError as e:
         raise EvaluationError(f"data {data}: {_one_line(e)}") from None
     if fold is None:
@@ -684,7 +686,7 @@ def open_cases(data: str, fold: int | None = None, skip=frozenset()):
     if fold is not None:
         raise EvaluationError(f"fold {fold} given but data {data} is not a TFRecord folder "
                               f"(no converter manifest.json)")
-    if os.path.isfile(os.path.join(data, convert.MANIFEST)):
+    if os.path.isfile(os.path.join(data, manifest_lib.MANIFEST)):
         log.warning("data %s: its manifest.json is not the converter's (no converter_version, "
                     "no shards): reading the folder as NIfTI cases", data)
     cases = _find_nifti_cases(data)

@@ -52,9 +52,9 @@ import sys
 
 import tensorflow as tf
 
-from brats_tf import constants, volume
+from data_pipeline import constants, volume
 from brats_tf import inference as inf
-from brats_tf.io_utils import atomic_path, expand_pattern, remove_path, stale_temporaries
+from data_pipeline.io_utils import atomic_path, expand_pattern, remove_path, stale_temporaries
 from brats_tf.model import (PRECISIONS, build_inference_model, check_precision,
                             config_from_model, model_precision)
 

@@ -29,8 +29,8 @@ import pathlib
 
 import numpy as np
 
-from brats_tf import constants
-from brats_tf.io_utils import atomic_path
+from data_pipeline import constants
+from data_pipeline.io_utils import atomic_path
 
 # RGB of each label value in the overlay.
 LABEL_COLOURS = {

@@ -12,7 +12,7 @@ C = 4 modalities in ``constants.MODALITIES`` order); a batch is [B, D, H, W, C].
 Network outputs are sigmoid PROBABILITIES (not logits), [.., 3] in
 ``constants.REGIONS`` order (WT, TC, ET).
 
-Conventions (the same in the TF graph here as in NumPy's ``brats_tf.volume``,
+Conventions (the same in the TF graph here as in NumPy's ``data_pipeline.volume``,
 which defines them, and against which the ``*_tf`` functions are tested):
 
 * Padding: zeros, split symmetrically, the odd voxel at the END
@@ -35,8 +35,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import constants, volume
-from brats_tf.io_utils import atomic_path
+from data_pipeline import constants, volume
+from data_pipeline.io_utils import atomic_path
 from brats_tf.model import build_inference_model
 
 _WT = constants.REGIONS.index("WT")

@@ -36,8 +36,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
-from brats_tf import constants
-from brats_tf.volume import check_threshold, labels_to_regions
+from data_pipeline import constants
+from data_pipeline.volume import check_threshold, labels_to_regions
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "pred_volume_ml", "true_volume_ml")
 STATISTICS = ("mean", "std", "median", "25quantile", "75quantile")

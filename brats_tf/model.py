@@ -5,7 +5,7 @@ Two models share one set of layers:
 * ``build_model(config)``: the training model. Input [B, D, H, W, 4] at the
   training crop (160 x 192 x 128 in the paper). Outputs a dict:
     - ``seg``:       [B, D, H, W, 3] sigmoid probabilities, channels WT, TC, ET
-                     (brats_tf.constants.REGIONS), float32;
+                     (data_pipeline.constants.REGIONS), float32;
     - ``recon``:     [B, D, H, W, 4] the VAE's reconstruction of the input
                      (linear output, compared with the normalised input), float32;
     - ``z_mean``, ``z_log_var``: [B, latent_dim] the VAE's posterior, float32.

@@ -33,7 +33,8 @@ import sys
 
 import numpy as np
 
-from brats_tf import constants, inference, metrics, volume
+from data_pipeline import constants, volume
+from brats_tf import inference, metrics
 
 log = logging.getLogger("brats_tf.postprocess")
 
@@ -169,8 +170,8 @@ def main(argv):
     from brats_tf.config import int_flag_list
     from brats_tf.evaluation import (EvaluationError, expand_model_paths, is_tfrecord_dir,
                                      load_models)
-    from brats_tf.io_utils import write_json_atomic
-    from data_pipeline.convert import read_manifest
+    from data_pipeline.io_utils import write_json_atomic
+    from data_pipeline.manifest import read_manifest
 
     if len(argv) > 1:
         sys.exit(f"brats_tf.postprocess: error: unexpected arguments {argv[1:]}")

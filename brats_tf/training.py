@@ -34,9 +34,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import constants, losses, metrics
+from data_pipeline import constants
+from brats_tf import losses, metrics
 from brats_tf.config import LossConfig, ModelConfig
-from brats_tf.io_utils import write_json_atomic
+from data_pipeline.io_utils import write_json_atomic
 from brats_tf.model import PRECISIONS, build_inference_model, build_model
 from brats_tf.schedules import poly_lr
 

@@ -1,13 +1,13 @@
 """Pre-processing and augmentation ops of the paper (§3.7), pure TensorFlow.
 
 The per-channel normalisation over non-zero voxels is not here: the
-converter stores each case's statistics (``brats_tf.volume.nonzero_stats``)
+converter stores each case's statistics (``data_pipeline.volume.nonzero_stats``)
 and the input pipeline applies them (``data_pipeline.input``); whole volumes
 at inference are normalised in the SavedModel's graph
 (``brats_tf.inference.normalize_nonzero_tf``).
 
 Layout: image [D, H, W, C] float32, label [D, H, W] integer label map (values
-brats_tf.constants.LABEL_VALUES). Random ops take an explicit `seed`, an int32
+data_pipeline.constants.LABEL_VALUES). Random ops take an explicit `seed`, an int32
 or int64 tensor of shape [2], and use only stateless random ops, so the same
 seed gives the same result, eagerly or inside Dataset.map (never Python or
 NumPy randomness, which Dataset.map would freeze at trace time).
@@ -15,7 +15,7 @@ NumPy randomness, which Dataset.map would freeze at trace time).
 
 import tensorflow as tf
 
-from brats_tf.volume import region_labels
+from data_pipeline.volume import region_labels
 
 
 def crop_window(start, size, dims):
@@ -147,8 +147,8 @@ def random_intensity(image, seed, shift=0.1, scale=(0.9, 1.1), std=1.0):
 
 def labels_to_regions(label):
     """Label map [...] -> float32 [..., 3] of 0/1: the nested regions in
-    brats_tf.constants.REGIONS order (WT, TC, ET). Graph version of
-    ``brats_tf.volume.labels_to_regions`` (ET = 4, the stored value; other
+    data_pipeline.constants.REGIONS order (WT, TC, ET). Graph version of
+    ``data_pipeline.volume.labels_to_regions`` (ET = 4, the stored value; other
     values are in no region, unchecked)."""
     label = tf.cast(label, tf.int32)
     channels = []

@@ -45,14 +45,14 @@ import tensorflow as tf
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from brats_tf.constants import (
+from data_pipeline.constants import (
     LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, LABEL_VALUES, MODALITIES)
-from brats_tf.io_utils import write_text_atomic
-from brats_tf.volume import nonzero_box
+from data_pipeline.io_utils import write_text_atomic
+from data_pipeline.volume import nonzero_box
 from data_pipeline import features, layouts
+from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST
+from data_pipeline.manifest import fold_files, read_manifest  # noqa: F401  (documented as convert.* before manifest.py)
 
-CONVERTER_VERSION = "1.0"
-MANIFEST = "manifest.json"
 SHARD_PREFIX = "brats-fold"
 COMPRESSION_LEVEL = 1  # zlib level: files ~7% larger than level 6, written ~3x faster
 AFFINE_ATOL = 1e-4  # mm; "identical" affines up to header float noise
@@ -478,92 +478,6 @@ def _case_record(loaded):
         "label_counts": loaded.label_counts,
         "files": {m: case.images[m] for m in MODALITIES} | {"seg": case.label},
     }
-
-
-class ManifestError(ValueError):
-    """manifest.json is unreadable, not the converter's, or does not match its shards;
-    str() is one line naming the file."""
-
-
-def _check(ok, path, problem):
-    if not ok:
-        raise ManifestError(f"{path}: {problem}")
-
-
-def validate_manifest(manifest, path, check_shards=True):
-    """Checks a parsed manifest (version, keys, types) and, with check_shards,
-    that every shard it lists is there with the size it was written with.
-    Raises ManifestError (one line naming ``path`` and what is wrong)."""
-    _check(isinstance(manifest, dict), path, f"not a converter manifest (a JSON "
-           f"{type(manifest).__name__}, not an object)")
-    version = manifest.get("converter_version")
-    _check(version is not None, path, "not a converter manifest (no converter_version): "
-           "write one with python -m data_pipeline.convert")
-    _check(str(version).split(".")[0] == CONVERTER_VERSION.split(".")[0], path,
-           f"converter_version {version!r}, this code reads {CONVERTER_VERSION}: reconvert "
-           "the NIfTI files")
-    spec = manifest.get("feature_spec_version")
-    _check(spec == features.FEATURE_SPEC_VERSION, path,
-           f"feature_spec_version {spec!r}, this code reads {features.FEATURE_SPEC_VERSION}: "
-           "reconvert the NIfTI files")
-    missing = [k for k in ("options", "shards", "cases") if k not in manifest]
-    _check(not missing, path, f"missing key(s) {missing}")
-    options = manifest["options"]
-    _check(isinstance(options, dict) and isinstance(options.get("folds"), int)
-           and options["folds"] >= 1, path, "options.folds is not an integer >= 1")
-    _check(isinstance(manifest["shards"], list) and manifest["shards"], path,
-           "shards is not a non-empty list")
-    _check(isinstance(manifest["cases"], list), path, "cases is not a list")
-    for i, shard in enumerate(manifest["shards"]):
-        _check(isinstance(shard, dict) and isinstance(shard.get("file"), str)
-               and isinstance(shard.get("fold"), int) and "cases" in shard, path,
-               f"shards[{i}] lacks file, fold or cases")
-    for i, case in enumerate(manifest["cases"]):
-        _check(isinstance(case, dict) and isinstance(case.get("case_id"), str)
-               and isinstance(case.get("fold"), int), path, f"cases[{i}] lacks case_id or fold")
-    if not check_shards:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    for shard in manifest["shards"]:
-        file = os.path.join(folder, shard["file"])
-        _check(os.path.isfile(file), path, f"shard {file} listed there is missing")
-        size = os.path.getsize(file)
-        _check(shard.get("bytes") in (None, size), path,
-               f"shard {file} has {size} bytes, {shard.get('bytes')} when written: "
-               "truncated or replaced; reconvert")
-
-
-def read_manifest(path, check_shards=True):
-    """The validated manifest dict (``validate_manifest``), with "dir" = its folder;
-    ``path`` is manifest.json or the folder holding it. Every reader of
-    manifest.json comes through here. Raises ManifestError (one line, naming
-    the file) for a manifest that is missing, unreadable, not valid JSON, of
-    another version, or whose shards are missing or truncated."""
-    if os.path.isdir(path):
-        path = os.path.join(path, MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    validate_manifest(manifest, path, check_shards)
-    manifest["dir"] = os.path.dirname(os.path.abspath(path))
-    return manifest
-
-
-def fold_files(manifest_path, fold):
-    """(train_files, validation_files): full shard paths for cross-validation fold `fold`
-    (validation = that fold's shards, train = all others)."""
-    manifest = read_manifest(manifest_path)
-    folds = manifest["options"]["folds"]
-    if not 0 <= fold < folds:
-        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
-    train, val = [], []
-    for shard in manifest["shards"]:
-        (val if shard["fold"] == fold else train).append(os.path.join(manifest["dir"], shard["file"]))
-    return train, val
 
 
 FLAGS = flags.FLAGS

@@ -4,7 +4,7 @@ converter and read by the input pipeline and evaluation (nothing else defines it
 Each example holds the case cropped to the bounding box of its non-zero voxels
 (all modalities and the label), which is lossless because BraTS volumes are
 skull-stripped (zero outside the brain), plus what puts arrays back into the
-original NIfTI grid (``brats_tf.volume.paste_crop``). Shards are
+original NIfTI grid (``data_pipeline.volume.paste_crop``). Shards are
 GZIP-compressed TFRecord files.
 
 Fields (shapes are those of the parsed tensors):
@@ -13,7 +13,7 @@ Fields (shapes are those of the parsed tensors):
   image            bytes, byte planes       uint8 [k, d, h, w, 4]: plane k = byte k
                                             (little-endian) of each value of the
                                             [d, h, w, 4] image, channels last in
-                                            brats_tf.constants.MODALITIES order
+                                            data_pipeline.constants.MODALITIES order
                                             (t1, t1ce, t2, flair); k = 2 for int16,
                                             4 for float32 (to_byte_planes)
   image_dtype      bytes                    b"int16" (when every voxel is an integer
@@ -23,21 +23,21 @@ Fields (shapes are those of the parsed tensors):
   original_shape   int64 [3]                the NIfTI array shape, e.g. 240, 240, 155
   affine           bytes, float64 [4, 4]    the NIfTI affine (voxel -> RAS mm), exact
   has_label        int64                    1 when a label map is stored
-  label            bytes, uint8 [d, h, w]   values brats_tf.constants.LABEL_VALUES
+  label            bytes, uint8 [d, h, w]   values data_pipeline.constants.LABEL_VALUES
                                             (2023 label 3 already mapped to 4); empty
                                             when has_label is 0
   nonzero_mean     float [4]                per channel mean over non-zero voxels
   nonzero_std      float [4]                per channel std over non-zero voxels
                                             (paper §3.7 normalisation statistics,
                                             computed in float64 by the converter:
-                                            brats_tf.volume.nonzero_stats)
+                                            data_pipeline.volume.nonzero_stats)
 """
 
 import numpy as np
 import tensorflow as tf
 
-from brats_tf.constants import NUM_MODALITIES
-from brats_tf.volume import nonzero_stats
+from data_pipeline.constants import NUM_MODALITIES
+from data_pipeline.volume import nonzero_stats
 
 FEATURE_SPEC_VERSION = 2  # 2: image as byte planes
 COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)

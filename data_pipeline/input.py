@@ -18,7 +18,7 @@ in file order:
      "affine": float64 [1, 4, 4]}
 
 A prediction p on the image goes back to the NIfTI grid with
-brats_tf.volume.paste_crop(p, original_shape, box_start) (box_start is 0
+data_pipeline.volume.paste_crop(p, original_shape, box_start) (box_start is 0
 for whole volumes), saved with `affine`. The network needs sizes divisible by
 8: the inference code pads and crops back.
 
@@ -34,9 +34,8 @@ import re
 
 import tensorflow as tf
 
-from brats_tf.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
+from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline import augment, features
-from data_pipeline.convert import fold_files  # noqa: F401  (re-exported: files of a fold)
 
 MODES = ("train", "eval")
 # Where a training crop's random window is drawn (InputConfig.crop_from).

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 
-from brats_tf.constants import MODALITIES, MODALITIES_2023
+from data_pipeline.constants import MODALITIES, MODALITIES_2023
 
 LABEL_SUFFIX = "seg"
 NAMING_2018 = "brats2018"  # t1, t1ce, t2, flair; labels {0, 1, 2, 4} (2018-2021)

@@ -27,11 +27,11 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from brats_tf.constants import (
+from data_pipeline.constants import (
     LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_NCR_NET, MODALITIES)
-from brats_tf.io_utils import atomic_path
+from data_pipeline.io_utils import atomic_path
 
-DEFAULT_SHAPE = (96, 96, 64)  # CPU demo; BraTS is brats_tf.constants.BRATS_SHAPE
+DEFAULT_SHAPE = (96, 96, 64)  # CPU demo; BraTS is data_pipeline.constants.BRATS_SHAPE
 
 # Tissue classes of the synthetic head, in the intensity table's row order.
 _BACKGROUND, _CSF, _GM, _WM, _EDEMA, _NECROSIS, _ENHANCING = range(7)

@@ -1,7 +1,7 @@
 """Example TF Serving client: one BraTS case in, its label-map NIfTI out.
 
 Reads ``<case_dir>/<case>_{t1,t1ce,t2,flair}.nii.gz`` (channel order
-``brats_tf.constants.MODALITIES``), sends the RAW volume (the SavedModel
+``data_pipeline.constants.MODALITIES``), sends the RAW volume (the SavedModel
 normalises and pads in its graph, see brats_tf/export.py) to a
 ``tensorflow_model_server`` over REST (JSON) or gRPC, and writes
 ``<output_dir>/<case>.nii.gz`` (uint8 labels) with the case's affine and header,
@@ -19,7 +19,7 @@ gRPC (``--protocol=grpc --grpc_server=localhost:8500``, needs the
 for the ``labels`` and ``protocol`` outputs only.
 
 ``--et_min_voxels=N`` applies the post-processing here, to the labels the
-server returns (``brats_tf.volume.et_to_necrosis``, the same function the
+server returns (``data_pipeline.volume.et_to_necrosis``, the same function the
 SavedModel exported with ``--et_min_voxels`` runs in its graph).
 
 The request builders and response decoders are plain functions, testable
@@ -37,8 +37,8 @@ import urllib.request
 
 import numpy as np
 
-from brats_tf import constants, volume
-from brats_tf.io_utils import write_text_atomic
+from data_pipeline import constants, volume
+from data_pipeline.io_utils import write_text_atomic
 
 INPUT_NAME = "image"  # brats_tf.export.INPUT_NAME, without importing TensorFlow here
 SIGNATURES = ("serving_default", "serving_tta")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import volume
-from brats_tf.constants import LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, REGIONS
+from data_pipeline import volume
+from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, REGIONS
 from data_pipeline import augment
 
 SEED = tf.constant([3, 7], tf.int64)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import constants as C
+from data_pipeline import constants as C
 from brats_tf import inference as I
 from serving import client
 from serving_fixtures import tiny_export

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import constants, inference, volume
+from data_pipeline import constants, volume
+from brats_tf import inference
 from data_pipeline.convert import convert
 from data_pipeline.input import InputConfig, make_dataset
 from data_pipeline.synthetic import make_case, write_case

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf.constants import LABEL_ET, LABEL_ET_2023, LABEL_VALUES, MODALITIES, MODALITIES_2023
-from brats_tf.volume import paste_crop
+from data_pipeline.constants import LABEL_ET, LABEL_ET_2023, LABEL_VALUES, MODALITIES, MODALITIES_2023
+from data_pipeline.volume import paste_crop
 from data_pipeline import convert, features, layouts, synthetic
+from data_pipeline.manifest import CONVERTER_VERSION, fold_files, read_manifest
 
 SHAPE = (40, 44, 32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,9 +101,9 @@ def test_round_trip_is_exact(converted):
 
 def test_manifest(converted):
     out, manifest, arrays = converted
-    on_disk = convert.read_manifest(out)
+    on_disk = read_manifest(out)
     assert on_disk["cases"] == manifest["cases"]
-    assert on_disk["converter_version"] == convert.CONVERTER_VERSION
+    assert on_disk["converter_version"] == CONVERTER_VERSION
     assert on_disk["options"] == {"cases_per_shard": 1, "num_shards": None, "folds": 2, "seed": 0,
                                   "skip_bad": False}
     assert [c["case_id"] for c in manifest["cases"]] == sorted(arrays)
@@ -123,7 +124,7 @@ def test_folds_partition_cases_and_balance_grades(converted):
     out, manifest, arrays = converted
     seen = []
     for fold in range(2):
-        train, val = convert.fold_files(out, fold)
+        train, val = fold_files(out, fold)
         assert not set(train) & set(val)
         val_cases = [c for f in val for c in _cases_in(manifest, f)]
         seen += val_cases
@@ -131,7 +132,7 @@ def test_folds_partition_cases_and_balance_grades(converted):
         assert len(lgg) == 1  # stratified: one of the two LGG cases per fold
     assert sorted(seen) == sorted(arrays)
     with pytest.raises(ValueError, match="2"):
-        convert.fold_files(out, 2)
+        fold_files(out, 2)
 
 
 def _cases_in(manifest, path):

@@ -19,10 +19,12 @@ import pytest
 import tensorflow as tf
 
 import evaluate
-from brats_tf import constants, evaluation, metrics
+from data_pipeline import constants
+from brats_tf import evaluation, metrics
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_model
-from data_pipeline.convert import convert, read_manifest
+from data_pipeline.convert import convert
+from data_pipeline.manifest import read_manifest
 from data_pipeline.synthetic import write_synthetic_dataset
 from reduced_precision import slack
 

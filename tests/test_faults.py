@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf import constants
+from data_pipeline import constants
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from tiny_data import synthetic_tfrecords

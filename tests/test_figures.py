@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import figures, io_utils
+from data_pipeline import io_utils
+from brats_tf import figures
 
 RED, GREEN, YELLOW = (255, 0, 0), (0, 255, 0), (255, 255, 0)
 

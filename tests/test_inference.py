@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import constants as C
+from data_pipeline import constants as C
 from brats_tf import inference as I
-from brats_tf import volume as V
+from data_pipeline import volume as V
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from test_volume import PAD_CASES, make_image, numpy_reference_normalize

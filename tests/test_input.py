@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, PAPER_CROP
-from brats_tf.volume import paste_crop
+from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, PAPER_CROP
+from data_pipeline.volume import paste_crop
 from data_pipeline import augment, convert, features, synthetic
+from data_pipeline.manifest import fold_files, read_manifest
 from data_pipeline.input import InputConfig, make_dataset, train_transform
 
 SHAPE = (40, 44, 32)
@@ -225,7 +226,7 @@ def test_eval_without_labels(unlabelled):
 def test_distribute_input_context_shards(records, tmp_path, cases_per_shard):
     out, files, wt = records
     if cases_per_shard != 1:
-        manifest = convert.read_manifest(out)
+        manifest = read_manifest(out)
         root = manifest["input_dir"]
         convert.convert(root, str(tmp_path), cases_per_shard=cases_per_shard, folds=1,
                         progress=False)
@@ -245,9 +246,9 @@ def test_distribute_input_context_shards(records, tmp_path, cases_per_shard):
 
 def test_fold_files_feed_make_dataset(tmp_path, records):
     out, _, _ = records
-    root = convert.read_manifest(out)["input_dir"]
+    root = read_manifest(out)["input_dir"]
     convert.convert(root, str(tmp_path), folds=5, cases_per_shard=2, progress=False)
-    train, val = convert.fold_files(str(tmp_path), 0)
+    train, val = fold_files(str(tmp_path), 0)
     n_train = sum(1 for _ in make_dataset(InputConfig(files=train, crop_shape=(16, 16, 16))))
     n_val = sum(1 for _ in make_dataset(InputConfig(files=val, mode="eval")))
     assert (n_train, n_val) == (NUM_CASES - 1, 1)

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from brats_tf import io_utils
+from data_pipeline import io_utils
 
 
 def _mode(path) -> int:

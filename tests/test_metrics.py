@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from scipy.spatial.distance import cdist
 
-from brats_tf import constants as C
+from data_pipeline import constants as C
 from brats_tf import metrics as M
 
 

@@ -48,18 +48,23 @@ def test_entry_points_turn_onednn_on_and_respect_the_user(entry):
 
 
 # ------------------------------------------------------------------ layering
-# model core <- data (data_pipeline) <- training / inference <- evaluation <- apps
-# (train.py, evaluate.py, serving/). A module may import from its own layer and
-# the ones below it. Modules are listed by name: one that does not exist (yet,
-# or any more) is skipped.
-CORE = ("constants", "config", "layers", "recompute", "model", "losses", "volume", "io_utils",
-        "schedules", "flops")
-ABOVE_CORE = ("data_pipeline", "brats_tf.training", "brats_tf.inference",
-              "brats_tf.evaluation", "brats_tf.export", "brats_tf.postprocess", "serving",
-              "train", "evaluate")
-ABOVE_DATA = ("brats_tf.training", "brats_tf.inference", "brats_tf.evaluation",
-              "brats_tf.export", "brats_tf.postprocess", "serving", "train", "evaluate")
+# The layers, bottom to top, are folders (WORKSPACE.md, "Layers"): a module's
+# layer is the deepest folder below that holds it, so a new module is placed by
+# where it is saved, not by a list of names. A module imports from its own
+# layer and the ones below, never above. A module of brats_tf/ run with
+# ``python -m`` (it has a ``__main__`` block) is a command, at the top with
+# train.py and evaluate.py.
+LAYERS = (
+    "data_pipeline",  # BraTS data: constants, NumPy volumes, manifest, converter, tf.data
+    "brats_tf",  # the paper's model: layers, model, losses, metrics, schedules, figures
+    "brats_tf/inference",  # volume -> probabilities -> labels -> NIfTI; the SavedModel
+    "brats_tf/training",  # the train step, Trainer, validation, the final save
+    "brats_tf/evaluation",  # models and ensembles scored on cases: evaluate.py's engine
+    ".",  # commands: train.py, evaluate.py, serving/, benchmarks/, brats_tf's __main__s
+)
+TOP = len(LAYERS) - 1
 PKG = pathlib.Path(ROOT)
+SOURCES = ("brats_tf", "data_pipeline", "serving", "benchmarks", "train.py", "evaluate.py")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -87,11 +92,6 @@ def imported_modules(path: pathlib.Path) -> set:
     return names
 
 
-def _violations(path: pathlib.Path, forbidden) -> list:
-    return sorted(name for name in imported_modules(path)
-                  if any(name == f or name.startswith(f + ".") for f in forbidden))
-
-
 def test_import_parsing_sees_every_form(tmp_path, monkeypatch):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -102,27 +102,107 @@ def test_import_parsing_sees_every_form(tmp_path, monkeypatch):
                                                 "pkg.g.h", "i"}
 
 
-def test_core_imports_nothing_above_it():
-    found = [name for name in CORE if (PKG / "brats_tf" / f"{name}.py").is_file()]
-    assert {"constants", "volume", "io_utils"} <= set(found)
-    bad = {name: _violations(PKG / "brats_tf" / f"{name}.py", ABOVE_CORE) for name in found}
-    assert not {k: v for k, v in bad.items() if v}, bad
+def _sources() -> list:
+    files = []
+    for name in SOURCES:
+        path = PKG / name
+        files += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    return files
+
+
+def _is_command(path: pathlib.Path) -> bool:
+    return "if __name__ == \"__main__\":" in path.read_text()
+
+
+def layer_of(path: pathlib.Path) -> int:
+    """The index in LAYERS of the deepest layer folder holding ``path``."""
+    rel = path.relative_to(PKG)
+    if rel.parts[0] == "brats_tf" and len(rel.parts) == 2 and _is_command(path):
+        return TOP
+    best = TOP
+    for i, folder in enumerate(LAYERS[:-1]):
+        if rel.parts[:len(pathlib.Path(folder).parts)] == pathlib.Path(folder).parts:
+            if best == TOP or len(pathlib.Path(folder).parts) >= len(
+                    pathlib.Path(LAYERS[best]).parts):
+                best = i
+    return best
+
+
+def _module_files() -> dict:
+    """Module name -> file, for every module of the repository's sources."""
+    return {_module_name(f): f for f in _sources()}
+
+
+def _edges() -> list:
+    """(importer, imported) module pairs among the repository's own modules."""
+    modules = _module_files()
+    edges = []
+    for name, path in modules.items():
+        for imported in imported_modules(path):
+            if imported in modules and imported != name:
+                edges.append((name, imported))
+    return sorted(set(edges))
+
+
+def test_layers_are_folders_that_exist():
+    for folder in LAYERS:
+        assert (PKG / folder).is_dir(), folder
+    assert layer_of(PKG / "data_pipeline" / "volume.py") == 0
+    assert layer_of(PKG / "brats_tf" / "model.py") == 1
+    assert layer_of(PKG / "train.py") == TOP
+    assert layer_of(PKG / "serving" / "client.py") == TOP
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    modules = _module_files()
+    upward = [f"{a} (layer {LAYERS[layer_of(modules[a])]}) imports {b} "
+              f"(layer {LAYERS[layer_of(modules[b])]})"
+              for a, b in _edges() if layer_of(modules[b]) > layer_of(modules[a])]
+    assert not upward, "\n".join(upward)
+
+
+def test_module_imports_have_no_cycle():
+    """The module graph is a DAG, so each module can be read after the ones it
+    imports (a package's __init__ and its own modules excepted)."""
+    graph = {}
+    for a, b in _edges():
+        if not (b.startswith(a + ".") or a.startswith(b + ".")):
+            graph.setdefault(a, set()).add(b)
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_packages_import_in_one_direction():
+    """Folder level: data_pipeline imports nothing of brats_tf; the library
+    imports no command, no benchmark and no test; benchmarks import no test code."""
+    def imports_of(folder):
+        return {n for f in sorted((PKG / folder).rglob("*.py")) for n in imported_modules(f)}
+
+    def hits(names, prefixes):
+        return sorted(n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes))
+
+    assert hits(imports_of("data_pipeline"), ["brats_tf", "serving", "train", "evaluate"]) == []
+    library = imports_of("data_pipeline") | imports_of("brats_tf")
+    assert hits(library, ["train", "evaluate", "serving", "benchmarks", "tests"]) == []
+    assert hits(imports_of("benchmarks"), ["tests"]) == []
 
 
 def test_volume_imports_only_numpy_and_constants():
-    names = imported_modules(PKG / "brats_tf" / "volume.py")
-    allowed = ("__future__", "typing", "numpy", "brats_tf.constants")
+    names = imported_modules(PKG / "data_pipeline" / "volume.py")
+    allowed = ("__future__", "typing", "numpy", "data_pipeline.constants")
     assert not [n for n in names
-                if n != "brats_tf" and not any(n == a or n.startswith(a + ".") for a in allowed)]
-
-
-def test_metrics_imports_nothing_above_the_core():
-    """brats_tf.training imports the metrics: they sit below it, with the core."""
-    assert _violations(PKG / "brats_tf" / "metrics.py", ABOVE_CORE) == []
-
-
-def test_data_pipeline_imports_no_inference_training_evaluation_export_or_app():
-    files = sorted((PKG / "data_pipeline").rglob("*.py"))
-    assert len(files) >= 7
-    bad = {str(f.relative_to(PKG)): _violations(f, ABOVE_DATA) for f in files}
-    assert not {k: v for k, v in bad.items() if v}, bad
+                if n != "data_pipeline" and not any(n == a or n.startswith(a + ".")
+                                                    for a in allowed)]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import constants, evaluation, inference, postprocess, volume
+from data_pipeline import constants, volume
+from brats_tf import evaluation, inference, postprocess
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_model
 from tiny_data import synthetic_tfrecords

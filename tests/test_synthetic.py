@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, LABEL_VALUES, MODALITIES
+from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, LABEL_VALUES, MODALITIES
 from data_pipeline import synthetic
 
 SHAPE = (48, 48, 32)

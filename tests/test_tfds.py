@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from brats_tf.constants import MODALITIES
-from brats_tf.volume import paste_crop
+from data_pipeline.constants import MODALITIES
+from data_pipeline.volume import paste_crop
 from data_pipeline import synthetic
 from data_pipeline.tfds_brats import Brats
 

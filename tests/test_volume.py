@@ -4,8 +4,8 @@ crop back, normalisation statistics, against hand-computed values and NumPy."""
 import numpy as np
 import pytest
 
-from brats_tf import constants as C
-from brats_tf import volume as V
+from data_pipeline import constants as C
+from data_pipeline import volume as V
 
 WT, TC, ET = (C.REGIONS.index(r) for r in ("WT", "TC", "ET"))
 

@@ -11,16 +11,16 @@ converter (data_pipeline.convert.load_case, which raises a one-line error
 naming the case and the file). One split, "train", with every case, sorted by
 case id; use TFDS slicing for validation (e.g. "train[:80%]", "train[80%:]") or
 the converter's folds. Examples are the converter's: the brain's bounding box,
-channels in brats_tf.constants.MODALITIES order, and what pasting them back
-into the NIfTI grid needs (brats_tf.volume.paste_crop). The project's own input pipeline reads the
+channels in data_pipeline.constants.MODALITIES order, and what pasting them back
+into the NIfTI grid needs (data_pipeline.volume.paste_crop). The project's own input pipeline reads the
 converter's TFRecords (data_pipeline.input), not this dataset.
 """
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from brats_tf.constants import MODALITIES, NUM_MODALITIES
-from brats_tf.volume import nonzero_stats
+from data_pipeline.constants import MODALITIES, NUM_MODALITIES
+from data_pipeline.volume import nonzero_stats
 from data_pipeline import convert, layouts
 
 _ZLIB = tfds.features.Encoding.ZLIB

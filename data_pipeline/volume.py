@@ -7,7 +7,7 @@ the SavedModel (``inference.pad_to_multiple_tf``, ``brain_box_tf``,
 ``normalize_nonzero_tf``) and in the input pipeline
 (``data_pipeline.augment.labels_to_regions``) follow the same conventions and
 are tested against these. This module imports only NumPy and
-``brats_tf.constants``.
+``data_pipeline.constants``.
 
 Paper references: §1 (labels, nested regions WT/TC/ET),
 §3.7 (per-channel normalisation over non-zero voxels), §3.1 (spatial
@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from brats_tf import constants
+from data_pipeline import constants
 
 PAD_MODES = ("symmetric", "end")
 ET_LABELS = (constants.LABEL_ET, constants.LABEL_ET_2023)
