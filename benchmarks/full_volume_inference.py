@@ -18,7 +18,7 @@ converted as users do: ``build_inference_model(model, precision=...)``
 (brats_tf.export --precision). The case is a synthetic BraTS-like head at the
 real size (data_pipeline.synthetic: brain ~140 x 173 x 133 voxels, like
 BraTS), or with --case_dir a real case's folder (its four modalities as
-evaluate.py reads them: data_pipeline.layouts, data_pipeline.convert); the
+evaluate.py reads them: data_pipeline.layouts, data_pipeline.cases); the
 network has random weights (timing does not depend on them).
 The first call (tracing) is reported apart from the timed calls.
 
@@ -91,7 +91,7 @@ def _case():
     from data_pipeline import constants
 
     if FLAGS.case_dir:
-        from data_pipeline.convert import load_case
+        from data_pipeline.cases import load_case
         from data_pipeline.layouts import find_cases
 
         (case,) = find_cases(FLAGS.case_dir)

@@ -7,7 +7,7 @@
 
 Works offline: nothing is downloaded; the NIfTI cases are read from manual_dir
 (any layout data_pipeline.layouts finds) and checked exactly as by the
-converter (data_pipeline.convert.load_case, which raises a one-line error
+converter (data_pipeline.cases.load_case, which raises a one-line error
 naming the case and the file). One split, "train", with every case, sorted by
 case id; use TFDS slicing for validation (e.g. "train[:80%]", "train[80%:]") or
 the converter's folds. Examples are the converter's: the brain's bounding box,
@@ -21,7 +21,8 @@ import tensorflow_datasets as tfds
 
 from data_pipeline.constants import MODALITIES, NUM_MODALITIES
 from data_pipeline.volume import nonzero_stats
-from data_pipeline import convert, layouts
+from data_pipeline import layouts
+from data_pipeline.cases import BadCaseError, load_case
 
 _ZLIB = tfds.features.Encoding.ZLIB
 
@@ -74,9 +75,9 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, cases):
         require_label = any(c.label is not None for c in cases)
         for case in cases:
-            loaded = convert.load_case(case, require_label)
+            loaded = load_case(case, require_label)
             if loaded.image.dtype != np.int16:
-                raise convert.BadCaseError(
+                raise BadCaseError(
                     case.case_id, case.images[MODALITIES[0]],
                     "non-integer intensities: this builder stores int16; use "
                     "python -m data_pipeline.convert (float32 storage) instead")
