@@ -22,25 +22,23 @@ data_pipeline.volume.paste_crop(p, original_shape, box_start) (box_start is 0
 for whole volumes), saved with `affine`. The network needs sizes divisible by
 8: the inference code pads and crops back.
 
-A shard that cannot be read (corrupt in place, truncated) fails a dataset
-with TensorFlow's words, which name neither the file nor the case:
-``find_unreadable_shard`` reads each shard once to say which (train.py
-after such an error), and ``shard_error`` words it for readers that read one
-file at a time (evaluate.py).
+A shard that cannot be read fails a dataset with TensorFlow's words;
+data_pipeline.shards says which shard, and which case, it is.
 """
 
 import dataclasses
-import re
 
 import tensorflow as tf
 
 from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline import augment, features
+from data_pipeline.shards import READ_BUFFER
+from data_pipeline.shards import (  # noqa: F401  (train.py, brats_tf/evaluation.py import them from here)
+    find_unreadable_shard, shard_error, tf_error_text)
 
 MODES = ("train", "eval")
 # Where a training crop's random window is drawn (InputConfig.crop_from).
 CROP_FROM = ("grid", "brain_box")
-_READ_BUFFER = 8 << 20  # bytes; records are MBs
 _EPS = 1e-8  # std floor of the normalisation: a constant channel (std 0) stays finite
 _CACHE_SHUFFLE_BUFFER = 100_000  # > any number of cases: a full shuffle
 
@@ -292,6 +290,42 @@ def _batch(ds, batch_size, drop_remainder):
     return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
+def _share_of_pipeline(config, input_context):
+    """(this input pipeline's files, its batch size, whether it takes every
+    n-th example instead: fewer shards than pipelines) under tf.distribute."""
+    files = config.list_files()
+    if input_context is None:
+        return files, config.batch_size, False
+    batch_size = input_context.get_per_replica_batch_size(config.batch_size)
+    n = input_context.num_input_pipelines
+    if n > 1 and len(files) >= n:
+        return files[input_context.input_pipeline_id::n], batch_size, False
+    return files, batch_size, n > 1
+
+
+def _records(config, files, seed):
+    """The serialized examples of ``files``: in file order (eval mode, or
+    train mode's cache), else shards interleaved, in a shuffled order."""
+    if config.mode == "train" and config.cache:
+        # Files in a fixed order into the cache, then a shuffle over every case
+        # (the buffer holds references to cached tensors, not copies).
+        return tf.data.TFRecordDataset(files, features.COMPRESSION, READ_BUFFER,
+                                       num_parallel_reads=min(config.cycle_length, len(files)))
+    if config.mode != "train":
+        return tf.data.TFRecordDataset(files, features.COMPRESSION, READ_BUFFER)  # in file order
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if config.shuffle:
+        # Shard order changes every epoch; with the example buffer in
+        # make_dataset it gives a random case order (each case still once per epoch).
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, features.COMPRESSION, READ_BUFFER),
+        cycle_length=min(config.cycle_length, len(files)),
+        block_length=1,
+        num_parallel_calls=config.num_parallel_calls,
+        deterministic=config.deterministic)
+
+
 def make_dataset(config, input_context=None):
     """The tf.data.Dataset of `config` (see the module doc for its elements).
 
@@ -303,37 +337,9 @@ def make_dataset(config, input_context=None):
         config.batch_size / num_replicas_in_sync.
     """
     train = config.mode == "train"
-    files = config.list_files()
     seed = config.seed if config.deterministic else None
-    batch_size = config.batch_size
-    shard_examples = False
-    if input_context is not None:
-        batch_size = input_context.get_per_replica_batch_size(config.batch_size)
-        if input_context.num_input_pipelines > 1:
-            if len(files) >= input_context.num_input_pipelines:
-                files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
-            else:
-                shard_examples = True
-
-    if train and config.cache:
-        # Files in a fixed order into the cache, then a shuffle over every case
-        # (the buffer holds references to cached tensors, not copies).
-        ds = tf.data.TFRecordDataset(files, features.COMPRESSION, _READ_BUFFER,
-                                     num_parallel_reads=min(config.cycle_length, len(files)))
-    elif train:
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        if config.shuffle:
-            # Shard order changes every epoch; with the example buffer below it
-            # gives a random case order (each case still once per epoch).
-            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(
-            lambda f: tf.data.TFRecordDataset(f, features.COMPRESSION, _READ_BUFFER),
-            cycle_length=min(config.cycle_length, len(files)),
-            block_length=1,
-            num_parallel_calls=config.num_parallel_calls,
-            deterministic=config.deterministic)
-    else:
-        ds = tf.data.TFRecordDataset(files, features.COMPRESSION, _READ_BUFFER)  # in file order
+    files, batch_size, shard_examples = _share_of_pipeline(config, input_context)
+    ds = _records(config, files, seed)
     if shard_examples:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if train:
@@ -357,62 +363,3 @@ def make_dataset(config, input_context=None):
     options = tf.data.Options()
     options.deterministic = config.deterministic or not train
     return ds.with_options(options)
-
-
-# ------------------------------------------------------------ unreadable shards
-class ShardError(ValueError):
-    """A shard that cannot be read; str() is one line naming the file, and the
-    case where the manifest says which case the record that fails holds."""
-
-
-def tf_error_text(error: Exception) -> str:
-    """A TensorFlow error's first line in its own words, without the function
-    and op names that TensorFlow wraps around them."""
-    lines = str(getattr(error, "message", None) or error).strip().splitlines()
-    text = lines[0] if lines else ""
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
-    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
-    return text.strip() or type(error).__name__
-
-
-def shard_error(file, index: int, cases, error: Exception) -> ShardError:
-    """The ShardError of reading ``file`` failing at its record ``index``
-    (0-based: the records before it were read) with ``error``.
-
-    Args:
-      cases: the case ids the manifest lists for the shard, in the order
-        written (None or not a list: unknown); names the case of that record.
-    """
-    if isinstance(cases, list) and index < len(cases):
-        where = f"record {index + 1} of {len(cases)} (case {cases[index]})"
-    elif isinstance(cases, list):
-        where = f"after its {len(cases)} record(s)"
-    else:
-        where = f"record {index + 1}"
-    return ShardError(f"shard {file}: cannot read {where}: {tf_error_text(error)}; the file is "
-                      f"corrupt or truncated: convert the data again")
-
-
-def read_shard(file, cases=None) -> int:
-    """Reads every record of one shard once (decompressed and checked, not
-    parsed); returns how many. Raises ShardError (``shard_error``)."""
-    index = 0
-    try:
-        for _ in tf.data.TFRecordDataset(str(file), features.COMPRESSION, _READ_BUFFER):
-            index += 1
-    except tf.errors.OpError as e:
-        raise shard_error(file, index, cases, e) from None
-    return index
-
-
-def find_unreadable_shard(files, cases_of: dict | None = None) -> ShardError | None:
-    """The ShardError of the first of ``files`` that cannot be read (each read
-    once, in order; ``cases_of``: file -> its case ids from the manifest), or
-    None when every one reads. For after a dataset over them failed: it costs
-    one read of the data."""
-    for file in files:
-        try:
-            read_shard(file, (cases_of or {}).get(str(file)))
-        except ShardError as e:
-            return e
-    return None

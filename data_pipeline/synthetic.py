@@ -96,6 +96,80 @@ def _tumour(shape, rng, centre, radii, brain, lgg):
     return edema, core, necrosis
 
 
+def _brain(shape, rng):
+    """An ellipsoid brain (BraTS brains span ~140 x 170 x 135 of 240 x 240 x
+    155) with a wobbly surface: (centre, radii, normalised radius r, brain
+    mask r < 1)."""
+    size = np.array(shape, dtype=np.float32)
+    centre = size / 2 + rng.uniform(-0.02, 0.02, 3) * size
+    radii = size * np.array([0.29, 0.36, 0.43]) * rng.uniform(0.92, 1.05, 3)
+    x, y, z = _grid(shape, centre, radii)
+    r = np.sqrt(x * x + y * y + z * z)
+    r += 0.04 * _smooth_field(shape, rng, cells=6)
+    return centre, radii, r, r < 1.0
+
+
+def _tissues(shape, rng, centre, radii, r, brain):
+    """Tissue classes (uint8): CSF at the surface, a cortical grey matter
+    shell with a wobbly inner boundary, white matter inside, two ventricles."""
+    tissue = np.where(brain, _WM, _BACKGROUND).astype(np.uint8)
+    tissue[brain & (r > 0.80 + 0.06 * _smooth_field(shape, rng))] = _GM
+    tissue[brain & (r > 0.965)] = _CSF
+    for side in (-1.0, 1.0):
+        vx, vy, vz = _grid(shape, centre + np.array([side * 0.08, -0.05, 0.05]) * radii * 2,
+                           radii * np.array([0.07, 0.28, 0.16]))
+        tissue[brain & (vx * vx + vy * vy + vz * vz < 1.0)] = _CSF
+    return tissue
+
+
+def _visible_tumour(shape, rng, centre, radii, brain, lgg):
+    """A deformed ball at a random place well inside the brain; drawn again
+    (same rng stream, so still deterministic) until every one of its parts
+    is visible, which small volumes or the brain's edge can prevent.
+    Returns its masks (edema, core, necrosis)."""
+    for _ in range(_MAX_TUMOUR_DRAWS):
+        edema, core, necrosis = _tumour(shape, rng, centre, radii, brain, lgg)
+        parts = (edema & ~core, necrosis, core & ~necrosis) if not lgg else (edema & ~core, core)
+        rim_ok = lgg or (core & ~necrosis).sum() >= _MIN_ET_SHARE_OF_CORE * core.sum()
+        if min(p.sum() for p in parts) >= _MIN_PART_VOXELS and rim_ok:
+            break
+    return edema, core, necrosis
+
+
+def _paint_tumour(tissue, edema, core, necrosis, lgg):
+    """The label map of the tumour; paints its tissue classes into `tissue`."""
+    label = np.full(tissue.shape, LABEL_BACKGROUND, dtype=np.uint8)
+    label[edema] = LABEL_ED
+    if lgg:
+        label[core] = LABEL_NCR_NET  # non-enhancing core only
+        tissue[edema] = _EDEMA
+        tissue[core] = _NECROSIS
+    else:
+        label[core] = LABEL_ET
+        label[necrosis] = LABEL_NCR_NET
+        tissue[edema] = _EDEMA
+        tissue[core] = _ENHANCING
+        tissue[necrosis] = _NECROSIS
+    return label
+
+
+def _images(shape, rng, tissue, brain):
+    """{modality: int16 image}: each class's contrast (jittered per case)
+    times a smooth bias field, plus noise, at a scanner-like scale; zero
+    outside the brain."""
+    bias = np.exp(0.08 * _smooth_field(shape, rng, cells=3)).astype(np.float32)
+    images = {}
+    for modality in MODALITIES:
+        means = np.array(_CONTRAST[modality], dtype=np.float32)
+        means[1:] *= rng.uniform(0.95, 1.05, 6).astype(np.float32)  # per-case contrast jitter
+        value = means[tissue] * bias
+        value += rng.normal(0.0, _NOISE_STD, shape).astype(np.float32)
+        gain = rng.uniform(600.0, 1400.0)  # scanner-like arbitrary scale per modality
+        value = np.clip(np.rint(value * gain), 1, 32767)  # >= 1: inside the brain is non-zero
+        images[modality] = np.where(brain, value, 0).astype(np.int16)
+    return images
+
+
 def make_case(shape=DEFAULT_SHAPE, seed=0, lgg=False):
     """One synthetic case as arrays.
 
@@ -112,60 +186,12 @@ def make_case(shape=DEFAULT_SHAPE, seed=0, lgg=False):
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be 3 sizes >= 16, got {shape}")
-    rng = np.random.default_rng(seed)
-    size = np.array(shape, dtype=np.float32)
-
-    # Brain: an ellipsoid (BraTS brains span ~140 x 170 x 135 of 240 x 240 x 155)
-    # with a wobbly surface.
-    centre = size / 2 + rng.uniform(-0.02, 0.02, 3) * size
-    radii = size * np.array([0.29, 0.36, 0.43]) * rng.uniform(0.92, 1.05, 3)
-    x, y, z = _grid(shape, centre, radii)
-    r = np.sqrt(x * x + y * y + z * z)
-    r += 0.04 * _smooth_field(shape, rng, cells=6)
-    brain = r < 1.0
-    # Tissues: CSF at the surface, a cortical grey matter shell with a
-    # wobbly inner boundary, white matter inside, two ventricles.
-    tissue = np.where(brain, _WM, _BACKGROUND).astype(np.uint8)
-    tissue[brain & (r > 0.80 + 0.06 * _smooth_field(shape, rng))] = _GM
-    tissue[brain & (r > 0.965)] = _CSF
-    for side in (-1.0, 1.0):
-        vx, vy, vz = _grid(shape, centre + np.array([side * 0.08, -0.05, 0.05]) * radii * 2,
-                           radii * np.array([0.07, 0.28, 0.16]))
-        tissue[brain & (vx * vx + vy * vy + vz * vz < 1.0)] = _CSF
-
-    # Tumour: a deformed ball at a random place well inside the brain; drawn
-    # again (same rng stream, so still deterministic) until every one of its
-    # parts is visible, which small volumes or the brain's edge can prevent.
-    for _ in range(_MAX_TUMOUR_DRAWS):
-        edema, core, necrosis = _tumour(shape, rng, centre, radii, brain, lgg)
-        parts = (edema & ~core, necrosis, core & ~necrosis) if not lgg else (edema & ~core, core)
-        rim_ok = lgg or (core & ~necrosis).sum() >= _MIN_ET_SHARE_OF_CORE * core.sum()
-        if min(p.sum() for p in parts) >= _MIN_PART_VOXELS and rim_ok:
-            break
-    label = np.full(shape, LABEL_BACKGROUND, dtype=np.uint8)
-    label[edema] = LABEL_ED
-    if lgg:
-        label[core] = LABEL_NCR_NET  # non-enhancing core only
-        tissue[edema] = _EDEMA
-        tissue[core] = _NECROSIS
-    else:
-        label[core] = LABEL_ET
-        label[necrosis] = LABEL_NCR_NET
-        tissue[edema] = _EDEMA
-        tissue[core] = _ENHANCING
-        tissue[necrosis] = _NECROSIS
-
-    bias = np.exp(0.08 * _smooth_field(shape, rng, cells=3)).astype(np.float32)
-    images = {}
-    for modality in MODALITIES:
-        means = np.array(_CONTRAST[modality], dtype=np.float32)
-        means[1:] *= rng.uniform(0.95, 1.05, 6).astype(np.float32)  # per-case contrast jitter
-        value = means[tissue] * bias
-        value += rng.normal(0.0, _NOISE_STD, shape).astype(np.float32)
-        gain = rng.uniform(600.0, 1400.0)  # scanner-like arbitrary scale per modality
-        value = np.clip(np.rint(value * gain), 1, 32767)  # >= 1: inside the brain is non-zero
-        images[modality] = np.where(brain, value, 0).astype(np.int16)
-    return images, label
+    rng = np.random.default_rng(seed)  # one stream, drawn from in the order of the steps
+    centre, radii, r, brain = _brain(shape, rng)
+    tissue = _tissues(shape, rng, centre, radii, r, brain)
+    edema, core, necrosis = _visible_tumour(shape, rng, centre, radii, brain, lgg)
+    label = _paint_tumour(tissue, edema, core, necrosis, lgg)
+    return _images(shape, rng, tissue, brain), label
 
 
 def write_case(case_dir, case_id, images, label, affine=None):
