@@ -8,11 +8,8 @@ same values, and the same gradients up to float rounding
 they are made from and compute their activations again in the backward pass.
 
 Why by hand and not ``tf.recompute_grad`` on each block: at the paper crop
-with all 4 levels (float32, one step, 2-core AMD EPYC Zen 4, 2026-12-04,
-``benchmarks/model_step.py --recompute_levels=4``, one inter-op thread as
-train.py sets under ``--recompute``) ``tf.recompute_grad`` peaked at 11.9
-GiB RSS (10.0 GiB of tensors), this module at 6.6 GiB (5.0 GiB), the plain
-step at 18.3 GiB. What makes the difference:
+``tf.recompute_grad`` held about twice the memory of this module
+(docs/performance.md, "The plain core"). What makes the difference:
 
 * the block's backward pass (``_recomputed_block``) holds about 4
   full-resolution tensors (its input, the incoming gradient, two working
@@ -28,9 +25,9 @@ step at 18.3 GiB. What makes the difference:
   the VAE's full-resolution working sets are never alive at once.
 
 The bookkeeping (recipes, the last backward pass) lives in the traced
-graph's collections (``_graph_state``). The gradients are the textbook ones:
-GroupNorm's from per-channel sums of centred values (no cancellation), the
-convolutions' by TensorFlow's ops.
+graph's collections (``_graph_state``). The ops and their gradients, the
+textbook ones, are ``brats_tf.block_ops``: GroupNorm's from per-channel sums
+of centred values (no cancellation), the convolutions' by TensorFlow's ops.
 """
 
 from __future__ import annotations
@@ -39,67 +36,10 @@ import keras
 import tensorflow as tf
 
 from brats_tf import layers as L
+from brats_tf.block_ops import (
+    conv_input_grad, conv_kernel_grad, conv_same, gn_backward, gn_statistics, norm_relu)
 
 _PACKAGE = "brats_tf"
-_STRIDES_1 = [1, 1, 1, 1, 1]
-
-
-# ------------------------------------------------------------------ the ops
-def _conv_same(x, kernel, bias):
-    """A stride-1 'same' convolution with bias (Keras Conv3D's ops)."""
-    return tf.nn.bias_add(tf.nn.conv3d(x, kernel, _STRIDES_1, "SAME"), bias)
-
-
-def _conv_kernel_grad(x, kernel, dy):
-    return tf.raw_ops.Conv3DBackpropFilterV2(
-        input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=_STRIDES_1,
-        padding="SAME")
-
-
-def _conv_input_grad(x, kernel, dy):
-    """Input gradient of a stride-1 'same' convolution of x (reads x's shape only)."""
-    return tf.raw_ops.Conv3DBackpropInputV2(
-        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=_STRIDES_1,
-        padding="SAME")
-
-
-def _gn_statistics(x, groups: int, epsilon: float):
-    """Group mean and 1/std of float32 x, each [B, 1, 1, 1, C]: GroupNorm's."""
-    mean = L.group_mean(x, groups)
-    return mean, tf.math.rsqrt(L.group_mean(tf.square(x - mean), groups) + epsilon)
-
-
-def _norm_relu(x, mean, rstd, gamma, beta, dtype):
-    """ReLU(GroupNorm(x)) from its statistics, GroupNorm's ops, in dtype."""
-    x = tf.cast(x, tf.float32)
-    return tf.nn.relu(tf.cast((x - mean) * (rstd * gamma) + beta, dtype))
-
-
-def _gn_backward(d_outputs, inputs, mean, rstd, gamma, groups: int, d_residual=None):
-    """Gradients of y = GroupNorm(inputs) (gamma, beta) given dy:
-
-        dx = rstd (dxhat - <dxhat> - xhat <dxhat xhat>),  dxhat = dy gamma,
-
-    <.> a group's mean, from per-channel sums of dy and of dy (x - mean):
-    centred, so no sum cancels. ``d_residual`` (optional) is added to dx:
-    a residual connection's gradient. Returns (dx in the inputs' dtype, or
-    d_residual's, d_gamma, d_beta)."""
-    dy = tf.cast(d_outputs, tf.float32)
-    # Only after dy: else the executor may make the copy long before.
-    with tf.control_dependencies([dy]):
-        centred = tf.cast(inputs, tf.float32) - mean
-    voxels = tf.cast(tf.reduce_prod(tf.shape(dy)[1:4]), tf.float32)
-    sum_dy, sum_dy_centred = L.channel_sums(dy), L.channel_sums(dy * centred)
-    mean_dxhat = L.group_average(sum_dy * gamma / voxels, groups)
-    mean_dxhat_xhat = L.group_average(sum_dy_centred * gamma / voxels, groups) * rstd
-    d_inputs = (dy * (rstd * gamma) - rstd * mean_dxhat
-                - centred * (rstd * rstd * mean_dxhat_xhat))
-    if d_residual is None:
-        d_inputs = tf.cast(d_inputs, inputs.dtype)
-    else:
-        d_inputs = tf.cast(d_inputs, d_residual.dtype) + d_residual
-    return (d_inputs, tf.reduce_sum(sum_dy_centred * rstd, axis=[0, 1, 2, 3]),
-            tf.reduce_sum(sum_dy, axis=[0, 1, 2, 3]))
 
 
 # ---------------------------------------------------------- graph state
@@ -117,10 +57,10 @@ def _previous_backward(dy: tf.Tensor) -> list:
     graph on this device, or [] (eager, or the first). Each recomputed
     block's backward pass waits for them, so the passes run one after the
     other in the order autodiff makes them: without this the executor ran
-    the decoder's and the VAE's full-resolution blocks side by side (at the
-    paper crop with 2 levels, 7.9 against 7.0 GiB of tensors). The order
-    cannot make a cycle: a pass traced earlier was built before this one's
-    outputs existed. Per device, so that replicas are not serialised."""
+    the decoder's and the VAE's full-resolution blocks side by side
+    (docs/performance.md). The order cannot make a cycle: a pass traced
+    earlier was built before this one's outputs existed. Per device, so that
+    replicas are not serialised."""
     if tf.executing_eagerly():
         return []
     return _graph_state(dy.graph, "_brats_tf_last_backward").get(dy.device, [])
@@ -168,35 +108,35 @@ def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
 
     @tf.custom_gradient
     def block(x, k1, b1, g1, be1, k2, b2, g2, be2, *extra):
-        mean1, rstd1 = _gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
-        c1 = _conv_same(_norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
-        mean2, rstd2 = _gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
-        out = x + _conv_same(_norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
+        mean1, rstd1 = gn_statistics(tf.cast(x, tf.float32), groups, epsilon)
+        c1 = conv_same(norm_relu(x, mean1, rstd1, g1, be1, dtype), k1, b1)
+        mean2, rstd2 = gn_statistics(tf.cast(c1, tf.float32), groups, epsilon)
+        out = x + conv_same(norm_relu(c1, mean2, rstd2, g2, be2, dtype), k2, b2)
 
         def grad(dy):
             # Nothing is recomputed before the gradient arrives, nor before
             # the previous recomputed backward pass is done.
             with tf.control_dependencies([dy] + _previous_backward(dy)):
                 x_ = recipe.make(*extra) if recipe is not None else x
-                h1 = _norm_relu(x_, mean1, rstd1, g1, be1, dtype)
-            c1 = _conv_same(h1, k1, b1)  # h1 is dropped here, made again below
-            h2 = _norm_relu(c1, mean2, rstd2, g2, be2, dtype)
-            dk2 = _conv_kernel_grad(h2, k2, dy)
+                h1 = norm_relu(x_, mean1, rstd1, g1, be1, dtype)
+            c1 = conv_same(h1, k1, b1)  # h1 is dropped here, made again below
+            h2 = norm_relu(c1, mean2, rstd2, g2, be2, dtype)
+            dk2 = conv_kernel_grad(h2, k2, dy)
             relu2 = h2 > 0  # 1 byte a voxel; h2 goes after dk2 and this
             db2 = tf.raw_ops.BiasAddGrad(out_backprop=dy)
             with tf.control_dependencies([dk2, relu2]):
-                dh2 = _conv_input_grad(h2, k2, dy)
+                dh2 = conv_input_grad(h2, k2, dy)
             dz2 = tf.where(relu2, dh2, tf.zeros((), dtype))
-            dc1, dg2, dbe2 = _gn_backward(dz2, c1, mean2, rstd2, g2, groups)
+            dc1, dg2, dbe2 = gn_backward(dz2, c1, mean2, rstd2, g2, groups)
             db1 = tf.raw_ops.BiasAddGrad(out_backprop=dc1)
             with tf.control_dependencies([dc1]):
-                h1 = _norm_relu(x_, mean1, rstd1, g1, be1, dtype)
-            dk1 = _conv_kernel_grad(h1, k1, dc1)
+                h1 = norm_relu(x_, mean1, rstd1, g1, be1, dtype)
+            dk1 = conv_kernel_grad(h1, k1, dc1)
             relu1 = h1 > 0
             with tf.control_dependencies([dk1, relu1]):
-                dh1 = _conv_input_grad(x_, k1, dc1)
+                dh1 = conv_input_grad(x_, k1, dc1)
             dz1 = tf.where(relu1, dh1, tf.zeros((), dtype))
-            dx, dg1, dbe1 = _gn_backward(dz1, x_, mean1, rstd1, g1, groups, d_residual=dy)
+            dx, dg1, dbe1 = gn_backward(dz1, x_, mean1, rstd1, g1, groups, d_residual=dy)
             grads = [dx, dk1, db1, dg1, dbe1, dk2, db2, dg2, dbe2]
             if recipe is not None:  # the input's gradient goes to the recipe's inputs
                 grads = [None] + grads[1:] + list(recipe.grads(extra, dx))
@@ -241,7 +181,7 @@ class HeadConv3D(keras.layers.Conv3D):
     (``_previous_backward``). Autodiff computes both at once: when the
     segmentation decoder's full-resolution blocks ran their backward pass,
     the VAE's head had already made its input gradient, which then waited,
-    0.5 GB at the paper crop, for its own blocks (and the other way round).
+    a full-resolution tensor, for its own blocks (and the other way round).
     """
 
     def __init__(self, filters: int, kernel_size=1, **kwargs):
@@ -256,13 +196,13 @@ class HeadConv3D(keras.layers.Conv3D):
         @tf.custom_gradient
         def head(x, kernel, bias):
             def grad(d_out):
-                d_kernel = _conv_kernel_grad(x, kernel, d_out)
+                d_kernel = conv_kernel_grad(x, kernel, d_out)
                 d_bias = tf.raw_ops.BiasAddGrad(out_backprop=d_out)
                 with tf.control_dependencies([d_kernel] + _previous_backward(d_out)):
-                    d_x = _conv_input_grad(x, kernel, d_out)
+                    d_x = conv_input_grad(x, kernel, d_out)
                 return d_x, d_kernel, d_bias
 
-            return _conv_same(x, kernel, bias), grad
+            return conv_same(x, kernel, bias), grad
 
         return head(inputs, tf.cast(self.kernel, self.compute_dtype),
                     tf.cast(self.bias, self.compute_dtype))
@@ -295,14 +235,14 @@ class StemConv3D(keras.layers.Conv3D):
             return super().call(inputs)
         kernel = tf.cast(self.kernel, self.compute_dtype)
         bias = tf.cast(self.bias, self.compute_dtype)
-        outputs = _conv_same(inputs, kernel, bias)
+        outputs = conv_same(inputs, kernel, bias)
 
         def grads(recipe_inputs, d):
             x, k, _ = recipe_inputs
-            return (_conv_input_grad(x, k, d), _conv_kernel_grad(x, k, d),
+            return (conv_input_grad(x, k, d), conv_kernel_grad(x, k, d),
                     tf.raw_ops.BiasAddGrad(out_backprop=d))
 
-        _register_recipe(outputs, _Recipe([inputs, kernel, bias], _conv_same, grads))
+        _register_recipe(outputs, _Recipe([inputs, kernel, bias], conv_same, grads))
         return outputs
 
 
@@ -392,8 +332,7 @@ def _resize_bilinear_grad(dy, shape, dtype):
 class RecomputedUpSampling3D(L.TrilinearUpSampling3D):
     """``layers.TrilinearUpSampling3D`` whose output a recomputed block after
     it (VBlock, or DecoderBlock through ``SkipAdd``) can make again from the
-    input, 1/8 of the size (~0.2 s at the paper's full resolution on 2
-    cores), instead of keeping it."""
+    input, 1/8 of the size (docs/performance.md), instead of keeping it."""
 
     def call(self, inputs, training=None):
         outputs = super().call(inputs)
