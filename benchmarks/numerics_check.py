@@ -28,8 +28,8 @@ unscaled ones the step would apply). The network is the paper's, with the
 spatial dropout at 0 (random) and VDraw's draw fixed (its generator's state
 is set before each call, and the float64 reference uses the same draw).
 
-On a CPU whose float16 convolution accumulates in float16 (tests/
-reduced_precision.py), the float16 bounds are loosened by that measured slack
+On a CPU whose float16 convolution accumulates in float16
+(benchmarks/reduced_precision.py), the float16 bounds are loosened by that measured slack
 (--float16_slack=-1, the default, measures it; 1 on a GPU).
 """
 
@@ -635,7 +635,7 @@ def _main():
     flags.DEFINE_string("reference_device", None, "Device of the float64 reference "
                         "(default: GPU:0 when there is a GPU, else CPU:0).")
     flags.DEFINE_float("float16_slack", -1.0, "Factor on the float16 bounds; -1: measure it "
-                       "on a CPU (tests/reduced_precision.py), 1 on a GPU.")
+                       "on a CPU (benchmarks/reduced_precision.py), 1 on a GPU.")
     flags.DEFINE_boolean("mixed_float16", True, "Also check mixed_float16 (slow on a CPU).")
     flags.DEFINE_boolean("jit_compile", False, "Also check the XLA-compiled step.")
     flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
@@ -672,7 +672,7 @@ def _main():
         if slack < 0:
             slack = 1.0
             if not gpu and FLAGS.mixed_float16:
-                from tests.reduced_precision import slack as measure_slack
+                from benchmarks.reduced_precision import slack as measure_slack
                 slack = measure_slack("float16")
         print(f"machine: {describe()}; device: {device_name()}; TF {tf.__version__}; "
               f"float16 slack {slack}", flush=True)

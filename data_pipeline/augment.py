@@ -36,29 +36,6 @@ def crop_window(start, size, dims):
     return lo, hi - lo, tf.stack([before, after], axis=1)
 
 
-def pad_spatial(volume, paddings, size):
-    """Zero-pads the first three axes of [d, h, w, ...] by paddings [3, 2] to `size`."""
-    rest = tf.shape(volume)[3:]
-    paddings = tf.concat([paddings, tf.zeros([tf.size(rest), 2], tf.int32)], axis=0)
-    return tf.ensure_shape(tf.pad(volume, paddings), list(size) + volume.shape[3:].as_list())
-
-
-def crop_or_pad(volume, start, size):
-    """volume[start : start + size] on the first three axes, with zeros where the
-    window leaves the volume (start may be negative or run past the end).
-
-    Args:
-      volume: [D, H, W, ...] tensor.
-      start: int32 [3]; size: 3 Python ints (the output's static size).
-    """
-    volume = tf.convert_to_tensor(volume)
-    begin, extent, paddings = crop_window(start, size, tf.shape(volume)[:3])
-    rest = tf.shape(volume)[3:]
-    piece = tf.slice(volume, tf.concat([begin, tf.zeros_like(rest)], 0),
-                     tf.concat([extent, rest], 0))
-    return pad_spatial(piece, paddings, size)
-
-
 def random_crop_start(full_shape, crop_shape, seed):
     """A uniform random window start in a grid of `full_shape`: in
     [0, full - crop] where the grid is larger than the crop, and in
@@ -73,53 +50,10 @@ def random_crop_start(full_shape, crop_shape, seed):
     return tf.minimum(start, hi)
 
 
-def random_crop_or_pad(image, label, crop_shape, seed, full_shape=None, box_start=None):
-    """Random crop_shape window of image and label (same window), padded with zeros
-    where the volume is smaller.
-
-    When the volume is a crop of a larger zero-background grid (the converter
-    stores the brain's bounding box), pass that grid's `full_shape` and the
-    crop's `box_start`: the window is then drawn in the full grid, exactly as a
-    crop of the full volume would be, without materialising it.
-
-    Args:
-      image: [D, H, W, C]; label: [D, H, W] or None.
-      crop_shape: 3 Python ints.
-      seed: int [2].
-    Returns:
-      (image [*crop_shape, C], label [*crop_shape] or None).
-    """
-    image = tf.convert_to_tensor(image)
-    if full_shape is None:
-        full_shape = tf.shape(image)[:3]
-    start = random_crop_start(full_shape, crop_shape, seed)
-    if box_start is not None:
-        start = start - tf.cast(box_start, tf.int32)
-    image = crop_or_pad(image, start, crop_shape)
-    if label is not None:
-        label = crop_or_pad(label, start, crop_shape)
-    return image, label
-
-
 def flip_mask(seed, probability=0.5):
     """Whether to mirror each spatial axis 0, 1, 2 (bool [3]), independently with
     `probability`."""
     return tf.random.stateless_uniform([3], seed) < probability
-
-
-def flip_axes(seed, probability=0.5):
-    """The spatial axes to mirror (int32 [n] among 0, 1, 2), as flip_mask."""
-    return tf.boolean_mask(tf.range(3), flip_mask(seed, probability))
-
-
-def random_flip(image, label, seed, probability=0.5):
-    """Mirror image and label along each spatial axis (0, 1, 2) independently
-    with `probability`. label may be None."""
-    axes = flip_axes(seed, probability)
-    image = tf.reverse(image, axes)
-    if label is not None:
-        label = tf.reverse(label, axes)
-    return image, label
 
 
 def intensity_params(seed, channels, shift=0.1, scale=(0.9, 1.1)):
@@ -128,21 +62,6 @@ def intensity_params(seed, channels, shift=0.1, scale=(0.9, 1.1)):
     s = tf.random.stateless_uniform([channels], seeds[0], minval=scale[0], maxval=scale[1])
     o = tf.random.stateless_uniform([channels], seeds[1], minval=-shift, maxval=shift)
     return s, o
-
-
-def random_intensity(image, seed, shift=0.1, scale=(0.9, 1.1), std=1.0):
-    """Per channel image * s + o * std on the non-zero voxels, s ~ U(scale),
-    o ~ U(-shift, shift) (paper §3.7; std is the channel's std, 1 after
-    the normalisation). Zero voxels (background, padding) stay zero, as they
-    are at inference.
-
-    Args:
-      image: [..., C] float32 with static C.
-      seed: int [2].
-    """
-    image = tf.convert_to_tensor(image, tf.float32)
-    s, o = intensity_params(seed, image.shape[-1], shift, scale)
-    return tf.where(tf.not_equal(image, 0.0), image * s + o * tf.cast(std, tf.float32), 0.0)
 
 
 def labels_to_regions(label):

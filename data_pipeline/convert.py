@@ -47,8 +47,9 @@ from tqdm import tqdm
 from data_pipeline.constants import LABEL_VALUES, MODALITIES
 from data_pipeline.io_utils import write_text_atomic
 from data_pipeline import features, layouts
-from data_pipeline.cases import BadCaseError, check_files
-from data_pipeline.cases import load_case  # noqa: F401  (brats_tf/evaluation.py reads convert.load_case)
+# Also imported from here: convert.load_case, convert.check_files (brats_tf/evaluation.py),
+# convert.BadCaseError (evaluate.py).
+from data_pipeline.cases import BadCaseError, check_files, load_case  # noqa: F401
 from data_pipeline.records import checked_cases
 from data_pipeline.shard_plan import SHARD_NAME, assign_folds, plan_shards, shard_files
 from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST
@@ -65,7 +66,8 @@ def _case_tmp_name(index):
     return f".tmp-case-{index:06d}.partial"  # --skip_bad: one checked case, before its shard
 
 
-_TMP_RE = re.compile(rf"^\.tmp-({SHARD_NAME}|case-\d+)\.partial$")  # what _tmp_name and _case_tmp_name name
+# What _tmp_name and _case_tmp_name name.
+_TMP_RE = re.compile(rf"^\.tmp-({SHARD_NAME}|case-\d+)\.partial$")
 
 
 def _read_record(path):

@@ -204,17 +204,3 @@ def decode_volumes(ex, begin=None, size=None, paddings=None):
         lambda: from_byte_planes(image_planes(ex, tf.int16, begin, size, paddings), tf.int16),
         lambda: from_byte_planes(image_planes(ex, tf.float32, begin, size, paddings), tf.float32))
     return image, decode_label(ex, begin, size, paddings)
-
-
-def parse_example(serialized):
-    """Parses and decodes one serialized example (graph-safe, for Dataset.map).
-
-    Returns a dict: case_id string []; image float32 [d, h, w, 4] (exact for
-    int16 data); label uint8 [d, h, w] (zeros when has_label is False);
-    has_label bool []; box_start, box_shape, original_shape int32 [3];
-    affine float64 [4, 4]; nonzero_mean, nonzero_std float32 [4].
-    """
-    ex = parse_raw(serialized)
-    ex["image"], ex["label"] = decode_volumes(ex)
-    del ex["image_dtype"]
-    return ex

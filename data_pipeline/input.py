@@ -33,8 +33,8 @@ import tensorflow as tf
 from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline import augment, features
 from data_pipeline.shards import READ_BUFFER
-from data_pipeline.shards import (  # noqa: F401  (train.py, brats_tf/evaluation.py import them from here)
-    find_unreadable_shard, shard_error, tf_error_text)
+# Imported from here by train.py and brats_tf/evaluation.py.
+from data_pipeline.shards import find_unreadable_shard, shard_error, tf_error_text  # noqa: F401
 
 MODES = ("train", "eval")
 # Where a training crop's random window is drawn (InputConfig.crop_from).
@@ -189,12 +189,12 @@ _flip_map_regions_xla = tf.function(_flip_map_regions, jit_compile=True)
 def train_transform(ex, seeds, config):
     """One training example from a features.parse_raw dict.
 
-    Equal (up to float rounding) to: decode the whole box, crop_or_pad at a
-    random_crop_start drawn in the original grid, or in the box with
-    crop_from='brain_box' (seeds[0]), random_flip
-    (seeds[1]), the normalisation with the stored statistics ((x - mean) /
-    max(std, 1e-8) on the non-zero voxels), random_intensity (seeds[2]),
-    labels_to_regions. Computed cheaply instead: only the part of
+    Equal (up to float rounding) to the ops one after another (tests/oracles.py):
+    decode the whole box, crop_or_pad at a random_crop_start drawn in the
+    original grid, or in the box with crop_from='brain_box' (seeds[0]),
+    random_flip (seeds[1]), the normalisation with the stored statistics
+    ((x - mean) / max(std, 1e-8) on the non-zero voxels), random_intensity
+    (seeds[2]), labels_to_regions. Computed cheaply instead: only the part of
     the window inside the stored box is sliced and padded (as byte planes),
     then bytes to values, flips, normalisation and intensity (one per-channel
     affine map) and the regions run as one fixed-shape function (XLA-compiled
@@ -218,7 +218,7 @@ def train_transform(ex, seeds, config):
     if config.augment and config.flip:
         mask = augment.flip_mask(seeds[1], config.flip_probability)
         flip_index = tf.reduce_sum(tf.cast(mask, tf.int32) * tf.constant([1, 2, 4]))
-    # the normalisation then random_intensity, as one affine map per channel.
+    # the normalisation then the random intensity scale and shift, as one affine map per channel.
     a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
     b = -ex["nonzero_mean"] * a
     if config.augment and config.intensity:

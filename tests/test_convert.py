@@ -17,6 +17,7 @@ from data_pipeline.constants import LABEL_ET, LABEL_ET_2023, LABEL_VALUES, MODAL
 from data_pipeline.volume import paste_crop
 from data_pipeline import convert, features, layouts, synthetic
 from data_pipeline.manifest import CONVERTER_VERSION, fold_files, read_manifest
+import oracles
 
 SHAPE = (40, 44, 32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def _read_all(output_dir):
     out = {}
     for path in sorted(glob.glob(os.path.join(output_dir, "*" + features.SHARD_SUFFIX))):
         for record in tf.data.TFRecordDataset(path, features.COMPRESSION):
-            ex = {k: v.numpy() for k, v in features.parse_example(record).items()}
+            ex = {k: v.numpy() for k, v in oracles.parse_example(record).items()}
             out[ex["case_id"].decode()] = ex
     return out
 

@@ -26,7 +26,7 @@ from brats_tf.model import build_model
 from data_pipeline.convert import convert
 from data_pipeline.manifest import read_manifest
 from data_pipeline.synthetic import write_synthetic_dataset
-from reduced_precision import slack
+from benchmarks.reduced_precision import slack
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = (48, 48, 40)

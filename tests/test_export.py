@@ -18,6 +18,7 @@ from brats_tf import inference as I
 from data_pipeline import volume as V
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
+import oracles
 from serving_fixtures import VERSION, tiny_export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,13 +36,13 @@ def keras_reference(model, batch, tta, multiple=8):
     infer = build_inference_model(model)
     out = []
     for image in batch:
-        padded, pads = V.pad_to_multiple(V.normalize_nonzero(image), multiple)
+        padded, pads = oracles.pad_to_multiple(V.normalize_nonzero(image), multiple)
         x = padded[None]
         flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)] if tta \
             else [()]
         probs = np.mean([np.flip(infer(np.ascontiguousarray(np.flip(x, a)), training=False)
                                  ["seg"].numpy(), a) for a in flips], axis=0)
-        out.append(V.crop_back(probs[0], pads))
+        out.append(oracles.crop_back(probs[0], pads))
     return np.stack(out)
 
 

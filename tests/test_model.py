@@ -11,7 +11,7 @@ from brats_tf.layers import GroupNorm, ResNetBlock
 from brats_tf.model import build_inference_model, build_model, config_from_model, model_precision
 from brats_tf.recompute import RecomputedResNetBlock
 from brats_tf.training import make_train_step
-from reduced_precision import slack
+from benchmarks.reduced_precision import slack
 
 TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
 
@@ -224,7 +224,7 @@ def test_inference_model_in_another_precision_has_a_copy_of_the_weights(
     diff = np.abs(got.numpy() - want)
     # Computed in 8 (bfloat16) or 11 (float16) significant bits: close to
     # float32's probabilities, not equal to them (looser on CPUs whose
-    # convolutions accumulate in the low precision: tests/reduced_precision.py).
+    # convolutions accumulate in the low precision: benchmarks/reduced_precision.py).
     loose = slack(dtype)
     assert 0 < diff.max() < (0.06 if dtype == "bfloat16" else 0.01) * loose, diff.max()
     assert diff.mean() < (0.01 if dtype == "bfloat16" else 1e-3) * loose, diff.mean()

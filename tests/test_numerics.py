@@ -5,7 +5,7 @@ GroupNorm against the textbook formulas in float64 NumPy; one ResNet block
 and a whole training step (``training.make_train_step``'s gradients) against
 a float64 TensorFlow re-implementation of the network with the same weights.
 The bounds are numerics_check.BOUNDS (derived there); float16's are loosened
-by ``reduced_precision.slack`` on CPUs whose float16 convolutions accumulate
+by ``benchmarks.reduced_precision.slack`` on CPUs whose float16 convolutions accumulate
 in float16.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from benchmarks import numerics_check as nc
-from reduced_precision import slack
+from benchmarks.reduced_precision import slack
 
 GN_SHAPE = (2, 8, 8, 8, 32)
 BLOCK_SHAPE = (1, 8, 8, 8, 16)

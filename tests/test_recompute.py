@@ -14,7 +14,7 @@ import tensorflow as tf
 from brats_tf import block_ops
 from brats_tf import layers as L
 from brats_tf import recompute as R
-from reduced_precision import slack
+from benchmarks.reduced_precision import slack
 
 
 def _random_block(shape, groups, recompute=False, seed=4, name=None):

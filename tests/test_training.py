@@ -18,7 +18,7 @@ import tensorflow as tf
 from brats_tf import losses, training
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.schedules import poly_lr
-from reduced_precision import slack
+from benchmarks.reduced_precision import slack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 16)

@@ -1,5 +1,6 @@
 """Bounds of reduced-precision (float16 / bfloat16) comparisons with float32
-that hold on every CPU TensorFlow runs on here."""
+that hold on every CPU TensorFlow runs on here: a measurement of this CPU,
+used by benchmarks/numerics_check.py and by the tests' bounds."""
 
 _SLACK = {}
 
