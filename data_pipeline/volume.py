@@ -1,4 +1,4 @@
-"""NumPy volume helpers: boxes of non-zero voxels, pasting a crop back,
+"""NumPy volume functions: boxes of non-zero voxels, pasting a crop back,
 normalisation over non-zero voxels, label maps to regions, and the checks of
 their arguments (padding ones included).
 
