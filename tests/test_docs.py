@@ -3,8 +3,9 @@ only files and code that exist.
 
 Every `--flag` that a command line in the Markdown docs passes to train.py,
 evaluate.py, `python -m data_pipeline.<module>`, `python -m brats_tf.export`,
-`python -m brats_tf.postprocess` or `python -m serving.client` must be one of that program's absl flags, read from
-its own `--helpfull` (each program runs once, in a subprocess, all at once).
+`python -m brats_tf.postprocess` or `python -m serving.client` must be one of
+that program's absl flags, read from its own `--helpfull` (each program runs
+once, in a subprocess, all at once).
 Command lines come from fenced code blocks (backslash continuations joined)
 and from inline code spans. Every relative Markdown link must point to an
 existing file, and an anchor in it to one of that file's headings. Every
@@ -15,7 +16,9 @@ of their dates: only their links are checked.
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
+import fnmatch
 import os
 import pathlib
 import re
@@ -29,7 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The hand-written docs (benchmarks/RESULTS.md and benchmarks/history/ are generated).
 DOCS = sorted([ROOT / "README.md", ROOT / "WORKSPACE.md",
-               *(p for p in (ROOT / "docs").rglob("*.md") if "history" not in p.relative_to(ROOT).parts),
+               *(p for p in (ROOT / "docs").rglob("*.md")
+                 if "history" not in p.relative_to(ROOT).parts),
                ROOT / "benchmarks" / "gpu.md", ROOT / "data_pipeline" / "README.md",
                *(ROOT / "brats_tf").glob("*.md")])
 # The record of earlier dates: its links must work, its commands and names are of its date.
@@ -265,8 +269,6 @@ _TEST_NAME = re.compile(r"^test_[\w*]+(?:\[[^\]]*\])?$")
 def _python_names(path: pathlib.Path, imports: bool = False) -> set[str]:
     """Names defined in a Python file: functions, classes, assigned constants, and
     `Class.member` for what a class body defines; with `imports`, imported names too."""
-    import ast
-
     tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()
 
@@ -344,8 +346,6 @@ def _existing(path: str) -> list[pathlib.Path]:
 
 def _defines(files: list[pathlib.Path], name: str, imports: bool = False) -> bool:
     """Whether one of these Python files (or packages) defines `name` (a pattern for tests)."""
-    import fnmatch
-
     name = re.sub(r"\[.*\]$", "", name)
     for path in files:
         if path.is_dir():
@@ -392,8 +392,8 @@ def _check_span(doc: pathlib.Path, span: str, recent: dict) -> str | None:
     if _TEST_NAME.match(span):
         tests = [recent["test"]] if recent.get("test") else sorted(ROOT.glob("tests/test_*.py"))
         if not _defines(tests, span):
-            where = recent.get("test") or "tests/test_*.py"
-            return f"no test {span} in {pathlib.Path(where).relative_to(ROOT) if recent.get('test') else where}"
+            where = recent["test"].relative_to(ROOT) if recent.get("test") else "tests/test_*.py"
+            return f"no test {span} in {where}"
         return None
     match = _PATH_SPAN.match(span)
     if not match or " " in span:
@@ -438,10 +438,32 @@ def _check_dotted(dotted: str) -> str | None:
         if module is None:
             continue
         rest = ".".join(parts[cut:])
-        if rest and not _defines([module], rest, imports=True):
-            return f"{'.'.join(parts[:cut])} defines no {rest}"
-        return None
+        if not rest or _defines([module], rest):
+            return None
+        source = _imported_from(module, ".".join(parts[:cut]), parts[cut])
+        if source is not None and source != dotted:  # a re-export: where it comes from
+            return _check_dotted(".".join([source, *parts[cut + 1:]]))
+        if _defines([module], rest, imports=True):
+            return None
+        return f"{'.'.join(parts[:cut])} defines no {rest}"
     return f"no module {'.'.join(parts)}"
+
+
+def _imported_from(module: pathlib.Path, dotted: str, name: str) -> str | None:
+    """`package.module.name` that `from ... import name` in this module reads, or None."""
+    package = dotted if module.name == "__init__.py" else dotted.rpartition(".")[0]
+    for node in ast.parse(module.read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        for alias in node.names:
+            if (alias.asname or alias.name) != name:
+                continue
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level \
+                else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            if source.split(".")[0] in PACKAGES:
+                return f"{source}.{alias.name}"
+    return None
 
 
 def _wrong_names(doc: pathlib.Path, text: str | None = None) -> list[str]:
@@ -475,22 +497,22 @@ def test_the_name_check_finds_wrong_names_and_their_lines():
             "`test_l2_is_mean_squared_error` |\n"
             "| `brats_tf/model.py::no_such_function` | `test_no_such_test` |\n\n"
             "Bad: `brats_tf/no_such_module.py` and `tests/test_model.py::test_not_there`\n"
-            "and `brats_tf/layers.py::GroupNorm.no_method`, `volume.no_such_helper`,\n"
+            "and `brats_tf/layers.py::GroupNorm.no_method`, `volume.not_defined_here`,\n"
             "`tests/test_losses.py::test_kl_*`, `test_paper_outputs`.\n"
             "```bash\n`brats_tf/in_a_fence.py` is code, not a name\n```\n")
     wrong = _wrong_names(doc, text)
     assert wrong == [
-        "docs/fake.md:10: `brats_tf/model.py::no_such_function`: brats_tf/model.py defines "
-        "no no_such_function",
+        ("docs/fake.md:10: `brats_tf/model.py::no_such_function`: brats_tf/model.py defines "
+         "no no_such_function"),
         "docs/fake.md:10: `test_no_such_test`: no test test_no_such_test in tests/test_*.py",
-        "docs/fake.md:12: `brats_tf/no_such_module.py`: no such file or folder: "
-        "brats_tf/no_such_module.py",
-        "docs/fake.md:12: `tests/test_model.py::test_not_there`: tests/test_model.py defines "
-        "no test_not_there",
-        "docs/fake.md:13: `brats_tf/layers.py::GroupNorm.no_method`: brats_tf/layers.py "
-        "defines no GroupNorm.no_method",
-        "docs/fake.md:13: `volume.no_such_helper`: data_pipeline.volume defines no "
-        "no_such_helper",
-        "docs/fake.md:14: `test_paper_outputs`: no test test_paper_outputs in "
-        "tests/test_losses.py",
+        ("docs/fake.md:12: `brats_tf/no_such_module.py`: no such file or folder: "
+         "brats_tf/no_such_module.py"),
+        ("docs/fake.md:12: `tests/test_model.py::test_not_there`: tests/test_model.py defines "
+         "no test_not_there"),
+        ("docs/fake.md:13: `brats_tf/layers.py::GroupNorm.no_method`: brats_tf/layers.py "
+         "defines no GroupNorm.no_method"),
+        ("docs/fake.md:13: `volume.not_defined_here`: data_pipeline.volume defines no "
+         "not_defined_here"),
+        ("docs/fake.md:14: `test_paper_outputs`: no test test_paper_outputs in "
+         "tests/test_losses.py"),
     ], wrong
