@@ -1,4 +1,4 @@
-"""brats_tf/inference/: labels, the graph versions of the volume helpers (padding, brain
+"""brats_tf/inference/: labels, the graph versions of the volume functions (padding, brain
 box, normalisation) against NumPy's, TTA / ensemble, NIfTI output."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""The graph (TF) versions of ``data_pipeline.volume``'s helpers, for [B, D, H, W, C]
+"""The graph (TF) versions of ``data_pipeline.volume``'s functions, for [B, D, H, W, C]
 tensors of any (dynamic) spatial size: padding to a multiple of 8 and cropping
 back (§3.1), the brain's bounding box, and the per-channel normalisation over
 non-zero voxels (§3.7). They run in ``predict_volume``'s graph and in the
