@@ -182,7 +182,7 @@ def _run_one(config: dict) -> dict:
     import tensorflow as tf
 
     from data_pipeline import volume
-    from brats_tf import export, inference
+    from brats_tf import inference
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_inference_model, build_model
 
@@ -201,9 +201,9 @@ def _run_one(config: dict) -> dict:
                                              crop_to_brain=config["crop_to_brain"])
             return inference.probabilities_to_labels(probs)
     else:
-        version = export.export_saved_model(model, tmp.name,
-                                            crop_to_brain=config["crop_to_brain"],
-                                            precision=precision)
+        version = inference.export_saved_model(model, tmp.name,
+                                               crop_to_brain=config["crop_to_brain"],
+                                               precision=precision)
         del model
         fn = tf.saved_model.load(str(version)).signatures[
             "serving_tta" if config["tta"] else "serving_default"]

@@ -35,7 +35,7 @@ import tqdm
 from data_pipeline import constants, volume
 from brats_tf import figures, inference, metrics, training
 from brats_tf.config import ModelConfig
-from brats_tf.export import METADATA_FILE, export_saved_model
+from brats_tf.inference import METADATA_FILE, export_saved_model
 from data_pipeline.io_utils import (atomic_path, expand_pattern, remove_path, replace_folder,
                                stale_temporaries, write_text_atomic)
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are

@@ -9,7 +9,7 @@ they are made from and compute their activations again in the backward pass.
 
 Why by hand and not ``tf.recompute_grad`` on each block: at the paper crop
 ``tf.recompute_grad`` held about twice the memory of this module
-(docs/performance.md, "The plain core"). What makes the difference:
+(docs/history/performance.md, "The plain core"). What makes the difference:
 
 * the block's backward pass (``_recomputed_block``) holds about 4
   full-resolution tensors (its input, the incoming gradient, two working
@@ -58,7 +58,7 @@ def _previous_backward(dy: tf.Tensor) -> list:
     block's backward pass waits for them, so the passes run one after the
     other in the order autodiff makes them: without this the executor ran
     the decoder's and the VAE's full-resolution blocks side by side
-    (docs/performance.md). The order cannot make a cycle: a pass traced
+    (docs/history/performance.md). The order cannot make a cycle: a pass traced
     earlier was built before this one's outputs existed. Per device, so that
     replicas are not serialised."""
     if tf.executing_eagerly():
@@ -332,7 +332,7 @@ def _resize_bilinear_grad(dy, shape, dtype):
 class RecomputedUpSampling3D(L.TrilinearUpSampling3D):
     """``layers.TrilinearUpSampling3D`` whose output a recomputed block after
     it (VBlock, or DecoderBlock through ``SkipAdd``) can make again from the
-    input, 1/8 of the size (docs/performance.md), instead of keeping it."""
+    input, 1/8 of the size (docs/history/performance.md), instead of keeping it."""
 
     def call(self, inputs, training=None):
         outputs = super().call(inputs)

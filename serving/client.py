@@ -229,8 +229,9 @@ def send_rest(url: str, request: dict, timeout: float = 600.0) -> dict:
 
 # --------------------------------------------------------------------- gRPC
 def grpc_available() -> bool:
+    """Whether tensorflow-serving-api (gRPC's request types) can be imported."""
     try:
-        import tensorflow_serving.apis.predict_pb2  # noqa: F401
+        import tensorflow_serving.apis.predict_pb2  # noqa: F401  only tried, never used
     except ImportError:
         return False
     return True

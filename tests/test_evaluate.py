@@ -340,7 +340,7 @@ def test_validation_reuses_one_traced_network(data):
     """train.py validates every few epochs: the inference model (and with it
     predict_volume's traced graph) is made once per training model, and still
     sees the training model's current weights."""
-    from brats_tf import inference
+    from brats_tf.inference.predict import _GRAPH_FNS
 
     keras.utils.set_random_seed(3)
     model = build_model(ModelConfig(**TINY))
@@ -349,7 +349,7 @@ def test_validation_reuses_one_traced_network(data):
     segmenter = evaluation._SEGMENTERS[model]
     assert evaluation.validation_dice(model, files) == first
     assert evaluation._SEGMENTERS[model] is segmenter
-    (fn,) = inference._GRAPH_FNS[segmenter].values()
+    (fn,) = _GRAPH_FNS[segmenter].values()
     assert fn.experimental_get_tracing_count() == 1  # 2 validations x 3 cases
     assert {id(v) for v in segmenter.weights} <= {id(v) for v in model.weights}
 

@@ -1,4 +1,5 @@
-"""export.py: SavedModel layout, signatures, numerical equality with Keras, CLI errors."""
+"""brats_tf/inference/saved_model.py and `python -m brats_tf.export`: SavedModel layout,
+signatures, numerical equality with Keras, CLI errors."""
 
 import itertools
 import json

@@ -1,4 +1,4 @@
-"""inference.py: labels, the graph versions of the volume helpers (padding, brain
+"""brats_tf/inference/: labels, the graph versions of the volume functions (padding, brain
 box, normalisation) against NumPy's, TTA / ensemble, NIfTI output."""
 
 import itertools
@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from data_pipeline import constants as C
 from brats_tf import inference as I
+from brats_tf.inference.predict import _GRAPH_FNS
 from data_pipeline import volume as V
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
@@ -381,9 +382,9 @@ def test_predict_volume_runs_a_keras_model_as_one_cached_graph():
         ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
     rng = np.random.default_rng(13)
     first = I.predict_volume(model, make_image(rng, (8, 16, 8)))
-    (fn,) = I._GRAPH_FNS[model].values()
+    (fn,) = _GRAPH_FNS[model].values()
     I.predict_volume(model, make_image(rng, (16, 8, 8)))  # another size: same function
-    assert list(I._GRAPH_FNS[model].values()) == [fn]
+    assert list(_GRAPH_FNS[model].values()) == [fn]
     assert fn.experimental_get_tracing_count() <= 2  # a relaxed (None-size) trace at most
     assert first.shape == (8, 16, 8, 3)
 
@@ -428,7 +429,7 @@ def test_predict_volume_graph_runs_no_convolution_through_xla(crop_to_brain, tta
         ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
     image = make_image(np.random.default_rng(15), (13, 10, 9))
     I.predict_volume(model, image, crop_to_brain=crop_to_brain, tta=tta)
-    (fn,) = I._GRAPH_FNS[model].values()
+    (fn,) = _GRAPH_FNS[model].values()
     concrete = fn.get_concrete_function()
     graph_def = concrete.graph.as_graph_def()
     ops = {n.op for n in graph_def.node} | {
