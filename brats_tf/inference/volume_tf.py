@@ -21,7 +21,9 @@ from data_pipeline import constants, volume
 # ----------------------------------------------------------------- padding
 def pad_to_multiple_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
                        mode: str = "symmetric"):
-    """Graph version of ``volume.pad_to_multiple`` for [B, D, H, W, C] of any (dynamic) size.
+    """Pads [B, D, H, W, C] of any (dynamic) size so that D, H and W are multiples of
+    ``multiple`` (§3: sizes divisible by 8); ``mode`` "symmetric" splits the padding
+    around the volume (the odd voxel after), "end" puts it after.
 
     Returns (padded, pads) with pads an int32 [3, 2] tensor for ``crop_back_tf``.
     ``padded`` keeps ``x``'s static batch and channel sizes: Keras 3 runs a
@@ -42,7 +44,7 @@ def pad_to_multiple_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
 
 
 def crop_back_tf(x: tf.Tensor, pads: tf.Tensor) -> tf.Tensor:
-    """Graph version of ``volume.crop_back`` for [B, D, H, W, C] (or [B, D, H, W])."""
+    """Undoes ``pad_to_multiple_tf``: ``x`` [B, D, H, W, C] (or [B, D, H, W]) without ``pads``."""
     shape = tf.shape(x)
     rank = tf.rank(x)
     begin = tf.concat([[0], pads[:, 0], tf.zeros([rank - 4], tf.int32)], axis=0)
