@@ -106,7 +106,7 @@ def main(argv):
         sys.exit(f"evaluate.py: error: {e}")
     log.info("configuration: %s", config)
     from brats_tf import evaluation
-    from data_pipeline.convert import BadCaseError
+    from data_pipeline.cases import BadCaseError
 
     try:
         result = evaluation.evaluate(config)

@@ -292,12 +292,12 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
 def data_error(error: Exception, data: dict) -> str:
     """One line for an error met while training reads its data. A read error
     of the tf.data pipeline names neither shard nor case: each shard is then
-    read once (``input.find_unreadable_shard``) to name the one that fails
+    read once (``shards.find_unreadable_shard``) to name the one that fails
     and its case; otherwise the error's own words and the data folder."""
     import tensorflow as tf
 
     from data_pipeline.manifest import read_manifest
-    from data_pipeline.input import find_unreadable_shard, tf_error_text
+    from data_pipeline.shards import find_unreadable_shard, tf_error_text
 
     if isinstance(error, tf.errors.OpError):
         if isinstance(error, tf.errors.DataLossError) or "Iterator" in str(error):
@@ -382,7 +382,7 @@ def main(argv):
     resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
-    from brats_tf import evaluation, figures
+    from brats_tf import figures
     from data_pipeline.io_utils import update_text
     from data_pipeline.input import InputConfig, make_dataset
 
@@ -413,7 +413,7 @@ def main(argv):
             every = FLAGS.validate_every
             if not trainer.is_chief or not (last or (every and (epoch + 1) % every == 0)):
                 return {}
-            return evaluation.validation_dice(trainer.model, data["val_files"])
+            return training.validation_dice(trainer.model, data["val_files"])
 
     try:
         trainer = training.Trainer(model_config, loss_config, train_config, dataset_fn,
@@ -453,7 +453,7 @@ def main(argv):
         # written since its last checkpoint; missing or older ones are written.
         latest = trainer.manager.latest_checkpoint
         keep = os.path.getmtime(f"{latest}.index") if latest and not trainer.history else None
-        for path in evaluation.save_final(trainer.model, model_dir, keep_newer_than=keep):
+        for path in training.save_final(trainer.model, model_dir, keep_newer_than=keep):
             log.info("wrote %s", path)
     log.info("done: %s", model_dir)
 

@@ -31,117 +31,16 @@ import logging
 import os
 import sys
 
-import numpy as np
-
-from data_pipeline import constants, volume
-from brats_tf import inference, metrics
+from data_pipeline import volume
+from brats_tf import inference
+from brats_tf.evaluation import (EvaluationError, expand_model_paths, is_tfrecord_dir,
+                                 load_models)
+from brats_tf.evaluation.config import one_line
+from brats_tf.evaluation.et_threshold import DEFAULT_CANDIDATES, choose, collect, training_folds
 
 log = logging.getLogger("brats_tf.postprocess")
 
-DEFAULT_CANDIDATES = (0, 25, 50, 100, 200, 300, 400, 500, 750, 1000, 1500, 2000)
 
-
-@dataclasses.dataclass(frozen=True)
-class CaseET:
-    """One case's ET as predicted without post-processing, and its truth."""
-
-    case_id: str
-    fold: int | None
-    predicted_voxels: int  # predicted ET voxels
-    dice: float  # ET Dice of that prediction (BraTS empty-mask rule)
-    truth_voxels: int  # ET voxels of the ground truth
-
-
-def score(cases, et_min_voxels: int) -> tuple[float, int]:
-    """(mean ET Dice, cases changed) with ``et_min_voxels``: a case whose
-    prediction has fewer ET voxels loses them, and scores 1 if its truth has no
-    ET, else 0 (``metrics.dice`` of an empty prediction)."""
-    et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
-    values, changed = [], 0
-    for case in cases:
-        if 0 < case.predicted_voxels < et_min_voxels:
-            values.append(1.0 if case.truth_voxels == 0 else 0.0)
-            changed += 1
-        else:
-            values.append(case.dice)
-    if not values:
-        raise ValueError("no case to score")
-    return float(np.mean(values)), changed
-
-
-def choose(cases, candidates=DEFAULT_CANDIDATES) -> tuple[int, list[dict]]:
-    """(the best N, the table of every candidate) for ``cases`` (CaseET)."""
-    candidates = sorted({volume.check_et_min_voxels(n) for n in candidates} | {0})
-    table = []
-    for n in candidates:
-        mean, changed = score(cases, n)
-        table.append({"et_min_voxels": n, "mean_et_dice": mean, "cases_changed": changed})
-    best = max(table, key=lambda row: (row["mean_et_dice"], -row["et_min_voxels"]))
-    return best["et_min_voxels"], table
-
-
-def training_folds(models, num_folds: int, folds=None) -> list[int]:
-    """The folds to choose on: ``folds`` (checked), or every fold but the
-    models' validation folds. A model's validation fold in ``folds`` is an
-    error, as is a model without its train.py config.json when ``folds`` is
-    not given."""
-    from brats_tf.evaluation import EvaluationError, training_run
-
-    held_out = {}
-    for model in models:
-        run = training_run(model)
-        if run is None:
-            if folds is None:
-                raise EvaluationError(
-                    f"model {model.path}: no train.py config.json says which fold it held "
-                    f"out: give --folds (folds it was trained on)")
-            continue
-        fold = run["data"].get("fold")
-        if isinstance(fold, int) and fold >= 0:
-            held_out.setdefault(fold, model.path)
-    if folds is None:
-        folds = [k for k in range(num_folds) if k not in held_out]
-    for k in folds:
-        if not 0 <= k < num_folds:
-            raise EvaluationError(f"fold {k}: the data has folds 0 to {num_folds - 1}")
-        if k in held_out:
-            raise EvaluationError(f"fold {k} is the held-out fold of model {held_out[k]}: "
-                                  f"choose N on the folds it was trained on")
-    if not folds:
-        raise EvaluationError("no fold left to choose on (every fold is a model's held-out one)")
-    return sorted(set(folds))
-
-
-def collect(models, data: str, folds, tta: bool, crop_to_brain: bool, threshold: float,
-            progress: bool = True) -> list[CaseET]:
-    """Predicts every case of ``folds`` once: its ET voxels, Dice and truth."""
-    import tqdm
-
-    from brats_tf.evaluation import EvaluationError, ensemble_probabilities, open_cases
-
-    sources = []
-    for fold in folds:
-        cases, count, has_labels = open_cases(data, fold)
-        if not has_labels:
-            raise EvaluationError(f"data {data}: no labels, nothing to choose N with")
-        sources.append((fold, cases, count))
-    result = []
-    with tqdm.tqdm(total=sum(c for _, _, c in sources), unit="case", disable=not progress,
-                   desc="predict", dynamic_ncols=True) as bar:
-        for fold, cases, _ in sources:
-            for case in cases:
-                probs = ensemble_probabilities(models, case.image, tta, crop_to_brain)
-                labels = inference.probabilities_to_labels(probs, threshold)
-                predicted = labels == constants.LABEL_ET
-                truth = case.label == constants.LABEL_ET
-                result.append(CaseET(case.case_id, fold, int(np.count_nonzero(predicted)),
-                                     float(metrics.dice(predicted, truth)),
-                                     int(np.count_nonzero(truth))))
-                bar.update(1)
-    return result
-
-
-# ---------------------------------------------------------------- command line
 def define_flags():
     """This entry point's flags (only when run as a program)."""
     from absl import flags
@@ -168,8 +67,6 @@ def main(argv):
     from absl import flags as absl_flags
 
     from brats_tf.config import int_flag_list
-    from brats_tf.evaluation import (EvaluationError, expand_model_paths, is_tfrecord_dir,
-                                     load_models)
     from data_pipeline.io_utils import write_json_atomic
     from data_pipeline.manifest import read_manifest
 
@@ -199,8 +96,7 @@ def main(argv):
         log.info("choosing on fold(s) %s of %s", ",".join(map(str, folds)), f.data)
         cases = collect(models, f.data, folds, f.tta, f.crop_to_brain, threshold, f.progress)
     except (EvaluationError, ValueError, OSError) as e:
-        text = str(e).strip().splitlines()
-        sys.exit(f"brats_tf.postprocess: error: {text[0] if text else type(e).__name__}")
+        sys.exit(f"brats_tf.postprocess: error: {one_line(e)}")
     best, table = choose(cases, candidates)
     for row in table:
         log.info("et_min_voxels %5d: mean ET Dice %.4f (%d case(s) changed)%s",

@@ -47,9 +47,7 @@ from tqdm import tqdm
 from data_pipeline.constants import LABEL_VALUES, MODALITIES
 from data_pipeline.io_utils import write_text_atomic
 from data_pipeline import features, layouts
-# Also imported from here: convert.load_case, convert.check_files (brats_tf/evaluation.py),
-# convert.BadCaseError (evaluate.py).
-from data_pipeline.cases import BadCaseError, check_files, load_case  # noqa: F401
+from data_pipeline.cases import BadCaseError, check_files
 from data_pipeline.records import checked_cases
 from data_pipeline.shard_plan import SHARD_NAME, assign_folds, plan_shards, shard_files
 from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST

@@ -33,8 +33,6 @@ import tensorflow as tf
 from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline import augment, features
 from data_pipeline.shards import READ_BUFFER
-# Imported from here by train.py and brats_tf/evaluation.py.
-from data_pipeline.shards import find_unreadable_shard, shard_error, tf_error_text  # noqa: F401
 
 MODES = ("train", "eval")
 # Where a training crop's random window is drawn (InputConfig.crop_from).

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import evaluate
 from data_pipeline import constants
-from brats_tf import evaluation, metrics
+from brats_tf import evaluation, metrics, training
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_model
 from data_pipeline.convert import convert
@@ -58,7 +58,7 @@ def models(tmp_path_factory):
     keras.utils.set_random_seed(1)
     model = build_model(ModelConfig(**TINY))
     (root / "md").mkdir()
-    evaluation.save_final(model, str(root / "md"))
+    training.save_final(model, str(root / "md"))
     # a model_dir holding only a checkpoint and config.json, as train.py writes them
     ckpt_dir = root / "ckpt_md"
     tf.train.Checkpoint(model=model).save(str(ckpt_dir / "checkpoints" / "ckpt"))
@@ -340,15 +340,17 @@ def test_validation_reuses_one_traced_network(data):
     """train.py validates every few epochs: the inference model (and with it
     predict_volume's traced graph) is made once per training model, and still
     sees the training model's current weights."""
+    from brats_tf.evaluation.cases import _tfrecord_source
     from brats_tf.inference.predict import _GRAPH_FNS
+    from brats_tf.training.validation import _SEGMENTERS, validation_dice
 
     keras.utils.set_random_seed(3)
     model = build_model(ModelConfig(**TINY))
-    files, _, _ = evaluation._tfrecord_source(str(data / "tfr"), None)
-    first = evaluation.validation_dice(model, files)
-    segmenter = evaluation._SEGMENTERS[model]
-    assert evaluation.validation_dice(model, files) == first
-    assert evaluation._SEGMENTERS[model] is segmenter
+    files, _, _ = _tfrecord_source(str(data / "tfr"), None)
+    first = validation_dice(model, files)
+    segmenter = _SEGMENTERS[model]
+    assert validation_dice(model, files) == first
+    assert _SEGMENTERS[model] is segmenter
     (fn,) = _GRAPH_FNS[segmenter].values()
     assert fn.experimental_get_tracing_count() == 1  # 2 validations x 3 cases
     assert {id(v) for v in segmenter.weights} <= {id(v) for v in model.weights}

@@ -1,4 +1,5 @@
-"""The ET post-processing (volume / graph versions) and its chooser brats_tf.postprocess."""
+"""The ET post-processing (volume / graph versions), its chooser
+(brats_tf.evaluation.et_threshold) and its command brats_tf.postprocess."""
 
 import json
 import pathlib
@@ -11,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from data_pipeline import constants, volume
-from brats_tf import evaluation, inference, postprocess
+from brats_tf import evaluation, inference
+from brats_tf.evaluation import et_threshold
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_model
 from tiny_data import synthetic_tfrecords
@@ -68,7 +70,7 @@ def test_graph_version_is_per_case_and_equals_numpy():
 
 
 def _cases(rows):
-    return [postprocess.CaseET(f"c{i}", 1, p, d, t) for i, (p, d, t) in enumerate(rows)]
+    return [et_threshold.CaseET(f"c{i}", 1, p, d, t) for i, (p, d, t) in enumerate(rows)]
 
 
 def test_score_and_choice_by_hand():
@@ -78,21 +80,21 @@ def test_score_and_choice_by_hand():
                     (120, 0.0, 0),     # 120 false voxels
                     (80, 0.6, 100),    # a small true ET, found
                     (900, 0.9, 1000)])  # a large true ET
-    assert postprocess.score(cases, 0) == (pytest.approx((1 + 0 + 0 + 0.6 + 0.9) / 5), 0)
+    assert et_threshold.score(cases, 0) == (pytest.approx((1 + 0 + 0 + 0.6 + 0.9) / 5), 0)
     # 50: the 30-voxel case becomes empty -> 1
-    assert postprocess.score(cases, 50) == (pytest.approx((1 + 1 + 0 + 0.6 + 0.9) / 5), 1)
+    assert et_threshold.score(cases, 50) == (pytest.approx((1 + 1 + 0 + 0.6 + 0.9) / 5), 1)
     # 100: also the 80-voxel true ET is lost -> 0
-    assert postprocess.score(cases, 100) == (pytest.approx((1 + 1 + 0 + 0 + 0.9) / 5), 2)
+    assert et_threshold.score(cases, 100) == (pytest.approx((1 + 1 + 0 + 0 + 0.9) / 5), 2)
     # 200: the 120-voxel false ET too
-    assert postprocess.score(cases, 200) == (pytest.approx((1 + 1 + 1 + 0 + 0.9) / 5), 3)
-    best, table = postprocess.choose(cases, [100, 50, 200, 1000])
+    assert et_threshold.score(cases, 200) == (pytest.approx((1 + 1 + 1 + 0 + 0.9) / 5), 3)
+    best, table = et_threshold.choose(cases, [100, 50, 200, 1000])
     assert [r["et_min_voxels"] for r in table] == [0, 50, 100, 200, 1000]
     assert best == 200  # 3.9 / 5 against 3.5 / 5 at 50 and 2.5 / 5 at 1000
     # ties go to the smallest N: 31 and 50 both only empty the 30-voxel case
-    best, _ = postprocess.choose(cases, [31, 50])
+    best, _ = et_threshold.choose(cases, [31, 50])
     assert best == 31
     with pytest.raises(ValueError, match="no case"):
-        postprocess.score([], 10)
+        et_threshold.score([], 10)
 
 
 def _model_dir(root, name, fold):
@@ -105,18 +107,18 @@ def _model_dir(root, name, fold):
 
 def test_training_folds_exclude_and_refuse_the_held_out_ones(tmp_path):
     a, b = _model_dir(tmp_path, "a", 0), _model_dir(tmp_path, "b", 2)
-    assert postprocess.training_folds([a, b], 5) == [1, 3, 4]
-    assert postprocess.training_folds([a], 5, [3, 1]) == [1, 3]
+    assert et_threshold.training_folds([a, b], 5) == [1, 3, 4]
+    assert et_threshold.training_folds([a], 5, [3, 1]) == [1, 3]
     with pytest.raises(evaluation.EvaluationError, match=r"fold 2 is the held-out fold of model .*b"):
-        postprocess.training_folds([a, b], 5, [1, 2])
+        et_threshold.training_folds([a, b], 5, [1, 2])
     with pytest.raises(evaluation.EvaluationError, match="folds 0 to 4"):
-        postprocess.training_folds([a], 5, [5])
+        et_threshold.training_folds([a], 5, [5])
     bare = evaluation.LoadedModel(str(tmp_path / "x.keras"), "keras", None, False)
     with pytest.raises(evaluation.EvaluationError, match="give --folds"):
-        postprocess.training_folds([bare], 5)
-    assert postprocess.training_folds([bare], 5, [0]) == [0]
+        et_threshold.training_folds([bare], 5)
+    assert et_threshold.training_folds([bare], 5, [0]) == [0]
     everything = _model_dir(tmp_path, "all", -1)  # trained on every fold
-    assert postprocess.training_folds([everything], 3) == [0, 1, 2]
+    assert et_threshold.training_folds([everything], 3) == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")

@@ -351,8 +351,10 @@ def test_multi_worker_two_local_workers_end_with_identical_weights(tmp_path):
 
 def test_epoch_iterators_are_destroyed_off_the_main_thread():
     """Destroying a used epoch iterator can block for seconds; the Trainer
-    leaves it to a helper thread (training._release_in_background)."""
+    leaves it to a background thread (trainer._release_in_background)."""
     import threading
+
+    from brats_tf.training.trainer import _release_in_background
 
     destroyed = []
     done = threading.Event()
@@ -363,7 +365,7 @@ def test_epoch_iterators_are_destroyed_off_the_main_thread():
             done.set()
 
     holder = [Probe()]
-    thread = training._release_in_background(holder)
+    thread = _release_in_background(holder)
     thread.join(10)
     assert done.is_set() and not thread.daemon
     assert destroyed and destroyed[0] is not threading.main_thread()

@@ -7,7 +7,8 @@ Modules: ``volume_tf`` (padding, brain box, normalisation in TF ops),
 SavedModel), ``labels`` (probabilities -> BraTS labels, ET post-processing in
 the graph), ``protocol_record`` (how a prediction was made), ``nifti``
 (``write_prediction_nifti``), ``saved_model`` (``export_saved_model``; the
-command is ``python -m brats_tf.export``). Their public names are re-exported
+command is ``python -m brats_tf.export``), ``saving`` (``save_final``: a training
+run's model.keras, segmenter.keras and SavedModel). Their public names are re-exported
 here: ``from brats_tf import inference; inference.predict_volume(...)``.
 """
 
@@ -19,6 +20,7 @@ from brats_tf.inference.predict import (FLIP_AXES, as_inference_model, model_pro
                                         predict_volume, prepare_volume_tf,
                                         volume_probabilities_tf)
 from brats_tf.inference.protocol_record import describe_protocol, protocol, region_name
+from brats_tf.inference.saving import save_final
 from brats_tf.inference.saved_model import (INPUT_NAME, METADATA_FILE, SIGNATURES,
                                             BratsServingModule, export_saved_model)
 from brats_tf.inference.volume_tf import (brain_box_tf, crop_back_tf, crop_box_tf,
@@ -41,4 +43,6 @@ __all__ = [
     "write_prediction_nifti",
     # saved_model
     "BratsServingModule", "export_saved_model", "INPUT_NAME", "SIGNATURES", "METADATA_FILE",
+    # saving
+    "save_final",
 ]
