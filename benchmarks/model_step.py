@@ -39,6 +39,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import (  # noqa: E402
     describe, device_name, paired_fraction, paper_training_step, run_measurement)
+from brats_tf.config import PRECISIONS  # noqa: E402
 from data_pipeline.checks import int_flag_list  # noqa: E402
 from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
@@ -50,7 +51,7 @@ flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower
 flags.DEFINE_integer("steps", 3, "Timed steps per crop.", lower_bound=1)
 flags.DEFINE_integer("warmup", 1, "Untimed steps first (tracing, allocator warm-up).",
                      lower_bound=1)
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
                   "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
 flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the ResNet blocks of "
