@@ -48,7 +48,7 @@ from brats_tf.config import (RENAMED_MODEL_FIELDS, InputFlags, LossConfig,  # no
 
 FLAGS = flags.FLAGS
 
-# The flags that set no config field by themselves.
+# The flags that are not one config field each.
 flags.DEFINE_string("data_dir", None, "Converter output: TFRecord shards and manifest.json "
                     "(python -m data_pipeline.convert --input_dir <NIfTI folder> --output_dir "
                     "<NIfTI folder>_tfrecord writes one).")
@@ -81,7 +81,8 @@ _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.D
 def define_config_flags(config_class) -> None:
     """A flag for each ``flagged`` field of ``config_class``: its name, help,
     choices and bounds from the field's declaration, its default the field's
-    (a list flag's: the items as text)."""
+    (a list flag's: the items as text). Defined in train.py, so that absl
+    files the flags under train.py (``--help`` lists them)."""
     for field in flag_fields(config_class):
         if field.choices:
             flags.DEFINE_enum(field.name, field.default, list(field.choices), field.help)
