@@ -39,8 +39,10 @@ def flagged(default, help: str, name: str | None = None, choices: tuple[str, ...
 
 @dataclasses.dataclass(frozen=True)
 class FlagField:
-    """The flag of one config field (``flag_fields``). ``type``: bool, int,
-    float, str, or tuple (a list flag of ``item`` values)."""
+    """The flag --``name`` of the config field ``field`` (``flag_fields``).
+    ``type``: bool, int, float, str, or tuple (a list flag of ``item``
+    values); ``choices``: an enum flag's values; ``bounds``: absl's
+    lower_bound / upper_bound."""
 
     name: str
     field: str
@@ -53,8 +55,8 @@ class FlagField:
 
 
 def flag_fields(config_class) -> list[FlagField]:
-    """The flags of ``config_class``'s ``flagged`` fields, in
-    field order; type from the field's annotation (``int | None``: int)."""
+    """The flags of ``config_class``'s ``flagged`` fields, in field order;
+    each one's type from the field's annotation (``int | None``: int)."""
     hints = typing.get_type_hints(config_class)
     out = []
     for field in dataclasses.fields(config_class):
