@@ -35,6 +35,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # oneDNN on every x86 CPU, 
 
 from absl import app, flags  # noqa: E402
 
+from brats_tf.config import PRECISIONS  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_list("model", None, "Model path(s), comma separated, shell patterns allowed "
@@ -51,7 +53,7 @@ flags.DEFINE_boolean("tta", False, "Test-time augmentation: mean of the 8 mirror
 flags.DEFINE_boolean("crop_to_brain", True, "Run Keras models on the brain's bounding box "
                      "(2.6x fewer voxels on BraTS); false: the whole padded volume (the paper). "
                      "A SavedModel does what it was exported with.")
-flags.DEFINE_enum("precision", "saved", ["saved", "float32", "mixed_float16", "mixed_bfloat16"],
+flags.DEFINE_enum("precision", "saved", ["saved", *PRECISIONS],
                   "Precision the network computes in: 'saved' (as the model was saved or "
                   "trained), or a Keras dtype policy: mixed_bfloat16 is ~2x faster on CPUs "
                   "with AMX (Sapphire Rapids and later), mixed_float16 is for GPUs. .keras "

@@ -42,35 +42,19 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags  # noqa: E402
 
+# The configs (without TensorFlow): their flagged fields are train.py's flags.
+from brats_tf.config import (RENAMED_MODEL_FIELDS, InputFlags, LossConfig,  # noqa: E402
+                             ModelConfig, TrainFlags, flag_fields, int_flag_list)
+
 FLAGS = flags.FLAGS
 
-# Data.
+# The flags that are not one config field each.
 flags.DEFINE_string("data_dir", None, "Converter output: TFRecord shards and manifest.json "
                     "(python -m data_pipeline.convert --input_dir <NIfTI folder> --output_dir "
                     "<NIfTI folder>_tfrecord writes one).")
 flags.DEFINE_integer("fold", 0, "Validation fold (others train); -1: train on all cases.",
                      lower_bound=-1)
 flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and the export go here.")
-flags.DEFINE_boolean("input_cache", False,
-                     "Shuffle over all training cases each epoch (a uniform order) instead of "
-                     "shard order plus an 8-case buffer; holds the epoch's decompressed cases in "
-                     "memory (~30 MB per BraTS case). The data are read again every epoch.")
-flags.DEFINE_enum("crop_from", "grid", ["grid", "brain_box"],
-                  "Where the random training crop is drawn: uniformly in the original grid (the "
-                  "paper), or in the brain's bounding box, so that crops smaller than the "
-                  "paper's are still mostly brain (docs/deviations.md).")
-flags.DEFINE_boolean("augment", True, "Random flips and intensity augmentation (§3.7).")
-# Model (Table 1).
-flags.DEFINE_list("crop", ["160", "192", "128"], "Training crop D,H,W; divisible by 16.")
-flags.DEFINE_integer("init_filters", 32, "InitConv filters; doubled per level.", lower_bound=1)
-flags.DEFINE_integer("groups", 8, "GroupNorm groups.", lower_bound=1)
-flags.DEFINE_list("blocks_down", ["1", "2", "2", "4"], "ResNet blocks per encoder level.")
-flags.DEFINE_list("blocks_up", ["1", "1", "1"], "ResNet blocks per decoder level (finest first).")
-flags.DEFINE_integer("latent_dim", 128, "VAE latent size.", lower_bound=1)
-flags.DEFINE_float("dropout", 0.2, "Spatial dropout after InitConv.", lower_bound=0.0,
-                   upper_bound=0.99)
-flags.DEFINE_float("weight_decay", 1e-5, "L2 weight on convolution kernels.", lower_bound=0.0)
-flags.DEFINE_boolean("vae", True, "Train with the VAE branch (off: the ablation).")
 flags.DEFINE_boolean("recompute", False,
                      "Gradient checkpointing of the ResNet blocks of the finest "
                      "--recompute_levels levels (brats_tf/recompute.py): each keeps only what it "
@@ -80,114 +64,112 @@ flags.DEFINE_boolean("recompute", False,
                      "some more time per step (docs/performance.md).")
 flags.DEFINE_integer("recompute_levels", None, "Levels recomputed with --recompute (1: the "
                      "full-resolution blocks only). Default: all.", lower_bound=1)
-flags.DEFINE_enum("head_kernel_init", "glorot_uniform", ["glorot_uniform", "normal"],
-                  "Kernel initialiser of the segmentation head DecoderEnd_Conv1 (the paper names "
-                  "none): Keras' glorot_uniform, or normal with std --head_kernel_std.")
-flags.DEFINE_float("head_kernel_std", 0.01, "Std of --head_kernel_init=normal (0.01: every voxel "
-                   "starts near the probability of --head_bias_init).", lower_bound=0.0)
-flags.DEFINE_float("head_bias_init", 0.0, "Initial bias of the segmentation head's 3 channels "
-                   "(e.g. -4.6 = logit(0.01), a rare-foreground prior).")
-# Loss (§3.4).
-flags.DEFINE_float("dice_weight", 1.0, "Weight of the soft Dice loss.", lower_bound=0.0)
-flags.DEFINE_float("l2_loss_weight", 0.1, "Weight of the VAE reconstruction loss.",
-                   lower_bound=0.0)
-flags.DEFINE_float("kl_weight", 0.1, "Weight of the VAE KL loss.", lower_bound=0.0)
-# Optimisation (§3.5, §3.6).
-flags.DEFINE_integer("epochs", 300, "Epochs N_e of the poly schedule.", lower_bound=1)
-flags.DEFINE_float("lr", 1e-4, "Adam's initial learning rate.", lower_bound=0.0)
-flags.DEFINE_float("lr_power", 0.9, "Exponent of the poly decay.", lower_bound=0.0)
-flags.DEFINE_float("adam_epsilon", 1e-7, "Adam's epsilon (Keras' default; the paper names "
-                   "none).", lower_bound=0.0)
-flags.DEFINE_integer("batch_per_replica", 1, "Examples per replica and step.", lower_bound=1)
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass).",
-                     lower_bound=1)
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
-                  "tf.distribute strategy.")
-flags.DEFINE_list("devices", [], "Devices for --strategy=mirrored (default: all local GPUs).")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-                  "Keras dtype policy (mixed_float16 on GPUs).")
-flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "skip"],
-                  "A NaN/inf loss stops the run, or its update is skipped.")
-flags.DEFINE_integer("seed", 0, "Seed of weights, dropout, VAE sampling, data order.")
 flags.DEFINE_integer("member", None, "Train member K of an ensemble trained from scratch (the "
                      "paper's 10 models, §4): seed --seed + K, written into "
                      "--model_dir/member_K. evaluate.py --model='<model_dir>/member_*' averages "
                      "the members.", lower_bound=0)
-flags.DEFINE_boolean("deterministic", False, "Deterministic ops and data (slower).")
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on CPU).")
-flags.DEFINE_integer("keep_checkpoints", 3, "Epoch checkpoints kept.", lower_bound=1)
 flags.DEFINE_integer("validate_every", 0, "Validate on the held-out fold every K epochs "
                      "(0: only after the last epoch; needs --fold >= 0).", lower_bound=0)
 flags.DEFINE_boolean("export", True, "At the end, write model.keras, segmenter.keras and "
                      "export/1 (a run that trained nothing writes only those missing or older "
                      "than the last checkpoint).")
-flags.DEFINE_boolean("verbose", True, "Progress bar per epoch.")
+
+_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+
+
+def define_config_flags(config_class) -> None:
+    """A flag for each ``flagged`` field of ``config_class``: its name, help,
+    choices and bounds from the field's declaration, its default the field's
+    (a list flag's: the items as text). Defined in train.py, so that absl
+    files the flags under train.py (``--help`` lists them)."""
+    for field in flag_fields(config_class):
+        if field.choices:
+            flags.DEFINE_enum(field.name, field.default, list(field.choices), field.help)
+        elif field.type is tuple:
+            flags.DEFINE_list(field.name, [str(v) for v in field.default], field.help)
+        else:
+            _DEFINE[field.type](field.name, field.default, field.help, **field.bounds)
+
+
+def config_values(config_class) -> dict:
+    """{field: value} of ``config_class``'s flagged fields, from their flags
+    (a list flag of integers as a tuple of ints: ValueError naming the flag)."""
+    values = {}
+    for field in flag_fields(config_class):
+        value = FLAGS[field.name].value
+        if field.type is tuple:
+            value = int_flag_list(field.name, value) if field.item is int else tuple(value)
+        values[field.field] = value
+    return values
+
+
+# Data (§3.7), the model (Table 1), the loss (§3.4), the optimisation (§3.5, §3.6).
+for _config_class in (InputFlags, ModelConfig, LossConfig, TrainFlags):
+    define_config_flags(_config_class)
 
 log = logging.getLogger("train")
 
 
 def configs_from_flags():
     """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
-    from brats_tf.config import LossConfig, ModelConfig, int_flag_list
     from brats_tf.training import TrainConfig, check_precision_for_model
-    from data_pipeline.manifest import fold_files, read_manifest
 
     for name in ("data_dir", "model_dir"):
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required")
     model_dir, seed = member_dir_and_seed(FLAGS.model_dir, FLAGS.seed, FLAGS.member)
-    manifest_path = os.path.join(FLAGS.data_dir, "manifest.json")
+    data = training_split(FLAGS.data_dir, FLAGS.fold)
+    num_train, per_epoch = data["num_train_cases"], FLAGS.steps_per_epoch
+    if per_epoch and per_epoch * FLAGS.batch_per_replica > num_train:
+        raise ValueError(
+            f"--steps_per_epoch={per_epoch} x --batch_per_replica={FLAGS.batch_per_replica} "
+            f"needs {per_epoch * FLAGS.batch_per_replica} training cases per epoch; "
+            f"--fold={FLAGS.fold} of {data['manifest']} has {num_train}")
+    _check_tf_config()
+    model_values = config_values(ModelConfig)
+    levels = (FLAGS.recompute_levels or len(model_values["blocks_down"])) if FLAGS.recompute else 0
+    model_config = ModelConfig(recompute_levels=levels, **model_values)
+    loss_config = LossConfig(**config_values(LossConfig))
+    train_config = TrainConfig(model_dir=model_dir, num_train_cases=num_train,
+                               **{**config_values(TrainFlags), "seed": seed})
+    check_precision_for_model(model_config, train_config.precision)
+    if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
+    data.update(member=FLAGS.member, crop_from=FLAGS.crop_from)
+    return model_config, loss_config, train_config, data
+
+
+def training_split(data_dir: str, fold: int) -> dict:
+    """The shards of converted data in ``data_dir`` that train and validate
+    with ``fold`` held out (-1: none): {"train_files", "val_files",
+    "num_train_cases", "manifest" (its path), "fold"}; ValueError, one line,
+    for a folder that is not converted or a fold with nothing to train or
+    validate on."""
+    from data_pipeline.manifest import fold_files, read_manifest
+
+    manifest_path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
-        raise ValueError(not_converted(FLAGS.data_dir))
+        raise ValueError(not_converted(data_dir))
     manifest = read_manifest(manifest_path)  # ManifestError (a ValueError): one line
     folds = manifest["options"]["folds"]
-    if FLAGS.fold >= folds:
-        raise ValueError(f"--fold={FLAGS.fold}: {manifest_path} has {folds} folds")
-    if FLAGS.fold >= 0:
-        train_files, val_files = fold_files(manifest_path, FLAGS.fold)
-        num_train = sum(1 for c in manifest["cases"] if c["fold"] != FLAGS.fold)
-        if not any(c["fold"] == FLAGS.fold for c in manifest["cases"]):
+    if fold >= folds:
+        raise ValueError(f"--fold={fold}: {manifest_path} has {folds} folds")
+    if fold >= 0:
+        train_files, val_files = fold_files(manifest_path, fold)
+        num_train = sum(1 for c in manifest["cases"] if c["fold"] != fold)
+        if not any(c["fold"] == fold for c in manifest["cases"]):
             raise ValueError(
-                f"--fold={FLAGS.fold}: fold {FLAGS.fold} of {manifest_path} has no case (the "
-                f"converter skipped them), nothing to validate on: choose another --fold, or "
-                f"--fold=-1 to train on every case")
+                f"--fold={fold}: fold {fold} of {manifest_path} has no case (the converter "
+                f"skipped them), nothing to validate on: choose another --fold, or --fold=-1 to "
+                f"train on every case")
     else:
         train_files = [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"]]
         val_files, num_train = [], len(manifest["cases"])
     if not train_files or num_train == 0:
-        raise ValueError(f"--fold={FLAGS.fold}: no training cases in {manifest_path}")
-    if FLAGS.steps_per_epoch and FLAGS.steps_per_epoch * FLAGS.batch_per_replica > num_train:
-        raise ValueError(
-            f"--steps_per_epoch={FLAGS.steps_per_epoch} x --batch_per_replica="
-            f"{FLAGS.batch_per_replica} needs {FLAGS.steps_per_epoch * FLAGS.batch_per_replica} "
-            f"training cases per epoch; --fold={FLAGS.fold} of {manifest_path} has {num_train}")
-    _check_tf_config()
-    blocks_down = int_flag_list("blocks_down", FLAGS.blocks_down)
-    model_config = ModelConfig(
-        input_shape=int_flag_list("crop", FLAGS.crop), init_filters=FLAGS.init_filters,
-        groups=FLAGS.groups, blocks_down=blocks_down,
-        blocks_up=int_flag_list("blocks_up", FLAGS.blocks_up), latent_dim=FLAGS.latent_dim,
-        dropout=FLAGS.dropout, l2_weight=FLAGS.weight_decay, vae=FLAGS.vae,
-        recompute_levels=(FLAGS.recompute_levels or len(blocks_down)) if FLAGS.recompute else 0,
-        head_kernel_init=FLAGS.head_kernel_init, head_kernel_std=FLAGS.head_kernel_std,
-        head_bias_init=FLAGS.head_bias_init)
-    loss_config = LossConfig(dice_weight=FLAGS.dice_weight,
-                             l2_weight=FLAGS.l2_loss_weight, kl_weight=FLAGS.kl_weight)
-    train_config = TrainConfig(
-        model_dir=model_dir, num_train_cases=num_train, epochs=FLAGS.epochs,
-        initial_lr=FLAGS.lr, lr_power=FLAGS.lr_power, adam_epsilon=FLAGS.adam_epsilon,
-        batch_per_replica=FLAGS.batch_per_replica, strategy=FLAGS.strategy,
-        devices=tuple(FLAGS.devices), precision=FLAGS.precision,
-        on_nonfinite=FLAGS.on_nonfinite, seed=seed, deterministic=FLAGS.deterministic,
-        steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
-        jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
-    check_precision_for_model(model_config, train_config.precision)
-    if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
-    data = {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
-            "manifest": manifest_path, "fold": FLAGS.fold, "member": FLAGS.member,
-            "crop_from": FLAGS.crop_from}
-    return model_config, loss_config, train_config, data
+        raise ValueError(f"--fold={fold}: no training cases in {manifest_path}")
+    return {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
+            "manifest": manifest_path, "fold": fold}
 
 
 def not_converted(data_dir: str) -> str:
@@ -269,6 +251,7 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
         old_model = old["model"]
         if not isinstance(old_model, dict):
             raise TypeError("model is not an object")
+        old_model = {RENAMED_MODEL_FIELDS.get(key, key): v for key, v in old_model.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--model_dir={model_dir}: cannot read {path} of the run there "
                          f"({type(e).__name__}: {e}); use a new --model_dir") from None
@@ -365,70 +348,22 @@ def restore_model_dir(model_dir: str, found: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"train.py: error: unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        model_config, loss_config, train_config, data = configs_from_flags()
-        resolved = {"model": dataclasses.asdict(model_config),
-                    "loss": dataclasses.asdict(loss_config),
-                    "train": dataclasses.asdict(train_config), "data": data}
-        check_model_dir(train_config.model_dir, resolved)
-    except ValueError as e:  # one line, before anything is written
-        sys.exit(f"train.py: error: {e}")
+    model_config, loss_config, train_config, data, resolved = resolve_run()
     # Only now import TensorFlow: the strategy must be created before any op.
     import tensorflow as tf
 
     from brats_tf import training
-    inter_op_threads = training.set_inter_op_threads(model_config.recompute_levels,
-                                                     train_config.strategy)
-    resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
-    strategy = training.make_strategy(train_config.strategy, train_config.devices)
 
-    from brats_tf import figures
-    from data_pipeline.io_utils import update_text
-    from data_pipeline.input import InputConfig, make_dataset
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    log.info("configuration: %s", json.dumps(resolved, sort_keys=True))
-    log.info("strategy %s with %d replica(s)", type(strategy).__name__,
-             strategy.num_replicas_in_sync)
-
-    global_batch = train_config.batch_per_replica * strategy.num_replicas_in_sync
-
-    def dataset_fn(ctx: tf.distribute.InputContext, epoch: int):
-        # A new seed per epoch: a fresh, reproducible order and augmentation
-        # each epoch, the same again after a resume.
-        config = InputConfig(
-            files=tuple(data["train_files"]), mode="train",
-            crop_shape=model_config.input_shape, batch_size=global_batch,
-            augment=FLAGS.augment, seed=train_config.seed * 100003 + epoch,
-            deterministic=train_config.deterministic, cache=FLAGS.input_cache,
-            crop_from=data["crop_from"],
-            drop_remainder=True)
-        return make_dataset(config, ctx)
-
-    epoch_end_fn = None
-    if data["val_files"]:
-        def epoch_end_fn(trainer, epoch, summary):
-            last = epoch + 1 == train_config.epochs
-            every = FLAGS.validate_every
-            if not trainer.is_chief or not (last or (every and (epoch + 1) % every == 0)):
-                return {}
-            return training.validation_dice(trainer.model, data["val_files"])
-
+    strategy = start_runtime(model_config, train_config, resolved)
     try:
-        trainer = training.Trainer(model_config, loss_config, train_config, dataset_fn,
-                                   strategy=strategy, epoch_end_fn=epoch_end_fn)
+        trainer = training.Trainer(model_config, loss_config, train_config,
+                                   make_dataset_fn(model_config, train_config, data, strategy),
+                                   strategy=strategy,
+                                   epoch_end_fn=make_epoch_end_fn(train_config, data))
     except ValueError as e:  # e.g. fewer cases than a global batch: still nothing written
         sys.exit(f"train.py: error: {e}")
-    # Every check passed: only now is model_dir written (its earlier config.json,
-    # if any, agrees with this run: check_model_dir); files that would get the
-    # same text are left as they are.
     model_dir = train_config.model_dir
-    found = model_dir_contents(model_dir)
-    os.makedirs(model_dir, exist_ok=True)
-    update_text(os.path.join(model_dir, "flags.txt"), FLAGS.flags_into_string())
-    update_text(os.path.join(model_dir, "config.json"),
-                json.dumps(resolved, indent=2, sort_keys=True))
+    found = write_run_files(model_dir, resolved)
     try:
         trainer.train()
     except training.NonFiniteLossError as e:
@@ -438,6 +373,99 @@ def main(argv):
         if not trainer.history:  # no epoch finished in this run: leave model_dir as found
             restore_model_dir(model_dir, found)
         sys.exit(f"train.py: error: {message}")
+    finish_run(trainer, model_dir)
+
+
+def resolve_run():
+    """The configs, the data and ``resolved`` (config.json's contents) of this
+    run, checked against the run already in its model_dir; a bad flag exits
+    with one line before anything is written."""
+    try:
+        model_config, loss_config, train_config, data = configs_from_flags()
+        resolved = {"model": dataclasses.asdict(model_config),
+                    "loss": dataclasses.asdict(loss_config),
+                    "train": dataclasses.asdict(train_config), "data": data}
+        check_model_dir(train_config.model_dir, resolved)
+    except ValueError as e:  # one line, before anything is written
+        sys.exit(f"train.py: error: {e}")
+    return model_config, loss_config, train_config, data, resolved
+
+
+def start_runtime(model_config, train_config, resolved):
+    """TensorFlow's threads, logging and the tf.distribute strategy (before
+    any op); records the threads in ``resolved["runtime"]``."""
+    from brats_tf import training
+
+    inter_op_threads = training.set_inter_op_threads(model_config.recompute_levels,
+                                                     train_config.strategy)
+    resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
+    strategy = training.make_strategy(train_config.strategy, train_config.devices)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    log.info("configuration: %s", json.dumps(resolved, sort_keys=True))
+    log.info("strategy %s with %d replica(s)", type(strategy).__name__,
+             strategy.num_replicas_in_sync)
+    return strategy
+
+
+def make_dataset_fn(model_config, train_config, data, strategy):
+    """The Trainer's dataset_fn: the training shards, cropped, augmented and
+    batched (the global batch split over the replicas)."""
+    from data_pipeline.input import InputConfig, make_dataset
+
+    global_batch = train_config.batch_per_replica * strategy.num_replicas_in_sync
+    input_values = config_values(InputFlags)
+
+    def dataset_fn(ctx, epoch: int):
+        # A new seed per epoch: a fresh, reproducible order and augmentation
+        # each epoch, the same again after a resume.
+        config = InputConfig(
+            files=tuple(data["train_files"]), mode="train",
+            crop_shape=model_config.input_shape, batch_size=global_batch,
+            seed=train_config.seed * 100003 + epoch, deterministic=train_config.deterministic,
+            drop_remainder=True, **input_values)
+        return make_dataset(config, ctx)
+
+    return dataset_fn
+
+
+def make_epoch_end_fn(train_config, data):
+    """Validation Dice on the held-out fold every --validate_every epochs and
+    after the last (by the chief); None without a held-out fold."""
+    if not data["val_files"]:
+        return None
+    from brats_tf import training
+
+    def epoch_end_fn(trainer, epoch, summary):
+        last = epoch + 1 == train_config.epochs
+        every = FLAGS.validate_every
+        if not trainer.is_chief or not (last or (every and (epoch + 1) % every == 0)):
+            return {}
+        return training.validation_dice(trainer.model, data["val_files"])
+
+    return epoch_end_fn
+
+
+def write_run_files(model_dir: str, resolved: dict) -> dict:
+    """Writes flags.txt and config.json into model_dir (files that would get
+    the same text are left as they are); returns what model_dir held before
+    (``model_dir_contents``). Called once every check passed: model_dir's
+    earlier config.json, if any, agrees with this run (``check_model_dir``)."""
+    from data_pipeline.io_utils import update_text
+
+    found = model_dir_contents(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    update_text(os.path.join(model_dir, "flags.txt"), FLAGS.flags_into_string())
+    update_text(os.path.join(model_dir, "config.json"),
+                json.dumps(resolved, indent=2, sort_keys=True))
+    return found
+
+
+def finish_run(trainer, model_dir: str) -> None:
+    """After training: the training curves (epochs ran), a warning for
+    regions the run has not learned, and with --export the final model files."""
+    from brats_tf import figures, training
+
     if trainer.is_chief and trainer.history:  # epochs ran: the whole history drawn again
         path = figures.write_training_curves(model_dir)
         log.info("wrote %s", path)

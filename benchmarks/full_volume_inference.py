@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import describe, device_name, run_measurement  # noqa: E402
+from brats_tf.config import PRECISIONS  # noqa: E402
 from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -57,7 +58,6 @@ flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "k
                   "saved_model, precision as --precision.")
 flags.DEFINE_integer("repeats", 2, "Timed calls after the first (tracing) call.", lower_bound=1)
 flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
                   "Keras dtype policy the network computes in, unless a configuration names "
                   "one (mixed_float16: GPU; mixed_bfloat16: CPUs with AVX512-BF16/AMX or GPUs).")

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from data_pipeline.checks import int_flag_list  # noqa: E402
 from data_pipeline.constants import BRATS_SHAPE, PAPER_CROP  # noqa: E402
 from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 from data_pipeline import convert, input as input_lib, synthetic  # noqa: E402
@@ -82,8 +83,11 @@ def time_epochs(name, ds, epochs):
 
 def main(argv):
     del argv
-    shape = tuple(int(s) for s in FLAGS.shape)
-    crop = tuple(int(s) for s in FLAGS.crop)
+    try:
+        shape = int_flag_list("shape", FLAGS.shape, count=3, minimum=1)
+        crop = int_flag_list("crop", FLAGS.crop, count=3, minimum=1)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="brats_bench_")
     nifti, records = os.path.join(work, "nifti"), os.path.join(work, "tfrecord")
     print(f"machine: {machine()}")

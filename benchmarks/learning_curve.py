@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from brats_tf.config import int_flag_list  # noqa: E402
+from data_pipeline.checks import int_flag_list  # noqa: E402
 from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 # name -> (Keras policy, XLA, recompute every level)
@@ -302,15 +302,12 @@ def _fail(message: str):
     sys.exit(f"learning_curve.py: error: {message}")
 
 
-def _parse_crop(values) -> tuple[int, int, int]:
+def _int_list(name: str, **expected) -> tuple[int, ...]:
+    """--name as integers (``int_flag_list``); a bad value exits in one line."""
     try:
-        crop = tuple(int(v) for v in values)
-    except ValueError:
-        _fail(f"--crop must be 3 integers D,H,W, got {','.join(values)}")
-    if len(crop) != 3 or min(crop) < 16 or any(n % 16 for n in crop):
-        _fail(f"--crop must be 3 integers >= 16 divisible by 16, "
-                             f"got {','.join(values)}")
-    return crop
+        return int_flag_list(name, FLAGS[name].value, **expected)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _child(args: list[str], timeout: float, env: dict | None = None) -> dict:
@@ -330,7 +327,7 @@ def _child(args: list[str], timeout: float, env: dict | None = None) -> dict:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {argv[1:]}")
-    crop = _parse_crop(FLAGS.crop)
+    crop = _int_list("crop", count=3, minimum=16, multiple=16)
     if FLAGS.init_filters % 8:
         _fail(f"--init_filters must be divisible by 8 (the GroupNorm groups), "
                              f"got {FLAGS.init_filters}")
@@ -339,13 +336,7 @@ def main(argv):
         _fail(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if not FLAGS.out_dir:
         _fail("--out_dir is required")
-    try:
-        blocks_down = int_flag_list("blocks_down", FLAGS.blocks_down)
-    except ValueError as e:
-        _fail(str(e))
-    if len(blocks_down) != 4 or min(blocks_down) < 1:
-        _fail(f"--blocks_down must be 4 positive integers (the paper's 4 levels), "
-              f"got {','.join(FLAGS.blocks_down)}")
+    blocks_down = _int_list("blocks_down", count=4, minimum=1)  # the paper's 4 levels
     folder = data_dir(FLAGS.out_dir)
     common = dict(crop=crop, init_filters=FLAGS.init_filters, seed=FLAGS.seed,
                   blocks_down=blocks_down)

@@ -39,6 +39,8 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.machine import (  # noqa: E402
     describe, device_name, paired_fraction, paper_training_step, run_measurement)
+from brats_tf.config import PRECISIONS  # noqa: E402
+from data_pipeline.checks import int_flag_list  # noqa: E402
 from data_pipeline.io_utils import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -49,7 +51,7 @@ flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower
 flags.DEFINE_integer("steps", 3, "Timed steps per crop.", lower_bound=1)
 flags.DEFINE_integer("warmup", 1, "Untimed steps first (tracing, allocator warm-up).",
                      lower_bound=1)
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
                   "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
 flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the ResNet blocks of "
@@ -177,7 +179,11 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
 
 
 def _parse_crops(values: list[str]) -> list[tuple[int, int, int]]:
-    numbers = [int(v) for item in values for v in item.replace(";", ",").split(",") if v]
+    try:
+        numbers = int_flag_list(
+            "crops", [v for item in values for v in item.replace(";", ",").split(",") if v])
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if not numbers or len(numbers) % 3:
         raise app.UsageError(f"--crops needs groups of three sizes D,H,W, got {values}")
     crops = [tuple(numbers[i : i + 3]) for i in range(0, len(numbers), 3)]

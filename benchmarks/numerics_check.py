@@ -623,6 +623,8 @@ def summary_line(entry: dict) -> str:
 def _main():
     from absl import app, flags
 
+    from data_pipeline.checks import int_flag_list
+
     FLAGS = flags.FLAGS
     flags.DEFINE_list("gn_shape", ["2", "16", "16", "16", "32"], "GroupNorm input B,D,H,W,C.")
     flags.DEFINE_list("block_shape", ["1", "16", "16", "16", "32"],
@@ -645,14 +647,9 @@ def _main():
 
     def sizes(name, n, multiple=1):
         try:
-            values = tuple(int(v) for v in FLAGS[name].value)
-        except ValueError:
-            fail(f"--{name} must be {n} integers, got {','.join(FLAGS[name].value)}")
-        if len(values) != n or min(values) < 1 or any(v % multiple for v in values):
-            fail(f"--{name} must be {n} positive integers"
-                                 + (f" divisible by {multiple}" if multiple > 1 else "")
-                                 + f", got {','.join(FLAGS[name].value)}")
-        return values
+            return int_flag_list(name, FLAGS[name].value, count=n, minimum=1, multiple=multiple)
+        except ValueError as e:
+            fail(str(e))
 
     def main(argv):
         if len(argv) > 1:

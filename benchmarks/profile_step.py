@@ -89,9 +89,10 @@ def main(argv):
 
     from benchmarks.machine import op_event_key, paper_training_step
     from brats_tf.training import set_inter_op_threads
+    from data_pipeline.checks import int_flag_list
 
     try:
-        crop = tuple(int(c) for c in FLAGS.crop)
+        crop = int_flag_list("crop", FLAGS.crop, count=3)
         # as train.py: one op at a time under --recompute on one device
         set_inter_op_threads(FLAGS.recompute_levels, "default")
         _, make_step = paper_training_step(crop, FLAGS.init_filters, FLAGS.recompute_levels)

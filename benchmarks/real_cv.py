@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from data_pipeline.checks import int_flag_list  # noqa: E402
 from data_pipeline.constants import REGIONS  # noqa: E402
 from data_pipeline.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -224,10 +225,13 @@ def main(argv):
         sys.exit("real_cv.py: error: --data_dir and --out_dir are required")
     if not os.path.isfile(os.path.join(FLAGS.data_dir, "manifest.json")):
         sys.exit(f"real_cv.py: error: --data_dir={FLAGS.data_dir}: no manifest.json there")
+    try:
+        folds = list(int_flag_list("folds", FLAGS.folds, minimum=0))
+    except ValueError as e:
+        sys.exit(f"real_cv.py: error: {e}")
     record_dir = FLAGS.record_dir or FLAGS.out_dir
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     os.makedirs(record_dir, exist_ok=True)
-    folds = [int(k) for k in FLAGS.folds]
     from brats_tf.figures import write_png
 
     for n, fold in enumerate(folds):

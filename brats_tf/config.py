@@ -2,37 +2,81 @@
 
 Library code takes these (or plain arguments) and never reads absl FLAGS;
 entry points turn their flags into these dataclasses. Every field is checked
-in ``__post_init__`` and a bad value is quoted in the error.
+in ``__post_init__`` and a bad value is quoted in the error. A field that
+train.py sets from a flag is declared with ``flagged``: its default, and the
+flag's name, help and bounds (``flag_fields`` reads them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 from data_pipeline import constants
+from data_pipeline.checks import int_flag_list, positive_int  # noqa: F401 (int_flag_list: commands)
+
+# Keras dtype policies a network trains or infers in (mixed_float16: GPUs;
+# mixed_bfloat16: CPUs with AMX or AVX512-BF16, and GPUs).
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# tf.distribute strategies of training: one device, all local GPUs, several machines.
+STRATEGIES = ("default", "mirrored", "multi_worker")
+# What training does at a NaN/inf loss: stop the run, or skip that update.
+ON_NONFINITE = ("stop", "skip")
+# The segmentation head's kernel initialisers (ModelConfig.head_kernel_init).
+HEAD_KERNEL_INITS = ("glorot_uniform", "normal")
+# ModelConfig fields renamed since earlier runs wrote their config.json: old name -> new.
+RENAMED_MODEL_FIELDS = {"l2_weight": "weight_decay"}
 
 
-def int_flag_list(name: str, values) -> tuple[int, ...]:
-    """An entry point's list flag (``--name=1,2,3``, as absl gives it) as integers;
-    ValueError naming the flag and quoting the values."""
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise ValueError(f"--{name} must be integers, got {','.join(values)}") from None
+def flagged(default, help: str, name: str | None = None, choices: tuple[str, ...] = (),
+            **bounds):
+    """A config field with ``default`` that train.py's flag --``name`` (default:
+    the field's name) sets: ``help`` is the flag's help, ``choices`` the values
+    of an enum flag, ``bounds`` absl's lower_bound / upper_bound."""
+    return dataclasses.field(default=default, metadata={
+        "flag": name, "help": help, "choices": tuple(choices), "bounds": bounds})
 
 
-def _positive_int(owner: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+@dataclasses.dataclass(frozen=True)
+class FlagField:
+    """The flag --``name`` of the config field ``field`` (``flag_fields``).
+    ``type``: bool, int, float, str, or tuple (a list flag of ``item``
+    values); ``choices``: an enum flag's values; ``bounds``: absl's
+    lower_bound / upper_bound."""
+
+    name: str
+    field: str
+    type: type
+    item: type | None
+    default: object
+    help: str
+    choices: tuple[str, ...]
+    bounds: dict
+
+
+def flag_fields(config_class) -> list[FlagField]:
+    """The flags of ``config_class``'s ``flagged`` fields, in field order;
+    each one's type from the field's annotation (``int | None``: int)."""
+    hints = typing.get_type_hints(config_class)
+    out = []
+    for field in dataclasses.fields(config_class):
+        if "flag" not in field.metadata:
+            continue
+        hint = hints[field.name]
+        args = [a for a in typing.get_args(hint) if a not in (type(None), Ellipsis)]
+        if typing.get_origin(hint) is tuple:
+            kind, item = tuple, args[0]
+        else:
+            kind, item = (args[0] if args else hint), None
+        meta = field.metadata
+        out.append(FlagField(meta["flag"] or field.name, field.name, kind, item, field.default,
+                             meta["help"], meta["choices"], meta["bounds"]))
+    return out
 
 
 def _non_negative(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{owner}.{name} must be a number >= 0, got {value!r}")
-
-
-# The segmentation head's kernel initialisers (ModelConfig.head_kernel_init).
-HEAD_KERNEL_INITS = ("glorot_uniform", "normal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +98,7 @@ class ModelConfig:
       latent_dim: size of the VAE's latent vector (128); VD's Dense has
         2 * latent_dim units (mean and log-variance halves).
       dropout: spatial dropout rate after InitConv (0.2).
-      l2_weight: L2 weight on every convolution kernel (1e-5).
+      weight_decay: L2 weight on every convolution kernel (1e-5, §3.5).
       vae: build the VAE branch (training model only; off = ablation).
       seed: seed of VDraw's sampling and of the dropout (None: random).
       recompute_levels: gradient checkpointing: the ResNet blocks
@@ -71,44 +115,83 @@ class ModelConfig:
       head_kernel_std: the std of the 'normal' head kernel.
       head_bias_init: the head's initial bias, the same for the 3 channels
         (0: Keras' default; e.g. -4.6 = logit(0.01), a rare-foreground prior).
+      l2_weight: weight_decay's earlier name, which config.json files of
+        earlier runs hold (``ModelConfig(**saved)`` reads them): given, it is
+        the weight_decay; never stored.
     """
 
-    input_shape: tuple[int, int, int] = constants.PAPER_CROP
+    input_shape: tuple[int, int, int] = flagged(
+        constants.PAPER_CROP, "Training crop D,H,W; divisible by 16.", name="crop")
     in_channels: int = constants.NUM_MODALITIES
     num_classes: int = constants.NUM_REGIONS
-    init_filters: int = 32
-    groups: int = 8
-    blocks_down: tuple[int, ...] = (1, 2, 2, 4)
-    blocks_up: tuple[int, ...] = (1, 1, 1)
+    init_filters: int = flagged(32, "InitConv filters; doubled per level.", lower_bound=1)
+    groups: int = flagged(8, "GroupNorm groups.", lower_bound=1)
+    blocks_down: tuple[int, ...] = flagged((1, 2, 2, 4), "ResNet blocks per encoder level.")
+    blocks_up: tuple[int, ...] = flagged(
+        (1, 1, 1), "ResNet blocks per decoder level (finest first).")
     vae_filters: int = 16
-    latent_dim: int = 128
-    dropout: float = 0.2
-    l2_weight: float = 1e-5
-    vae: bool = True
+    latent_dim: int = flagged(128, "VAE latent size.", lower_bound=1)
+    dropout: float = flagged(0.2, "Spatial dropout after InitConv.", lower_bound=0.0,
+                             upper_bound=0.99)
+    weight_decay: float = flagged(1e-5, "L2 weight on convolution kernels.", lower_bound=0.0)
+    vae: bool = flagged(True, "Train with the VAE branch (off: the ablation).")
     seed: int | None = None
     recompute_levels: int = 0
-    head_kernel_init: str = "glorot_uniform"
-    head_kernel_std: float = 0.01
-    head_bias_init: float = 0.0
+    head_kernel_init: str = flagged(
+        "glorot_uniform", "Kernel initialiser of the segmentation head DecoderEnd_Conv1 (the "
+        "paper names none): Keras' glorot_uniform, or normal with std --head_kernel_std.",
+        choices=HEAD_KERNEL_INITS)
+    head_kernel_std: float = flagged(
+        0.01, "Std of --head_kernel_init=normal (0.01: every voxel starts near the probability "
+        "of --head_bias_init).", lower_bound=0.0)
+    head_bias_init: float = flagged(
+        0.0, "Initial bias of the segmentation head's 3 channels (e.g. -4.6 = logit(0.01), a "
+        "rare-foreground prior).")
+    l2_weight: dataclasses.InitVar[float | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, l2_weight):
         owner = "ModelConfig"
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "blocks_down", tuple(self.blocks_down))
         object.__setattr__(self, "blocks_up", tuple(self.blocks_up))
+        if l2_weight is not None:
+            if self.weight_decay != ModelConfig.weight_decay:
+                raise ValueError(f"{owner}: weight_decay={self.weight_decay!r} and its earlier "
+                                 f"name l2_weight={l2_weight!r}; give one")
+            object.__setattr__(self, "weight_decay", l2_weight)
         if len(self.input_shape) != 3:
             raise ValueError(f"{owner}.input_shape must be (D, H, W), got {self.input_shape!r}")
         for name in ("in_channels", "num_classes", "init_filters", "groups", "vae_filters",
                      "latent_dim"):
-            _positive_int(owner, name, getattr(self, name))
+            positive_int(f"{owner}.{name}", getattr(self, name))
         for n in self.input_shape:
-            _positive_int(owner, "input_shape", n)
+            positive_int(f"{owner}.input_shape", n)
+        self._check_levels(owner)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
+        _non_negative(owner, "weight_decay", self.weight_decay)
+        if (isinstance(self.recompute_levels, bool) or not isinstance(self.recompute_levels, int)
+                or not 0 <= self.recompute_levels <= self.levels):
+            raise ValueError(f"{owner}.recompute_levels must be an integer in [0, {self.levels}], "
+                             f"got {self.recompute_levels!r}")
+        self._check_head(owner)
+        divisor = self.train_divisor if self.vae else self.spatial_divisor
+        bad = [n for n in self.input_shape if n % divisor]
+        if bad:
+            why = ("the VAE branch halves the encoder endpoint once more"
+                   if self.vae else "the encoder downsamples")
+            raise ValueError(
+                f"{owner}.input_shape {self.input_shape} must be divisible by {divisor} "
+                f"({why}); sizes {bad} are not"
+            )
+
+    def _check_levels(self, owner: str) -> None:
         if len(self.blocks_down) < 2:
             raise ValueError(
                 f"{owner}.blocks_down needs at least 2 levels, got {self.blocks_down!r}"
             )
         for n in self.blocks_down + self.blocks_up:
-            _positive_int(owner, "blocks_down/blocks_up", n)
+            positive_int(f"{owner}.blocks_down/blocks_up", n)
         if len(self.blocks_up) != len(self.blocks_down) - 1:
             raise ValueError(
                 f"{owner}.blocks_up needs one entry per decoder level "
@@ -120,13 +203,8 @@ class ModelConfig:
                 f"{owner}.init_filters={self.init_filters} is not divisible by "
                 f"groups={self.groups}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
-        _non_negative(owner, "l2_weight", self.l2_weight)
-        if (isinstance(self.recompute_levels, bool) or not isinstance(self.recompute_levels, int)
-                or not 0 <= self.recompute_levels <= self.levels):
-            raise ValueError(f"{owner}.recompute_levels must be an integer in [0, {self.levels}], "
-                             f"got {self.recompute_levels!r}")
+
+    def _check_head(self, owner: str) -> None:
         if self.head_kernel_init not in HEAD_KERNEL_INITS:
             raise ValueError(f"{owner}.head_kernel_init must be one of {HEAD_KERNEL_INITS}, "
                              f"got {self.head_kernel_init!r}")
@@ -140,15 +218,6 @@ class ModelConfig:
                 or not abs(self.head_bias_init) < 50):
             raise ValueError(f"{owner}.head_bias_init must be a number in (-50, 50), "
                              f"got {self.head_bias_init!r}")
-        divisor = self.train_divisor if self.vae else self.spatial_divisor
-        bad = [n for n in self.input_shape if n % divisor]
-        if bad:
-            why = ("the VAE branch halves the encoder endpoint once more"
-                   if self.vae else "the encoder downsamples")
-            raise ValueError(
-                f"{owner}.input_shape {self.input_shape} must be divisible by {divisor} "
-                f"({why}); sizes {bad} are not"
-            )
 
     @property
     def levels(self) -> int:
@@ -179,13 +248,16 @@ class LossConfig:
     """L = dice_weight * L_dice + l2_weight * L_L2 + kl_weight * L_KL (§3.4).
 
     Attributes:
-      dice_weight, l2_weight, kl_weight: the paper's 1, 0.1, 0.1.
+      dice_weight, l2_weight, kl_weight: the paper's 1, 0.1, 0.1; l2_weight
+        weighs L_L2, the VAE's reconstruction loss (not the kernels' weight
+        decay, ModelConfig.weight_decay).
       dice_epsilon: the epsilon in the soft Dice denominator.
     """
 
-    dice_weight: float = 1.0
-    l2_weight: float = 0.1
-    kl_weight: float = 0.1
+    dice_weight: float = flagged(1.0, "Weight of the soft Dice loss.", lower_bound=0.0)
+    l2_weight: float = flagged(0.1, "Weight of the VAE reconstruction loss.",
+                               name="l2_loss_weight", lower_bound=0.0)
+    kl_weight: float = flagged(0.1, "Weight of the VAE KL loss.", lower_bound=0.0)
     dice_epsilon: float = 1e-5
 
     def __post_init__(self):
@@ -193,3 +265,50 @@ class LossConfig:
             _non_negative("LossConfig", name, getattr(self, name))
         if not self.dice_epsilon > 0:
             raise ValueError(f"LossConfig.dice_epsilon must be > 0, got {self.dice_epsilon!r}")
+
+
+# brats_tf.training.TrainConfig and data_pipeline.input.InputConfig live in
+# modules that import TensorFlow, which train.py loads only after its flags
+# are parsed. The fields of theirs that train.py's flags set are declared here
+# with their defaults (tests/test_train_cli.py checks that the two agree).
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFlags:
+    """brats_tf.training.TrainConfig's fields that train.py's flags set (§3.5, §3.6)."""
+
+    epochs: int = flagged(300, "Epochs N_e of the poly schedule.", lower_bound=1)
+    initial_lr: float = flagged(1e-4, "Adam's initial learning rate.", name="lr", lower_bound=0.0)
+    lr_power: float = flagged(0.9, "Exponent of the poly decay.", lower_bound=0.0)
+    adam_epsilon: float = flagged(1e-7, "Adam's epsilon (Keras' default; the paper names none).",
+                                  lower_bound=0.0)
+    batch_per_replica: int = flagged(1, "Examples per replica and step.", lower_bound=1)
+    strategy: str = flagged("default", "tf.distribute strategy.", choices=STRATEGIES)
+    devices: tuple[str, ...] = flagged(
+        (), "Devices for --strategy=mirrored (default: all local GPUs).")
+    precision: str = flagged("float32", "Keras dtype policy (mixed_float16 on GPUs).",
+                             choices=PRECISIONS)
+    on_nonfinite: str = flagged("stop", "A NaN/inf loss stops the run, or its update is skipped.",
+                                choices=ON_NONFINITE)
+    seed: int = flagged(0, "Seed of weights, dropout, VAE sampling, data order.")
+    deterministic: bool = flagged(False, "Deterministic ops and data (slower).")
+    steps_per_epoch: int | None = flagged(None, "Cap on steps per epoch (default: one pass).",
+                                          lower_bound=1)
+    keep_checkpoints: int = flagged(3, "Epoch checkpoints kept.", lower_bound=1)
+    jit_compile: bool = flagged(False, "XLA-compile the train step (slow on CPU).")
+    verbose: bool = flagged(True, "Progress bar per epoch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFlags:
+    """data_pipeline.input.InputConfig's fields that train.py's flags set."""
+
+    augment: bool = flagged(True, "Random flips and intensity augmentation (§3.7).")
+    cache: bool = flagged(
+        False, "Shuffle over all training cases each epoch (a uniform order) instead of shard "
+        "order plus an 8-case buffer; holds the epoch's decompressed cases in memory (~30 MB "
+        "per BraTS case). The data are read again every epoch.", name="input_cache")
+    crop_from: str = flagged(
+        "grid", "Where the random training crop is drawn: uniformly in the original grid (the "
+        "paper), or in the brain's bounding box, so that crops smaller than the paper's are "
+        "still mostly brain (docs/deviations.md).", choices=("grid", "brain_box"))

@@ -12,13 +12,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from data_pipeline.checks import positive_int
+
 _PACKAGE = "brats_tf"
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def conv3d(filters: int, kernel_size: int = 3, strides: int = 1, l2_weight: float = 0.0,
@@ -80,7 +76,7 @@ class GroupNorm(keras.layers.Layer):
 
     def __init__(self, groups: int = 8, epsilon: float = 1e-5, **kwargs):
         super().__init__(**kwargs)
-        self.groups = _check_positive_int("groups", groups)
+        self.groups = positive_int("groups", groups)
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.epsilon = float(epsilon)
@@ -131,8 +127,8 @@ class ResNetBlock(keras.layers.Layer):
 
     def __init__(self, filters: int, groups: int = 8, l2_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        self.filters = _check_positive_int("filters", filters)
-        self.groups = _check_positive_int("groups", groups)
+        self.filters = positive_int("filters", filters)
+        self.groups = positive_int("groups", groups)
         if filters % groups:
             raise ValueError(f"ResNetBlock {self.name!r}: filters={filters} is not divisible "
                              f"by groups={groups}")
@@ -191,7 +187,7 @@ class TrilinearUpSampling3D(keras.layers.Layer):
         if not isinstance(size, (tuple, list)) or len(size) != 3:
             raise ValueError(f"size must be an int or 3 ints, got {size!r}")
         for s in size:
-            _check_positive_int("size", s)
+            positive_int("size", s)
         self.size = tuple(size)
 
     def call(self, inputs):
@@ -285,7 +281,7 @@ class SpatialDivisibilityCheck(keras.layers.Layer):
 
     def __init__(self, divisor: int = 8, **kwargs):
         super().__init__(**kwargs)
-        self.divisor = _check_positive_int("divisor", divisor)
+        self.divisor = positive_int("divisor", divisor)
 
     def build(self, input_shape):
         check_spatial_shape(input_shape[1:4], self.divisor)

@@ -34,10 +34,7 @@ import keras
 
 from brats_tf import layers as L
 from brats_tf import recompute as R
-from brats_tf.config import ModelConfig
-
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from brats_tf.config import PRECISIONS, ModelConfig  # noqa: F401 (PRECISIONS: this module's users)
 
 
 def check_precision(precision) -> str | None:
@@ -85,7 +82,7 @@ def _block(cfg: ModelConfig, level: int, name: str) -> L.ResNetBlock:
     """A ResNet block of ``level``; gradient checkpointed in the finest
     ``cfg.recompute_levels`` levels (brats_tf.recompute)."""
     cls = R.RecomputedResNetBlock if level < cfg.recompute_levels else L.ResNetBlock
-    return cls(cfg.filters(level), cfg.groups, cfg.l2_weight, name=name)
+    return cls(cfg.filters(level), cfg.groups, cfg.weight_decay, name=name)
 
 
 def _upsample(cfg: ModelConfig, level: int, name: str) -> L.TrilinearUpSampling3D:
@@ -101,7 +98,7 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     # instead of keeping it (brats_tf.recompute).
     stem = cfg.recompute_levels > 0
     x = stage("InitConv", lambda: L.conv3d(
-        cfg.init_filters, 3, l2_weight=cfg.l2_weight, name="InitConv",
+        cfg.init_filters, 3, l2_weight=cfg.weight_decay, name="InitConv",
         layer_class=R.StemConv3D if stem else keras.layers.Conv3D))(x)
     dropout = R.StemDropout3D if stem else keras.layers.SpatialDropout3D
     x = stage("InitDropout", lambda: dropout(cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
@@ -110,7 +107,7 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
         filters = cfg.filters(level)
         if level > 0:
             name = f"EncoderDown{level}"
-            x = stage(name, lambda: L.conv3d(filters, 3, strides=2, l2_weight=cfg.l2_weight,
+            x = stage(name, lambda: L.conv3d(filters, 3, strides=2, l2_weight=cfg.weight_decay,
                                              name=name))(x)
         for i in range(n_blocks):
             name = f"EncoderBlock{level}_{i}"
@@ -132,7 +129,7 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
     for level in reversed(range(cfg.levels - 1)):
         filters = cfg.filters(level)
         up = f"DecoderUp{level}"
-        x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
+        x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.weight_decay,
                                                   name=f"{up}_Conv1"))(x)
         x = stage(f"{up}_Upsample", lambda: _upsample(cfg, level, f"{up}_Upsample"))(x)
         add = R.SkipAdd if level < cfg.recompute_levels else keras.layers.Add
@@ -142,7 +139,7 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
             x = stage(name, lambda: _block(cfg, level, name))(x)
     head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
     x = stage("DecoderEnd_Conv1", lambda: L.conv3d(
-        cfg.num_classes, 1, l2_weight=cfg.l2_weight, name="DecoderEnd_Conv1", layer_class=head,
+        cfg.num_classes, 1, l2_weight=cfg.weight_decay, name="DecoderEnd_Conv1", layer_class=head,
         kernel_initializer=_head_kernel_initializer(cfg),
         bias_initializer=keras.initializers.Constant(cfg.head_bias_init)))(x)
     # float32 outputs under a mixed precision policy.
@@ -159,7 +156,7 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
     x = stage("VD_GN", lambda: L.GroupNorm(cfg.groups, epsilon=1e-5, name="VD_GN"))(endpoint)
     x = stage("VD_ReLU", lambda: keras.layers.ReLU(name="VD_ReLU"))(x)
     x = stage("VD_Conv", lambda: L.conv3d(cfg.vae_filters, 3, strides=2,
-                                          l2_weight=cfg.l2_weight, name="VD_Conv"))(x)
+                                          l2_weight=cfg.weight_decay, name="VD_Conv"))(x)
     x = stage("VD_Flatten", lambda: keras.layers.Flatten(name="VD_Flatten"))(x)
     x = stage("VD_Dense", lambda: keras.layers.Dense(2 * cfg.latent_dim, name="VD_Dense"))(x)
     # VDraw: split into mean / log-variance, sample by reparameterisation.
@@ -173,20 +170,20 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
     x = stage("VU_Reshape", lambda: keras.layers.Reshape(grid + (cfg.vae_filters,),
                                                          name="VU_Reshape"))(x)
     top = cfg.levels - 1
-    x = stage("VU_Conv1", lambda: L.conv3d(cfg.filters(top), 1, l2_weight=cfg.l2_weight,
+    x = stage("VU_Conv1", lambda: L.conv3d(cfg.filters(top), 1, l2_weight=cfg.weight_decay,
                                            name="VU_Conv1"))(x)
     x = stage("VU_Upsample", lambda: L.TrilinearUpSampling3D(2, name="VU_Upsample"))(x)
     # VUp{level}: Conv1 (halve channels), upsample; VBlock{level}: ResNet block.
     for level in reversed(range(top)):
         filters = cfg.filters(level)
-        x = stage(f"VUp{level}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.l2_weight,
+        x = stage(f"VUp{level}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.weight_decay,
                                                         name=f"VUp{level}_Conv1"))(x)
         x = stage(f"VUp{level}_Upsample",
                   lambda: _upsample(cfg, level, f"VUp{level}_Upsample"))(x)
         x = stage(f"VBlock{level}_0", lambda: _block(cfg, level, f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
     head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
-    recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.l2_weight,
+    recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.weight_decay,
                                            name="Vend", dtype="float32", layer_class=head))(x)
     return recon, z_mean, z_log_var
 
@@ -244,7 +241,7 @@ def config_from_model(model: keras.Model) -> ModelConfig:
         blocks_down=tuple(down[i] for i in range(len(down))),
         blocks_up=tuple(up[i] for i in range(len(up))),
         dropout=model.get_layer("InitDropout").rate,
-        l2_weight=block.l2_weight,
+        weight_decay=block.l2_weight,
         vae=vae,
         recompute_levels=recompute_levels,
     )

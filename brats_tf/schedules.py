@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from data_pipeline.checks import positive_int
+
 
 def poly_lr(epoch: int, initial_lr: float = 1e-4, total_epochs: int = 300, power: float = 0.9) -> float:
     """The learning rate for epoch ``epoch`` (0-based) of ``total_epochs``.
@@ -9,8 +11,7 @@ def poly_lr(epoch: int, initial_lr: float = 1e-4, total_epochs: int = 300, power
     Epoch 0 trains at ``initial_lr``; the last epoch (N_e - 1) at
     lr0 * (1 / N_e) ** 0.9, never 0. Raises ValueError outside [0, N_e).
     """
-    if total_epochs < 1:
-        raise ValueError(f"total_epochs must be >= 1, got {total_epochs!r}")
+    positive_int("total_epochs", total_epochs)
     if not 0 <= epoch < total_epochs:
         raise ValueError(f"epoch must be in [0, {total_epochs}), got {epoch!r}")
     if not initial_lr > 0:

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
+from data_pipeline.checks import int_flag_list
 from data_pipeline.constants import (
     LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_NCR_NET, MODALITIES)
 from data_pipeline.io_utils import atomic_path
@@ -256,11 +257,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        shape = tuple(int(s) for s in FLAGS.shape)
-    except ValueError:
-        raise app.UsageError(f"--shape must be 3 integers D,H,W, got {','.join(FLAGS.shape)}")
-    if len(shape) != 3 or min(shape) < 16:
-        raise app.UsageError(f"--shape must be 3 integers >= 16, got {','.join(FLAGS.shape)}")
+        shape = int_flag_list("shape", FLAGS.shape, count=3, minimum=16)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     logging.info("flags: %s", {name: FLAGS[name].value for name in
                                ("output_dir", "num_cases", "shape", "seed", "lgg_fraction")})
     write_synthetic_dataset(FLAGS.output_dir, FLAGS.num_cases, shape, FLAGS.seed,

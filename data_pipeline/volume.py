@@ -8,8 +8,8 @@ the SavedModel (``inference.pad_to_multiple_tf``, ``brain_box_tf``,
 ``normalize_nonzero_tf``) and in the input pipeline
 (``data_pipeline.augment.labels_to_regions``) follow the same conventions and
 are tested against these (the padding against the NumPy reference of
-tests/oracles.py). This module imports only NumPy and
-``data_pipeline.constants``.
+tests/oracles.py). This module imports only NumPy,
+``data_pipeline.constants`` and ``data_pipeline.checks``.
 
 Paper references: §1 (labels, nested regions WT/TC/ET),
 §3.7 (per-channel normalisation over non-zero voxels), §3.1 (spatial
@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline import constants
+from data_pipeline.checks import positive_int
 
 PAD_MODES = ("symmetric", "end")
 ET_LABELS = (constants.LABEL_ET, constants.LABEL_ET_2023)
@@ -43,10 +44,11 @@ ET_LABELS = (constants.LABEL_ET, constants.LABEL_ET_2023)
 
 # ------------------------------------------------------------------ checks
 def check_multiple(multiple) -> int:
-    """A positive integer (the size spatial axes are padded to a multiple of); else ValueError."""
-    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
-        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
-    return int(multiple)
+    """A positive integer, Python's or NumPy's (the size spatial axes are
+    padded to a multiple of), as an int; else ValueError."""
+    if isinstance(multiple, np.integer):
+        multiple = int(multiple)
+    return positive_int("multiple", multiple)
 
 
 def check_pad_mode(mode: str, name: str = "mode") -> str:

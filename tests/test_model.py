@@ -1,5 +1,8 @@
 """The assembled network: shapes, Table 1 parameter counts, weight sharing, saving, training."""
 
+import dataclasses
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -251,7 +254,9 @@ def test_inference_model_rejects_sizes_not_divisible_by_8(tiny_model):
         (dict(init_filters=12), "not divisible by groups=8"),
         (dict(blocks_up=(1, 1)), "blocks_up"),
         (dict(dropout=1.0), "dropout"),
-        (dict(l2_weight=-1.0), "l2_weight"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(l2_weight=-1.0), "weight_decay"),  # its earlier name (config.json of earlier runs)
+        (dict(weight_decay=2e-5, l2_weight=3e-5), "earlier name l2_weight"),
         (dict(latent_dim=0), "latent_dim"),
         (dict(head_kernel_init="he_normal"), "head_kernel_init.*'he_normal'"),
         (dict(head_bias_init=float("nan")), "head_bias_init.*nan"),
@@ -262,6 +267,30 @@ def test_inference_model_rejects_sizes_not_divisible_by_8(tiny_model):
 def test_model_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
+
+
+def test_a_config_json_of_an_earlier_run_still_loads(tmp_path):
+    """Runs before ModelConfig.weight_decay had its name wrote it as
+    "l2_weight" into config.json: evaluation builds their checkpoints' network
+    from it with that L2 weight on the kernels, and the config reads back
+    with today's name only."""
+    from brats_tf import evaluation
+
+    config = ModelConfig(**{**TINY.__dict__, "weight_decay": 3e-5})
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}
+    saved["l2_weight"] = saved.pop("weight_decay")
+    assert ModelConfig(**saved) == config and "l2_weight" not in dataclasses.asdict(config)
+    keras.utils.set_random_seed(0)
+    model = build_model(config)
+    tf.train.Checkpoint(model=model).save(str(tmp_path / "checkpoints" / "ckpt"))
+    (tmp_path / "config.json").write_text(json.dumps({"model": saved}, indent=2))
+    loaded = evaluation.load_model(str(tmp_path))
+    assert loaded.kind == "checkpoint"
+    blocks = [layer for layer in loaded.model.layers if isinstance(layer, ResNetBlock)]
+    assert blocks and {block.l2_weight for block in blocks} == {3e-5}
+    image = np.random.default_rng(0).normal(size=(1, 16, 16, 16, 4)).astype(np.float32)
+    want = build_inference_model(model)(image)["seg"]
+    np.testing.assert_allclose(loaded.model(image)["seg"], want, atol=1e-6)
 
 
 def test_config_without_vae_needs_only_divisibility_by_8():

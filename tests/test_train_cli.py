@@ -1,5 +1,6 @@
 """train.py end to end on a small synthetic TFRecord dataset: smoke run, bad flags, kill -9 and resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -197,3 +198,93 @@ def _kill_and_resume(common, killed):
     proc = train(common + [f"--model_dir={killed}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
+
+
+# ---------------------------------------------- the flags are the configs' fields
+def _with_train_module(code: str) -> dict:
+    """Runs ``code`` in a new Python with train.py loaded as module ``train``
+    (its flags defined); the JSON that ``code`` prints last."""
+    path = os.path.join(ROOT, "train.py")
+    prologue = ("import dataclasses, importlib.util, json, sys\n"
+                f"sys.path.insert(0, {ROOT!r})\n"
+                f"spec = importlib.util.spec_from_file_location('train', {path!r})\n"
+                "train = importlib.util.module_from_spec(spec)\n"
+                "spec.loader.exec_module(train)\n")
+    proc = subprocess.run([sys.executable, "-c", prologue + code], capture_output=True,
+                          text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _defaults(config_class) -> dict:
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+
+
+def test_every_flag_default_is_the_config_default():
+    """Each config field train.py's flags set takes the config's default when
+    no flag is given (TrainConfig's and InputConfig's too, whose fields
+    brats_tf.config.TrainFlags/InputFlags declare for train.py), and the flags
+    are defined without TensorFlow."""
+    from brats_tf.config import InputFlags, LossConfig, ModelConfig, TrainFlags, flag_fields
+    from brats_tf.training import TrainConfig
+    from data_pipeline.input import InputConfig
+
+    got = _with_train_module(
+        "train.FLAGS(['train.py'])\n"
+        "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, **{\n"
+        "    c.__name__: train.config_values(c) for c in\n"
+        "    (train.ModelConfig, train.LossConfig, train.TrainFlags, train.InputFlags)}}))\n")
+    assert got.pop("tensorflow") is False
+    for name, like in (("ModelConfig", ModelConfig), ("LossConfig", LossConfig),
+                       ("TrainFlags", TrainConfig), ("InputFlags", InputConfig)):
+        defaults = _defaults(like)
+        assert got[name] and got[name] == {k: defaults[k] for k in got[name]}, name
+    # train.py's flags include a flag of each of these fields
+    assert set(got["TrainFlags"]) == {f.field for f in flag_fields(TrainFlags)}
+    assert set(got["InputFlags"]) == {"augment", "cache", "crop_from"} == {
+        f.field for f in flag_fields(InputFlags)}
+    assert {"input_shape", "weight_decay", "head_bias_init"} <= set(got["ModelConfig"])
+    assert set(got["LossConfig"]) == {"dice_weight", "l2_weight", "kl_weight"}
+
+
+def test_one_list_of_precisions_strategies_and_choices():
+    from brats_tf import config, export, model, training
+    from brats_tf.config import InputFlags, TrainFlags, flag_fields
+    from data_pipeline import input as input_lib
+
+    assert model.PRECISIONS is config.PRECISIONS
+    assert training.PRECISIONS is config.PRECISIONS and export.PRECISIONS is config.PRECISIONS
+    choices = {f.field: f.choices for c in (TrainFlags, InputFlags) for f in flag_fields(c)}
+    assert choices["precision"] is config.PRECISIONS
+    assert choices["strategy"] is config.STRATEGIES
+    assert choices["strategy"] == training.STRATEGIES
+    assert choices["on_nonfinite"] == config.ON_NONFINITE == training.ON_NONFINITE
+    assert choices["crop_from"] == input_lib.CROP_FROM
+
+
+def test_resume_check_reads_the_config_json_of_an_earlier_run(tmp_path):
+    """An earlier run's config.json names ModelConfig.weight_decay l2_weight:
+    a run with the same weight decay resumes there, another one is refused
+    naming the field."""
+    code = (
+        "model = dataclasses.asdict(train.ModelConfig(input_shape=(32, 32, 32)))\n"
+        "resolved = {'model': model, 'data': {'fold': 0},\n"
+        "            'train': {'seed': 0, 'num_train_cases': 4}}\n"
+        "out = {}\n"
+        "for name, weight in (('same', 1e-5), ('other', 2e-5)):\n"
+        f"    folder = {str(tmp_path)!r} + '/' + name\n"
+        "    old = dict(resolved, model={('l2_weight' if k == 'weight_decay' else k): v\n"
+        "                                for k, v in model.items()})\n"
+        "    old['model']['l2_weight'] = weight\n"
+        "    import os; os.makedirs(folder)\n"
+        "    open(folder + '/config.json', 'w').write(json.dumps(old))\n"
+        "    try:\n"
+        "        train.check_model_dir(folder, resolved)\n"
+        "        out[name] = 'ok'\n"
+        "    except ValueError as e:\n"
+        "        out[name] = str(e)\n"
+        "print(json.dumps(out))\n")
+    got = _with_train_module(code)
+    assert got["same"] == "ok"
+    assert "weight_decay 2e-05 there, 1e-05 now" in got["other"]
