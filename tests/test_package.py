@@ -200,9 +200,34 @@ def test_packages_import_in_one_direction():
     assert hits(imports_of("benchmarks"), ["tests"]) == []
 
 
-def test_volume_imports_only_numpy_and_constants():
+def test_volume_imports_only_numpy_constants_and_checks():
     names = imported_modules(PKG / "data_pipeline" / "volume.py")
-    allowed = ("__future__", "typing", "numpy", "data_pipeline.constants")
+    allowed = ("__future__", "typing", "numpy", "data_pipeline.constants", "data_pipeline.checks")
     assert not [n for n in names
                 if n != "data_pipeline" and not any(n == a or n.startswith(a + ".")
                                                     for a in allowed)]
+
+
+# ------------------------------------------------------------------ sizes
+MAX_MODULE_LINES = 400  # a module of the library: one concept
+MAX_FUNCTION_LINES = 60  # a function: one step (benchmarks, scripts of measurements, excepted)
+
+
+def test_library_modules_stay_short():
+    long = {str(f.relative_to(PKG)): n
+            for folder in ("brats_tf", "data_pipeline") for f in sorted((PKG / folder).rglob("*.py"))
+            if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def test_functions_stay_short():
+    files = [f for f in _sources() if f.relative_to(PKG).parts[0] != "benchmarks"]
+    files += sorted((PKG / "tests").glob("*.py"))
+    long = {}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{f.relative_to(PKG)}::{node.name}"] = n
+    assert not long, long
