@@ -44,7 +44,7 @@ from absl import app, flags  # noqa: E402
 
 # The configs (without TensorFlow): their flagged fields are train.py's flags.
 from brats_tf.config import (RENAMED_MODEL_FIELDS, InputFlags, LossConfig,  # noqa: E402
-                             ModelConfig, TrainFlags, flag_fields, int_flag_list)
+                             ModelConfig, TrainConfig, flag_fields, int_flag_list)
 
 FLAGS = flags.FLAGS
 
@@ -105,7 +105,7 @@ def config_values(config_class) -> dict:
 
 
 # Data (§3.7), the model (Table 1), the loss (§3.4), the optimisation (§3.5, §3.6).
-for _config_class in (InputFlags, ModelConfig, LossConfig, TrainFlags):
+for _config_class in (InputFlags, ModelConfig, LossConfig, TrainConfig):
     define_config_flags(_config_class)
 
 log = logging.getLogger("train")
@@ -113,7 +113,7 @@ log = logging.getLogger("train")
 
 def configs_from_flags():
     """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
-    from brats_tf.training import TrainConfig, check_precision_for_model
+    from brats_tf.training import check_precision_for_model
 
     for name in ("data_dir", "model_dir"):
         if not FLAGS[name].value:
@@ -132,7 +132,7 @@ def configs_from_flags():
     model_config = ModelConfig(recompute_levels=levels, **model_values)
     loss_config = LossConfig(**config_values(LossConfig))
     train_config = TrainConfig(model_dir=model_dir, num_train_cases=num_train,
-                               **{**config_values(TrainFlags), "seed": seed})
+                               **{**config_values(TrainConfig), "seed": seed})
     check_precision_for_model(model_config, train_config.precision)
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")

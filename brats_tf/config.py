@@ -267,16 +267,35 @@ class LossConfig:
             raise ValueError(f"LossConfig.dice_epsilon must be > 0, got {self.dice_epsilon!r}")
 
 
-# brats_tf.training.TrainConfig and data_pipeline.input.InputConfig live in
-# modules that import TensorFlow, which train.py loads only after its flags
-# are parsed. The fields of theirs that train.py's flags set are declared here
-# with their defaults (tests/test_train_cli.py checks that the two agree).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train (§3.5, §3.6): train.py's resolved training flags. Defaults
+    are the paper's single-GPU recipe; each flagged field is train.py's flag of
+    the same name (``initial_lr``: --lr).
 
+    Attributes:
+      model_dir: checkpoints, TensorBoard logs, the resolved flags, the export.
+      num_train_cases: cases in one epoch (the training split's size).
+      epochs: N_e, total epochs of the poly schedule.
+      initial_lr, lr_power: the poly schedule lr = initial_lr (1 - e/N_e)^lr_power.
+      adam_epsilon: Adam's epsilon (Keras' default; the paper names none).
+      batch_per_replica: examples per replica and step.
+      strategy: 'default' (one device), 'mirrored' (local GPUs), 'multi_worker'.
+      devices: for 'mirrored', the devices to use (empty: all local GPUs).
+      precision: Keras dtype policy: float32, mixed_float16, mixed_bfloat16.
+      on_nonfinite: 'stop' the run with an error naming the step, or 'skip'
+        the update of a step whose loss or gradients are not finite.
+      seed: seeds the weights, dropout, VAE sampling and the data order.
+      deterministic: also make TF ops deterministic (slower; for tests).
+      steps_per_epoch: cap on steps per epoch (None: num_train_cases //
+        global batch); for smoke runs.
+      keep_checkpoints: how many epoch checkpoints to keep.
+      jit_compile: XLA for the train step (7-9x slower on a CPU).
+      verbose: Keras progress bar per epoch.
+    """
 
-@dataclasses.dataclass(frozen=True)
-class TrainFlags:
-    """brats_tf.training.TrainConfig's fields that train.py's flags set (§3.5, §3.6)."""
-
+    model_dir: str
+    num_train_cases: int
     epochs: int = flagged(300, "Epochs N_e of the poly schedule.", lower_bound=1)
     initial_lr: float = flagged(1e-4, "Adam's initial learning rate.", name="lr", lower_bound=0.0)
     lr_power: float = flagged(0.9, "Exponent of the poly decay.", lower_bound=0.0)
@@ -297,6 +316,29 @@ class TrainFlags:
     keep_checkpoints: int = flagged(3, "Epoch checkpoints kept.", lower_bound=1)
     jit_compile: bool = flagged(False, "XLA-compile the train step (slow on CPU).")
     verbose: bool = flagged(True, "Progress bar per epoch.")
+
+    def __post_init__(self):
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if not self.model_dir:
+            raise ValueError("TrainConfig.model_dir must be set")
+        for name in ("num_train_cases", "epochs", "batch_per_replica", "keep_checkpoints"):
+            positive_int(f"TrainConfig.{name}", getattr(self, name))
+        if self.steps_per_epoch is not None:
+            positive_int("TrainConfig.steps_per_epoch", self.steps_per_epoch)
+        for name in ("initial_lr", "adam_epsilon", "lr_power"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name, allowed in (("strategy", STRATEGIES), ("precision", PRECISIONS),
+                              ("on_nonfinite", ON_NONFINITE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+# data_pipeline.input.InputConfig lives in a module that imports TensorFlow,
+# which train.py loads only after its flags are parsed. The fields of it that
+# train.py's flags set are declared here with their defaults
+# (tests/test_train_cli.py checks that the two agree).
 
 
 @dataclasses.dataclass(frozen=True)

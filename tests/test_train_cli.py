@@ -223,25 +223,25 @@ def _defaults(config_class) -> dict:
 
 def test_every_flag_default_is_the_config_default():
     """Each config field train.py's flags set takes the config's default when
-    no flag is given (TrainConfig's and InputConfig's too, whose fields
-    brats_tf.config.TrainFlags/InputFlags declare for train.py), and the flags
-    are defined without TensorFlow."""
-    from brats_tf.config import InputFlags, LossConfig, ModelConfig, TrainFlags, flag_fields
-    from brats_tf.training import TrainConfig
+    no flag is given (InputConfig's too, whose flagged fields
+    brats_tf.config.InputFlags declares for train.py), and the flags are
+    defined without TensorFlow."""
+    from brats_tf.config import InputFlags, LossConfig, ModelConfig, TrainConfig, flag_fields
     from data_pipeline.input import InputConfig
 
     got = _with_train_module(
         "train.FLAGS(['train.py'])\n"
         "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, **{\n"
         "    c.__name__: train.config_values(c) for c in\n"
-        "    (train.ModelConfig, train.LossConfig, train.TrainFlags, train.InputFlags)}}))\n")
+        "    (train.ModelConfig, train.LossConfig, train.TrainConfig, train.InputFlags)}}))\n")
     assert got.pop("tensorflow") is False
     for name, like in (("ModelConfig", ModelConfig), ("LossConfig", LossConfig),
-                       ("TrainFlags", TrainConfig), ("InputFlags", InputConfig)):
+                       ("TrainConfig", TrainConfig), ("InputFlags", InputConfig)):
         defaults = _defaults(like)
         assert got[name] and got[name] == {k: defaults[k] for k in got[name]}, name
     # train.py's flags include a flag of each of these fields
-    assert set(got["TrainFlags"]) == {f.field for f in flag_fields(TrainFlags)}
+    assert set(got["TrainConfig"]) == {f.field for f in flag_fields(TrainConfig)}
+    assert not {"model_dir", "num_train_cases"} & set(got["TrainConfig"])  # not flags of theirs
     assert set(got["InputFlags"]) == {"augment", "cache", "crop_from"} == {
         f.field for f in flag_fields(InputFlags)}
     assert {"input_shape", "weight_decay", "head_bias_init"} <= set(got["ModelConfig"])
@@ -250,12 +250,12 @@ def test_every_flag_default_is_the_config_default():
 
 def test_one_list_of_precisions_strategies_and_choices():
     from brats_tf import config, export, model, training
-    from brats_tf.config import InputFlags, TrainFlags, flag_fields
+    from brats_tf.config import InputFlags, TrainConfig, flag_fields
     from data_pipeline import input as input_lib
 
     assert model.PRECISIONS is config.PRECISIONS
     assert training.PRECISIONS is config.PRECISIONS and export.PRECISIONS is config.PRECISIONS
-    choices = {f.field: f.choices for c in (TrainFlags, InputFlags) for f in flag_fields(c)}
+    choices = {f.field: f.choices for c in (TrainConfig, InputFlags) for f in flag_fields(c)}
     assert choices["precision"] is config.PRECISIONS
     assert choices["strategy"] is config.STRATEGIES
     assert choices["strategy"] == training.STRATEGIES

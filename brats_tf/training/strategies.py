@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from brats_tf.training.config import STRATEGIES
+from brats_tf.config import STRATEGIES
 
 
 def set_inter_op_threads(recompute_levels: int, strategy: str) -> int | None:

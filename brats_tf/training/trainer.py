@@ -35,7 +35,7 @@ from brats_tf import metrics
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from brats_tf.schedules import poly_lr
-from brats_tf.training.config import TrainConfig
+from brats_tf.config import TrainConfig
 from brats_tf.training.step import (NonFiniteLossError, check_precision_for_model,
                                     make_optimizer, make_train_step)
 from brats_tf.training.strategies import is_chief, make_strategy
