@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # oneDNN CPU kernels on every x86 CPU, not only those with AVX512-VNNI/AMX (as train.py).
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: venv test demo demo_ensemble real real_dir bench learn clean
+.PHONY: venv lint format test demo demo_ensemble real real_dir bench learn clean
 
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -22,9 +22,18 @@ venv: $(VENV)/.installed
 # test's time is single-threaded Python (imports, tracing), so two overlap well
 # on two cores. TEST_WORKERS=1 runs them one after the other.
 TEST_WORKERS ?= 2
-test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
+test: venv lint
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+# ruff (pyproject.toml): the lint rules, then the format check; `make format`
+# rewrites the files the check would refuse.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # The CPU demo: synthetic BraTS-like cases -> TFRecords -> train -> evaluate -> export.
 # Everything goes to $(DEMO_DIR), made anew each time.

@@ -40,42 +40,79 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # one set of kernels, whatever the CPU. Read once, when TensorFlow loads.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 # The configs (without TensorFlow): their flagged fields are train.py's flags.
-from brats_tf.config import (RENAMED_MODEL_FIELDS, InputFlags, LossConfig,  # noqa: E402
-                             ModelConfig, TrainConfig, flag_fields, int_flag_list)
+from brats_tf.config import (
+    RENAMED_MODEL_FIELDS,
+    InputFlags,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    flag_fields,
+    int_flag_list,
+)
 
 FLAGS = flags.FLAGS
 
 # The flags that are not one config field each.
-flags.DEFINE_string("data_dir", None, "Converter output: TFRecord shards and manifest.json "
-                    "(python -m data_pipeline.convert --input_dir <NIfTI folder> --output_dir "
-                    "<NIfTI folder>_tfrecord writes one).")
-flags.DEFINE_integer("fold", 0, "Validation fold (others train); -1: train on all cases.",
-                     lower_bound=-1)
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Converter output: TFRecord shards and manifest.json "
+    "(python -m data_pipeline.convert --input_dir <NIfTI folder> --output_dir "
+    "<NIfTI folder>_tfrecord writes one).",
+)
+flags.DEFINE_integer(
+    "fold", 0, "Validation fold (others train); -1: train on all cases.", lower_bound=-1
+)
 flags.DEFINE_string("model_dir", None, "Checkpoints, logs, flags and the export go here.")
-flags.DEFINE_boolean("recompute", False,
-                     "Gradient checkpointing of the ResNet blocks of the finest "
-                     "--recompute_levels levels (brats_tf/recompute.py): each keeps only what it "
-                     "is made from and computes its activations again in the backward pass; on "
-                     "one device one TensorFlow op runs at a time. Same results, less memory "
-                     "(paper crop, float32, 4 levels: 6.6 instead of 18.3 GiB on a 2-core CPU), "
-                     "some more time per step (docs/performance.md).")
-flags.DEFINE_integer("recompute_levels", None, "Levels recomputed with --recompute (1: the "
-                     "full-resolution blocks only). Default: all.", lower_bound=1)
-flags.DEFINE_integer("member", None, "Train member K of an ensemble trained from scratch (the "
-                     "paper's 10 models, §4): seed --seed + K, written into "
-                     "--model_dir/member_K. evaluate.py --model='<model_dir>/member_*' averages "
-                     "the members.", lower_bound=0)
-flags.DEFINE_integer("validate_every", 0, "Validate on the held-out fold every K epochs "
-                     "(0: only after the last epoch; needs --fold >= 0).", lower_bound=0)
-flags.DEFINE_boolean("export", True, "At the end, write model.keras, segmenter.keras and "
-                     "export/1 (a run that trained nothing writes only those missing or older "
-                     "than the last checkpoint).")
+flags.DEFINE_boolean(
+    "recompute",
+    False,
+    "Gradient checkpointing of the ResNet blocks of the finest "
+    "--recompute_levels levels (brats_tf/recompute.py): each keeps only what it "
+    "is made from and computes its activations again in the backward pass; on "
+    "one device one TensorFlow op runs at a time. Same results, less memory "
+    "(paper crop, float32, 4 levels: 6.6 instead of 18.3 GiB on a 2-core CPU), "
+    "some more time per step (docs/performance.md).",
+)
+flags.DEFINE_integer(
+    "recompute_levels",
+    None,
+    "Levels recomputed with --recompute (1: the full-resolution blocks only). Default: all.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "member",
+    None,
+    "Train member K of an ensemble trained from scratch (the "
+    "paper's 10 models, §4): seed --seed + K, written into "
+    "--model_dir/member_K. evaluate.py --model='<model_dir>/member_*' averages "
+    "the members.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "validate_every",
+    0,
+    "Validate on the held-out fold every K epochs "
+    "(0: only after the last epoch; needs --fold >= 0).",
+    lower_bound=0,
+)
+flags.DEFINE_boolean(
+    "export",
+    True,
+    "At the end, write model.keras, segmenter.keras and "
+    "export/1 (a run that trained nothing writes only those missing or older "
+    "than the last checkpoint).",
+)
 
-_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-           str: flags.DEFINE_string}
+_DEFINE = {
+    bool: flags.DEFINE_boolean,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    str: flags.DEFINE_string,
+}
 
 
 def define_config_flags(config_class) -> None:
@@ -125,14 +162,18 @@ def configs_from_flags():
         raise ValueError(
             f"--steps_per_epoch={per_epoch} x --batch_per_replica={FLAGS.batch_per_replica} "
             f"needs {per_epoch * FLAGS.batch_per_replica} training cases per epoch; "
-            f"--fold={FLAGS.fold} of {data['manifest']} has {num_train}")
+            f"--fold={FLAGS.fold} of {data['manifest']} has {num_train}"
+        )
     _check_tf_config()
     model_values = config_values(ModelConfig)
     levels = (FLAGS.recompute_levels or len(model_values["blocks_down"])) if FLAGS.recompute else 0
     model_config = ModelConfig(recompute_levels=levels, **model_values)
     loss_config = LossConfig(**config_values(LossConfig))
-    train_config = TrainConfig(model_dir=model_dir, num_train_cases=num_train,
-                               **{**config_values(TrainConfig), "seed": seed})
+    train_config = TrainConfig(
+        model_dir=model_dir,
+        num_train_cases=num_train,
+        **{**config_values(TrainConfig), "seed": seed},
+    )
     check_precision_for_model(model_config, train_config.precision)
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
@@ -162,14 +203,20 @@ def training_split(data_dir: str, fold: int) -> dict:
             raise ValueError(
                 f"--fold={fold}: fold {fold} of {manifest_path} has no case (the converter "
                 f"skipped them), nothing to validate on: choose another --fold, or --fold=-1 to "
-                f"train on every case")
+                f"train on every case"
+            )
     else:
         train_files = [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"]]
         val_files, num_train = [], len(manifest["cases"])
     if not train_files or num_train == 0:
         raise ValueError(f"--fold={fold}: no training cases in {manifest_path}")
-    return {"train_files": train_files, "val_files": val_files, "num_train_cases": num_train,
-            "manifest": manifest_path, "fold": fold}
+    return {
+        "train_files": train_files,
+        "val_files": val_files,
+        "num_train_cases": num_train,
+        "manifest": manifest_path,
+        "fold": fold,
+    }
 
 
 def not_converted(data_dir: str) -> str:
@@ -180,9 +227,11 @@ def not_converted(data_dir: str) -> str:
     from data_pipeline import layouts
 
     if not os.path.exists(data_dir):
-        return (f"--data_dir={data_dir}: no manifest.json there (no such folder); convert the "
-                f"data into it first: python -m data_pipeline.convert --input_dir <BraTS NIfTI "
-                f"folder> --output_dir {data_dir}")
+        return (
+            f"--data_dir={data_dir}: no manifest.json there (no such folder); convert the "
+            f"data into it first: python -m data_pipeline.convert --input_dir <BraTS NIfTI "
+            f"folder> --output_dir {data_dir}"
+        )
     folder = os.path.normpath(data_dir)
     if os.path.basename(folder) in ("", ".", ".."):
         folder = os.path.abspath(folder)
@@ -192,18 +241,24 @@ def not_converted(data_dir: str) -> str:
     except (ValueError, OSError):
         cases = []
     if not cases:
-        return (f"--data_dir={data_dir}: no manifest.json there: not the converter's output "
-                f"(nor BraTS NIfTI cases); train.py reads what python -m data_pipeline.convert "
-                f"--input_dir <BraTS NIfTI folder> --output_dir <a folder outside it> writes")
+        return (
+            f"--data_dir={data_dir}: no manifest.json there: not the converter's output "
+            f"(nor BraTS NIfTI cases); train.py reads what python -m data_pipeline.convert "
+            f"--input_dir <BraTS NIfTI folder> --output_dir <a folder outside it> writes"
+        )
     namings = " and ".join(sorted({c.naming for c in cases}))
     if os.path.isfile(os.path.join(beside, "manifest.json")):
-        return (f"--data_dir={data_dir}: no manifest.json there: it holds {len(cases)} BraTS "
-                f"NIfTI case(s) ({namings} naming), and {beside} their conversion, it seems: "
-                f"train with --data_dir={beside}")
-    return (f"--data_dir={data_dir}: no manifest.json there: it holds {len(cases)} BraTS NIfTI "
-            f"case(s) ({namings} naming), not the converter's TFRecords; convert them first, "
-            f"into a folder beside it: python -m data_pipeline.convert --input_dir {data_dir} "
-            f"--output_dir {beside}, then train with --data_dir={beside}")
+        return (
+            f"--data_dir={data_dir}: no manifest.json there: it holds {len(cases)} BraTS "
+            f"NIfTI case(s) ({namings} naming), and {beside} their conversion, it seems: "
+            f"train with --data_dir={beside}"
+        )
+    return (
+        f"--data_dir={data_dir}: no manifest.json there: it holds {len(cases)} BraTS NIfTI "
+        f"case(s) ({namings} naming), not the converter's TFRecords; convert them first, "
+        f"into a folder beside it: python -m data_pipeline.convert --input_dir {data_dir} "
+        f"--output_dir {beside}, then train with --data_dir={beside}"
+    )
 
 
 def member_dir_and_seed(model_dir: str, seed: int, member: int | None) -> tuple[str, int]:
@@ -242,8 +297,10 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         if os.path.isfile(os.path.join(model_dir, "checkpoints", "checkpoint")):
-            raise ValueError(f"--model_dir={model_dir} holds checkpoints but no config.json: "
-                             f"not a train.py run; use a new --model_dir")
+            raise ValueError(
+                f"--model_dir={model_dir} holds checkpoints but no config.json: "
+                f"not a train.py run; use a new --model_dir"
+            )
         return
     try:
         with open(path) as f:
@@ -253,23 +310,36 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
             raise TypeError("model is not an object")
         old_model = {RENAMED_MODEL_FIELDS.get(key, key): v for key, v in old_model.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--model_dir={model_dir}: cannot read {path} of the run there "
-                         f"({type(e).__name__}: {e}); use a new --model_dir") from None
+        raise ValueError(
+            f"--model_dir={model_dir}: cannot read {path} of the run there "
+            f"({type(e).__name__}: {e}); use a new --model_dir"
+        ) from None
     new = json.loads(json.dumps(resolved))  # tuples as lists, as on disk
-    pairs = [(key, old_model[key], value) for key, value in new["model"].items()
-             if key in old_model and key not in _RESUMABLE_MODEL_FIELDS]
-    pairs.append(("fold", old.get("data", {}).get("fold", new["data"]["fold"]),
-                  new["data"]["fold"]))
-    pairs.append(("seed", old.get("train", {}).get("seed", new["train"]["seed"]),
-                  new["train"]["seed"]))
-    pairs.append(("num_train_cases",
-                  old.get("train", {}).get("num_train_cases", new["train"]["num_train_cases"]),
-                  new["train"]["num_train_cases"]))
+    pairs = [
+        (key, old_model[key], value)
+        for key, value in new["model"].items()
+        if key in old_model and key not in _RESUMABLE_MODEL_FIELDS
+    ]
+    pairs.append(
+        ("fold", old.get("data", {}).get("fold", new["data"]["fold"]), new["data"]["fold"])
+    )
+    pairs.append(
+        ("seed", old.get("train", {}).get("seed", new["train"]["seed"]), new["train"]["seed"])
+    )
+    pairs.append(
+        (
+            "num_train_cases",
+            old.get("train", {}).get("num_train_cases", new["train"]["num_train_cases"]),
+            new["train"]["num_train_cases"],
+        )
+    )
     differ = [f"{key} {a!r} there, {b!r} now" for key, a, b in pairs if a != b]
     if differ:
-        raise ValueError(f"--model_dir={model_dir} holds a run of another configuration "
-                         f"({'; '.join(differ)}): use a new --model_dir, or that run's flags "
-                         f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) to resume it")
+        raise ValueError(
+            f"--model_dir={model_dir} holds a run of another configuration "
+            f"({'; '.join(differ)}): use a new --model_dir, or that run's flags "
+            f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) to resume it"
+        )
 
 
 def data_error(error: Exception, data: dict) -> str:
@@ -285,8 +355,9 @@ def data_error(error: Exception, data: dict) -> str:
     if isinstance(error, tf.errors.OpError):
         if isinstance(error, tf.errors.DataLossError) or "Iterator" in str(error):
             manifest = read_manifest(data["manifest"], check_shards=False)
-            cases_of = {os.path.join(manifest["dir"], s["file"]): s["cases"]
-                        for s in manifest["shards"]}
+            cases_of = {
+                os.path.join(manifest["dir"], s["file"]): s["cases"] for s in manifest["shards"]
+            }
             bad = find_unreadable_shard(data["train_files"] + data["val_files"], cases_of)
             if bad is not None:
                 return str(bad)
@@ -356,10 +427,14 @@ def main(argv):
 
     strategy = start_runtime(model_config, train_config, resolved)
     try:
-        trainer = training.Trainer(model_config, loss_config, train_config,
-                                   make_dataset_fn(model_config, train_config, data, strategy),
-                                   strategy=strategy,
-                                   epoch_end_fn=make_epoch_end_fn(train_config, data))
+        trainer = training.Trainer(
+            model_config,
+            loss_config,
+            train_config,
+            make_dataset_fn(model_config, train_config, data, strategy),
+            strategy=strategy,
+            epoch_end_fn=make_epoch_end_fn(train_config, data),
+        )
     except ValueError as e:  # e.g. fewer cases than a global batch: still nothing written
         sys.exit(f"train.py: error: {e}")
     model_dir = train_config.model_dir
@@ -382,9 +457,12 @@ def resolve_run():
     with one line before anything is written."""
     try:
         model_config, loss_config, train_config, data = configs_from_flags()
-        resolved = {"model": dataclasses.asdict(model_config),
-                    "loss": dataclasses.asdict(loss_config),
-                    "train": dataclasses.asdict(train_config), "data": data}
+        resolved = {
+            "model": dataclasses.asdict(model_config),
+            "loss": dataclasses.asdict(loss_config),
+            "train": dataclasses.asdict(train_config),
+            "data": data,
+        }
         check_model_dir(train_config.model_dir, resolved)
     except ValueError as e:  # one line, before anything is written
         sys.exit(f"train.py: error: {e}")
@@ -396,15 +474,17 @@ def start_runtime(model_config, train_config, resolved):
     any op); records the threads in ``resolved["runtime"]``."""
     from brats_tf import training
 
-    inter_op_threads = training.set_inter_op_threads(model_config.recompute_levels,
-                                                     train_config.strategy)
+    inter_op_threads = training.set_inter_op_threads(
+        model_config.recompute_levels, train_config.strategy
+    )
     resolved["runtime"] = {"inter_op_threads": inter_op_threads or "tensorflow default"}
     strategy = training.make_strategy(train_config.strategy, train_config.devices)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     log.info("configuration: %s", json.dumps(resolved, sort_keys=True))
-    log.info("strategy %s with %d replica(s)", type(strategy).__name__,
-             strategy.num_replicas_in_sync)
+    log.info(
+        "strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
+    )
     return strategy
 
 
@@ -420,10 +500,15 @@ def make_dataset_fn(model_config, train_config, data, strategy):
         # A new seed per epoch: a fresh, reproducible order and augmentation
         # each epoch, the same again after a resume.
         config = InputConfig(
-            files=tuple(data["train_files"]), mode="train",
-            crop_shape=model_config.input_shape, batch_size=global_batch,
-            seed=train_config.seed * 100003 + epoch, deterministic=train_config.deterministic,
-            drop_remainder=True, **input_values)
+            files=tuple(data["train_files"]),
+            mode="train",
+            crop_shape=model_config.input_shape,
+            batch_size=global_batch,
+            seed=train_config.seed * 100003 + epoch,
+            deterministic=train_config.deterministic,
+            drop_remainder=True,
+            **input_values,
+        )
         return make_dataset(config, ctx)
 
     return dataset_fn
@@ -456,8 +541,9 @@ def write_run_files(model_dir: str, resolved: dict) -> dict:
     found = model_dir_contents(model_dir)
     os.makedirs(model_dir, exist_ok=True)
     update_text(os.path.join(model_dir, "flags.txt"), FLAGS.flags_into_string())
-    update_text(os.path.join(model_dir, "config.json"),
-                json.dumps(resolved, indent=2, sort_keys=True))
+    update_text(
+        os.path.join(model_dir, "config.json"), json.dumps(resolved, indent=2, sort_keys=True)
+    )
     return found
 
 
@@ -475,7 +561,9 @@ def finish_run(trainer, model_dir: str) -> None:
             "this run has not learned %s: training Dice %s in its last epoch (a sigmoid channel "
             "saturated early and got no gradient since); train it again with another --seed "
             "or --member, and leave it out of an ensemble",
-            " and ".join(unlearned), ", ".join(f"{r} {d:.3f}" for r, d in unlearned.items()))
+            " and ".join(unlearned),
+            ", ".join(f"{r} {d:.3f}" for r, d in unlearned.items()),
+        )
     if trainer.is_chief and FLAGS.export:
         # A run that trained nothing now (finished before) keeps the final files
         # written since its last checkpoint; missing or older ones are written.

@@ -46,42 +46,64 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from benchmarks.machine import describe, device_name, run_measurement  # noqa: E402
-from brats_tf.config import PRECISIONS  # noqa: E402
-from data_pipeline.io_utils import write_json_atomic  # noqa: E402
+from benchmarks.machine import describe, device_name, run_measurement
+from brats_tf.config import PRECISIONS
+from data_pipeline.io_utils import write_json_atomic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
-                  "Configurations, each path:crop|full[:tta][@precision], path keras or "
-                  "saved_model, precision as --precision.")
+flags.DEFINE_list(
+    "configs",
+    ["keras:crop", "keras:full", "saved_model:crop", "keras:crop:tta"],
+    "Configurations, each path:crop|full[:tta][@precision], path keras or "
+    "saved_model, precision as --precision.",
+)
 flags.DEFINE_integer("repeats", 2, "Timed calls after the first (tracing) call.", lower_bound=1)
 flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
-flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
-                  "Keras dtype policy the network computes in, unless a configuration names "
-                  "one (mixed_float16: GPU; mixed_bfloat16: CPUs with AVX512-BF16/AMX or GPUs).")
-flags.DEFINE_boolean("breakdown", False, "Also time the parts of a call apart (no TTA): "
-                     "the NumPy case to a host tensor (tf.constant), the copy to the device, "
-                     "normalisation + box + padding, the network, crop back + paste + labels "
-                     "+ copy back (the 'parts').")
+flags.DEFINE_enum(
+    "precision",
+    "float32",
+    list(PRECISIONS),
+    "Keras dtype policy the network computes in, unless a configuration names "
+    "one (mixed_float16: GPU; mixed_bfloat16: CPUs with AVX512-BF16/AMX or GPUs).",
+)
+flags.DEFINE_boolean(
+    "breakdown",
+    False,
+    "Also time the parts of a call apart (no TTA): "
+    "the NumPy case to a host tensor (tf.constant), the copy to the device, "
+    "normalisation + box + padding, the network, crop back + paste + labels "
+    "+ copy back (the 'parts').",
+)
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
-flags.DEFINE_string("case_dir", None, "A real case's folder (BraTS layout) instead of the "
-                    "synthetic case.")
+flags.DEFINE_string(
+    "case_dir", None, "A real case's folder (BraTS layout) instead of the synthetic case."
+)
 flags.DEFINE_string("_single", None, "Internal: run this one configuration in this process.")
 
 
 def _parse(text: str, precision: str) -> dict:
     config, _, named = text.partition("@")
     parts = config.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in ("keras", "saved_model") or \
-            parts[1] not in ("crop", "full") or (len(parts) == 3 and parts[2] != "tta") or \
-            (named and named not in PRECISIONS):
-        raise app.UsageError(f"--configs: bad entry {text!r}; use path:crop|full[:tta]"
-                             f"[@precision] with path keras or saved_model, precision one of "
-                             f"{', '.join(PRECISIONS)}")
-    return {"path": parts[0], "crop_to_brain": parts[1] == "crop", "tta": len(parts) == 3,
-            "precision": named or precision}
+    if (
+        len(parts) not in (2, 3)
+        or parts[0] not in ("keras", "saved_model")
+        or parts[1] not in ("crop", "full")
+        or (len(parts) == 3 and parts[2] != "tta")
+        or (named and named not in PRECISIONS)
+    ):
+        raise app.UsageError(
+            f"--configs: bad entry {text!r}; use path:crop|full[:tta]"
+            f"[@precision] with path keras or saved_model, precision one of "
+            f"{', '.join(PRECISIONS)}"
+        )
+    return {
+        "path": parts[0],
+        "crop_to_brain": parts[1] == "crop",
+        "tta": len(parts) == 3,
+        "precision": named or precision,
+    }
 
 
 def _case():
@@ -181,10 +203,10 @@ def _run_one(config: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from data_pipeline import volume
     from brats_tf import inference
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_inference_model, build_model
+    from data_pipeline import volume
 
     image, _ = _case()
     keras.utils.set_random_seed(0)
@@ -197,16 +219,18 @@ def _run_one(config: dict) -> dict:
     if config["path"] == "keras":
 
         def predict():
-            probs = inference.predict_volume(segmenter, image, tta=config["tta"],
-                                             crop_to_brain=config["crop_to_brain"])
+            probs = inference.predict_volume(
+                segmenter, image, tta=config["tta"], crop_to_brain=config["crop_to_brain"]
+            )
             return inference.probabilities_to_labels(probs)
     else:
-        version = inference.export_saved_model(model, tmp.name,
-                                               crop_to_brain=config["crop_to_brain"],
-                                               precision=precision)
+        version = inference.export_saved_model(
+            model, tmp.name, crop_to_brain=config["crop_to_brain"], precision=precision
+        )
         del model
         fn = tf.saved_model.load(str(version)).signatures[
-            "serving_tta" if config["tta"] else "serving_default"]
+            "serving_tta" if config["tta"] else "serving_default"
+        ]
 
         def predict():
             return fn(image=tf.constant(image[None]))["labels"].numpy()[0]
@@ -229,8 +253,9 @@ def _run_one(config: dict) -> dict:
         "crop_to_brain": config["crop_to_brain"],
         "tta": config["tta"],
         "input": "x".join(map(str, image.shape)),
-        "network_input": "x".join(str(-(-n // 8) * 8) for n in (
-            size if config["crop_to_brain"] else image.shape[:3])),
+        "network_input": "x".join(
+            str(-(-n // 8) * 8) for n in (size if config["crop_to_brain"] else image.shape[:3])
+        ),
         "init_filters": FLAGS.init_filters,
         "precision": precision,
         "device": device_name(),
@@ -253,29 +278,45 @@ def main(argv):
         return
     configs = [(c, _parse(c, FLAGS.precision)) for c in FLAGS.configs]
     machine = describe()
-    print(f"machine: {machine}; case: {FLAGS.case_dir or 'synthetic'}; width "
-          f"{FLAGS.init_filters}")
+    print(f"machine: {machine}; case: {FLAGS.case_dir or 'synthetic'}; width {FLAGS.init_filters}")
     results = []
     for text, _ in configs:
-        args = [sys.executable, os.path.abspath(__file__), f"--_single={text}",
-                f"--repeats={FLAGS.repeats}", f"--init_filters={FLAGS.init_filters}",
-                f"--precision={FLAGS.precision}", f"--breakdown={FLAGS.breakdown}"]
+        args = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--_single={text}",
+            f"--repeats={FLAGS.repeats}",
+            f"--init_filters={FLAGS.init_filters}",
+            f"--precision={FLAGS.precision}",
+            f"--breakdown={FLAGS.breakdown}",
+        ]
         if FLAGS.case_dir:
             args.append(f"--case_dir={FLAGS.case_dir}")
         print(f"running {text} ...", flush=True)
         r = run_measurement(args, text)
         results.append(r)
-        print(f"  {r['path']:<11} {'crop' if r['crop_to_brain'] else 'full':<4} "
-              f"{'tta' if r['tta'] else 'one':<3} {r['precision']}: {r['seconds']:.3g} s per case "
-              f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
-              f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
+        print(
+            f"  {r['path']:<11} {'crop' if r['crop_to_brain'] else 'full':<4} "
+            f"{'tta' if r['tta'] else 'one':<3} {r['precision']}: {r['seconds']:.3g} s per case "
+            f"(first call {r['first_call_s']:.1f} s), network input {r['network_input']}, "
+            f"peak RSS {r['peak_rss_gib']} GiB",
+            flush=True,
+        )
         if "parts" in r:
-            print("    parts: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["parts"].items()),
-                  flush=True)
+            print(
+                "    parts: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["parts"].items()),
+                flush=True,
+            )
     if FLAGS.json_out:
-        write_json_atomic(FLAGS.json_out, {"machine": machine, "case": FLAGS.case_dir or
-                                           "synthetic", "init_filters": FLAGS.init_filters,
-                                           "results": results})
+        write_json_atomic(
+            FLAGS.json_out,
+            {
+                "machine": machine,
+                "case": FLAGS.case_dir or "synthetic",
+                "init_filters": FLAGS.init_filters,
+                "results": results,
+            },
+        )
         print(f"wrote {FLAGS.json_out}")
 
 

@@ -48,12 +48,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-from benchmarks.machine import describe  # noqa: E402
-from data_pipeline.checks import int_flag_list  # noqa: E402
-from data_pipeline.io_utils import write_json_atomic  # noqa: E402
+from benchmarks.machine import describe
+from data_pipeline.checks import int_flag_list
+from data_pipeline.io_utils import write_json_atomic
 
 # name -> (Keras policy, XLA, recompute every level)
 VARIANTS = {
@@ -73,8 +73,12 @@ def define_flags():
     and other programs can import this module)."""
     flags.DEFINE_list("crop", ["160", "192", "128"], "Crop D,H,W of the cases (divisible by 16).")
     flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
-    flags.DEFINE_list("blocks_down", ["1", "2", "2", "4"], "ResNet blocks per encoder level "
-                      "(the paper: 1,2,2,4; 1,1,1,1 halves the graph for smoke runs).")
+    flags.DEFINE_list(
+        "blocks_down",
+        ["1", "2", "2", "4"],
+        "ResNet blocks per encoder level "
+        "(the paper: 1,2,2,4; 1,1,1,1 halves the graph for smoke runs).",
+    )
     flags.DEFINE_integer("steps", 300, "Training steps per variant.", lower_bound=1)
     flags.DEFINE_integer("log_every", 10, "Steps per curve point (K).", lower_bound=1)
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of {', '.join(VARIANTS)}.")
@@ -83,9 +87,13 @@ def define_flags():
     flags.DEFINE_integer("num_train_cases", 8, "Synthetic training cases.", lower_bound=1)
     flags.DEFINE_integer("num_heldout_cases", 2, "Synthetic held-out cases.", lower_bound=1)
     flags.DEFINE_float("lr", 1e-4, "Adam's learning rate (fixed).", lower_bound=0.0)
-    flags.DEFINE_float("time_limit_s", 3600.0, "Per variant: no new step after this many seconds "
-                       "(the held-out Dice is still taken); the subprocess is killed 600 s later.",
-                       lower_bound=1.0)
+    flags.DEFINE_float(
+        "time_limit_s",
+        3600.0,
+        "Per variant: no new step after this many seconds "
+        "(the held-out Dice is still taken); the subprocess is killed 600 s later.",
+        lower_bound=1.0,
+    )
     flags.DEFINE_string("_variant", None, "Internal: run this one variant in this process.")
     flags.DEFINE_boolean("_prepare", False, "Internal: write the data and initial weights.")
 
@@ -100,8 +108,8 @@ def make_cases(crop, first: int, count: int, seed: int):
     ...), normalised per channel over the brain (§3.7) and as WT/TC/ET
     masks: (images float32 [N, D, H, W, 4], labels uint8 [N, D, H, W, 3])."""
     from data_pipeline.constants import MODALITIES
-    from data_pipeline.volume import labels_to_regions, normalize_nonzero
     from data_pipeline.synthetic import make_case
+    from data_pipeline.volume import labels_to_regions, normalize_nonzero
 
     images, labels = [], []
     for n in range(first, first + count):
@@ -121,12 +129,17 @@ def case_order(steps: int, num_cases: int, seed: int) -> list[int]:
     return order[:steps]
 
 
-def model_config(crop, init_filters: int, seed: int, recompute: bool = False,
-                 blocks_down=(1, 2, 2, 4)):
+def model_config(
+    crop, init_filters: int, seed: int, recompute: bool = False, blocks_down=(1, 2, 2, 4)
+):
     from brats_tf.config import ModelConfig
 
-    config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters, seed=seed,
-                         blocks_down=tuple(blocks_down))
+    config = ModelConfig(
+        input_shape=tuple(crop),
+        init_filters=init_filters,
+        seed=seed,
+        blocks_down=tuple(blocks_down),
+    )
     if recompute:
         import dataclasses
 
@@ -134,8 +147,15 @@ def model_config(crop, init_filters: int, seed: int, recompute: bool = False,
     return config
 
 
-def prepare(crop, init_filters: int, seed: int, num_train: int, num_heldout: int,
-            folder: str, blocks_down=(1, 2, 2, 4)) -> dict:
+def prepare(
+    crop,
+    init_filters: int,
+    seed: int,
+    num_train: int,
+    num_heldout: int,
+    folder: str,
+    blocks_down=(1, 2, 2, 4),
+) -> dict:
     """Writes the cases (train.npz, heldout.npz) and the initial float32
     weights (initial.weights.h5) to ``folder``; returns a description."""
     import keras
@@ -158,19 +178,29 @@ def weights_checksum(model) -> float:
 
 
 # ---------------------------------------------------------- one variant
-def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, seed: int,
-                lr: float, folder: str, time_limit_s: float, blocks_down=(1, 2, 2, 4)) -> dict:
+def run_variant(
+    name: str,
+    crop,
+    init_filters: int,
+    steps: int,
+    log_every: int,
+    seed: int,
+    lr: float,
+    folder: str,
+    time_limit_s: float,
+    blocks_down=(1, 2, 2, 4),
+) -> dict:
     """Trains one variant in this process; returns its curves and figures."""
     import keras
     import tensorflow as tf
 
     from benchmarks.machine import device_name
-    from data_pipeline import constants
     from brats_tf import metrics
     from brats_tf.config import LossConfig
     from brats_tf.inference import model_probabilities
     from brats_tf.model import build_inference_model, build_model
     from brats_tf.training import make_optimizer, make_train_step
+    from data_pipeline import constants
 
     precision, jit_compile, recompute = VARIANTS[name]
     keras.mixed_precision.set_global_policy(precision)
@@ -181,8 +211,9 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
     initial_checksum = weights_checksum(model)
     optimizer = make_optimizer(lr, precision)
     region_dice = [metrics.RegionDice(region) for region in constants.REGIONS]
-    step = make_train_step(model, optimizer, LossConfig(), region_dice=region_dice,
-                           jit_compile=jit_compile)
+    step = make_train_step(
+        model, optimizer, LossConfig(), region_dice=region_dice, jit_compile=jit_compile
+    )
     train = np.load(os.path.join(folder, "train.npz"))
     images, labels = train["images"], train["labels"]
     order = case_order(steps, len(images), seed)
@@ -196,8 +227,10 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
         if time.perf_counter() - start > time_limit_s:
             stopped_at = i
             break
-        batch = {"image": tf.constant(images[case:case + 1]),
-                 "label": tf.constant(labels[case:case + 1].astype(np.float32))}
+        batch = {
+            "image": tf.constant(images[case : case + 1]),
+            "label": tf.constant(labels[case : case + 1].astype(np.float32)),
+        }
         t = time.perf_counter()
         stats = {k: float(v.numpy()) for k, v in step(batch).items()}
         step_seconds.append(time.perf_counter() - t)
@@ -228,15 +261,23 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
     timed = step_seconds[1:] or step_seconds
     return {
         "variant": name,
-        "config": {"precision": precision, "jit_compile": jit_compile,
-                   "recompute_levels": config.recompute_levels, "crop": list(crop),
-                   "init_filters": init_filters, "blocks_down": list(config.blocks_down),
-                   "vae": config.vae, "lr": lr, "seed": seed,
-                   "optimizer": type(optimizer).__name__, "params": model.count_params()},
+        "config": {
+            "precision": precision,
+            "jit_compile": jit_compile,
+            "recompute_levels": config.recompute_levels,
+            "crop": list(crop),
+            "init_filters": init_filters,
+            "blocks_down": list(config.blocks_down),
+            "vae": config.vae,
+            "lr": lr,
+            "seed": seed,
+            "optimizer": type(optimizer).__name__,
+            "params": model.count_params(),
+        },
         "device": device_name(),
         "tensorflow": tf.__version__,
         "initial_weights_checksum": initial_checksum,
-        "data_order": order[:len(step_seconds)],
+        "data_order": order[: len(step_seconds)],
         "steps_done": len(step_seconds),
         "stopped_by_time_limit_at": stopped_at,
         "nonfinite_steps": nonfinite,
@@ -250,8 +291,11 @@ def run_variant(name: str, crop, init_filters: int, steps: int, log_every: int, 
         "sec_per_step": round(float(np.median(timed)), 4),
         "step_seconds": [round(s, 4) for s in step_seconds],
         "train_seconds": round(train_seconds, 1),
-        "gpu_peak_gib": (round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30, 2)
-                         if gpus else None),
+        "gpu_peak_gib": (
+            round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30, 2)
+            if gpus
+            else None
+        ),
     }
 
 
@@ -262,14 +306,23 @@ def curves_figure(results: dict) -> np.ndarray:
     from brats_tf.figures import line_panels
 
     names = [n for n, r in results.items() if "curves" in r]
-    panels = [(key, [(name, results[name]["curves"]["step"], results[name]["curves"][key])
-                     for name in names]) for key in CURVES]
+    panels = [
+        (
+            key,
+            [
+                (name, results[name]["curves"]["step"], results[name]["curves"][key])
+                for name in names
+            ],
+        )
+        for key in CURVES
+    ]
     legend = []
     for name in names:
         text = name
         if "heldout_dice" in results[name]:
             text += "  HELD-OUT DICE WT {WT:.3f} TC {TC:.3f} ET {ET:.3f}".format(
-                **results[name]["heldout_dice"])
+                **results[name]["heldout_dice"]
+            )
         legend.append(text)
     return line_panels(panels, x_label="STEP", legend=legend)
 
@@ -315,8 +368,14 @@ def _child(args: list[str], timeout: float, env: dict | None = None) -> dict:
     as JSON, or {"error": ...} when it fails or runs past ``timeout``."""
     command = [sys.executable, os.path.abspath(__file__)] + args
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})}, check=False)
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"killed after {timeout:.0f} s"}
     if proc.returncode:
@@ -329,8 +388,10 @@ def main(argv):
         _fail(f"unexpected arguments: {argv[1:]}")
     crop = _int_list("crop", count=3, minimum=16, multiple=16)
     if FLAGS.init_filters % 8:
-        _fail(f"--init_filters must be divisible by 8 (the GroupNorm groups), "
-                             f"got {FLAGS.init_filters}")
+        _fail(
+            f"--init_filters must be divisible by 8 (the GroupNorm groups), "
+            f"got {FLAGS.init_filters}"
+        )
     unknown = [v for v in FLAGS.variants if v not in VARIANTS]
     if unknown or not FLAGS.variants:
         _fail(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -338,54 +399,92 @@ def main(argv):
         _fail("--out_dir is required")
     blocks_down = _int_list("blocks_down", count=4, minimum=1)  # the paper's 4 levels
     folder = data_dir(FLAGS.out_dir)
-    common = dict(crop=crop, init_filters=FLAGS.init_filters, seed=FLAGS.seed,
-                  blocks_down=blocks_down)
+    common = dict(
+        crop=crop, init_filters=FLAGS.init_filters, seed=FLAGS.seed, blocks_down=blocks_down
+    )
     if FLAGS._prepare:
-        print(json.dumps(prepare(folder=folder, num_train=FLAGS.num_train_cases,
-                                 num_heldout=FLAGS.num_heldout_cases, **common)))
+        print(
+            json.dumps(
+                prepare(
+                    folder=folder,
+                    num_train=FLAGS.num_train_cases,
+                    num_heldout=FLAGS.num_heldout_cases,
+                    **common,
+                )
+            )
+        )
         return
     if FLAGS._variant:
-        print(json.dumps(run_variant(FLAGS._variant, steps=FLAGS.steps, lr=FLAGS.lr,
-                                     log_every=FLAGS.log_every, folder=folder,
-                                     time_limit_s=FLAGS.time_limit_s, **common)))
+        print(
+            json.dumps(
+                run_variant(
+                    FLAGS._variant,
+                    steps=FLAGS.steps,
+                    lr=FLAGS.lr,
+                    log_every=FLAGS.log_every,
+                    folder=folder,
+                    time_limit_s=FLAGS.time_limit_s,
+                    **common,
+                )
+            )
+        )
         return
 
-    flag_args = [f"--{name}={FLAGS[name].value}" for name in (
-        "init_filters", "steps", "log_every", "out_dir", "seed", "num_train_cases",
-        "num_heldout_cases", "lr", "time_limit_s")] + [
-        f"--crop={','.join(map(str, crop))}", f"--blocks_down={','.join(map(str, blocks_down))}"]
+    flag_args = [
+        f"--{name}={FLAGS[name].value}"
+        for name in (
+            "init_filters",
+            "steps",
+            "log_every",
+            "out_dir",
+            "seed",
+            "num_train_cases",
+            "num_heldout_cases",
+            "lr",
+            "time_limit_s",
+        )
+    ] + [f"--crop={','.join(map(str, crop))}", f"--blocks_down={','.join(map(str, blocks_down))}"]
     machine = describe()
     print(f"machine: {machine}; writing to {FLAGS.out_dir}", flush=True)
     # The data and initial weights on the CPU: no GPU memory held meanwhile.
-    prepared = _child(flag_args + ["--_prepare"], timeout=3600,
-                      env={"CUDA_VISIBLE_DEVICES": ""})
+    prepared = _child(flag_args + ["--_prepare"], timeout=3600, env={"CUDA_VISIBLE_DEVICES": ""})
     if "error" in prepared:
         sys.exit(f"preparing the data failed: {prepared['error']}")
     results = {}
     for name in FLAGS.variants:
         print(f"{name} ...", flush=True)
         start = time.perf_counter()
-        results[name] = _child(flag_args + [f"--_variant={name}"],
-                               timeout=FLAGS.time_limit_s + 600)
+        results[name] = _child(flag_args + [f"--_variant={name}"], timeout=FLAGS.time_limit_s + 600)
         r = results[name]
         if "error" in r:
-            print(f"  {name} failed: {r['error'].splitlines()[-1] if r['error'] else ''}",
-                  flush=True)
+            print(
+                f"  {name} failed: {r['error'].splitlines()[-1] if r['error'] else ''}", flush=True
+            )
             continue
-        print(f"  {r['steps_done']} steps, {r['sec_per_step']} s/step (first "
-              f"{r['first_step_s']} s), loss {r['curves']['loss'][0]:.4f} -> "
-              f"{r['curves']['loss'][-1]:.4f}, held-out Dice " + " ".join(
-                  f"{k} {v:.3f}" for k, v in r["heldout_dice"].items())
-              + f", {time.perf_counter() - start:.0f} s in all", flush=True)
+        print(
+            f"  {r['steps_done']} steps, {r['sec_per_step']} s/step (first "
+            f"{r['first_step_s']} s), loss {r['curves']['loss'][0]:.4f} -> "
+            f"{r['curves']['loss'][-1]:.4f}, held-out Dice "
+            + " ".join(f"{k} {v:.3f}" for k, v in r["heldout_dice"].items())
+            + f", {time.perf_counter() - start:.0f} s in all",
+            flush=True,
+        )
     payload = {
         "machine": machine,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "flags": {"crop": list(crop), "init_filters": FLAGS.init_filters,
-                  "blocks_down": list(blocks_down), "steps": FLAGS.steps,
-                  "log_every": FLAGS.log_every, "seed": FLAGS.seed, "lr": FLAGS.lr,
-                  "num_train_cases": FLAGS.num_train_cases,
-                  "num_heldout_cases": FLAGS.num_heldout_cases,
-                  "time_limit_s": FLAGS.time_limit_s, "variants": list(FLAGS.variants)},
+        "flags": {
+            "crop": list(crop),
+            "init_filters": FLAGS.init_filters,
+            "blocks_down": list(blocks_down),
+            "steps": FLAGS.steps,
+            "log_every": FLAGS.log_every,
+            "seed": FLAGS.seed,
+            "lr": FLAGS.lr,
+            "num_train_cases": FLAGS.num_train_cases,
+            "num_heldout_cases": FLAGS.num_heldout_cases,
+            "time_limit_s": FLAGS.time_limit_s,
+            "variants": list(FLAGS.variants),
+        },
         "data": prepared,
         "variants": results,
         "summary": summarize(results),

@@ -13,7 +13,6 @@ import sys
 import time
 
 
-
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
     """The CPU's feature flags from the first ``flags`` line of a Linux
     cpuinfo file; empty where there is none (other systems). For the
@@ -35,13 +34,20 @@ def describe() -> str:
     cpu = None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), None)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None
+            )
     except OSError:
         pass
     flags = cpu_flags()
-    isa = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"),
-                                        ("avx2", "AVX2")) if flag in flags), "")
+    isa = next(
+        (
+            name
+            for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+            if flag in flags
+        ),
+        "",
+    )
     cpu = cpu or platform.processor() or "unknown CPU"
     text = f"{cpu}, {os.cpu_count()} logical cores" + (f", {isa}" if isa else "")
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
@@ -70,8 +76,9 @@ def run_measurement(args: list[str], what: str, env: dict | None = None) -> dict
     """Runs ``args`` (a benchmark re-invoking itself for one measurement), with
     ``env`` added to the environment; returns the JSON object on its last
     stdout line. Exits with the tail of its stderr if it fails."""
-    proc = subprocess.run(args, capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        args, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
+    )
     if proc.returncode:
         sys.exit(f"benchmark {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,8 +89,9 @@ def paired_fraction(step_seconds: list[float], probes: list[float], flop: float)
     reference): step i is compared with max(probes[i], probes[i + 1]), the
     faster of the products timed just before and just after it."""
     if len(probes) != len(step_seconds) + 1:
-        raise ValueError(f"{len(step_seconds)} steps need {len(step_seconds) + 1} probes, "
-                         f"got {len(probes)}")
+        raise ValueError(
+            f"{len(step_seconds)} steps need {len(step_seconds) + 1} probes, got {len(probes)}"
+        )
     refs = [max(probes[i], probes[i + 1]) for i in range(len(step_seconds))]
     fractions = [flop / 1e9 / s / r for s, r in zip(step_seconds, refs)]
     return statistics.median(fractions), statistics.median(refs)
@@ -107,15 +115,17 @@ def paper_training_step(crop: tuple, init_filters: int = 32, recompute_levels: i
     from brats_tf.model import build_model
     from brats_tf.training import make_optimizer, make_train_step
 
-    config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters,
-                         recompute_levels=recompute_levels)
+    config = ModelConfig(
+        input_shape=tuple(crop), init_filters=init_filters, recompute_levels=recompute_levels
+    )
     keras.utils.set_random_seed(0)
     model = build_model(config)
     optimizer = make_optimizer(1e-4, keras.mixed_precision.global_policy().name)
     rng = np.random.default_rng(0)
-    batch = {"image": tf.constant(rng.normal(size=(1,) + tuple(crop) + (4,)).astype(np.float32)),
-             "label": tf.constant((rng.random((1,) + tuple(crop) + (3,)) > 0.9)
-                                  .astype(np.float32))}
+    batch = {
+        "image": tf.constant(rng.normal(size=(1,) + tuple(crop) + (4,)).astype(np.float32)),
+        "label": tf.constant((rng.random((1,) + tuple(crop) + (3,)) > 0.9).astype(np.float32)),
+    }
 
     def make_step(jit_compile: bool = False):
         step = make_train_step(model, optimizer, LossConfig(), jit_compile=jit_compile)

@@ -35,31 +35,49 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from benchmarks.machine import (  # noqa: E402
-    describe, device_name, paired_fraction, paper_training_step, run_measurement)
-from brats_tf.config import PRECISIONS  # noqa: E402
-from data_pipeline.checks import int_flag_list  # noqa: E402
-from data_pipeline.io_utils import write_json_atomic  # noqa: E402
+from benchmarks.machine import (
+    describe,
+    device_name,
+    paired_fraction,
+    paper_training_step,
+    run_measurement,
+)
+from brats_tf.config import PRECISIONS
+from data_pipeline.checks import int_flag_list
+from data_pipeline.io_utils import write_json_atomic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("crops", ["64,64,64", "160,192,128"],
-                  "Crops to time, each 'D,H,W' (separate several with ';' on the command line "
-                  "or repeat the list with commas in groups of three).")
+flags.DEFINE_list(
+    "crops",
+    ["64,64,64", "160,192,128"],
+    "Crops to time, each 'D,H,W' (separate several with ';' on the command line "
+    "or repeat the list with commas in groups of three).",
+)
 flags.DEFINE_integer("init_filters", 32, "Network width (the paper: 32).", lower_bound=8)
 flags.DEFINE_integer("steps", 3, "Timed steps per crop.", lower_bound=1)
-flags.DEFINE_integer("warmup", 1, "Untimed steps first (tracing, allocator warm-up).",
-                     lower_bound=1)
-flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
-                  "Keras dtype policy.")
+flags.DEFINE_integer(
+    "warmup", 1, "Untimed steps first (tracing, allocator warm-up).", lower_bound=1
+)
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA (slow on CPU).")
-flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the ResNet blocks of "
-                     "the finest levels (train.py --recompute); 0: off.", lower_bound=0)
-flags.DEFINE_integer("matmul_n", 4096, "Size of the reference float32 matrix product.",
-                     lower_bound=256)
-flags.DEFINE_integer("gpu_memory_limit_mb", None, "GPU only: cap the first GPU's memory (e.g. "
-                     "16000 to check that a step fits a 16 GB card).", lower_bound=256)
+flags.DEFINE_integer(
+    "recompute_levels",
+    0,
+    "Gradient checkpointing of the ResNet blocks of "
+    "the finest levels (train.py --recompute); 0: off.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "matmul_n", 4096, "Size of the reference float32 matrix product.", lower_bound=256
+)
+flags.DEFINE_integer(
+    "gpu_memory_limit_mb",
+    None,
+    "GPU only: cap the first GPU's memory (e.g. 16000 to check that a step fits a 16 GB card).",
+    lower_bound=256,
+)
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_string("_single", None, "Internal: time this one crop in this process.")
 
@@ -118,7 +136,8 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     if gpus and FLAGS.gpu_memory_limit_mb:
         tf.config.set_logical_device_configuration(
-            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=FLAGS.gpu_memory_limit_mb)])
+            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=FLAGS.gpu_memory_limit_mb)]
+        )
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     probe = _MatmulProbe(FLAGS.matmul_n)
@@ -144,8 +163,7 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
         tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
     except ValueError:  # no allocator statistics (e.g. TF_ENABLE_ONEDNN_OPTS=0)
         pass
-    gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
-                if gpus else None)
+    gpu_peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30 if gpus else None
     gflop = flops.train_step_flops(model) / 1e9
     paired = paired_fraction(times, probes, gflop * 1e9)
     return {
@@ -181,7 +199,8 @@ def _time_one(crop: tuple[int, int, int]) -> dict:
 def _parse_crops(values: list[str]) -> list[tuple[int, int, int]]:
     try:
         numbers = int_flag_list(
-            "crops", [v for item in values for v in item.replace(";", ",").split(",") if v])
+            "crops", [v for item in values for v in item.replace(";", ",").split(",") if v]
+        )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if not numbers or len(numbers) % 3:
@@ -203,8 +222,16 @@ def main(argv):
     results = []
     for crop in _parse_crops(FLAGS.crops):
         args = [sys.executable, os.path.abspath(__file__), f"--_single={','.join(map(str, crop))}"]
-        for name in ("init_filters", "steps", "warmup", "precision", "jit_compile", "matmul_n",
-                     "recompute_levels", "gpu_memory_limit_mb"):
+        for name in (
+            "init_filters",
+            "steps",
+            "warmup",
+            "precision",
+            "jit_compile",
+            "matmul_n",
+            "recompute_levels",
+            "gpu_memory_limit_mb",
+        ):
             if FLAGS[name].value is not None:
                 args.append(f"--{name}={FLAGS[name].value}")
         print(f"timing crop {crop} ...", flush=True)
@@ -220,11 +247,17 @@ def main(argv):
             f"timed next to it; against the one at the start: "
             f"{100 * result['fraction_of_start_matmul']:.0f}% of "
             f"{result['start_matmul_gflops']:.1f})"
-            + (f" (NumPy's {result['numpy_matmul_gflops']:.1f})"
-               if result.get("numpy_matmul_gflops") else "")
+            + (
+                f" (NumPy's {result['numpy_matmul_gflops']:.1f})"
+                if result.get("numpy_matmul_gflops")
+                else ""
+            )
             + f", peak RSS {result['peak_rss_gib']} GiB"
-            + (f" (tensors {result['cpu_tensor_peak_gib']} GiB)"
-               if result.get("cpu_tensor_peak_gib") else "")
+            + (
+                f" (tensors {result['cpu_tensor_peak_gib']} GiB)"
+                if result.get("cpu_tensor_peak_gib")
+                else ""
+            )
             + (f", GPU peak {result['gpu_peak_gib']} GiB" if result["gpu_peak_gib"] else ""),
             flush=True,
         )

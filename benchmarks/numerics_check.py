@@ -45,7 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 # Bounds per check, by what is compared: (relative L2, max relative, min cosine).
 # u32 = 2**-24 = 6e-8 (float32 unit roundoff), u16 = 2**-11 = 4.9e-4 (float16,
@@ -124,10 +124,16 @@ def judge(metrics: dict, bound: str, slack: float = 1.0) -> dict:
     """``metrics`` with the bounds and ``passed``; ``slack`` multiplies the
     relative-error bounds and 1 - cosine."""
     rel_l2, max_rel, cosine = BOUNDS[bound]
-    bounds = {"rel_l2": rel_l2 * slack, "max_rel": max_rel * slack,
-              "cosine": 1 - (1 - cosine) * slack}
-    passed = (metrics["rel_l2"] <= bounds["rel_l2"] and metrics["max_rel"] <= bounds["max_rel"]
-              and metrics["cosine"] >= bounds["cosine"])
+    bounds = {
+        "rel_l2": rel_l2 * slack,
+        "max_rel": max_rel * slack,
+        "cosine": 1 - (1 - cosine) * slack,
+    }
+    passed = (
+        metrics["rel_l2"] <= bounds["rel_l2"]
+        and metrics["max_rel"] <= bounds["max_rel"]
+        and metrics["cosine"] >= bounds["cosine"]
+    )
     return {**metrics, "bound": bound, "bounds": bounds, "passed": bool(passed)}
 
 
@@ -184,15 +190,17 @@ def groupnorm_reference(x, gamma, beta, groups, epsilon, dy):
     xhat = (xg - mu) / sigma
     y = xhat.reshape(x.shape) * gamma + beta
     g = (dy * gamma).reshape(shape)
-    dx = (g - g.mean(axis=(1, 3), keepdims=True)
-          - xhat * (g * xhat).mean(axis=(1, 3), keepdims=True)) / sigma
+    dx = (
+        g - g.mean(axis=(1, 3), keepdims=True) - xhat * (g * xhat).mean(axis=(1, 3), keepdims=True)
+    ) / sigma
     dgamma = (dy * xhat.reshape(x.shape)).reshape(-1, c).sum(axis=0)
     dbeta = dy.reshape(-1, c).sum(axis=0)
     return y, dx.reshape(x.shape), dgamma, dbeta
 
 
-def check_groupnorm(shape=(2, 8, 8, 8, 32), groups=8, precision="float32", seed=0,
-                    slack=1.0) -> dict:
+def check_groupnorm(
+    shape=(2, 8, 8, 8, 32), groups=8, precision="float32", seed=0, slack=1.0
+) -> dict:
     """brats_tf.layers.GroupNorm (on the default device, under ``precision``)
     against groupnorm_reference: the output and the gradients of
     sum(y * dy) for input, gamma and beta. Inputs far from zero (mean 3) and
@@ -226,8 +234,10 @@ def check_groupnorm(shape=(2, 8, 8, 8, 32), groups=8, precision="float32", seed=
     bound = "gn_float32" if precision == "float32" else f"gn_{precision}"
     slack = slack if precision == "mixed_float16" else 1.0
     got = [y, dx, dgamma, dbeta]
-    return {name: judge(compare(tf.cast(g, tf.float64).numpy(), r), bound, slack)
-            for name, g, r in zip(("forward", "grad_input", "grad_gamma", "grad_beta"), got, ref)}
+    return {
+        name: judge(compare(tf.cast(g, tf.float64).numpy(), r), bound, slack)
+        for name, g, r in zip(("forward", "grad_input", "grad_gamma", "grad_beta"), got, ref)
+    }
 
 
 # ---------------------------------------------- float64 reference network
@@ -244,8 +254,9 @@ class Float64Reference:
 
         self.tf = tf
         self.variables = list(variables)
-        self.params = {id(v): tf.constant(np.asarray(v.numpy(), np.float64))
-                       for v in self.variables}
+        self.params = {
+            id(v): tf.constant(np.asarray(v.numpy(), np.float64)) for v in self.variables
+        }
         self.regularization = []
 
     def p(self, variable):
@@ -327,20 +338,36 @@ class Float64Reference:
         tf = self.tf
         seg, recon, z_mean, z_log_var = outputs
         axes = [1, 2, 3]
-        dice = tf.reduce_sum(1.0 - 2.0 * tf.reduce_sum(labels * seg, axes) / (
-            tf.reduce_sum(labels**2, axes) + tf.reduce_sum(seg**2, axes)
-            + loss_config.dice_epsilon), axis=-1)
+        dice = tf.reduce_sum(
+            1.0
+            - 2.0
+            * tf.reduce_sum(labels * seg, axes)
+            / (
+                tf.reduce_sum(labels**2, axes)
+                + tf.reduce_sum(seg**2, axes)
+                + loss_config.dice_epsilon
+            ),
+            axis=-1,
+        )
         l2 = tf.reduce_mean((image - recon) ** 2, axis=[1, 2, 3, 4])
         voxels = float(np.prod(image.shape[1:4]))
         kl = tf.reduce_sum(z_mean**2 + tf.exp(z_log_var) - z_log_var - 1.0, axis=-1) / voxels
-        total = (loss_config.dice_weight * dice + loss_config.l2_weight * l2
-                 + loss_config.kl_weight * kl)
+        total = (
+            loss_config.dice_weight * dice + loss_config.l2_weight * l2 + loss_config.kl_weight * kl
+        )
         return tf.reduce_mean(total), tf.add_n(self.regularization)
 
 
 # ------------------------------------------------------------ ResNet block
-def check_resnet_block(shape=(1, 8, 8, 8, 16), groups=8, precision="float32", tf32=False,
-                       seed=0, reference_device=None, slack=1.0) -> dict:
+def check_resnet_block(
+    shape=(1, 8, 8, 8, 16),
+    groups=8,
+    precision="float32",
+    tf32=False,
+    seed=0,
+    reference_device=None,
+    slack=1.0,
+) -> dict:
     """brats_tf.layers.ResNetBlock on the device (float32, TF32 on or off, or
     mixed_float16) against Float64Reference.block with the same weights:
     the output and the gradients of sum(y * dy) for the input and every
@@ -377,8 +404,10 @@ def check_resnet_block(shape=(1, 8, 8, 8, 16), groups=8, precision="float32", tf
         ref_grads = [g.numpy() for g in tape.gradient(objective, watched)]
     bound, slack = _bound("block", precision, tf32, slack)
     grad_bound = "block_grad_mixed_float16" if precision == "mixed_float16" else bound
-    return {"forward": judge(compare(got_y, y64.numpy()), bound, slack),
-            "gradients": judge(compare(got_grads, ref_grads), grad_bound, slack)}
+    return {
+        "forward": judge(compare(got_y, y64.numpy()), bound, slack),
+        "gradients": judge(compare(got_grads, ref_grads), grad_bound, slack),
+    }
 
 
 def _bound(kind: str, precision: str, tf32: bool, slack: float) -> tuple[str, float]:
@@ -402,12 +431,15 @@ def gradient_capture_optimizer():
             if self.built:
                 return
             super().build(variables)
-            self.captured = [self.add_variable_from_reference(v, "gradient", initializer="zeros")
-                             for v in variables]
+            self.captured = [
+                self.add_variable_from_reference(v, "gradient", initializer="zeros")
+                for v in variables
+            ]
 
         def update_step(self, gradient, variable, learning_rate):
             self.captured[self._get_variable_index(variable)].assign(
-                keras.ops.cast(gradient, "float32"))
+                keras.ops.cast(gradient, "float32")
+            )
 
     return GradientCapture()
 
@@ -431,8 +463,7 @@ def make_step_case(crop=(16, 16, 16), init_filters=8, seed=0) -> StepCase:
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
 
-    config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters, dropout=0.0,
-                         seed=seed)
+    config = ModelConfig(input_shape=tuple(crop), init_filters=init_filters, dropout=0.0, seed=seed)
     with policy("float32"):
         keras.utils.set_random_seed(seed)
         model = build_model(config)
@@ -454,8 +485,9 @@ def _fixed_draw_state(seed: int) -> np.ndarray:
     return np.array([seed, 7], dtype=np.int64)
 
 
-def step_gradients(case: StepCase, precision="float32", tf32=False, recompute=False,
-                   jit_compile=False, seed=0) -> tuple[list, dict, object]:
+def step_gradients(
+    case: StepCase, precision="float32", tf32=False, recompute=False, jit_compile=False, seed=0
+) -> tuple[list, dict, object]:
     """Gradients of one ``make_train_step`` step (unscaled under
     mixed_float16), its loss terms, and the model. VDraw's generator state is
     set to the same fixed value before the step, as for the reference."""
@@ -471,8 +503,9 @@ def step_gradients(case: StepCase, precision="float32", tf32=False, recompute=Fa
     with policy(precision, tf32):
         model = build_model(config)
         model.set_weights(case.weights)
-        optimizer = make_optimizer(None, precision,
-                                   optimizer_fn=lambda _: gradient_capture_optimizer())
+        optimizer = make_optimizer(
+            None, precision, optimizer_fn=lambda _: gradient_capture_optimizer()
+        )
         optimizer.build(model.trainable_variables)
         capture = getattr(optimizer, "inner_optimizer", optimizer)
         step = make_train_step(model, optimizer, LossConfig(), jit_compile=jit_compile)
@@ -519,13 +552,20 @@ def reference_gradients(case: StepCase, model, seed=0, device=None) -> tuple[lis
     return [g.numpy() for g in grads], float(loss.numpy())
 
 
-def check_training_step(case: StepCase, precision="float32", tf32=False, jit_compile=False,
-                        seed=0, reference_device=None, slack=1.0, cache=None) -> dict:
+def check_training_step(
+    case: StepCase,
+    precision="float32",
+    tf32=False,
+    jit_compile=False,
+    seed=0,
+    reference_device=None,
+    slack=1.0,
+    cache=None,
+) -> dict:
     """One step's gradients (all variables as one vector) and its loss
     against the float64 reference. ``cache``: a dict that keeps the
     reference (it depends only on ``case``) between calls."""
-    grads, stats, model = step_gradients(case, precision, tf32, jit_compile=jit_compile,
-                                         seed=seed)
+    grads, stats, model = step_gradients(case, precision, tf32, jit_compile=jit_compile, seed=seed)
     cache = {} if cache is None else cache
     if not tf32 and not jit_compile:  # check_recompute's plain step; float16 vs float32
         cache[f"{precision}_step"] = (grads, stats)
@@ -533,9 +573,12 @@ def check_training_step(case: StepCase, precision="float32", tf32=False, jit_com
         cache["reference"] = reference_gradients(case, model, seed, reference_device)
     ref_grads, ref_loss = cache["reference"]
     bound, slack = _bound("step", precision, tf32, slack)
-    return {"gradients": judge(compare(grads, ref_grads), bound, slack),
-            "loss": judge(compare([stats["loss"]], [ref_loss]), bound, slack),
-            "loss_value": stats["loss"], "reference_loss": ref_loss}
+    return {
+        "gradients": judge(compare(grads, ref_grads), bound, slack),
+        "loss": judge(compare([stats["loss"]], [ref_loss]), bound, slack),
+        "loss_value": stats["loss"],
+        "reference_loss": ref_loss,
+    }
 
 
 def check_recompute(case: StepCase, seed=0, plain=None) -> dict:
@@ -546,15 +589,25 @@ def check_recompute(case: StepCase, seed=0, plain=None) -> dict:
         plain = step_gradients(case, "float32", False, recompute=False, seed=seed)[:2]
     plain, plain_stats = plain
     again, again_stats, _ = step_gradients(case, "float32", False, recompute=True, seed=seed)
-    return {"gradients": judge(compare(again, plain), "recompute_float32"),
-            "loss": judge(compare([again_stats["loss"]], [plain_stats["loss"]]),
-                          "recompute_float32")}
+    return {
+        "gradients": judge(compare(again, plain), "recompute_float32"),
+        "loss": judge(compare([again_stats["loss"]], [plain_stats["loss"]]), "recompute_float32"),
+    }
 
 
 # ----------------------------------------------------------------- driver
-def run_checks(gn_shape=(2, 8, 8, 8, 32), block_shape=(1, 8, 8, 8, 16), crop=(16, 16, 16),
-               init_filters=8, seed=0, reference_device=None, float16_slack=1.0,
-               mixed_float16=True, jit_compile=False, log=print) -> list[dict]:
+def run_checks(
+    gn_shape=(2, 8, 8, 8, 32),
+    block_shape=(1, 8, 8, 8, 16),
+    crop=(16, 16, 16),
+    init_filters=8,
+    seed=0,
+    reference_device=None,
+    float16_slack=1.0,
+    mixed_float16=True,
+    jit_compile=False,
+    log=print,
+) -> list[dict]:
     """Every check; one dict per check (name, precision, tf32, results)."""
     import tensorflow as tf
 
@@ -569,44 +622,84 @@ def run_checks(gn_shape=(2, 8, 8, 8, 32), block_shape=(1, 8, 8, 8, 16), crop=(16
     def add(name, precision, tf32, fn, **extra):
         start = time.perf_counter()
         result = fn()
-        entry = {"check": name, "precision": precision, "tf32": tf32,
-                 "seconds": round(time.perf_counter() - start, 2), **extra, "results": result}
+        entry = {
+            "check": name,
+            "precision": precision,
+            "tf32": tf32,
+            "seconds": round(time.perf_counter() - start, 2),
+            **extra,
+            "results": result,
+        }
         checks.append(entry)
         log(summary_line(entry))
 
     for precision, tf32 in precisions:
         if not tf32:  # GroupNorm has no matrix product: TF32 does not touch it
-            add("groupnorm", precision, tf32, lambda: check_groupnorm(
-                gn_shape, 8, precision, seed, float16_slack))
-        add("resnet_block", precision, tf32, lambda: check_resnet_block(
-            block_shape, 8, precision, tf32, seed, reference_device, float16_slack))
+            add(
+                "groupnorm",
+                precision,
+                tf32,
+                lambda: check_groupnorm(gn_shape, 8, precision, seed, float16_slack),
+            )
+        add(
+            "resnet_block",
+            precision,
+            tf32,
+            lambda: check_resnet_block(
+                block_shape, 8, precision, tf32, seed, reference_device, float16_slack
+            ),
+        )
     case = make_step_case(crop, init_filters, seed)
     cache: dict = {}
     for precision, tf32 in precisions:
         for jit in (False, True) if jit_compile else (False,):
-            add("training_step", precision, tf32, lambda: check_training_step(
-                case, precision, tf32, jit, seed, reference_device, float16_slack, cache),
-                jit_compile=jit)
-    add("recompute_vs_plain", "float32", False, lambda: check_recompute(
-        case, seed, cache.get("float32_step")))
+            add(
+                "training_step",
+                precision,
+                tf32,
+                lambda: check_training_step(
+                    case, precision, tf32, jit, seed, reference_device, float16_slack, cache
+                ),
+                jit_compile=jit,
+            )
+    add(
+        "recompute_vs_plain",
+        "float32",
+        False,
+        lambda: check_recompute(case, seed, cache.get("float32_step")),
+    )
     if "mixed_float16_step" in cache and "float32_step" in cache:
         # the target as stated against float32 (TF32 off), whose own error
         # (<= 1e-4) is negligible at float16's bound
-        add("mixed_float16_vs_float32", "mixed_float16", False, lambda: {
-            "gradients": judge(compare(cache["mixed_float16_step"][0],
-                                       cache["float32_step"][0]),
-                               "step_mixed_float16", float16_slack)})
+        add(
+            "mixed_float16_vs_float32",
+            "mixed_float16",
+            False,
+            lambda: {
+                "gradients": judge(
+                    compare(cache["mixed_float16_step"][0], cache["float32_step"][0]),
+                    "step_mixed_float16",
+                    float16_slack,
+                )
+            },
+        )
     if not tf32_applies():
-        checks.append({"check": "tf32", "precision": "float32", "tf32": True,
-                       "results": {}, "note": "TF32 does not apply on this device "
-                       f"({'GPU before compute capability 8.0' if on_gpu else 'CPU'}): "
-                       "the TF32-on run is the TF32-off run"})
+        checks.append(
+            {
+                "check": "tf32",
+                "precision": "float32",
+                "tf32": True,
+                "results": {},
+                "note": "TF32 does not apply on this device "
+                f"({'GPU before compute capability 8.0' if on_gpu else 'CPU'}): "
+                "the TF32-on run is the TF32-off run",
+            }
+        )
     return checks
 
 
 def all_passed(checks: list[dict]) -> bool:
-    return all(r["passed"] for c in checks for r in c["results"].values()
-               if isinstance(r, dict))
+    return all(r["passed"] for c in checks for r in c["results"].values() if isinstance(r, dict))
 
 
 def summary_line(entry: dict) -> str:
@@ -614,9 +707,11 @@ def summary_line(entry: dict) -> str:
     parts = [f"{name} {entry['precision']}{' TF32' if entry['tf32'] else ''}:"]
     for what, r in entry["results"].items():
         if isinstance(r, dict):
-            parts.append(f"{what} rel_l2 {r['rel_l2']:.2e} (<= {r['bounds']['rel_l2']:.2g}) "
-                         f"max_rel {r['max_rel']:.2e} cos {r['cosine']:.8f} "
-                         f"{'ok' if r['passed'] else 'FAIL'};")
+            parts.append(
+                f"{what} rel_l2 {r['rel_l2']:.2e} (<= {r['bounds']['rel_l2']:.2g}) "
+                f"max_rel {r['max_rel']:.2e} cos {r['cosine']:.8f} "
+                f"{'ok' if r['passed'] else 'FAIL'};"
+            )
     return " ".join(parts)
 
 
@@ -627,17 +722,27 @@ def _main():
 
     FLAGS = flags.FLAGS
     flags.DEFINE_list("gn_shape", ["2", "16", "16", "16", "32"], "GroupNorm input B,D,H,W,C.")
-    flags.DEFINE_list("block_shape", ["1", "16", "16", "16", "32"],
-                      "ResNet block input B,D,H,W,C (C = the block's filters).")
-    flags.DEFINE_list("crop", ["32", "32", "32"], "Crop D,H,W of the whole-step check "
-                      "(divisible by 16).")
-    flags.DEFINE_integer("init_filters", 8, "Network width of the whole-step check.",
-                         lower_bound=8)
+    flags.DEFINE_list(
+        "block_shape",
+        ["1", "16", "16", "16", "32"],
+        "ResNet block input B,D,H,W,C (C = the block's filters).",
+    )
+    flags.DEFINE_list(
+        "crop", ["32", "32", "32"], "Crop D,H,W of the whole-step check (divisible by 16)."
+    )
+    flags.DEFINE_integer("init_filters", 8, "Network width of the whole-step check.", lower_bound=8)
     flags.DEFINE_integer("seed", 0, "Seed of the inputs and weights.")
-    flags.DEFINE_string("reference_device", None, "Device of the float64 reference "
-                        "(default: GPU:0 when there is a GPU, else CPU:0).")
-    flags.DEFINE_float("float16_slack", -1.0, "Factor on the float16 bounds; -1: measure it "
-                       "on a CPU (benchmarks/reduced_precision.py), 1 on a GPU.")
+    flags.DEFINE_string(
+        "reference_device",
+        None,
+        "Device of the float64 reference (default: GPU:0 when there is a GPU, else CPU:0).",
+    )
+    flags.DEFINE_float(
+        "float16_slack",
+        -1.0,
+        "Factor on the float16 bounds; -1: measure it "
+        "on a CPU (benchmarks/reduced_precision.py), 1 on a GPU.",
+    )
     flags.DEFINE_boolean("mixed_float16", True, "Also check mixed_float16 (slow on a CPU).")
     flags.DEFINE_boolean("jit_compile", False, "Also check the XLA-compiled step.")
     flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
@@ -657,8 +762,10 @@ def _main():
         gn_shape, block_shape = sizes("gn_shape", 5), sizes("block_shape", 5)
         crop = sizes("crop", 3, 16)
         if gn_shape[-1] % 8 or block_shape[-1] % 8 or FLAGS.init_filters % 8:
-            fail("channels (--gn_shape, --block_shape, --init_filters) must be "
-                                 "divisible by 8 (the GroupNorm groups)")
+            fail(
+                "channels (--gn_shape, --block_shape, --init_filters) must be "
+                "divisible by 8 (the GroupNorm groups)"
+            )
         import tensorflow as tf
 
         from benchmarks.machine import describe, device_name
@@ -670,24 +777,50 @@ def _main():
             slack = 1.0
             if not gpu and FLAGS.mixed_float16:
                 from benchmarks.reduced_precision import slack as measure_slack
+
                 slack = measure_slack("float16")
-        print(f"machine: {describe()}; device: {device_name()}; TF {tf.__version__}; "
-              f"float16 slack {slack}", flush=True)
+        print(
+            f"machine: {describe()}; device: {device_name()}; TF {tf.__version__}; "
+            f"float16 slack {slack}",
+            flush=True,
+        )
         start = time.perf_counter()
-        checks = run_checks(gn_shape, block_shape, crop, FLAGS.init_filters, FLAGS.seed,
-                            FLAGS.reference_device, slack, FLAGS.mixed_float16,
-                            FLAGS.jit_compile, log=lambda line: print(line, flush=True))
+        checks = run_checks(
+            gn_shape,
+            block_shape,
+            crop,
+            FLAGS.init_filters,
+            FLAGS.seed,
+            FLAGS.reference_device,
+            slack,
+            FLAGS.mixed_float16,
+            FLAGS.jit_compile,
+            log=lambda line: print(line, flush=True),
+        )
         passed = all_passed(checks)
         payload = {
-            "machine": describe(), "device": device_name(), "tensorflow": tf.__version__,
+            "machine": describe(),
+            "device": device_name(),
+            "tensorflow": tf.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "tf32_applies": tf32_applies(), "float16_slack": slack,
+            "tf32_applies": tf32_applies(),
+            "float16_slack": slack,
             "reference_device": FLAGS.reference_device or default_reference_device(),
-            "flags": {name: FLAGS[name].value for name in (
-                "gn_shape", "block_shape", "crop", "init_filters", "seed", "mixed_float16",
-                "jit_compile")},
+            "flags": {
+                name: FLAGS[name].value
+                for name in (
+                    "gn_shape",
+                    "block_shape",
+                    "crop",
+                    "init_filters",
+                    "seed",
+                    "mixed_float16",
+                    "jit_compile",
+                )
+            },
             "seconds": round(time.perf_counter() - start, 1),
-            "all_passed": passed, "checks": checks,
+            "all_passed": passed,
+            "checks": checks,
         }
         if FLAGS.json_out:
             write_json_atomic(FLAGS.json_out, payload)

@@ -31,21 +31,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("crop", ["64", "64", "64"], "Crop D,H,W (divisible by 16).")
 flags.DEFINE_integer("init_filters", 32, "Network width.", lower_bound=8)
-flags.DEFINE_integer("top", 25, "Op types (or, with --memory, tensors) to print.",
-                     lower_bound=1)
-flags.DEFINE_boolean("memory", False, "List the tensors alive at the memory peak instead "
-                     "(needs `pip install xprof`).")
-flags.DEFINE_boolean("by_name", False, "Count time per op (one layer's op, e.g. "
-                     "'.../EncoderBlock3_0_1/conv1_1/BiasAdd (_MklNativeFusedConv3D)') instead "
-                     "of per op type: which layers the time goes to.")
-flags.DEFINE_integer("recompute_levels", 0, "Gradient checkpointing of the finest levels' "
-                     "blocks, as train.py --recompute; with it one op runs at a time.",
-                     lower_bound=0)
+flags.DEFINE_integer("top", 25, "Op types (or, with --memory, tensors) to print.", lower_bound=1)
+flags.DEFINE_boolean(
+    "memory",
+    False,
+    "List the tensors alive at the memory peak instead (needs `pip install xprof`).",
+)
+flags.DEFINE_boolean(
+    "by_name",
+    False,
+    "Count time per op (one layer's op, e.g. "
+    "'.../EncoderBlock3_0_1/conv1_1/BiasAdd (_MklNativeFusedConv3D)') instead "
+    "of per op type: which layers the time goes to.",
+)
+flags.DEFINE_integer(
+    "recompute_levels",
+    0,
+    "Gradient checkpointing of the finest levels' "
+    "blocks, as train.py --recompute; with it one op runs at a time.",
+    lower_bound=0,
+)
 
 
 def _memory_report(logdir: str) -> None:
@@ -63,15 +73,21 @@ def _memory_report(logdir: str) -> None:
         rows = []
         for active in per["activeAllocations"]:
             index = int(active["snapshotIndex"])
-            meta = (snapshots[index]["activityMetadata"] if index >= 0
-                    else special[int(active["specialIndex"])])
-            rows.append((int(meta["allocationBytes"]), meta["tfOpName"],
-                         meta.get("tensorShape", "?")))
+            meta = (
+                snapshots[index]["activityMetadata"]
+                if index >= 0
+                else special[int(active["specialIndex"])]
+            )
+            rows.append(
+                (int(meta["allocationBytes"]), meta["tfOpName"], meta.get("tensorShape", "?"))
+            )
         rows.sort(reverse=True)
         peak = int(summary["peakStats"]["peakBytesInUse"]) / 2**30
-        print(f"allocator {allocator}: peak {peak:.2f} GiB in use; alive at the peak "
-              f"({len(rows)} allocations, {sum(r[0] for r in rows) / 2**30:.2f} GiB):")
-        for size, op, shape in rows[:FLAGS.top]:
+        print(
+            f"allocator {allocator}: peak {peak:.2f} GiB in use; alive at the peak "
+            f"({len(rows)} allocations, {sum(r[0] for r in rows) / 2**30:.2f} GiB):"
+        )
+        for size, op, shape in rows[: FLAGS.top]:
             if op == "unused preallocated device memory":  # the profile's name for it
                 op = "(in use before the traced step: variables, optimizer slots, inputs)"
             print(f"  {size / 2**20:9.1f} MiB  {shape:24s} {op}")
@@ -81,7 +97,7 @@ def main(argv):
     del argv
     if FLAGS.memory:
         try:
-            import xprof  # noqa: F401
+            import xprof  # noqa: F401  only checks that it is installed
         except ImportError:
             sys.exit("profile_step.py: --memory needs the profiler's converter: pip install xprof")
     import tensorflow as tf
@@ -109,7 +125,8 @@ def main(argv):
     logdir = tempfile.mkdtemp(prefix="brats_profile_")
     if FLAGS.memory:
         tf.profiler.experimental.start(
-            logdir, options=tf.profiler.experimental.ProfilerOptions(host_tracer_level=3))
+            logdir, options=tf.profiler.experimental.ProfilerOptions(host_tracer_level=3)
+        )
         step().numpy()
         tf.profiler.experimental.stop()
         _memory_report(logdir)
@@ -133,8 +150,10 @@ def main(argv):
                 if key is not None:
                     totals[key] += event.duration_ps
     total = sum(totals.values())
-    print(f"op time over 2 steps, crop {crop}, width {FLAGS.init_filters}: {total / 1e12:.2f} s "
-          f"(summed over threads)")
+    print(
+        f"op time over 2 steps, crop {crop}, width {FLAGS.init_filters}: {total / 1e12:.2f} s "
+        f"(summed over threads)"
+    )
     for op, ps in totals.most_common(FLAGS.top):
         print(f"  {op:{72 if FLAGS.by_name else 40}s} {ps / 1e12:8.3f} s  {100 * ps / total:5.1f}%")
 

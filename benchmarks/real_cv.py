@@ -39,16 +39,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from data_pipeline.checks import int_flag_list  # noqa: E402
-from data_pipeline.constants import REGIONS  # noqa: E402
-from data_pipeline.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+from data_pipeline.checks import int_flag_list
+from data_pipeline.constants import REGIONS
+from data_pipeline.io_utils import write_json_atomic, write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("single", "tta", "tta_post")
-ROW_TITLES = {"single": "single model", "tta": "single model + TTA",
-              "tta_post": "single model + TTA + ET post-processing"}
+ROW_TITLES = {
+    "single": "single model",
+    "tta": "single model + TTA",
+    "tta_post": "single model + TTA + ET post-processing",
+}
 
 FLAGS = flags.FLAGS
 
@@ -57,10 +60,14 @@ def define_flags():
     flags.DEFINE_string("data_dir", None, "The converter's TFRecord folder (manifest.json).")
     flags.DEFINE_string("out_dir", None, "Models and evaluations, one folder per fold.")
     flags.DEFINE_list("folds", ["0"], "Folds to run (each: train on the others, test on it).")
-    flags.DEFINE_string("flagfile_recipe", os.path.join(ROOT, "configs", "real_cpu.flags"),
-                        "train.py's flagfile (the recipe).")
-    flags.DEFINE_string("record_dir", None, "Where fold_<k>.json, cv.json and the figures go "
-                        "(default: <out_dir>).")
+    flags.DEFINE_string(
+        "flagfile_recipe",
+        os.path.join(ROOT, "configs", "real_cpu.flags"),
+        "train.py's flagfile (the recipe).",
+    )
+    flags.DEFINE_string(
+        "record_dir", None, "Where fold_<k>.json, cv.json and the figures go (default: <out_dir>)."
+    )
     flags.DEFINE_boolean("post", True, "Also the TTA + ET post-processing row.")
 
 
@@ -71,13 +78,14 @@ def _run(args: list, log_path: str) -> float:
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(str(a) for a in args)}\n")
         log.flush()
-        rc = subprocess.call([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT,
-                             cwd=ROOT)
+        rc = subprocess.call([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if rc:
         with open(log_path) as f:
             tail = f.read().strip().splitlines()[-1:]
-        sys.exit(f"real_cv.py: error: exit {rc} from {args[1]} (log {log_path}): "
-                 f"{tail[0] if tail else ''}")
+        sys.exit(
+            f"real_cv.py: error: exit {rc} from {args[1]} (log {log_path}): "
+            f"{tail[0] if tail else ''}"
+        )
     return time.monotonic() - start
 
 
@@ -92,35 +100,67 @@ def run_fold(fold: int, train_args: list[str]) -> dict:
     model_dir = os.path.join(fold_dir, "model")
     log_path = os.path.join(FLAGS.out_dir, f"fold_{fold}.log")
     os.makedirs(fold_dir, exist_ok=True)
-    _run([py, "train.py", f"--flagfile={FLAGS.flagfile_recipe}", f"--data_dir={FLAGS.data_dir}",
-          f"--model_dir={model_dir}", f"--fold={fold}", "--noverbose", *train_args], log_path)
-    evals = {"single": os.path.join(fold_dir, "eval_single"),
-             "tta": os.path.join(fold_dir, "eval_tta")}
-    common = [f"--model={model_dir}", f"--data={FLAGS.data_dir}", f"--fold={fold}",
-              "--noprogress"]
+    _run(
+        [
+            py,
+            "train.py",
+            f"--flagfile={FLAGS.flagfile_recipe}",
+            f"--data_dir={FLAGS.data_dir}",
+            f"--model_dir={model_dir}",
+            f"--fold={fold}",
+            "--noverbose",
+            *train_args,
+        ],
+        log_path,
+    )
+    evals = {
+        "single": os.path.join(fold_dir, "eval_single"),
+        "tta": os.path.join(fold_dir, "eval_tta"),
+    }
+    common = [f"--model={model_dir}", f"--data={FLAGS.data_dir}", f"--fold={fold}", "--noprogress"]
     et_min_voxels = None
     if FLAGS.post:
         choice = os.path.join(fold_dir, "et_min_voxels_tta.json")
         if not os.path.isfile(choice):
-            _run([py, "-m", "brats_tf.postprocess", f"--model={model_dir}",
-                  f"--data={FLAGS.data_dir}", "--tta", f"--output={choice}", "--noprogress"],
-                 log_path)
+            _run(
+                [
+                    py,
+                    "-m",
+                    "brats_tf.postprocess",
+                    f"--model={model_dir}",
+                    f"--data={FLAGS.data_dir}",
+                    "--tta",
+                    f"--output={choice}",
+                    "--noprogress",
+                ],
+                log_path,
+            )
         with open(choice) as f:
             et_min_voxels = int(json.load(f)["et_min_voxels"])
         evals["tta_post"] = os.path.join(fold_dir, f"eval_tta_et{et_min_voxels}")
-    extra = {"single": [], "tta": ["--tta"], "tta_post": ["--tta", f"--et_min_voxels={et_min_voxels}"]}
+    extra = {
+        "single": [],
+        "tta": ["--tta"],
+        "tta_post": ["--tta", f"--et_min_voxels={et_min_voxels}"],
+    }
     for row, folder in evals.items():
         if not _evaluated(folder):
-            _run([py, "evaluate.py", *common, *extra[row], f"--output_dir={folder}",
-                  "--overwrite"], log_path)
+            _run(
+                [py, "evaluate.py", *common, *extra[row], f"--output_dir={folder}", "--overwrite"],
+                log_path,
+            )
     return fold_record(fold, model_dir, evals, et_min_voxels)
 
 
 def _per_case(folder: str) -> dict:
     with open(os.path.join(folder, "per_case.csv")) as f:
-        return {row["case_id"]: {r: {"dice": float(row[f"{r}_dice"]),
-                                     "hd95": float(row[f"{r}_hd95"])} for r in REGIONS}
-                for row in csv.DictReader(f)}
+        return {
+            row["case_id"]: {
+                r: {"dice": float(row[f"{r}_dice"]), "hd95": float(row[f"{r}_hd95"])}
+                for r in REGIONS
+            }
+            for row in csv.DictReader(f)
+        }
 
 
 def fold_record(fold: int, model_dir: str, evals: dict, et_min_voxels) -> dict:
@@ -133,28 +173,43 @@ def fold_record(fold: int, model_dir: str, evals: dict, et_min_voxels) -> dict:
         minutes += h["seconds"] / 60.0
         point = {"epoch": h["epoch"], "training_minutes": round(minutes, 2)}
         point.update({f"train_dice_{r}": round(h[f"dice_{r}"], 4) for r in REGIONS})
-        point.update({f"heldout_dice_{r}": round(h[f"val_dice_{r}"], 4)
-                      for r in REGIONS if f"val_dice_{r}" in h})
+        point.update(
+            {
+                f"heldout_dice_{r}": round(h[f"val_dice_{r}"], 4)
+                for r in REGIONS
+                if f"val_dice_{r}" in h
+            }
+        )
         curve.append(point)
     rows = {}
     for row, folder in evals.items():
         with open(os.path.join(folder, "summary.json")) as f:
             summary = json.load(f)
         rows[row] = {
-            "title": ROW_TITLES[row], "protocol": summary["protocol"],
-            "mean": {r: {m: summary["summary"][r][m]["mean"] for m in ("dice", "hd95")}
-                     for r in REGIONS},
-            "per_case": _per_case(folder)}
+            "title": ROW_TITLES[row],
+            "protocol": summary["protocol"],
+            "mean": {
+                r: {m: summary["summary"][r][m]["mean"] for m in ("dice", "hd95")} for r in REGIONS
+            },
+            "per_case": _per_case(folder),
+        }
     from benchmarks.machine import describe
 
-    return {"fold": fold, "heldout_cases": sorted(rows["single"]["per_case"]),
-            "train": {"flags": train_flags, "epochs": len(history),
-                      "training_minutes": round(minutes, 1),
-                      "seconds_per_epoch_median": sorted(h["seconds"] for h in history)[
-                          len(history) // 2],
-                      "curve": curve},
-            "et_min_voxels": et_min_voxels, "rows": rows, "machine": describe(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "fold": fold,
+        "heldout_cases": sorted(rows["single"]["per_case"]),
+        "train": {
+            "flags": train_flags,
+            "epochs": len(history),
+            "training_minutes": round(minutes, 1),
+            "seconds_per_epoch_median": sorted(h["seconds"] for h in history)[len(history) // 2],
+            "curve": curve,
+        },
+        "et_min_voxels": et_min_voxels,
+        "rows": rows,
+        "machine": describe(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def read_records(record_dir: str) -> list[dict]:
@@ -178,11 +233,19 @@ def gather(record_dir: str) -> dict:
         result["rows"][row] = {
             "title": ROW_TITLES[row],
             "per_fold": {str(f["fold"]): f["rows"][row]["mean"] for f in have},
-            "mean_of_folds": {r: {m: sum(f["rows"][row]["mean"][r][m] for f in have) / len(have)
-                                  for m in ("dice", "hd95")} for r in REGIONS},
-            "mean_of_cases": {r: {m: sum(v[r][m] for v in cases.values()) / len(cases)
-                                  for m in ("dice", "hd95")} for r in REGIONS},
-            "num_cases": len(cases)}
+            "mean_of_folds": {
+                r: {
+                    m: sum(f["rows"][row]["mean"][r][m] for f in have) / len(have)
+                    for m in ("dice", "hd95")
+                }
+                for r in REGIONS
+            },
+            "mean_of_cases": {
+                r: {m: sum(v[r][m] for v in cases.values()) / len(cases) for m in ("dice", "hd95")}
+                for r in REGIONS
+            },
+            "num_cases": len(cases),
+        }
     result["training_minutes"] = {str(f["fold"]): f["train"]["training_minutes"] for f in folds}
     return result
 
@@ -193,8 +256,12 @@ def markdown(cv: dict) -> str:
     lines = ["| row | folds | Dice WT / TC / ET | HD95 WT / TC / ET (mm) |", "|---|---|---|---|"]
     for values in cv["rows"].values():
         cells = [(f"fold {k}", m) for k, m in values["per_fold"].items()]
-        cells.append((f"mean of {len(values['per_fold'])} fold(s), {values['num_cases']} cases",
-                      values["mean_of_folds"]))
+        cells.append(
+            (
+                f"mean of {len(values['per_fold'])} fold(s), {values['num_cases']} cases",
+                values["mean_of_folds"],
+            )
+        )
         for name, m in cells:
             dice = " / ".join(f"{m[r]['dice']:.3f}" for r in REGIONS)
             hd95 = " / ".join(f"{m[r]['hd95']:.1f}" for r in REGIONS)
@@ -212,11 +279,20 @@ def heldout_figure(record_dir: str):
         series = []
         for rec in records:
             points = [p for p in rec["train"]["curve"] if f"heldout_dice_{r}" in p]
-            series.append((f"FOLD {rec['fold']}", [p["training_minutes"] for p in points],
-                           [p[f"heldout_dice_{r}"] for p in points]))
+            series.append(
+                (
+                    f"FOLD {rec['fold']}",
+                    [p["training_minutes"] for p in points],
+                    [p[f"heldout_dice_{r}"] for p in points],
+                )
+            )
         panels.append((f"HELD-OUT DICE {r}", series, (0.0, 1.0)))
-    return line_panels(panels, x_label="TRAINING MINUTES", cols=3,
-                       legend=["SINGLE MODEL  WHOLE VOLUME  NO TTA (TRAIN.PY --VALIDATE_EVERY)"])
+    return line_panels(
+        panels,
+        x_label="TRAINING MINUTES",
+        cols=3,
+        legend=["SINGLE MODEL  WHOLE VOLUME  NO TTA (TRAIN.PY --VALIDATE_EVERY)"],
+    )
 
 
 def main(argv):
@@ -238,15 +314,20 @@ def main(argv):
         print(f"[fold {fold}: {n + 1}/{len(folds)}]", flush=True)
         record = run_fold(fold, train_args)
         write_json_atomic(os.path.join(record_dir, f"fold_{fold}.json"), record)
-        shutil.copyfile(os.path.join(FLAGS.out_dir, f"fold_{fold}", "model", "curves.png"),
-                        os.path.join(record_dir, f"fold_{fold}_curves.png"))
+        shutil.copyfile(
+            os.path.join(FLAGS.out_dir, f"fold_{fold}", "model", "curves.png"),
+            os.path.join(record_dir, f"fold_{fold}_curves.png"),
+        )
         cv = gather(record_dir)
         write_json_atomic(os.path.join(record_dir, "cv.json"), cv)
         write_text_atomic(os.path.join(record_dir, "cv.md"), markdown(cv))
         write_png(heldout_figure(record_dir), os.path.join(record_dir, "heldout_vs_minutes.png"))
-        for row, values in cv["rows"].items():
-            print(f"  {values['title']} over folds {cv['folds']}: " + "  ".join(
-                f"{r} {values['mean_of_folds'][r]['dice']:.3f}" for r in REGIONS), flush=True)
+        for values in cv["rows"].values():
+            print(
+                f"  {values['title']} over folds {cv['folds']}: "
+                + "  ".join(f"{r} {values['mean_of_folds'][r]['dice']:.3f}" for r in REGIONS),
+                flush=True,
+            )
     print(f"wrote {record_dir}/cv.json")
 
 

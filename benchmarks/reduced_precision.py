@@ -13,8 +13,9 @@ def slack(dtype: str) -> float:
     accumulates in ``dtype`` itself (Eigen's kernels on an AVX2-only AMD EPYC:
     the 864-term conv3d below errs by 19x (bfloat16) and 15x (float16) the
     output's rounding, and a tiny network's probabilities differ from
-    float32's about twice as much as on the Xeons, mean and maximum). Measured here, once per dtype, on a conv3d
-    of inputs already in ``dtype`` against float64 on the same inputs."""
+    float32's about twice as much as on the Xeons, mean and maximum).
+    Measured here, once per dtype, on a conv3d of inputs already in
+    ``dtype`` against float64 on the same inputs."""
     if dtype not in _SLACK:
         import numpy as np
         import tensorflow as tf
@@ -24,8 +25,9 @@ def slack(dtype: str) -> float:
         k = tf.cast((rng.normal(size=(3, 3, 3, 32, 32)) / np.sqrt(864)).astype(np.float32), dtype)
         with tf.device("CPU:0"):
             got = tf.cast(tf.nn.conv3d(x, k, [1] * 5, "SAME"), tf.float64).numpy()
-            want = tf.nn.conv3d(tf.cast(x, tf.float64), tf.cast(k, tf.float64), [1] * 5,
-                                "SAME").numpy()
+            want = tf.nn.conv3d(
+                tf.cast(x, tf.float64), tf.cast(k, tf.float64), [1] * 5, "SAME"
+            ).numpy()
             rounding = np.abs(tf.cast(tf.cast(want, dtype), tf.float64).numpy() - want).max()
         _SLACK[dtype] = 1.0 if np.abs(got - want).max() <= 3 * rounding else 2.5
     return _SLACK[dtype]

@@ -32,10 +32,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from data_pipeline.constants import REGIONS  # noqa: E402
-from data_pipeline.io_utils import write_json_atomic  # noqa: E402
+from data_pipeline.constants import REGIONS
+from data_pipeline.io_utils import write_json_atomic
 
 UNLEARNED_DICE = 0.1  # brats_tf.training.UNLEARNED_DICE (tested equal; no TensorFlow import)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +46,15 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_string("out_dir", None, "One model_dir per seed, and seed_check.json.")
     flags.DEFINE_string("seeds", "0-4", "Seeds: a range A-B (inclusive) or a comma list.")
-    flags.DEFINE_integer("epochs_watched", 4, "Epochs of each seed's run before it is stopped.",
-                         lower_bound=1)
-    flags.DEFINE_float("timeout_s", 3600.0, "Per seed: stop waiting after this many seconds "
-                       "(recorded as a timeout).", lower_bound=1.0)
+    flags.DEFINE_integer(
+        "epochs_watched", 4, "Epochs of each seed's run before it is stopped.", lower_bound=1
+    )
+    flags.DEFINE_float(
+        "timeout_s",
+        3600.0,
+        "Per seed: stop waiting after this many seconds (recorded as a timeout).",
+        lower_bound=1.0,
+    )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -82,8 +87,7 @@ def verdict(history: list[dict], threshold: float = UNLEARNED_DICE) -> dict:
     return {"learned": not unlearned, "unlearned": unlearned, "last": last}
 
 
-def run_seed(seed: int, out_dir: str, train_args: list[str], epochs: int,
-             timeout_s: float) -> dict:
+def run_seed(seed: int, out_dir: str, train_args: list[str], epochs: int, timeout_s: float) -> dict:
     """train.py for one seed until its history holds ``epochs`` epochs (or it ends)."""
     model_dir = os.path.join(out_dir, f"seed_{seed}")
     history = read_history(model_dir)
@@ -91,8 +95,15 @@ def run_seed(seed: int, out_dir: str, train_args: list[str], epochs: int,
     start = time.monotonic()
     status = "reused"
     if len(history) < epochs:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_args, f"--seed={seed}",
-               f"--model_dir={model_dir}", "--noexport", "--noverbose"]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            *train_args,
+            f"--seed={seed}",
+            f"--model_dir={model_dir}",
+            "--noexport",
+            "--noverbose",
+        ]
         with open(log_path, "a") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             status = "watched"
@@ -110,9 +121,14 @@ def run_seed(seed: int, out_dir: str, train_args: list[str], epochs: int,
         if status == "watched" and len(history) < epochs:
             status = f"train.py exited {rc} after {len(history)} epochs (see {log_path})"
     history = history[:epochs]
-    return {"seed": seed, "model_dir": model_dir, "status": status,
-            "wall_s": round(time.monotonic() - start, 1), "history": history,
-            **verdict(history)}
+    return {
+        "seed": seed,
+        "model_dir": model_dir,
+        "status": status,
+        "wall_s": round(time.monotonic() - start, 1),
+        "history": history,
+        **verdict(history),
+    }
 
 
 def table(results: list[dict]) -> str:
@@ -130,8 +146,10 @@ def main(argv):
     if not FLAGS.out_dir:
         sys.exit("seed_check.py: error: --out_dir is required")
     if not train_args:
-        sys.exit("seed_check.py: error: give train.py's flags after --, e.g. "
-                 "-- --flagfile=configs/demo.flags --data_dir=demo_output/tfrecord")
+        sys.exit(
+            "seed_check.py: error: give train.py's flags after --, e.g. "
+            "-- --flagfile=configs/demo.flags --data_dir=demo_output/tfrecord"
+        )
     try:
         seeds = parse_seeds(FLAGS.seeds)
     except ValueError as e:
@@ -141,13 +159,23 @@ def main(argv):
     for n, seed in enumerate(seeds):
         res = run_seed(seed, FLAGS.out_dir, train_args, FLAGS.epochs_watched, FLAGS.timeout_s)
         results.append(res)
-        print(f"[{n + 1}/{len(seeds)}] seed {seed}: {res['status']}, "
-              f"{'learned' if res['learned'] else 'NOT learned: ' + ', '.join(res['unlearned'])}"
-              f" ({res['wall_s']:.0f} s)", flush=True)
-        write_json_atomic(os.path.join(FLAGS.out_dir, "seed_check.json"), {
-            "train_args": train_args, "epochs_watched": FLAGS.epochs_watched,
-            "threshold": UNLEARNED_DICE, "results": results,
-            "learned": sum(r["learned"] for r in results), "seeds": len(results)})
+        print(
+            f"[{n + 1}/{len(seeds)}] seed {seed}: {res['status']}, "
+            f"{'learned' if res['learned'] else 'NOT learned: ' + ', '.join(res['unlearned'])}"
+            f" ({res['wall_s']:.0f} s)",
+            flush=True,
+        )
+        write_json_atomic(
+            os.path.join(FLAGS.out_dir, "seed_check.json"),
+            {
+                "train_args": train_args,
+                "epochs_watched": FLAGS.epochs_watched,
+                "threshold": UNLEARNED_DICE,
+                "results": results,
+                "learned": sum(r["learned"] for r in results),
+                "seeds": len(results),
+            },
+        )
     print(table(results))
     print(f"{sum(r['learned'] for r in results)}/{len(results)} seeds learned every region")
 

@@ -37,7 +37,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as train.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 
@@ -45,13 +45,22 @@ FLAGS = flags.FLAGS
 def define_flags():
     """train.py's flags (importing it defines them) and three more; not at
     import, so that tests can import this module."""
-    import train  # noqa: F401
+    import train  # noqa: F401  defines train.py's flags, which this script parses
 
     flags.DEFINE_string("timing_json", None, "Write the timings here (required).")
-    flags.DEFINE_integer("logical_devices", 0, "Split the first GPU (else the CPU) into this "
-                         "many logical devices; 0: leave the devices alone.", lower_bound=0)
-    flags.DEFINE_integer("logical_gpu_memory_mb", 30000, "Memory of each logical GPU "
-                         "(--logical_devices with a GPU).", lower_bound=256)
+    flags.DEFINE_integer(
+        "logical_devices",
+        0,
+        "Split the first GPU (else the CPU) into this "
+        "many logical devices; 0: leave the devices alone.",
+        lower_bound=0,
+    )
+    flags.DEFINE_integer(
+        "logical_gpu_memory_mb",
+        30000,
+        "Memory of each logical GPU (--logical_devices with a GPU).",
+        lower_bound=256,
+    )
 
 
 class TimedIterator:
@@ -76,8 +85,11 @@ def instrument(trainer_class, record: dict) -> None:
     """Wraps ``trainer_class``'s per-epoch iterator and epoch loop so that
     ``record["epochs"]`` gets one entry per epoch (steps, seconds, input
     waits) and ``record["trainer"]`` the trainer."""
-    dataset, run_epoch, init = (trainer_class._dataset, trainer_class._run_epoch,
-                                trainer_class.__init__)
+    dataset, run_epoch, init = (
+        trainer_class._dataset,
+        trainer_class._run_epoch,
+        trainer_class.__init__,
+    )
 
     def timed_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -105,11 +117,15 @@ def epoch_row(entry: dict) -> dict:
     steps = max(entry["steps"], 1)
     sec_per_step = entry["seconds"] / steps
     wait = sum(entry["waits"]) / steps
-    return {"epoch": entry["epoch"], "steps": entry["steps"],
-            "seconds": round(entry["seconds"], 3), "sec_per_step": round(sec_per_step, 4),
-            "input_wait_per_step_s": round(wait, 5),
-            "input_wait_max_s": round(max(entry["waits"], default=0.0), 5),
-            "input_wait_fraction": round(wait / sec_per_step, 4) if sec_per_step else None}
+    return {
+        "epoch": entry["epoch"],
+        "steps": entry["steps"],
+        "seconds": round(entry["seconds"], 3),
+        "sec_per_step": round(sec_per_step, 4),
+        "input_wait_per_step_s": round(wait, 5),
+        "input_wait_max_s": round(max(entry["waits"], default=0.0), 5),
+        "input_wait_fraction": round(wait / sec_per_step, 4) if sec_per_step else None,
+    }
 
 
 def replicas_identical(trainer) -> bool | None:
@@ -132,8 +148,11 @@ def split_devices(n: int, gpu_memory_mb: int) -> str:
 
     gpus = tf.config.list_physical_devices("GPU")
     device = gpus[0] if gpus else tf.config.list_physical_devices("CPU")[0]
-    config = (tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_mb) if gpus
-              else tf.config.LogicalDeviceConfiguration())
+    config = (
+        tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_mb)
+        if gpus
+        else tf.config.LogicalDeviceConfiguration()
+    )
     tf.config.set_logical_device_configuration(device, [config] * n)
     return device.device_type
 
@@ -149,8 +168,11 @@ def main(argv):
     from brats_tf import training
     from data_pipeline.io_utils import write_json_atomic
 
-    split = (split_devices(FLAGS.logical_devices, FLAGS.logical_gpu_memory_mb)
-             if FLAGS.logical_devices else None)
+    split = (
+        split_devices(FLAGS.logical_devices, FLAGS.logical_gpu_memory_mb)
+        if FLAGS.logical_devices
+        else None
+    )
     instrument(training.Trainer, record)
     start = time.perf_counter()
     train.main(argv)
@@ -159,31 +181,40 @@ def main(argv):
     later = rows[1:] or rows
     steps = sum(r["steps"] for r in later)
     seconds = sum(r["seconds"] for r in later)
-    wait = sum(sum(e["waits"]) for e in record["epochs"][len(rows) - len(later):]
-               if "seconds" in e)
+    wait = sum(
+        sum(e["waits"]) for e in record["epochs"][len(rows) - len(later) :] if "seconds" in e
+    )
     trainer = record.get("trainer")
     gpus = tf.config.list_physical_devices("GPU")
     payload = {
-        "machine": describe(), "device": device_name(), "tensorflow": tf.__version__,
+        "machine": describe(),
+        "device": device_name(),
+        "tensorflow": tf.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "argv": sys.argv[1:],
-        "logical_devices": FLAGS.logical_devices, "split": split,
+        "logical_devices": FLAGS.logical_devices,
+        "split": split,
         "replicas": trainer.strategy.num_replicas_in_sync if trainer else None,
         "epochs": rows,
         # the epochs after the first (all of them if there is one)
         "sec_per_step": round(seconds / steps, 4) if steps else None,
         "input_wait_per_step_s": round(wait / steps, 5) if steps else None,
         "input_wait_fraction": round(wait / seconds, 4) if seconds else None,
-        "gpu_peak_gib": (round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30, 2)
-                         if gpus else None),
+        "gpu_peak_gib": (
+            round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30, 2)
+            if gpus
+            else None
+        ),
         "replicas_identical": replicas_identical(trainer) if trainer else None,
         "wall_seconds": round(wall, 1),
     }
     write_json_atomic(FLAGS.timing_json, payload)
-    print(f"{payload['sec_per_step']} s/step, input wait {payload['input_wait_per_step_s']} "
-          f"s/step ({payload['input_wait_fraction']} of a step), GPU peak "
-          f"{payload['gpu_peak_gib']} GiB, replicas identical: {payload['replicas_identical']}; "
-          f"wrote {FLAGS.timing_json}")
+    print(
+        f"{payload['sec_per_step']} s/step, input wait {payload['input_wait_per_step_s']} "
+        f"s/step ({payload['input_wait_fraction']} of a step), GPU peak "
+        f"{payload['gpu_peak_gib']} GiB, replicas identical: {payload['replicas_identical']}; "
+        f"wrote {FLAGS.timing_json}"
+    )
     if payload["replicas_identical"] is False:
         sys.exit("train_timing.py: the replicas differ")
 

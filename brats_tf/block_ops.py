@@ -19,15 +19,15 @@ def conv_same(x, kernel, bias):
 
 def conv_kernel_grad(x, kernel, dy):
     return tf.raw_ops.Conv3DBackpropFilterV2(
-        input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=_STRIDES_1,
-        padding="SAME")
+        input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=_STRIDES_1, padding="SAME"
+    )
 
 
 def conv_input_grad(x, kernel, dy):
     """Input gradient of a stride-1 'same' convolution of x (reads x's shape only)."""
     return tf.raw_ops.Conv3DBackpropInputV2(
-        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=_STRIDES_1,
-        padding="SAME")
+        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=_STRIDES_1, padding="SAME"
+    )
 
 
 def gn_statistics(x, groups: int, epsilon: float):
@@ -59,11 +59,13 @@ def gn_backward(d_outputs, inputs, mean, rstd, gamma, groups: int, d_residual=No
     sum_dy, sum_dy_centred = L.channel_sums(dy), L.channel_sums(dy * centred)
     mean_dxhat = L.group_average(sum_dy * gamma / voxels, groups)
     mean_dxhat_xhat = L.group_average(sum_dy_centred * gamma / voxels, groups) * rstd
-    d_inputs = (dy * (rstd * gamma) - rstd * mean_dxhat
-                - centred * (rstd * rstd * mean_dxhat_xhat))
+    d_inputs = dy * (rstd * gamma) - rstd * mean_dxhat - centred * (rstd * rstd * mean_dxhat_xhat)
     if d_residual is None:
         d_inputs = tf.cast(d_inputs, inputs.dtype)
     else:
         d_inputs = tf.cast(d_inputs, d_residual.dtype) + d_residual
-    return (d_inputs, tf.reduce_sum(sum_dy_centred * rstd, axis=[0, 1, 2, 3]),
-            tf.reduce_sum(sum_dy, axis=[0, 1, 2, 3]))
+    return (
+        d_inputs,
+        tf.reduce_sum(sum_dy_centred * rstd, axis=[0, 1, 2, 3]),
+        tf.reduce_sum(sum_dy, axis=[0, 1, 2, 3]),
+    )

@@ -28,13 +28,14 @@ HEAD_KERNEL_INITS = ("glorot_uniform", "normal")
 RENAMED_MODEL_FIELDS = {"l2_weight": "weight_decay"}
 
 
-def flagged(default, help: str, name: str | None = None, choices: tuple[str, ...] = (),
-            **bounds):
+def flagged(default, help: str, name: str | None = None, choices: tuple[str, ...] = (), **bounds):
     """A config field with ``default`` that train.py's flag --``name`` (default:
     the field's name) sets: ``help`` is the flag's help, ``choices`` the values
     of an enum flag, ``bounds`` absl's lower_bound / upper_bound."""
-    return dataclasses.field(default=default, metadata={
-        "flag": name, "help": help, "choices": tuple(choices), "bounds": bounds})
+    return dataclasses.field(
+        default=default,
+        metadata={"flag": name, "help": help, "choices": tuple(choices), "bounds": bounds},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,18 @@ def flag_fields(config_class) -> list[FlagField]:
         else:
             kind, item = (args[0] if args else hint), None
         meta = field.metadata
-        out.append(FlagField(meta["flag"] or field.name, field.name, kind, item, field.default,
-                             meta["help"], meta["choices"], meta["bounds"]))
+        out.append(
+            FlagField(
+                meta["flag"] or field.name,
+                field.name,
+                kind,
+                item,
+                field.default,
+                meta["help"],
+                meta["choices"],
+                meta["bounds"],
+            )
+        )
     return out
 
 
@@ -121,32 +132,42 @@ class ModelConfig:
     """
 
     input_shape: tuple[int, int, int] = flagged(
-        constants.PAPER_CROP, "Training crop D,H,W; divisible by 16.", name="crop")
+        constants.PAPER_CROP, "Training crop D,H,W; divisible by 16.", name="crop"
+    )
     in_channels: int = constants.NUM_MODALITIES
     num_classes: int = constants.NUM_REGIONS
     init_filters: int = flagged(32, "InitConv filters; doubled per level.", lower_bound=1)
     groups: int = flagged(8, "GroupNorm groups.", lower_bound=1)
     blocks_down: tuple[int, ...] = flagged((1, 2, 2, 4), "ResNet blocks per encoder level.")
     blocks_up: tuple[int, ...] = flagged(
-        (1, 1, 1), "ResNet blocks per decoder level (finest first).")
+        (1, 1, 1), "ResNet blocks per decoder level (finest first)."
+    )
     vae_filters: int = 16
     latent_dim: int = flagged(128, "VAE latent size.", lower_bound=1)
-    dropout: float = flagged(0.2, "Spatial dropout after InitConv.", lower_bound=0.0,
-                             upper_bound=0.99)
+    dropout: float = flagged(
+        0.2, "Spatial dropout after InitConv.", lower_bound=0.0, upper_bound=0.99
+    )
     weight_decay: float = flagged(1e-5, "L2 weight on convolution kernels.", lower_bound=0.0)
     vae: bool = flagged(True, "Train with the VAE branch (off: the ablation).")
     seed: int | None = None
     recompute_levels: int = 0
     head_kernel_init: str = flagged(
-        "glorot_uniform", "Kernel initialiser of the segmentation head DecoderEnd_Conv1 (the "
+        "glorot_uniform",
+        "Kernel initialiser of the segmentation head DecoderEnd_Conv1 (the "
         "paper names none): Keras' glorot_uniform, or normal with std --head_kernel_std.",
-        choices=HEAD_KERNEL_INITS)
+        choices=HEAD_KERNEL_INITS,
+    )
     head_kernel_std: float = flagged(
-        0.01, "Std of --head_kernel_init=normal (0.01: every voxel starts near the probability "
-        "of --head_bias_init).", lower_bound=0.0)
+        0.01,
+        "Std of --head_kernel_init=normal (0.01: every voxel starts near the probability "
+        "of --head_bias_init).",
+        lower_bound=0.0,
+    )
     head_bias_init: float = flagged(
-        0.0, "Initial bias of the segmentation head's 3 channels (e.g. -4.6 = logit(0.01), a "
-        "rare-foreground prior).")
+        0.0,
+        "Initial bias of the segmentation head's 3 channels (e.g. -4.6 = logit(0.01), a "
+        "rare-foreground prior).",
+    )
     l2_weight: dataclasses.InitVar[float | None] = None
 
     def __post_init__(self, l2_weight):
@@ -156,13 +177,21 @@ class ModelConfig:
         object.__setattr__(self, "blocks_up", tuple(self.blocks_up))
         if l2_weight is not None:
             if self.weight_decay != ModelConfig.weight_decay:
-                raise ValueError(f"{owner}: weight_decay={self.weight_decay!r} and its earlier "
-                                 f"name l2_weight={l2_weight!r}; give one")
+                raise ValueError(
+                    f"{owner}: weight_decay={self.weight_decay!r} and its earlier "
+                    f"name l2_weight={l2_weight!r}; give one"
+                )
             object.__setattr__(self, "weight_decay", l2_weight)
         if len(self.input_shape) != 3:
             raise ValueError(f"{owner}.input_shape must be (D, H, W), got {self.input_shape!r}")
-        for name in ("in_channels", "num_classes", "init_filters", "groups", "vae_filters",
-                     "latent_dim"):
+        for name in (
+            "in_channels",
+            "num_classes",
+            "init_filters",
+            "groups",
+            "vae_filters",
+            "latent_dim",
+        ):
             positive_int(f"{owner}.{name}", getattr(self, name))
         for n in self.input_shape:
             positive_int(f"{owner}.input_shape", n)
@@ -170,16 +199,24 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
         _non_negative(owner, "weight_decay", self.weight_decay)
-        if (isinstance(self.recompute_levels, bool) or not isinstance(self.recompute_levels, int)
-                or not 0 <= self.recompute_levels <= self.levels):
-            raise ValueError(f"{owner}.recompute_levels must be an integer in [0, {self.levels}], "
-                             f"got {self.recompute_levels!r}")
+        if (
+            isinstance(self.recompute_levels, bool)
+            or not isinstance(self.recompute_levels, int)
+            or not 0 <= self.recompute_levels <= self.levels
+        ):
+            raise ValueError(
+                f"{owner}.recompute_levels must be an integer in [0, {self.levels}], "
+                f"got {self.recompute_levels!r}"
+            )
         self._check_head(owner)
         divisor = self.train_divisor if self.vae else self.spatial_divisor
         bad = [n for n in self.input_shape if n % divisor]
         if bad:
-            why = ("the VAE branch halves the encoder endpoint once more"
-                   if self.vae else "the encoder downsamples")
+            why = (
+                "the VAE branch halves the encoder endpoint once more"
+                if self.vae
+                else "the encoder downsamples"
+            )
             raise ValueError(
                 f"{owner}.input_shape {self.input_shape} must be divisible by {divisor} "
                 f"({why}); sizes {bad} are not"
@@ -200,24 +237,31 @@ class ModelConfig:
             )
         if self.init_filters % self.groups:
             raise ValueError(
-                f"{owner}.init_filters={self.init_filters} is not divisible by "
-                f"groups={self.groups}"
+                f"{owner}.init_filters={self.init_filters} is not divisible by groups={self.groups}"
             )
 
     def _check_head(self, owner: str) -> None:
         if self.head_kernel_init not in HEAD_KERNEL_INITS:
-            raise ValueError(f"{owner}.head_kernel_init must be one of {HEAD_KERNEL_INITS}, "
-                             f"got {self.head_kernel_init!r}")
-        if (isinstance(self.head_kernel_std, bool)
-                or not isinstance(self.head_kernel_std, (int, float))
-                or not 0 < self.head_kernel_std < 10):
-            raise ValueError(f"{owner}.head_kernel_std must be a number in (0, 10), "
-                             f"got {self.head_kernel_std!r}")
-        if (isinstance(self.head_bias_init, bool)
-                or not isinstance(self.head_bias_init, (int, float))
-                or not abs(self.head_bias_init) < 50):
-            raise ValueError(f"{owner}.head_bias_init must be a number in (-50, 50), "
-                             f"got {self.head_bias_init!r}")
+            raise ValueError(
+                f"{owner}.head_kernel_init must be one of {HEAD_KERNEL_INITS}, "
+                f"got {self.head_kernel_init!r}"
+            )
+        if (
+            isinstance(self.head_kernel_std, bool)
+            or not isinstance(self.head_kernel_std, (int, float))
+            or not 0 < self.head_kernel_std < 10
+        ):
+            raise ValueError(
+                f"{owner}.head_kernel_std must be a number in (0, 10), got {self.head_kernel_std!r}"
+            )
+        if (
+            isinstance(self.head_bias_init, bool)
+            or not isinstance(self.head_bias_init, (int, float))
+            or not abs(self.head_bias_init) < 50
+        ):
+            raise ValueError(
+                f"{owner}.head_bias_init must be a number in (-50, 50), got {self.head_bias_init!r}"
+            )
 
     @property
     def levels(self) -> int:
@@ -231,11 +275,11 @@ class ModelConfig:
     @property
     def train_divisor(self) -> int:
         """Training crops must be divisible by this when the VAE is on (16)."""
-        return 2 ** self.levels
+        return 2**self.levels
 
     def filters(self, level: int) -> int:
         """Channels at encoder/decoder level ``level`` (32, 64, 128, 256)."""
-        return self.init_filters * 2 ** level
+        return self.init_filters * 2**level
 
     @property
     def vae_grid(self) -> tuple[int, int, int]:
@@ -255,8 +299,9 @@ class LossConfig:
     """
 
     dice_weight: float = flagged(1.0, "Weight of the soft Dice loss.", lower_bound=0.0)
-    l2_weight: float = flagged(0.1, "Weight of the VAE reconstruction loss.",
-                               name="l2_loss_weight", lower_bound=0.0)
+    l2_weight: float = flagged(
+        0.1, "Weight of the VAE reconstruction loss.", name="l2_loss_weight", lower_bound=0.0
+    )
     kl_weight: float = flagged(0.1, "Weight of the VAE KL loss.", lower_bound=0.0)
     dice_epsilon: float = 1e-5
 
@@ -299,20 +344,25 @@ class TrainConfig:
     epochs: int = flagged(300, "Epochs N_e of the poly schedule.", lower_bound=1)
     initial_lr: float = flagged(1e-4, "Adam's initial learning rate.", name="lr", lower_bound=0.0)
     lr_power: float = flagged(0.9, "Exponent of the poly decay.", lower_bound=0.0)
-    adam_epsilon: float = flagged(1e-7, "Adam's epsilon (Keras' default; the paper names none).",
-                                  lower_bound=0.0)
+    adam_epsilon: float = flagged(
+        1e-7, "Adam's epsilon (Keras' default; the paper names none).", lower_bound=0.0
+    )
     batch_per_replica: int = flagged(1, "Examples per replica and step.", lower_bound=1)
     strategy: str = flagged("default", "tf.distribute strategy.", choices=STRATEGIES)
     devices: tuple[str, ...] = flagged(
-        (), "Devices for --strategy=mirrored (default: all local GPUs).")
-    precision: str = flagged("float32", "Keras dtype policy (mixed_float16 on GPUs).",
-                             choices=PRECISIONS)
-    on_nonfinite: str = flagged("stop", "A NaN/inf loss stops the run, or its update is skipped.",
-                                choices=ON_NONFINITE)
+        (), "Devices for --strategy=mirrored (default: all local GPUs)."
+    )
+    precision: str = flagged(
+        "float32", "Keras dtype policy (mixed_float16 on GPUs).", choices=PRECISIONS
+    )
+    on_nonfinite: str = flagged(
+        "stop", "A NaN/inf loss stops the run, or its update is skipped.", choices=ON_NONFINITE
+    )
     seed: int = flagged(0, "Seed of weights, dropout, VAE sampling, data order.")
     deterministic: bool = flagged(False, "Deterministic ops and data (slower).")
-    steps_per_epoch: int | None = flagged(None, "Cap on steps per epoch (default: one pass).",
-                                          lower_bound=1)
+    steps_per_epoch: int | None = flagged(
+        None, "Cap on steps per epoch (default: one pass).", lower_bound=1
+    )
     keep_checkpoints: int = flagged(3, "Epoch checkpoints kept.", lower_bound=1)
     jit_compile: bool = flagged(False, "XLA-compile the train step (slow on CPU).")
     verbose: bool = flagged(True, "Progress bar per epoch.")
@@ -328,11 +378,15 @@ class TrainConfig:
         for name in ("initial_lr", "adam_epsilon", "lr_power"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name, allowed in (("strategy", STRATEGIES), ("precision", PRECISIONS),
-                              ("on_nonfinite", ON_NONFINITE)):
+        for name, allowed in (
+            ("strategy", STRATEGIES),
+            ("precision", PRECISIONS),
+            ("on_nonfinite", ON_NONFINITE),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
-                    f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                    f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
 
 
 # data_pipeline.input.InputConfig lives in a module that imports TensorFlow,
@@ -347,10 +401,16 @@ class InputFlags:
 
     augment: bool = flagged(True, "Random flips and intensity augmentation (§3.7).")
     cache: bool = flagged(
-        False, "Shuffle over all training cases each epoch (a uniform order) instead of shard "
+        False,
+        "Shuffle over all training cases each epoch (a uniform order) instead of shard "
         "order plus an 8-case buffer; holds the epoch's decompressed cases in memory (~30 MB "
-        "per BraTS case). The data are read again every epoch.", name="input_cache")
+        "per BraTS case). The data are read again every epoch.",
+        name="input_cache",
+    )
     crop_from: str = flagged(
-        "grid", "Where the random training crop is drawn: uniformly in the original grid (the "
+        "grid",
+        "Where the random training crop is drawn: uniformly in the original grid (the "
         "paper), or in the brain's bounding box, so that crops smaller than the paper's are "
-        "still mostly brain (docs/deviations.md).", choices=("grid", "brain_box"))
+        "still mostly brain (docs/deviations.md).",
+        choices=("grid", "brain_box"),
+    )

@@ -48,15 +48,29 @@ import dataclasses
 import pathlib
 import sys
 
+from brats_tf.inference.saved_model import (
+    INPUT_NAME,
+    METADATA_FILE,
+    SIGNATURES,
+    _check_version,
+    export_saved_model,
+)
+from brats_tf.model import PRECISIONS, check_precision
 from data_pipeline import constants, volume
 from data_pipeline.io_utils import expand_pattern
-from brats_tf.inference.saved_model import (INPUT_NAME, METADATA_FILE, SIGNATURES,
-                                            _check_version, export_saved_model)
-from brats_tf.model import PRECISIONS, check_precision
 
 # The SavedModel's names, importable from here as before (``brats_tf.export.INPUT_NAME``).
-__all__ = ["INPUT_NAME", "SIGNATURES", "METADATA_FILE", "export_saved_model",
-           "ExportConfig", "model_files", "run", "define_flags", "main"]
+__all__ = [
+    "INPUT_NAME",
+    "SIGNATURES",
+    "METADATA_FILE",
+    "export_saved_model",
+    "ExportConfig",
+    "model_files",
+    "run",
+    "define_flags",
+    "main",
+]
 
 
 # ---------------------------------------------------------------- command line
@@ -113,47 +127,82 @@ def run(config: ExportConfig) -> pathlib.Path:
     paths = model_files(config.model)
     target = pathlib.Path(config.export_dir) / str(config.version)
     if target.exists() and any(target.iterdir()) and not config.overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (use --overwrite or another "
-                              f"--version)")
+        raise FileExistsError(
+            f"{target} exists and is not empty (use --overwrite or another --version)"
+        )
     models = []
     for path in paths:
         try:
             models.append(keras.saving.load_model(path, compile=False))
-        except Exception as e:  # noqa: BLE001  Keras raises many types for a bad file
+        except Exception as e:  # Keras raises many types for a bad file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot load model {path}: {first}") from None
-    return export_saved_model(models, config.export_dir, config.version, config.et_label,
-                              config.threshold, config.overwrite, config.crop_to_brain,
-                              config.precision, config.et_min_voxels)
+    return export_saved_model(
+        models,
+        config.export_dir,
+        config.version,
+        config.et_label,
+        config.threshold,
+        config.overwrite,
+        config.crop_to_brain,
+        config.precision,
+        config.et_min_voxels,
+    )
 
 
 def define_flags():
     """Defines this entry point's flags (only when run as a program: no global side effect)."""
     from absl import flags
 
-    flags.DEFINE_string("model", None, "Path to the trained model (.keras); several, comma "
-                        "separated or a quoted shell pattern: one SavedModel of their ensemble.")
-    flags.DEFINE_string("export_dir", None,
-                        "Model base path for TF Serving; the version directory goes inside.")
-    flags.DEFINE_integer("version", 1, "Version sub-directory (TF Serving serves the highest).",
-                         lower_bound=1)
-    flags.DEFINE_enum("et_label", str(constants.LABEL_ET),
-                      [str(constants.LABEL_ET), str(constants.LABEL_ET_2023)],
-                      "Label value of enhancing tumour in the 'labels' output "
-                      "(4: BraTS 2017-2021, 3: BraTS 2023+).")
-    flags.DEFINE_float("threshold", 0.5, "Region threshold for 'labels' (p > threshold).",
-                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_string(
+        "model",
+        None,
+        "Path to the trained model (.keras); several, comma "
+        "separated or a quoted shell pattern: one SavedModel of their ensemble.",
+    )
+    flags.DEFINE_string(
+        "export_dir", None, "Model base path for TF Serving; the version directory goes inside."
+    )
+    flags.DEFINE_integer(
+        "version", 1, "Version sub-directory (TF Serving serves the highest).", lower_bound=1
+    )
+    flags.DEFINE_enum(
+        "et_label",
+        str(constants.LABEL_ET),
+        [str(constants.LABEL_ET), str(constants.LABEL_ET_2023)],
+        "Label value of enhancing tumour in the 'labels' output "
+        "(4: BraTS 2017-2021, 3: BraTS 2023+).",
+    )
+    flags.DEFINE_float(
+        "threshold",
+        0.5,
+        "Region threshold for 'labels' (p > threshold).",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
     flags.DEFINE_bool("overwrite", False, "Replace an existing, non-empty version directory.")
-    flags.DEFINE_integer("et_min_voxels", 0, "Post-processing of 'labels', not the paper's (0: "
-                         "off): a case whose predicted ET has fewer voxels gets necrosis (label "
-                         "1) there (python -m brats_tf.postprocess chooses it).", lower_bound=0)
-    flags.DEFINE_bool("crop_to_brain", True,
-                      "Run the network on the brain's bounding box (2.6x fewer voxels on "
-                      "BraTS); false: the whole padded volume, as the paper.")
-    flags.DEFINE_enum("precision", "saved", ["saved", *PRECISIONS],
-                      "Precision the served network computes in: 'saved' (the model's own) or "
-                      "a Keras dtype policy: mixed_float16 for GPUs (~150x slower on a CPU), "
-                      "mixed_bfloat16 for CPUs with AMX (~2x faster there).")
+    flags.DEFINE_integer(
+        "et_min_voxels",
+        0,
+        "Post-processing of 'labels', not the paper's (0: "
+        "off): a case whose predicted ET has fewer voxels gets necrosis (label "
+        "1) there (python -m brats_tf.postprocess chooses it).",
+        lower_bound=0,
+    )
+    flags.DEFINE_bool(
+        "crop_to_brain",
+        True,
+        "Run the network on the brain's bounding box (2.6x fewer voxels on "
+        "BraTS); false: the whole padded volume, as the paper.",
+    )
+    flags.DEFINE_enum(
+        "precision",
+        "saved",
+        ["saved", *PRECISIONS],
+        "Precision the served network computes in: 'saved' (the model's own) or "
+        "a Keras dtype policy: mixed_float16 for GPUs (~150x slower on a CPU), "
+        "mixed_bfloat16 for CPUs with AMX (~2x faster there).",
+    )
     return flags.FLAGS
 
 
@@ -165,12 +214,17 @@ def main(argv):
         sys.exit(f"brats_tf.export: error: unexpected arguments {argv[1:]}")
     flags = absl_flags.FLAGS
     try:
-        config = ExportConfig(model=flags.model, export_dir=flags.export_dir,
-                              version=flags.version, et_label=int(flags.et_label),
-                              threshold=flags.threshold, overwrite=flags.overwrite,
-                              crop_to_brain=flags.crop_to_brain,
-                              precision=None if flags.precision == "saved" else flags.precision,
-                              et_min_voxels=flags.et_min_voxels)
+        config = ExportConfig(
+            model=flags.model,
+            export_dir=flags.export_dir,
+            version=flags.version,
+            et_label=int(flags.et_label),
+            threshold=flags.threshold,
+            overwrite=flags.overwrite,
+            crop_to_brain=flags.crop_to_brain,
+            precision=None if flags.precision == "saved" else flags.precision,
+            et_min_voxels=flags.et_min_voxels,
+        )
         logging.info("export config: %s", config)
         target = run(config)
     except (OSError, ValueError) as e:

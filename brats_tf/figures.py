@@ -38,8 +38,11 @@ LABEL_COLOURS = {
     constants.LABEL_ED: (0, 255, 0),  # green: edema
     constants.LABEL_ET: (255, 255, 0),  # yellow: enhancing tumour
 }
-LEGEND = (("NCR/NET", constants.LABEL_NCR_NET), ("ED", constants.LABEL_ED),
-          ("ET", constants.LABEL_ET))
+LEGEND = (
+    ("NCR/NET", constants.LABEL_NCR_NET),
+    ("ED", constants.LABEL_ED),
+    ("ET", constants.LABEL_ET),
+)
 VIEWS = ("AXIAL", "SAGITTAL", "CORONAL")
 ROW_TITLES = ("GROUND TRUTH", "PREDICTION")
 DEFAULT_ALPHA = 0.5
@@ -97,8 +100,7 @@ _TEXT_SCALE = 2
 _GLYPH_W, _GLYPH_H = 6 * _TEXT_SCALE, 7 * _TEXT_SCALE  # 1 column of spacing per glyph
 
 
-def draw_text(canvas: np.ndarray, text: str, top: int, left: int,
-              colour=(255, 255, 255)) -> None:
+def draw_text(canvas: np.ndarray, text: str, top: int, left: int, colour=(255, 255, 255)) -> None:
     """Draws ``text`` (unknown characters as blanks) into [rows, cols, 3] in place."""
     for n, char in enumerate(str(text).upper()):
         glyph = _FONT.get(char, _FONT[" "])
@@ -107,7 +109,7 @@ def draw_text(canvas: np.ndarray, text: str, top: int, left: int,
             for c, bit in enumerate(bits):
                 if bit == "1":
                     y, x = top + r * _TEXT_SCALE, x0 + c * _TEXT_SCALE
-                    canvas[y:y + _TEXT_SCALE, x:x + _TEXT_SCALE] = colour
+                    canvas[y : y + _TEXT_SCALE, x : x + _TEXT_SCALE] = colour
 
 
 def _check_volume(name: str, volume, ndim: int = 3) -> np.ndarray:
@@ -171,8 +173,12 @@ def grey(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((image - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
-def overlay(grey_image: np.ndarray, labels: np.ndarray, alpha: float = DEFAULT_ALPHA,
-            et_label: int = constants.LABEL_ET) -> np.ndarray:
+def overlay(
+    grey_image: np.ndarray,
+    labels: np.ndarray,
+    alpha: float = DEFAULT_ALPHA,
+    et_label: int = constants.LABEL_ET,
+) -> np.ndarray:
     """RGB [rows, cols, 3] uint8: ``grey_image`` with each label's colour blended in.
 
     Where label v > 0: rgb = round((1 - alpha) * grey + alpha * LABEL_COLOURS[v]);
@@ -181,8 +187,10 @@ def overlay(grey_image: np.ndarray, labels: np.ndarray, alpha: float = DEFAULT_A
     """
     grey_image, labels = np.asarray(grey_image), np.asarray(labels)
     if grey_image.shape != labels.shape or grey_image.ndim != 2:
-        raise ValueError(f"grey image and labels must be 2-D of one shape, got "
-                         f"{grey_image.shape} and {labels.shape}")
+        raise ValueError(
+            f"grey image and labels must be 2-D of one shape, got "
+            f"{grey_image.shape} and {labels.shape}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     rgb = np.repeat(grey_image.astype(np.float64)[..., None], 3, axis=-1)
@@ -194,9 +202,15 @@ def overlay(grey_image: np.ndarray, labels: np.ndarray, alpha: float = DEFAULT_A
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def case_figure(t1ce: np.ndarray, affine, truth: np.ndarray | None, prediction: np.ndarray,
-                et_label: int = constants.LABEL_ET, alpha: float = DEFAULT_ALPHA,
-                title: str = "") -> np.ndarray:
+def case_figure(
+    t1ce: np.ndarray,
+    affine,
+    truth: np.ndarray | None,
+    prediction: np.ndarray,
+    et_label: int = constants.LABEL_ET,
+    alpha: float = DEFAULT_ALPHA,
+    title: str = "",
+) -> np.ndarray:
     """The module docstring's figure as an RGB array [rows, cols, 3] uint8.
 
     Args:
@@ -240,13 +254,13 @@ def case_figure(t1ce: np.ndarray, affine, truth: np.ndarray | None, prediction: 
             rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
             y0 = top + header + (panel - rgb.shape[0]) // 2
             x0 = gap + c * (panel + gap) + (panel - rgb.shape[1]) // 2
-            canvas[y0:y0 + rgb.shape[0], x0:x0 + rgb.shape[1]] = rgb
+            canvas[y0 : y0 + rgb.shape[0], x0 : x0 + rgb.shape[1]] = rgb
     # legend: a colour swatch and the label's name
     y = height - legend_h + 6
     x = gap
     for name, value in LEGEND:
         shown = et_label if value == constants.LABEL_ET else value
-        canvas[y:y + _GLYPH_H, x:x + _GLYPH_H] = LABEL_COLOURS[value]
+        canvas[y : y + _GLYPH_H, x : x + _GLYPH_H] = LABEL_COLOURS[value]
         text = f"{name} ({shown})"
         draw_text(canvas, text, y, x + _GLYPH_H + 6)
         x += _GLYPH_H + 6 + (len(text) + 2) * _GLYPH_W
@@ -276,8 +290,7 @@ def write_png(rgb: np.ndarray, path) -> pathlib.Path:
 
 
 # ------------------------------------------------------------ line charts
-SERIES_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
-                  (148, 103, 189))
+SERIES_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 
 
 def _line(canvas: np.ndarray, x0, y0, x1, y1, colour) -> None:
@@ -285,12 +298,19 @@ def _line(canvas: np.ndarray, x0, y0, x1, y1, colour) -> None:
     xs = np.rint(np.linspace(x0, x1, n)).astype(int)
     ys = np.rint(np.linspace(y0, y1, n)).astype(int)
     for dy in (0, 1):  # two pixels thick
-        canvas[np.clip(ys + dy, 0, canvas.shape[0] - 1), np.clip(xs, 0, canvas.shape[1] - 1)] = \
+        canvas[np.clip(ys + dy, 0, canvas.shape[0] - 1), np.clip(xs, 0, canvas.shape[1] - 1)] = (
             colour
+        )
 
 
-def line_panels(panels, x_label: str = "STEP", cols: int = 4, width: int = 400,
-                height: int = 230, legend: list[str] | None = None) -> np.ndarray:
+def line_panels(
+    panels,
+    x_label: str = "STEP",
+    cols: int = 4,
+    width: int = 400,
+    height: int = 230,
+    legend: list[str] | None = None,
+) -> np.ndarray:
     """An RGB image of line charts, one panel per entry of ``panels``.
 
     Args:
@@ -317,8 +337,8 @@ def line_panels(panels, x_label: str = "STEP", cols: int = 4, width: int = 400,
         x_max = xs.max() if xs.size and xs.max() > 0 else 1.0
         x0, x1 = left + margin, left + width - 10
         y0, y1 = top + height - margin, top + margin + 18
-        canvas[y1:y0 + 1, [x0, x1]] = 0
-        canvas[[y1, y0], x0:x1 + 1] = 0
+        canvas[y1 : y0 + 1, [x0, x1]] = 0
+        canvas[[y1, y0], x0 : x1 + 1] = 0
         draw_text(canvas, title, top + 4, left + margin, (0, 0, 0))
         draw_text(canvas, f"{hi:.3g}", y1 + 4, x0 + 4, (96, 96, 96))
         draw_text(canvas, f"{lo:.3g}", y0 - 18, x0 + 4, (96, 96, 96))
@@ -335,7 +355,7 @@ def line_panels(panels, x_label: str = "STEP", cols: int = 4, width: int = 400,
             for (a, b), (c, d) in zip(points, points[1:]):
                 _line(canvas, a, b, c, d, colour)
             for a, b in points:
-                canvas[max(int(b) - 2, 0):int(b) + 3, max(int(a) - 2, 0):int(a) + 3] = colour
+                canvas[max(int(b) - 2, 0) : int(b) + 3, max(int(a) - 2, 0) : int(a) + 3] = colour
     for n, text in enumerate(legend or []):
         draw_text(canvas, text, rows * height + 6 + 22 * n, 20, (0, 0, 0))
     return canvas
@@ -348,9 +368,11 @@ def training_curves(history: list[dict], title: str = "") -> np.ndarray:
     epochs = [h["epoch"] for h in history]
 
     def series(keys_names):
-        return [(name, [h["epoch"] for h in history if key in h],
-                 [h[key] for h in history if key in h])
-                for key, name in keys_names if any(key in h for h in history)]
+        return [
+            (name, [h["epoch"] for h in history if key in h], [h[key] for h in history if key in h])
+            for key, name in keys_names
+            if any(key in h for h in history)
+        ]
 
     panels = [
         ("LOSS", series([("loss", "TOTAL"), ("dice", "DICE"), ("l2", "L2"), ("kl", "KL")])),
@@ -361,8 +383,9 @@ def training_curves(history: list[dict], title: str = "") -> np.ndarray:
         panels.append(("HELD-OUT DICE", held_out, (0.0, 1.0)))
     seconds = [h.get("seconds", float("nan")) for h in history]
     panels.append(("SECONDS PER EPOCH", [("TRAINING", epochs, seconds)]))
-    return line_panels(panels, x_label="EPOCH", cols=len(panels),
-                       legend=[title.upper()] if title else None)
+    return line_panels(
+        panels, x_label="EPOCH", cols=len(panels), legend=[title.upper()] if title else None
+    )
 
 
 TRAINING_CURVES_PNG = "curves.png"
@@ -375,5 +398,7 @@ def write_training_curves(model_dir) -> pathlib.Path:
     model_dir = pathlib.Path(model_dir)
     with open(model_dir / "history.json") as f:
         history = json.load(f)
-    return write_png(training_curves(history, title=f"{model_dir.name}: history.json"),
-                     model_dir / TRAINING_CURVES_PNG)
+    return write_png(
+        training_curves(history, title=f"{model_dir.name}: history.json"),
+        model_dir / TRAINING_CURVES_PNG,
+    )

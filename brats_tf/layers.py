@@ -17,9 +17,17 @@ from data_pipeline.checks import positive_int
 _PACKAGE = "brats_tf"
 
 
-def conv3d(filters: int, kernel_size: int = 3, strides: int = 1, l2_weight: float = 0.0,
-           name: str | None = None, dtype=None, layer_class=keras.layers.Conv3D,
-           kernel_initializer="glorot_uniform", bias_initializer="zeros") -> keras.layers.Conv3D:
+def conv3d(
+    filters: int,
+    kernel_size: int = 3,
+    strides: int = 1,
+    l2_weight: float = 0.0,
+    name: str | None = None,
+    dtype=None,
+    layer_class=keras.layers.Conv3D,
+    kernel_initializer="glorot_uniform",
+    bias_initializer="zeros",
+) -> keras.layers.Conv3D:
     """The paper's convolution: 'same' padding, bias, L2 on the kernel (§3.5).
 
     ``kernel_size=1`` is the paper's "Conv1". Kernels start Glorot-uniform,
@@ -31,10 +39,17 @@ def conv3d(filters: int, kernel_size: int = 3, strides: int = 1, l2_weight: floa
     segmentation head's options, ``ModelConfig.head_kernel_init``).
     """
     regularizer = keras.regularizers.L2(l2_weight) if l2_weight else None
-    return layer_class(filters, kernel_size, strides=strides, padding="same",
-                       kernel_initializer=kernel_initializer,
-                       bias_initializer=bias_initializer, kernel_regularizer=regularizer,
-                       name=name, dtype=dtype)
+    return layer_class(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        kernel_initializer=kernel_initializer,
+        bias_initializer=bias_initializer,
+        kernel_regularizer=regularizer,
+        name=name,
+        dtype=dtype,
+    )
 
 
 def channel_sums(x):
@@ -87,7 +102,8 @@ class GroupNorm(keras.layers.Layer):
         channels = input_shape[-1]
         if channels is None or channels % self.groups:
             raise ValueError(
-                f"{self.name}: channels={channels} is not divisible by groups={self.groups}")
+                f"{self.name}: channels={channels} is not divisible by groups={self.groups}"
+            )
         self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
         self.built = True
@@ -130,8 +146,9 @@ class ResNetBlock(keras.layers.Layer):
         self.filters = positive_int("filters", filters)
         self.groups = positive_int("groups", groups)
         if filters % groups:
-            raise ValueError(f"ResNetBlock {self.name!r}: filters={filters} is not divisible "
-                             f"by groups={groups}")
+            raise ValueError(
+                f"ResNetBlock {self.name!r}: filters={filters} is not divisible by groups={groups}"
+            )
         if l2_weight < 0:
             raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
         self.l2_weight = float(l2_weight)
@@ -142,9 +159,11 @@ class ResNetBlock(keras.layers.Layer):
 
     def build(self, input_shape):
         if input_shape[-1] != self.filters:
-            raise ValueError(f"ResNetBlock {self.name!r} has {self.filters} filters but its "
-                             f"input has {input_shape[-1]} channels; the identity shortcut "
-                             f"needs them equal")
+            raise ValueError(
+                f"ResNetBlock {self.name!r} has {self.filters} filters but its "
+                f"input has {input_shape[-1]} channels; the identity shortcut "
+                f"needs them equal"
+            )
         for layer in (self.norm1, self.conv1, self.norm2, self.conv2):
             layer.build(tuple(input_shape))
         self.built = True
@@ -275,8 +294,9 @@ class SpatialDivisibilityCheck(keras.layers.Layer):
     """Identity that fails with a clear message when D, H or W is not divisible.
 
     The encoder downsamples three times by 2 and the decoder adds the skip
-    connections back, so every spatial size must be divisible by 8 (§3.1). Checked statically when the size is known and at run time
-    (tf.debugging) when it is not.
+    connections back, so every spatial size must be divisible by 8 (§3.1).
+    Checked statically when the size is known and at run time (tf.debugging)
+    when it is not.
     """
 
     def __init__(self, divisor: int = 8, **kwargs):

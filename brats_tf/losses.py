@@ -72,9 +72,7 @@ def kl_loss(z_mean, z_log_var, num_voxels) -> tf.Tensor:
     Returns: [B] float32.
     """
     z_mean, z_log_var = _f32(z_mean), _f32(z_log_var)
-    total = tf.reduce_sum(
-        tf.square(z_mean) + tf.exp(z_log_var) - z_log_var - 1.0, axis=-1
-    )
+    total = tf.reduce_sum(tf.square(z_mean) + tf.exp(z_log_var) - z_log_var - 1.0, axis=-1)
     return total / _f32(num_voxels)
 
 

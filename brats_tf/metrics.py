@@ -29,7 +29,7 @@ with no negative voxel) is 1: nothing to find, nothing missed.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -98,8 +98,9 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * np.logical_and(pred, truth).sum() / total)
 
 
-def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0),
-                mode: str = "pooled") -> float:
+def hausdorff95(
+    pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0), mode: str = "pooled"
+) -> float:
     """HD95 in mm (module docstring); 0 if both empty, the image diagonal if one is."""
     pred, truth = _check_masks(pred, truth)
     spacing = _check_spacing(spacing)
@@ -125,8 +126,9 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0),
     return float(max(np.percentile(p_to_t, 95), np.percentile(t_to_p, 95)))
 
 
-def region_metrics(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0),
-                   hd95_mode: str = "pooled") -> dict[str, float]:
+def region_metrics(
+    pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0), hd95_mode: str = "pooled"
+) -> dict[str, float]:
     """All of ``METRICS`` for one region of one case ([D, H, W] boolean masks)."""
     pred, truth = _check_masks(pred, truth)
     spacing = _check_spacing(spacing)
@@ -145,9 +147,13 @@ def region_metrics(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0),
     }
 
 
-def case_metrics(pred_labels: np.ndarray, true_labels: np.ndarray, spacing=(1.0, 1.0, 1.0),
-                 et_label: int = constants.LABEL_ET,
-                 hd95_mode: str = "pooled") -> dict[str, dict[str, float]]:
+def case_metrics(
+    pred_labels: np.ndarray,
+    true_labels: np.ndarray,
+    spacing=(1.0, 1.0, 1.0),
+    et_label: int = constants.LABEL_ET,
+    hd95_mode: str = "pooled",
+) -> dict[str, dict[str, float]]:
     """Metrics of one case from two BraTS label maps [D, H, W].
 
     Returns {region: {metric: value}} for region in ``constants.REGIONS``.
@@ -210,8 +216,9 @@ class RegionDice(keras.metrics.Metric):
     values.
     """
 
-    def __init__(self, region: str = "ET", threshold: float = 0.5, name: str | None = None,
-                 **kwargs):
+    def __init__(
+        self, region: str = "ET", threshold: float = 0.5, name: str | None = None, **kwargs
+    ):
         if region not in constants.REGIONS:
             raise ValueError(f"region must be one of {constants.REGIONS}, got {region!r}")
         threshold = check_threshold(threshold)
@@ -220,10 +227,8 @@ class RegionDice(keras.metrics.Metric):
         self.region = region
         self.threshold = float(threshold)
         self.channel = constants.REGIONS.index(region)
-        self.total = self.add_variable(shape=(), initializer="zeros", name="total",
-                                       dtype="float32")
-        self.count = self.add_variable(shape=(), initializer="zeros", name="count",
-                                       dtype="float32")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float32")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count", dtype="float32")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         t = tf.cast(tf.cast(y_true, tf.float32)[..., self.channel] > 0.5, tf.float32)
@@ -235,8 +240,9 @@ class RegionDice(keras.metrics.Metric):
         if sample_weight is None:
             weight = tf.ones_like(per_example)
         else:
-            weight = tf.broadcast_to(tf.reshape(tf.cast(sample_weight, tf.float32), [-1]),
-                                     tf.shape(per_example))
+            weight = tf.broadcast_to(
+                tf.reshape(tf.cast(sample_weight, tf.float32), [-1]), tf.shape(per_example)
+            )
         self.total.assign_add(tf.reduce_sum(per_example * weight))
         self.count.assign_add(tf.reduce_sum(weight))
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 
@@ -97,9 +97,16 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
     # Under --recompute the first block makes the stem's output again
     # instead of keeping it (brats_tf.recompute).
     stem = cfg.recompute_levels > 0
-    x = stage("InitConv", lambda: L.conv3d(
-        cfg.init_filters, 3, l2_weight=cfg.weight_decay, name="InitConv",
-        layer_class=R.StemConv3D if stem else keras.layers.Conv3D))(x)
+    x = stage(
+        "InitConv",
+        lambda: L.conv3d(
+            cfg.init_filters,
+            3,
+            l2_weight=cfg.weight_decay,
+            name="InitConv",
+            layer_class=R.StemConv3D if stem else keras.layers.Conv3D,
+        ),
+    )(x)
     dropout = R.StemDropout3D if stem else keras.layers.SpatialDropout3D
     x = stage("InitDropout", lambda: dropout(cfg.dropout, seed=cfg.seed, name="InitDropout"))(x)
     features = []
@@ -107,8 +114,9 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
         filters = cfg.filters(level)
         if level > 0:
             name = f"EncoderDown{level}"
-            x = stage(name, lambda: L.conv3d(filters, 3, strides=2, l2_weight=cfg.weight_decay,
-                                             name=name))(x)
+            x = stage(
+                name, lambda: L.conv3d(filters, 3, strides=2, l2_weight=cfg.weight_decay, name=name)
+            )(x)
         for i in range(n_blocks):
             name = f"EncoderBlock{level}_{i}"
             x = stage(name, lambda: _block(cfg, level, name))(x)
@@ -129,8 +137,10 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
     for level in reversed(range(cfg.levels - 1)):
         filters = cfg.filters(level)
         up = f"DecoderUp{level}"
-        x = stage(f"{up}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.weight_decay,
-                                                  name=f"{up}_Conv1"))(x)
+        x = stage(
+            f"{up}_Conv1",
+            lambda: L.conv3d(filters, 1, l2_weight=cfg.weight_decay, name=f"{up}_Conv1"),
+        )(x)
         x = stage(f"{up}_Upsample", lambda: _upsample(cfg, level, f"{up}_Upsample"))(x)
         add = R.SkipAdd if level < cfg.recompute_levels else keras.layers.Add
         x = stage(f"{up}_Add", lambda: add(name=f"{up}_Add"))([x, features[level]])
@@ -138,13 +148,23 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
             name = f"DecoderBlock{level}_{i}"
             x = stage(name, lambda: _block(cfg, level, name))(x)
     head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
-    x = stage("DecoderEnd_Conv1", lambda: L.conv3d(
-        cfg.num_classes, 1, l2_weight=cfg.weight_decay, name="DecoderEnd_Conv1", layer_class=head,
-        kernel_initializer=_head_kernel_initializer(cfg),
-        bias_initializer=keras.initializers.Constant(cfg.head_bias_init)))(x)
+    x = stage(
+        "DecoderEnd_Conv1",
+        lambda: L.conv3d(
+            cfg.num_classes,
+            1,
+            l2_weight=cfg.weight_decay,
+            name="DecoderEnd_Conv1",
+            layer_class=head,
+            kernel_initializer=_head_kernel_initializer(cfg),
+            bias_initializer=keras.initializers.Constant(cfg.head_bias_init),
+        ),
+    )(x)
     # float32 outputs under a mixed precision policy.
-    return stage("DecoderEnd_Sigmoid", lambda: keras.layers.Activation(
-        "sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"))(x)
+    return stage(
+        "DecoderEnd_Sigmoid",
+        lambda: keras.layers.Activation("sigmoid", dtype="float32", name="DecoderEnd_Sigmoid"),
+    )(x)
 
 
 def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
@@ -155,40 +175,60 @@ def _vae(endpoint, cfg: ModelConfig, stage: _Stages):
     # VD: GN, ReLU, Conv(16) stride 2, flatten, Dense(2 * latent).
     x = stage("VD_GN", lambda: L.GroupNorm(cfg.groups, epsilon=1e-5, name="VD_GN"))(endpoint)
     x = stage("VD_ReLU", lambda: keras.layers.ReLU(name="VD_ReLU"))(x)
-    x = stage("VD_Conv", lambda: L.conv3d(cfg.vae_filters, 3, strides=2,
-                                          l2_weight=cfg.weight_decay, name="VD_Conv"))(x)
+    x = stage(
+        "VD_Conv",
+        lambda: L.conv3d(cfg.vae_filters, 3, strides=2, l2_weight=cfg.weight_decay, name="VD_Conv"),
+    )(x)
     x = stage("VD_Flatten", lambda: keras.layers.Flatten(name="VD_Flatten"))(x)
     x = stage("VD_Dense", lambda: keras.layers.Dense(2 * cfg.latent_dim, name="VD_Dense"))(x)
     # VDraw: split into mean / log-variance, sample by reparameterisation.
-    z, z_mean, z_log_var = stage("VDraw", lambda: L.GaussianSampling(seed=cfg.seed,
-                                                                     name="VDraw"))(x)
+    z, z_mean, z_log_var = stage("VDraw", lambda: L.GaussianSampling(seed=cfg.seed, name="VDraw"))(
+        x
+    )
     # VU: Dense to vae_filters x grid, ReLU, Conv1 to the endpoint width, upsample.
     grid = cfg.vae_grid
-    x = stage("VU_Dense", lambda: keras.layers.Dense(
-        cfg.vae_filters * grid[0] * grid[1] * grid[2], name="VU_Dense"))(z)
+    x = stage(
+        "VU_Dense",
+        lambda: keras.layers.Dense(cfg.vae_filters * grid[0] * grid[1] * grid[2], name="VU_Dense"),
+    )(z)
     x = stage("VU_ReLU", lambda: keras.layers.ReLU(name="VU_ReLU"))(x)
-    x = stage("VU_Reshape", lambda: keras.layers.Reshape(grid + (cfg.vae_filters,),
-                                                         name="VU_Reshape"))(x)
+    x = stage(
+        "VU_Reshape", lambda: keras.layers.Reshape(grid + (cfg.vae_filters,), name="VU_Reshape")
+    )(x)
     top = cfg.levels - 1
-    x = stage("VU_Conv1", lambda: L.conv3d(cfg.filters(top), 1, l2_weight=cfg.weight_decay,
-                                           name="VU_Conv1"))(x)
+    x = stage(
+        "VU_Conv1",
+        lambda: L.conv3d(cfg.filters(top), 1, l2_weight=cfg.weight_decay, name="VU_Conv1"),
+    )(x)
     x = stage("VU_Upsample", lambda: L.TrilinearUpSampling3D(2, name="VU_Upsample"))(x)
     # VUp{level}: Conv1 (halve channels), upsample; VBlock{level}: ResNet block.
     for level in reversed(range(top)):
         filters = cfg.filters(level)
-        x = stage(f"VUp{level}_Conv1", lambda: L.conv3d(filters, 1, l2_weight=cfg.weight_decay,
-                                                        name=f"VUp{level}_Conv1"))(x)
-        x = stage(f"VUp{level}_Upsample",
-                  lambda: _upsample(cfg, level, f"VUp{level}_Upsample"))(x)
+        x = stage(
+            f"VUp{level}_Conv1",
+            lambda: L.conv3d(filters, 1, l2_weight=cfg.weight_decay, name=f"VUp{level}_Conv1"),
+        )(x)
+        x = stage(f"VUp{level}_Upsample", lambda: _upsample(cfg, level, f"VUp{level}_Upsample"))(x)
         x = stage(f"VBlock{level}_0", lambda: _block(cfg, level, f"VBlock{level}_0"))(x)
     # Vend: Conv1 to the input channels, float32 (compared with the input).
     head = R.HeadConv3D if cfg.recompute_levels > 0 else keras.layers.Conv3D
-    recon = stage("Vend", lambda: L.conv3d(cfg.in_channels, 1, l2_weight=cfg.weight_decay,
-                                           name="Vend", dtype="float32", layer_class=head))(x)
+    recon = stage(
+        "Vend",
+        lambda: L.conv3d(
+            cfg.in_channels,
+            1,
+            l2_weight=cfg.weight_decay,
+            name="Vend",
+            dtype="float32",
+            layer_class=head,
+        ),
+    )(x)
     return recon, z_mean, z_log_var
 
 
-def build_model(config: ModelConfig | None = None, name: str = "brats_vae_segmenter") -> keras.Model:
+def build_model(
+    config: ModelConfig | None = None, name: str = "brats_vae_segmenter"
+) -> keras.Model:
     """The training model of Table 1 (encoder, segmentation decoder, VAE)."""
     cfg = config or ModelConfig()
     stage = _Stages()
@@ -228,7 +268,8 @@ def config_from_model(model: keras.Model) -> ModelConfig:
     image_shape = model.inputs[0].shape
     vae = "Vend" in names
     recompute_levels = sum(
-        1 for level in down if model.get_layer(f"EncoderBlock{level}_0").recompute)
+        1 for level in down if model.get_layer(f"EncoderBlock{level}_0").recompute
+    )
     input_shape = tuple(image_shape[1:4])
     if None in input_shape:  # an inference model: any size; keep a valid placeholder
         input_shape = (2 ** len(down),) * 3

@@ -31,12 +31,11 @@ import logging
 import os
 import sys
 
-from data_pipeline import volume
 from brats_tf import inference
-from brats_tf.evaluation import (EvaluationError, expand_model_paths, is_tfrecord_dir,
-                                 load_models)
+from brats_tf.evaluation import EvaluationError, expand_model_paths, is_tfrecord_dir, load_models
 from brats_tf.evaluation.config import one_line
 from brats_tf.evaluation.et_threshold import DEFAULT_CANDIDATES, choose, collect, training_folds
+from data_pipeline import volume
 
 log = logging.getLogger("brats_tf.postprocess")
 
@@ -45,18 +44,27 @@ def define_flags():
     """This entry point's flags (only when run as a program)."""
     from absl import flags
 
-    flags.DEFINE_list("model", None, "Model path(s) as evaluate.py --model (several: an "
-                      "ensemble; shell patterns allowed).")
+    flags.DEFINE_list(
+        "model",
+        None,
+        "Model path(s) as evaluate.py --model (several: an ensemble; shell patterns allowed).",
+    )
     flags.DEFINE_string("data", None, "The converter's TFRecord folder (manifest.json).")
-    flags.DEFINE_list("folds", None, "Folds to choose on (default: every fold but the models' "
-                      "validation folds).")
-    flags.DEFINE_boolean("tta", False, "Predict with the 8 mirror flips, as the evaluation "
-                         "that will use N.")
+    flags.DEFINE_list(
+        "folds", None, "Folds to choose on (default: every fold but the models' validation folds)."
+    )
+    flags.DEFINE_boolean(
+        "tta", False, "Predict with the 8 mirror flips, as the evaluation that will use N."
+    )
     flags.DEFINE_boolean("crop_to_brain", True, "As evaluate.py --crop_to_brain.")
-    flags.DEFINE_float("threshold", 0.5, "As evaluate.py --threshold.", lower_bound=0.0,
-                       upper_bound=0.999999)
-    flags.DEFINE_list("candidates", [str(n) for n in DEFAULT_CANDIDATES],
-                      "ET volume thresholds (voxels) to try; 0 (none) is always tried.")
+    flags.DEFINE_float(
+        "threshold", 0.5, "As evaluate.py --threshold.", lower_bound=0.0, upper_bound=0.999999
+    )
+    flags.DEFINE_list(
+        "candidates",
+        [str(n) for n in DEFAULT_CANDIDATES],
+        "ET volume thresholds (voxels) to try; 0 (none) is always tried.",
+    )
     flags.DEFINE_string("output", None, "The JSON written (the choice, its table, every case).")
     flags.DEFINE_boolean("overwrite", False, "Replace an existing --output.")
     flags.DEFINE_boolean("progress", True, "Show a progress bar.")
@@ -80,43 +88,59 @@ def main(argv):
             if not f[name].value:
                 raise ValueError(f"--{name} is required")
         if not is_tfrecord_dir(f.data):
-            raise ValueError(f"--data={f.data}: not a converter output folder (manifest.json "
-                             f"with folds): N is chosen on training folds")
+            raise ValueError(
+                f"--data={f.data}: not a converter output folder (manifest.json "
+                f"with folds): N is chosen on training folds"
+            )
         if os.path.exists(f.output) and not f.overwrite:
             raise ValueError(f"--output={f.output} exists (pass --overwrite to replace it)")
         if os.path.isdir(f.output):
             raise ValueError(f"--output={f.output} is a folder")
-        candidates = [volume.check_et_min_voxels(n)
-                      for n in int_flag_list("candidates", f.candidates)]
+        candidates = [
+            volume.check_et_min_voxels(n) for n in int_flag_list("candidates", f.candidates)
+        ]
         threshold = volume.check_threshold(f.threshold)
         manifest = read_manifest(f.data)
         models = load_models(expand_model_paths(f.model))
-        folds = training_folds(models, manifest["options"]["folds"],
-                               None if f.folds is None else int_flag_list("folds", f.folds))
+        folds = training_folds(
+            models,
+            manifest["options"]["folds"],
+            None if f.folds is None else int_flag_list("folds", f.folds),
+        )
         log.info("choosing on fold(s) %s of %s", ",".join(map(str, folds)), f.data)
         cases = collect(models, f.data, folds, f.tta, f.crop_to_brain, threshold, f.progress)
     except (EvaluationError, ValueError, OSError) as e:
         sys.exit(f"brats_tf.postprocess: error: {one_line(e)}")
     best, table = choose(cases, candidates)
     for row in table:
-        log.info("et_min_voxels %5d: mean ET Dice %.4f (%d case(s) changed)%s",
-                 row["et_min_voxels"], row["mean_et_dice"], row["cases_changed"],
-                 "  <- chosen" if row["et_min_voxels"] == best else "")
+        log.info(
+            "et_min_voxels %5d: mean ET Dice %.4f (%d case(s) changed)%s",
+            row["et_min_voxels"],
+            row["mean_et_dice"],
+            row["cases_changed"],
+            "  <- chosen" if row["et_min_voxels"] == best else "",
+        )
     record = {
         "et_min_voxels": best,
         "chosen_on": {"data": f.data, "folds": folds, "num_cases": len(cases)},
         "models": [m.path for m in models],
-        "protocol": inference.protocol(inference.region_name(f.crop_to_brain), f.tta,
-                                       sum(m.networks() for m in models), threshold),
+        "protocol": inference.protocol(
+            inference.region_name(f.crop_to_brain),
+            f.tta,
+            sum(m.networks() for m in models),
+            threshold,
+        ),
         "table": table,
         "cases": [dataclasses.asdict(c) for c in cases],
     }
     write_json_atomic(f.output, record)
     log.info("wrote %s", f.output)
     chosen = next(row for row in table if row["et_min_voxels"] == best)
-    print(f"et_min_voxels={best} (mean ET Dice {chosen['mean_et_dice']:.4f} on {len(cases)} "
-          f"case(s) of fold(s) {','.join(map(str, folds))}, {table[0]['mean_et_dice']:.4f} "
-          f"without): use evaluate.py --et_min_voxels={best}")
+    print(
+        f"et_min_voxels={best} (mean ET Dice {chosen['mean_et_dice']:.4f} on {len(cases)} "
+        f"case(s) of fold(s) {','.join(map(str, folds))}, {table[0]['mean_et_dice']:.4f} "
+        f"without): use evaluate.py --et_min_voxels={best}"
+    )
 
 
 if __name__ == "__main__":

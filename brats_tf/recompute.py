@@ -37,7 +37,13 @@ import tensorflow as tf
 
 from brats_tf import layers as L
 from brats_tf.block_ops import (
-    conv_input_grad, conv_kernel_grad, conv_same, gn_backward, gn_statistics, norm_relu)
+    conv_input_grad,
+    conv_kernel_grad,
+    conv_same,
+    gn_backward,
+    gn_statistics,
+    norm_relu,
+)
 
 _PACKAGE = "brats_tf"
 
@@ -94,8 +100,9 @@ def _recipe_of(tensor: tf.Tensor) -> _Recipe | None:
 
 
 # ------------------------------------------------------------- the block
-def _recomputed_block(inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon,
-                      recipe: _Recipe | None = None):
+def _recomputed_block(
+    inputs, k1, b1, g1, be1, k2, b2, g2, be2, groups, epsilon, recipe: _Recipe | None = None
+):
     """The block (input + residual branch), keeping only its input, or with
     a ``recipe`` for the input only the recipe's inputs, for the backward
     pass. The backward pass recomputes GN1 + ReLU twice (for conv1, then for
@@ -159,12 +166,19 @@ class RecomputedResNetBlock(L.ResNetBlock):
         if not training:
             return super().call(inputs)
         f32, dtype = tf.float32, inputs.dtype
-        weights = (tf.cast(self.conv1.kernel, dtype), tf.cast(self.conv1.bias, dtype),
-                   tf.cast(self.norm1.gamma, f32), tf.cast(self.norm1.beta, f32),
-                   tf.cast(self.conv2.kernel, dtype), tf.cast(self.conv2.bias, dtype),
-                   tf.cast(self.norm2.gamma, f32), tf.cast(self.norm2.beta, f32))
-        return _recomputed_block(inputs, *weights, self.groups, self.norm1.epsilon,
-                                 recipe=_recipe_of(inputs))
+        weights = (
+            tf.cast(self.conv1.kernel, dtype),
+            tf.cast(self.conv1.bias, dtype),
+            tf.cast(self.norm1.gamma, f32),
+            tf.cast(self.norm1.beta, f32),
+            tf.cast(self.conv2.kernel, dtype),
+            tf.cast(self.conv2.bias, dtype),
+            tf.cast(self.norm2.gamma, f32),
+            tf.cast(self.norm2.beta, f32),
+        )
+        return _recomputed_block(
+            inputs, *weights, self.groups, self.norm1.epsilon, recipe=_recipe_of(inputs)
+        )
 
 
 # ------------------------------------------------ layers that give recipes
@@ -204,8 +218,9 @@ class HeadConv3D(keras.layers.Conv3D):
 
             return conv_same(x, kernel, bias), grad
 
-        return head(inputs, tf.cast(self.kernel, self.compute_dtype),
-                    tf.cast(self.bias, self.compute_dtype))
+        return head(
+            inputs, tf.cast(self.kernel, self.compute_dtype), tf.cast(self.bias, self.compute_dtype)
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -224,11 +239,18 @@ class StemConv3D(keras.layers.Conv3D):
 
     def __init__(self, filters: int, kernel_size=3, **kwargs):
         super().__init__(filters, kernel_size, **kwargs)
-        if self.strides != (1, 1, 1) or self.padding != "same" or self.groups != 1 \
-                or self.dilation_rate != (1, 1, 1) or not self.use_bias \
-                or self.activation is not keras.activations.linear:
-            raise ValueError(f"StemConv3D {self.name!r} is a stride-1 'same' convolution "
-                             "with bias and no activation")
+        if (
+            self.strides != (1, 1, 1)
+            or self.padding != "same"
+            or self.groups != 1
+            or self.dilation_rate != (1, 1, 1)
+            or not self.use_bias
+            or self.activation is not keras.activations.linear
+        ):
+            raise ValueError(
+                f"StemConv3D {self.name!r} is a stride-1 'same' convolution "
+                "with bias and no activation"
+            )
 
     def call(self, inputs, training=None):
         if not training or tf.executing_eagerly():
@@ -239,8 +261,11 @@ class StemConv3D(keras.layers.Conv3D):
 
         def grads(recipe_inputs, d):
             x, k, _ = recipe_inputs
-            return (conv_input_grad(x, k, d), conv_kernel_grad(x, k, d),
-                    tf.raw_ops.BiasAddGrad(out_backprop=d))
+            return (
+                conv_input_grad(x, k, d),
+                conv_kernel_grad(x, k, d),
+                tf.raw_ops.BiasAddGrad(out_backprop=d),
+            )
 
         _register_recipe(outputs, _Recipe([inputs, kernel, bias], conv_same, grads))
         return outputs
@@ -312,8 +337,11 @@ class SkipAdd(keras.layers.Add):
             return total
 
         def grads(recipe_inputs, d):
-            return [g for r, a, b in zip(recipes, bounds, bounds[1:])
-                    for g in r.grads(recipe_inputs[a:b], d)]
+            return [
+                g
+                for r, a, b in zip(recipes, bounds, bounds[1:])
+                for g in r.grads(recipe_inputs[a:b], d)
+            ]
 
         _register_recipe(outputs, _Recipe([t for r in recipes for t in r.inputs], make, grads))
         return outputs
@@ -324,8 +352,11 @@ def _resize_bilinear_grad(dy, shape, dtype):
     and dtype, given the float32 gradient of its output (zeros stand in for
     the image: the op reads only its shape)."""
     return tf.raw_ops.ResizeBilinearGrad(
-        grads=tf.cast(dy, tf.float32), original_image=tf.zeros(shape, dtype),
-        align_corners=False, half_pixel_centers=True)
+        grads=tf.cast(dy, tf.float32),
+        original_image=tf.zeros(shape, dtype),
+        align_corners=False,
+        half_pixel_centers=True,
+    )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -356,10 +387,13 @@ class RecomputedUpSampling3D(L.TrilinearUpSampling3D):
             return [d]
         g = tf.cast(d, tf.float32)  # the resizes' output type
         if fd > 1:  # the depth resize's input: float32 after a first resize
-            g = _resize_bilinear_grad(tf.reshape(g, [b, depth * fd, h * fh * w * fw, c]),
-                                      [b, depth, h * fh * w * fw, c],
-                                      tf.float32 if resize_hw else work)
+            g = _resize_bilinear_grad(
+                tf.reshape(g, [b, depth * fd, h * fh * w * fw, c]),
+                [b, depth, h * fh * w * fw, c],
+                tf.float32 if resize_hw else work,
+            )
         if resize_hw:
-            g = _resize_bilinear_grad(tf.reshape(g, [b * depth, h * fh, w * fw, c]),
-                                      [b * depth, h, w, c], work)
+            g = _resize_bilinear_grad(
+                tf.reshape(g, [b * depth, h * fh, w * fw, c]), [b * depth, h, w, c], work
+            )
         return [tf.cast(tf.reshape(g, shape), x.dtype)]

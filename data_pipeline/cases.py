@@ -13,10 +13,17 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
-from data_pipeline.constants import (
-    LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, LABEL_VALUES, MODALITIES)
-from data_pipeline.volume import nonzero_box
 from data_pipeline import layouts
+from data_pipeline.constants import (
+    LABEL_BACKGROUND,
+    LABEL_ED,
+    LABEL_ET,
+    LABEL_ET_2023,
+    LABEL_NCR_NET,
+    LABEL_VALUES,
+    MODALITIES,
+)
+from data_pipeline.volume import nonzero_box
 
 AFFINE_ATOL = 1e-4  # mm; "identical" affines up to header float noise
 LABELS_2023 = (LABEL_BACKGROUND, LABEL_NCR_NET, LABEL_ED, LABEL_ET_2023)
@@ -49,7 +56,9 @@ def _load_nifti(case_id, path):
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for broken files
-        raise BadCaseError(case_id, path, f"cannot read NIfTI ({type(e).__name__}: {e})".replace("\n", " "))
+        raise BadCaseError(
+            case_id, path, f"cannot read NIfTI ({type(e).__name__}: {e})".replace("\n", " ")
+        ) from e
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -63,8 +72,11 @@ def check_files(case, require_label):
         path = case.expected_path(modality)
         raise BadCaseError(case.case_id, path, f"missing {modality} file")
     if require_label and case.label is None:
-        raise BadCaseError(case.case_id, case.expected_path(layouts.LABEL_SUFFIX),
-                           "missing label file (other cases of this set have one)")
+        raise BadCaseError(
+            case.case_id,
+            case.expected_path(layouts.LABEL_SUFFIX),
+            "missing label file (other cases of this set have one)",
+        )
 
 
 def _image_dtype(case_id, path, data):
@@ -92,10 +104,16 @@ def _read_images(case):
         if ref_shape is None:
             ref_shape, ref_affine = data.shape, affine
         elif data.shape != ref_shape:
-            raise BadCaseError(cid, path, f"shape {data.shape} differs from {ref_shape} of {ref_path}")
+            raise BadCaseError(
+                cid, path, f"shape {data.shape} differs from {ref_shape} of {ref_path}"
+            )
         elif not np.allclose(affine, ref_affine, atol=AFFINE_ATOL, rtol=0):
-            raise BadCaseError(cid, path, f"affine differs from that of {ref_path}: "
-                               f"{np.round(affine, 4).tolist()} vs {np.round(ref_affine, 4).tolist()}")
+            raise BadCaseError(
+                cid,
+                path,
+                f"affine differs from that of {ref_path}: "
+                f"{np.round(affine, 4).tolist()} vs {np.round(ref_affine, 4).tolist()}",
+            )
         if not np.issubdtype(data.dtype, np.integer) and not np.isfinite(data).all():
             raise BadCaseError(cid, path, f"{int((~np.isfinite(data)).sum())} non-finite voxels")
         if not data.any():
@@ -121,8 +139,9 @@ def _read_label(case, ref_shape, ref_affine):
     values = np.unique(data)
     bad = [v for v in values.tolist() if v not in allowed]
     if bad:
-        raise BadCaseError(cid, path, f"label values {bad[:5]} not in {list(allowed)} "
-                           f"({case.naming} naming)")
+        raise BadCaseError(
+            cid, path, f"label values {bad[:5]} not in {list(allowed)} ({case.naming} naming)"
+        )
     label = data.astype(np.uint8)
     if case.naming == layouts.NAMING_2023:
         label[label == LABEL_ET_2023] = LABEL_ET
@@ -138,9 +157,12 @@ def _crop_image(case, arrays, box, dtype):
             channel = array[box].astype(dtype)
         if dtype == np.float32 and not np.isfinite(channel).all():
             # finite float64 values beyond float32's range become inf in the cast
-            raise BadCaseError(case.case_id, case.images[modality],
-                               f"{int((~np.isfinite(channel)).sum())} voxels beyond float32's "
-                               f"range (|value| > {float(np.finfo(np.float32).max):.4g})")
+            raise BadCaseError(
+                case.case_id,
+                case.images[modality],
+                f"{int((~np.isfinite(channel)).sum())} voxels beyond float32's "
+                f"range (|value| > {float(np.finfo(np.float32).max):.4g})",
+            )
         channels.append(channel)
     return np.stack(channels, axis=-1)
 
@@ -161,6 +183,12 @@ def load_case(case, require_label):
         label = np.ascontiguousarray(label[box])
         counts = {str(v): int((label == v).sum()) for v in LABEL_VALUES}
         counts[str(LABEL_BACKGROUND)] += int(np.prod(ref_shape)) - label.size  # outside the box
-    return LoadedCase(case=case, image=image, label=label, original_shape=tuple(ref_shape),
-                      affine=np.asarray(ref_affine, dtype=np.float64), box_start=start,
-                      label_counts=counts)
+    return LoadedCase(
+        case=case,
+        image=image,
+        label=label,
+        original_shape=tuple(ref_shape),
+        affine=np.asarray(ref_affine, dtype=np.float64),
+        box_start=start,
+        label_counts=counts,
+    )

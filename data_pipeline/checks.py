@@ -12,8 +12,9 @@ def positive_int(name: str, value) -> int:
     return value
 
 
-def int_flag_list(name: str, values, count: int | None = None, minimum: int | None = None,
-                  multiple: int = 1) -> tuple[int, ...]:
+def int_flag_list(
+    name: str, values, count: int | None = None, minimum: int | None = None, multiple: int = 1
+) -> tuple[int, ...]:
     """A command's list flag ``--name`` (its values as absl gives them:
     strings) as integers: ``count`` of them when given, each >= ``minimum``
     and divisible by ``multiple``. ValueError naming the flag, saying what it
@@ -24,12 +25,20 @@ def int_flag_list(name: str, values, count: int | None = None, minimum: int | No
         numbers = tuple(int(v) for v in values)
     except ValueError:
         numbers = None
-    if (numbers is None or (count is not None and len(numbers) != count)
-            or (minimum is not None and any(n < minimum for n in numbers))
-            or any(n % multiple for n in numbers)):
+    if (
+        numbers is None
+        or (count is not None and len(numbers) != count)
+        or (minimum is not None and any(n < minimum for n in numbers))
+        or any(n % multiple for n in numbers)
+    ):
         how_many = "" if count is None else f"{count} "
-        kind = ("positive integers" if minimum == 1
-                else "integers" if minimum is None else f"integers >= {minimum}")
+        kind = (
+            "positive integers"
+            if minimum == 1
+            else "integers"
+            if minimum is None
+            else f"integers >= {minimum}"
+        )
         divisible = f" divisible by {multiple}" if multiple > 1 else ""
         raise ValueError(f"--{name} must be {how_many}{kind}{divisible}, got {text}")
     return numbers

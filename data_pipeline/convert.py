@@ -44,14 +44,13 @@ import tensorflow as tf
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from data_pipeline.constants import LABEL_VALUES, MODALITIES
-from data_pipeline.io_utils import write_text_atomic
 from data_pipeline import features, layouts
 from data_pipeline.cases import BadCaseError, check_files
+from data_pipeline.constants import LABEL_VALUES, MODALITIES
+from data_pipeline.io_utils import write_text_atomic
+from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST, fold_files, read_manifest  # noqa: F401  (documented as convert.* before manifest.py)
 from data_pipeline.records import checked_cases
 from data_pipeline.shard_plan import SHARD_NAME, assign_folds, plan_shards, shard_files
-from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST
-from data_pipeline.manifest import fold_files, read_manifest  # noqa: F401  (documented as convert.* before manifest.py)
 
 COMPRESSION_LEVEL = 1  # zlib level: files ~7% larger than level 6, written ~3x faster
 
@@ -73,8 +72,18 @@ def _read_record(path):
     return next(iter(tf.data.TFRecordDataset(path, features.COMPRESSION))).numpy()
 
 
-def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, seed=0,
-            skip_bad=False, overwrite=False, num_workers=2, progress=True):
+def convert(
+    input_dir,
+    output_dir,
+    cases_per_shard=4,
+    num_shards=None,
+    folds=5,
+    seed=0,
+    skip_bad=False,
+    overwrite=False,
+    num_workers=2,
+    progress=True,
+):
     """Converts a folder of BraTS NIfTI cases; returns the manifest (a dict).
 
     Args:
@@ -101,7 +110,8 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
     try:
         if skip_bad:
             kept, cases_of, release = _check_every_case(
-                good, require_label, num_workers, temporaries, bar, skipped, input_dir)
+                good, require_label, num_workers, temporaries, bar, skipped, input_dir
+            )
         else:
             kept, cases_of, release = good, _read_in_turn(require_label, num_workers, bar), None
         if num_shards is not None:
@@ -115,14 +125,25 @@ def convert(input_dir, output_dir, cases_per_shard=4, num_shards=None, folds=5, 
     bar.close()
 
     _publish_shards(output_dir, shards)
-    options = {"cases_per_shard": cases_per_shard, "num_shards": num_shards, "folds": folds,
-               "seed": seed, "skip_bad": skip_bad}
+    options = {
+        "cases_per_shard": cases_per_shard,
+        "num_shards": num_shards,
+        "folds": folds,
+        "seed": seed,
+        "skip_bad": skip_bad,
+    }
     manifest = _manifest(input_dir, require_label, options, shards, records, skipped)
     write_text_atomic(os.path.join(output_dir, MANIFEST), json.dumps(manifest, indent=1))
     elapsed = time.time() - start_time
-    logging.info("wrote %d cases in %d shards + %s to %s in %.1f s (%.2f cases/s)",
-                 len(records), len(shards), MANIFEST, output_dir, elapsed,
-                 len(records) / max(elapsed, 1e-9))
+    logging.info(
+        "wrote %d cases in %d shards + %s to %s in %.1f s (%.2f cases/s)",
+        len(records),
+        len(shards),
+        MANIFEST,
+        output_dir,
+        elapsed,
+        len(records) / max(elapsed, 1e-9),
+    )
     for s in skipped:
         logging.warning("skipped %s", s["error"])
     return manifest
@@ -133,30 +154,42 @@ def _check_arguments(input_dir, output_dir, cases_per_shard, num_shards, folds, 
     in_real = os.path.realpath(input_dir)
     out_real = os.path.realpath(output_dir)
     if out_real == in_real or out_real.startswith(in_real + os.sep):
-        raise ValueError(f"output_dir {output_dir!r} is inside input_dir {input_dir!r}; "
-                         "refusing to write next to the inputs")
+        raise ValueError(
+            f"output_dir {output_dir!r} is inside input_dir {input_dir!r}; "
+            "refusing to write next to the inputs"
+        )
     if cases_per_shard < 1 or (num_shards is not None and num_shards < 1) or folds < 1:
-        raise ValueError(f"cases_per_shard ({cases_per_shard}), num_shards ({num_shards}) and "
-                         f"folds ({folds}) must be >= 1")
+        raise ValueError(
+            f"cases_per_shard ({cases_per_shard}), num_shards ({num_shards}) and "
+            f"folds ({folds}) must be >= 1"
+        )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output_dir {output_dir!r} exists and is not a folder")
     manifest_path = os.path.join(output_dir, MANIFEST)
     if os.path.exists(manifest_path) and not overwrite:
-        raise ValueError(f"{manifest_path} exists: a finished conversion is there "
-                         "(pass overwrite / --overwrite to replace it)")
+        raise ValueError(
+            f"{manifest_path} exists: a finished conversion is there "
+            "(pass overwrite / --overwrite to replace it)"
+        )
     shards_there = shard_files(output_dir)
     if shards_there and not overwrite:
-        raise ValueError(f"output_dir {output_dir!r} holds shards without {MANIFEST} "
-                         f"({shards_there[0]}{', ...' if len(shards_there) > 1 else ''}): "
-                         "pass overwrite / --overwrite to replace them, or choose another folder")
+        raise ValueError(
+            f"output_dir {output_dir!r} holds shards without {MANIFEST} "
+            f"({shards_there[0]}{', ...' if len(shards_there) > 1 else ''}): "
+            "pass overwrite / --overwrite to replace them, or choose another folder"
+        )
 
 
 def _find_cases(input_dir, folds):
     """(the cases under input_dir, whether they have labels: any one has)."""
     cases = layouts.find_cases(input_dir)
     require_label = any(c.label is not None for c in cases)
-    logging.info("found %d cases under %s (%s labels)", len(cases), input_dir,
-                 "with" if require_label else "without")
+    logging.info(
+        "found %d cases under %s (%s labels)",
+        len(cases),
+        input_dir,
+        "with" if require_label else "without",
+    )
     if folds > len(cases):
         raise ValueError(f"folds ({folds}) is more than the number of cases ({len(cases)})")
     return cases, require_label
@@ -212,8 +245,9 @@ class _Temporaries:
         """A TFRecordWriter of the temporary file ``name`` (recorded first)."""
         path = os.path.join(self.folder, name)
         self.paths.append(path)
-        options = tf.io.TFRecordOptions(compression_type=features.COMPRESSION,
-                                        compression_level=COMPRESSION_LEVEL)
+        options = tf.io.TFRecordOptions(
+            compression_type=features.COMPRESSION, compression_level=COMPRESSION_LEVEL
+        )
         return tf.io.TFRecordWriter(path, options)
 
     def remove(self):
@@ -227,12 +261,14 @@ class _Temporaries:
 def _read_in_turn(require_label, num_workers, bar):
     """cases_of(members) of a conversion that stops at the first bad case:
     each case read, checked and serialized as its shard is written."""
+
     def cases_of(members):
         for case, result in checked_cases(members, require_label, num_workers):
             bar.update(1)
             if isinstance(result, BadCaseError):
                 raise result
             yield case, result
+
     return cases_of
 
 
@@ -264,6 +300,7 @@ def _check_every_case(cases, require_label, num_workers, temporaries, bar, skipp
     def release(members):
         for case in members:
             os.remove(checked[case.case_id][0])
+
     return kept, cases_of, release
 
 
@@ -273,11 +310,17 @@ def _write_shards(plan, cases_of, release, temporaries):
     shards, records = [], []
     for name, fold, members in plan:
         with temporaries.writer(_tmp_name(name)) as writer:
-            for case, (record, case_record) in cases_of(members):
+            for _case, (record, case_record) in cases_of(members):
                 writer.write(record)
                 records.append(dict(case_record, fold=fold, shard=name))
-        shards.append({"file": name, "fold": fold, "cases": [c.case_id for c in members],
-                       "num_examples": len(members)})
+        shards.append(
+            {
+                "file": name,
+                "fold": fold,
+                "cases": [c.case_id for c in members],
+                "num_examples": len(members),
+            }
+        )
         if release is not None:
             release(members)
     return shards, records
@@ -305,8 +348,12 @@ def _manifest(input_dir, has_labels, options, shards, records, skipped):
     counts = collections.Counter(r["fold"] for r in records)
     empty_folds = [k for k in range(options["folds"]) if not counts[k]]
     for k in empty_folds:
-        logging.warning("fold %d has no case (its cases were skipped): train.py --fold=%d has "
-                        "nothing to validate on", k, k)
+        logging.warning(
+            "fold %d has no case (its cases were skipped): train.py --fold=%d has "
+            "nothing to validate on",
+            k,
+            k,
+        )
     return {
         "converter_version": CONVERTER_VERSION,
         "feature_spec_version": features.FEATURE_SPEC_VERSION,
@@ -325,28 +372,51 @@ def _manifest(input_dir, has_labels, options, shards, records, skipped):
 
 
 FLAGS = flags.FLAGS
-_FLAG_NAMES = ("input_dir", "output_dir", "cases_per_shard", "num_shards", "folds", "seed",
-               "skip_bad", "overwrite", "num_workers")
+_FLAG_NAMES = (
+    "input_dir",
+    "output_dir",
+    "cases_per_shard",
+    "num_shards",
+    "folds",
+    "seed",
+    "skip_bad",
+    "overwrite",
+    "num_workers",
+)
 
 
 def define_flags():
     """The command line's flags (defined here, not at import, so that library
     users can import several entry-point modules)."""
     flags.DEFINE_string("input_dir", None, "Folder of BraTS NIfTI cases (any supported layout).")
-    flags.DEFINE_string("output_dir", None,
-                        "Folder for the shards and manifest.json; not inside input_dir.")
-    flags.DEFINE_integer("cases_per_shard", 4, "Cases per shard file (fewer: better shuffled "
-                         "epochs).", lower_bound=1)
-    flags.DEFINE_integer("num_shards", None,
-                         "About this many shard files in all (overrides --cases_per_shard).",
-                         lower_bound=1)
-    flags.DEFINE_integer("folds", 5, "Cross-validation folds, split by case (1: no split).",
-                         lower_bound=1)
+    flags.DEFINE_string(
+        "output_dir", None, "Folder for the shards and manifest.json; not inside input_dir."
+    )
+    flags.DEFINE_integer(
+        "cases_per_shard", 4, "Cases per shard file (fewer: better shuffled epochs).", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "num_shards",
+        None,
+        "About this many shard files in all (overrides --cases_per_shard).",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer(
+        "folds", 5, "Cross-validation folds, split by case (1: no split).", lower_bound=1
+    )
     flags.DEFINE_integer("seed", 0, "Seed of the fold split and of the order within shards.")
-    flags.DEFINE_bool("skip_bad", False, "Skip cases that fail a check and report them at the end "
-                      "(default: stop at the first); the folds are dealt over the cases kept.")
-    flags.DEFINE_bool("overwrite", False, "Replace a finished conversion in --output_dir "
-                      "(or shards left there without manifest.json).")
+    flags.DEFINE_bool(
+        "skip_bad",
+        False,
+        "Skip cases that fail a check and report them at the end "
+        "(default: stop at the first); the folds are dealt over the cases kept.",
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace a finished conversion in --output_dir "
+        "(or shards left there without manifest.json).",
+    )
     flags.DEFINE_integer("num_workers", 2, "Threads reading NIfTI files.", lower_bound=1)
     flags.mark_flags_as_required(["input_dir", "output_dir"])
 
@@ -356,9 +426,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.info("flags: %s", {name: FLAGS[name].value for name in _FLAG_NAMES})
     try:
-        convert(FLAGS.input_dir, FLAGS.output_dir, cases_per_shard=FLAGS.cases_per_shard,
-                num_shards=FLAGS.num_shards, folds=FLAGS.folds, seed=FLAGS.seed,
-                skip_bad=FLAGS.skip_bad, overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers)
+        convert(
+            FLAGS.input_dir,
+            FLAGS.output_dir,
+            cases_per_shard=FLAGS.cases_per_shard,
+            num_shards=FLAGS.num_shards,
+            folds=FLAGS.folds,
+            seed=FLAGS.seed,
+            skip_bad=FLAGS.skip_bad,
+            overwrite=FLAGS.overwrite,
+            num_workers=FLAGS.num_workers,
+        )
     except (ValueError, OSError) as e:  # BadCaseError included: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -92,7 +92,8 @@ def from_byte_planes(planes, dtype):
     word = tf.cast(planes[0], unsigned)
     for k in range(1, dtype.size):
         word = tf.bitwise.bitwise_or(
-            word, tf.bitwise.left_shift(tf.cast(planes[k], unsigned), tf.constant(8 * k, unsigned)))
+            word, tf.bitwise.left_shift(tf.cast(planes[k], unsigned), tf.constant(8 * k, unsigned))
+        )
     return tf.cast(tf.bitcast(word, dtype), tf.float32)
 
 
@@ -107,18 +108,24 @@ def serialize_example(case_id, image, label, original_shape, affine, box_start):
     """
     image = np.asarray(image)
     if image.ndim != 4 or image.shape[-1] != NUM_MODALITIES:
-        raise ValueError(f"case {case_id}: image shape {image.shape} is not [d, h, w, {NUM_MODALITIES}]")
+        raise ValueError(
+            f"case {case_id}: image shape {image.shape} is not [d, h, w, {NUM_MODALITIES}]"
+        )
     if image.dtype.name not in IMAGE_DTYPES:
         raise ValueError(f"case {case_id}: image dtype {image.dtype} not in {IMAGE_DTYPES}")
     if label is not None and (label.shape != image.shape[:3] or label.dtype != np.uint8):
-        raise ValueError(f"case {case_id}: label {label.shape} {label.dtype} does not match "
-                         f"image {image.shape[:3]} uint8")
+        raise ValueError(
+            f"case {case_id}: label {label.shape} {label.dtype} does not match "
+            f"image {image.shape[:3]} uint8"
+        )
     mean, std = nonzero_stats(image)
     with np.errstate(over="ignore"):
         finite = all(np.isfinite(np.asarray(v, np.float32)).all() for v in (mean, std))
     if not finite:
-        raise ValueError(f"case {case_id}: non-finite intensity statistics (mean {mean}, "
-                         f"std {std}): intensities too large for float32")
+        raise ValueError(
+            f"case {case_id}: non-finite intensity statistics (mean {mean}, "
+            f"std {std}): intensities too large for float32"
+        )
     feature = {
         "spec_version": _ints([FEATURE_SPEC_VERSION]),
         "case_id": _bytes(case_id.encode()),
@@ -147,15 +154,19 @@ def parse_raw(serialized):
     """
     ex = tf.io.parse_single_example(serialized, FEATURES)
     ok = tf.debugging.assert_equal(
-        ex["spec_version"], tf.constant(FEATURE_SPEC_VERSION, tf.int64),
+        ex["spec_version"],
+        tf.constant(FEATURE_SPEC_VERSION, tf.int64),
         message=f"example of another feature spec version than {FEATURE_SPEC_VERSION} "
-                "(written by another converter version): reconvert the NIfTI files")
+        "(written by another converter version): reconvert the NIfTI files",
+    )
     with tf.control_dependencies([ok]):
         ex["image"] = tf.identity(ex["image"])
     for key in ("box_shape", "box_start", "original_shape"):
         ex[key] = tf.cast(ex[key], tf.int32)
     ex["has_label"] = tf.equal(ex["has_label"], 1)
-    ex["affine"] = tf.reshape(tf.io.decode_raw(ex["affine"], tf.float64, little_endian=True), [4, 4])
+    ex["affine"] = tf.reshape(
+        tf.io.decode_raw(ex["affine"], tf.float64, little_endian=True), [4, 4]
+    )
     return ex
 
 
@@ -175,10 +186,13 @@ def image_planes(ex, dtype, begin=None, size=None, paddings=None):
     from_byte_planes turns them into values."""
     begin, size, paddings = _window_args(ex, begin, size, paddings)
     k = dtype.size
-    planes = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8),
-                        tf.concat([[k], ex["box_shape"], [NUM_MODALITIES]], 0))
-    planes = tf.slice(planes, tf.concat([[0], begin, [0]], 0),
-                      tf.concat([[k], size, [NUM_MODALITIES]], 0))
+    planes = tf.reshape(
+        tf.io.decode_raw(ex["image"], tf.uint8),
+        tf.concat([[k], ex["box_shape"], [NUM_MODALITIES]], 0),
+    )
+    planes = tf.slice(
+        planes, tf.concat([[0], begin, [0]], 0), tf.concat([[k], size, [NUM_MODALITIES]], 0)
+    )
     return tf.pad(planes, tf.concat([[[0, 0]], paddings, [[0, 0]]], 0))
 
 
@@ -191,8 +205,9 @@ def decode_label(ex, begin=None, size=None, paddings=None):
         volume = tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), ex["box_shape"])
         return tf.pad(tf.slice(volume, begin, size), paddings)
 
-    return tf.cond(ex["has_label"], window,
-                   lambda: tf.zeros(size + tf.reduce_sum(paddings, axis=1), tf.uint8))
+    return tf.cond(
+        ex["has_label"], window, lambda: tf.zeros(size + tf.reduce_sum(paddings, axis=1), tf.uint8)
+    )
 
 
 def decode_volumes(ex, begin=None, size=None, paddings=None):
@@ -202,5 +217,6 @@ def decode_volumes(ex, begin=None, size=None, paddings=None):
     image = tf.cond(
         tf.equal(ex["image_dtype"], b"int16"),
         lambda: from_byte_planes(image_planes(ex, tf.int16, begin, size, paddings), tf.int16),
-        lambda: from_byte_planes(image_planes(ex, tf.float32, begin, size, paddings), tf.float32))
+        lambda: from_byte_planes(image_planes(ex, tf.float32, begin, size, paddings), tf.float32),
+    )
     return image, decode_label(ex, begin, size, paddings)

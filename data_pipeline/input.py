@@ -30,8 +30,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline import augment, features
+from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline.shards import READ_BUFFER
 
 MODES = ("train", "eval")
@@ -116,13 +116,17 @@ class InputConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "crop_shape", tuple(self.crop_shape))
-        if len(self.crop_shape) != 3 or not all(isinstance(s, int) and s > 0 for s in self.crop_shape):
+        if len(self.crop_shape) != 3 or not all(
+            isinstance(s, int) and s > 0 for s in self.crop_shape
+        ):
             raise ValueError(f"crop_shape must be 3 positive ints, got {self.crop_shape!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.mode == "eval" and self.batch_size != 1:
-            raise ValueError(f"eval mode yields whole volumes of different sizes: batch_size "
-                             f"must be 1, got {self.batch_size!r}")
+            raise ValueError(
+                f"eval mode yields whole volumes of different sizes: batch_size "
+                f"must be 1, got {self.batch_size!r}"
+            )
         if self.crop_from not in CROP_FROM:
             raise ValueError(f"crop_from must be one of {CROP_FROM}, got {self.crop_from!r}")
         if self.mode == "train" and not self.has_labels:
@@ -134,14 +138,18 @@ class InputConfig:
         object.__setattr__(self, "intensity_scale", tuple(self.intensity_scale))
         lo, hi = self.intensity_scale
         if not 0 < lo <= hi:
-            raise ValueError(f"intensity_scale must be (min, max) with 0 < min <= max, "
-                             f"got {self.intensity_scale!r}")
+            raise ValueError(
+                f"intensity_scale must be (min, max) with 0 < min <= max, "
+                f"got {self.intensity_scale!r}"
+            )
         for name in ("shuffle_buffer", "cycle_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("num_parallel_calls", "prefetch"):
             if getattr(self, name) < 1 and getattr(self, name) != -1:
-                raise ValueError(f"{name} must be >= 1 or -1 (AUTOTUNE), got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be >= 1 or -1 (AUTOTUNE), got {getattr(self, name)!r}"
+                )
 
     def list_files(self):
         """The shard paths, sorted when given as a pattern."""
@@ -155,8 +163,11 @@ class InputConfig:
 
 def _check_label(ex, has_labels):
     if has_labels:
-        ok = tf.debugging.assert_equal(ex["has_label"], True, message="example without label "
-                                       "map (set has_labels=False for unlabelled sets)")
+        ok = tf.debugging.assert_equal(
+            ex["has_label"],
+            True,
+            message="example without label map (set has_labels=False for unlabelled sets)",
+        )
         with tf.control_dependencies([ok]):
             ex["has_label"] = tf.identity(ex["has_label"])
     return ex
@@ -174,9 +185,10 @@ def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None):
         def fn():
             x = tf.reverse(image, axes) if axes else image
             y = label if not axes else tf.reverse(label, axes)
-            return (tf.where(tf.not_equal(x, 0.0), x * a + b, 0.0),
-                    augment.labels_to_regions(y))
+            return (tf.where(tf.not_equal(x, 0.0), x * a + b, 0.0), augment.labels_to_regions(y))
+
         return fn
+
     combos = [[axis for axis in range(3) if (k >> axis) & 1] for k in range(8)]
     return tf.switch_case(flip_index, [branch(axes) for axes in combos])
 
@@ -220,8 +232,9 @@ def train_transform(ex, seeds, config):
     a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
     b = -ex["nonzero_mean"] * a
     if config.augment and config.intensity:
-        s, o = augment.intensity_params(seeds[2], NUM_MODALITIES, config.intensity_shift,
-                                        config.intensity_scale)
+        s, o = augment.intensity_params(
+            seeds[2], NUM_MODALITIES, config.intensity_shift, config.intensity_scale
+        )
         a, b = a * s, b * s + o
     fn = _flip_map_regions_xla if config.jit else _flip_map_regions
 
@@ -230,10 +243,15 @@ def train_transform(ex, seeds, config):
         planes = tf.ensure_shape(planes, (dtype.size,) + crop + (NUM_MODALITIES,))
         return fn(planes, label, flip_index, a, b, dtype)
 
-    image, label = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
-                           lambda: transform(tf.int16), lambda: transform(tf.float32))
-    return {"image": tf.ensure_shape(image, crop + (NUM_MODALITIES,)),
-            "label": tf.ensure_shape(label, crop + (NUM_REGIONS,))}
+    image, label = tf.cond(
+        tf.equal(ex["image_dtype"], b"int16"),
+        lambda: transform(tf.int16),
+        lambda: transform(tf.float32),
+    )
+    return {
+        "image": tf.ensure_shape(image, crop + (NUM_MODALITIES,)),
+        "label": tf.ensure_shape(label, crop + (NUM_REGIONS,)),
+    }
 
 
 def _train_example(config):
@@ -241,8 +259,10 @@ def _train_example(config):
         ex = _check_label(features.parse_raw(serialized), True)
         # One int64 per example (Dataset.random) -> independent stateless seeds per op.
         seeds = tf.random.experimental.stateless_split(
-            tf.stack([example_seed, tf.constant(config.seed, tf.int64)]), 3)
+            tf.stack([example_seed, tf.constant(config.seed, tf.int64)]), 3
+        )
         return train_transform(ex, seeds, config)
+
     return fn
 
 
@@ -261,14 +281,19 @@ def _eval_example(config):
         # channel; XLA-compiled for whole volumes (one shape for all BraTS cases).
         a = 1.0 / tf.maximum(ex["nonzero_std"], _EPS)
         b = -ex["nonzero_mean"] * a
-        fn = _flip_map_regions_xla if config.jit and not config.eval_brain_box else _flip_map_regions
+        fn = (
+            _flip_map_regions_xla if config.jit and not config.eval_brain_box else _flip_map_regions
+        )
 
         def transform(dtype):
             planes = features.image_planes(ex, dtype, paddings=paddings)
             return fn(planes, label, tf.constant(0), a, b, dtype)
 
-        image, regions = tf.cond(tf.equal(ex["image_dtype"], b"int16"),
-                                 lambda: transform(tf.int16), lambda: transform(tf.float32))
+        image, regions = tf.cond(
+            tf.equal(ex["image_dtype"], b"int16"),
+            lambda: transform(tf.int16),
+            lambda: transform(tf.float32),
+        )
         out = {
             "case_id": ex["case_id"],
             "image": image,
@@ -279,6 +304,7 @@ def _eval_example(config):
         if config.has_labels:
             out["label"] = regions
         return out
+
     return fn
 
 
@@ -297,7 +323,7 @@ def _share_of_pipeline(config, input_context):
     batch_size = input_context.get_per_replica_batch_size(config.batch_size)
     n = input_context.num_input_pipelines
     if n > 1 and len(files) >= n:
-        return files[input_context.input_pipeline_id::n], batch_size, False
+        return files[input_context.input_pipeline_id :: n], batch_size, False
     return files, batch_size, n > 1
 
 
@@ -307,8 +333,12 @@ def _records(config, files, seed):
     if config.mode == "train" and config.cache:
         # Files in a fixed order into the cache, then a shuffle over every case
         # (the buffer holds references to cached tensors, not copies).
-        return tf.data.TFRecordDataset(files, features.COMPRESSION, READ_BUFFER,
-                                       num_parallel_reads=min(config.cycle_length, len(files)))
+        return tf.data.TFRecordDataset(
+            files,
+            features.COMPRESSION,
+            READ_BUFFER,
+            num_parallel_reads=min(config.cycle_length, len(files)),
+        )
     if config.mode != "train":
         return tf.data.TFRecordDataset(files, features.COMPRESSION, READ_BUFFER)  # in file order
     ds = tf.data.Dataset.from_tensor_slices(files)
@@ -321,7 +351,8 @@ def _records(config, files, seed):
         cycle_length=min(config.cycle_length, len(files)),
         block_length=1,
         num_parallel_calls=config.num_parallel_calls,
-        deterministic=config.deterministic)
+        deterministic=config.deterministic,
+    )
 
 
 def make_dataset(config, input_context=None):
@@ -350,12 +381,16 @@ def make_dataset(config, input_context=None):
         # seed in deterministic mode.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip((ds, seeds))
-        ds = ds.map(_train_example(config), num_parallel_calls=config.num_parallel_calls,
-                    deterministic=config.deterministic)
+        ds = ds.map(
+            _train_example(config),
+            num_parallel_calls=config.num_parallel_calls,
+            deterministic=config.deterministic,
+        )
         ds = _batch(ds, batch_size, config.drop_remainder)
     else:
-        ds = ds.map(_eval_example(config), num_parallel_calls=config.num_parallel_calls,
-                    deterministic=True)
+        ds = ds.map(
+            _eval_example(config), num_parallel_calls=config.num_parallel_calls, deterministic=True
+        )
         ds = _batch(ds, 1, False)
     ds = ds.prefetch(config.prefetch)
     options = tf.data.Options()

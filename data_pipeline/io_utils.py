@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 # tempfile's random part of a name: 8 of these characters.
 _RANDOM = "[a-z0-9_]{8}"
@@ -80,8 +80,7 @@ def atomic_path(path, suffix: str = "", directory: bool = False) -> Iterator[pat
     path = pathlib.Path(path)
     folder = str(path.parent)
     if directory:
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=suffix,
-                                            dir=folder))
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=folder))
     else:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
         os.close(fd)
@@ -105,13 +104,19 @@ def stale_temporaries(path, suffix: str = "", directory: bool = False) -> list[p
     folders (``directory``) or files, never links; sorted."""
     path = pathlib.Path(path)
     name, end = re.escape(path.name), re.escape(suffix)
-    pattern = re.compile(rf"^\.{name}\.tmp-{_RANDOM}{end}$" if directory else
-                         rf"^\.{name}\.{_RANDOM}\.tmp{end}$")
+    pattern = re.compile(
+        rf"^\.{name}\.tmp-{_RANDOM}{end}$" if directory else rf"^\.{name}\.{_RANDOM}\.tmp{end}$"
+    )
     folder = path.parent
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if pattern.match(p.name) and not p.is_symlink()
-                  and (p.is_dir() if directory else p.is_file()))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if pattern.match(p.name)
+        and not p.is_symlink()
+        and (p.is_dir() if directory else p.is_file())
+    )
 
 
 def remove_path(path) -> None:

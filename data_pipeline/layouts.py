@@ -75,8 +75,14 @@ def _case_from_folder(folder, names):
     images = {m: found.get(s) for m, s in zip(MODALITIES, suffixes)}
     parent = os.path.basename(os.path.dirname(folder))
     grade = parent if parent in GRADES else None
-    return Case(case_id=case_id, folder=folder, naming=naming, images=images,
-                label=found.get(LABEL_SUFFIX), grade=grade)
+    return Case(
+        case_id=case_id,
+        folder=folder,
+        naming=naming,
+        images=images,
+        label=found.get(LABEL_SUFFIX),
+        grade=grade,
+    )
 
 
 def find_cases(input_dir):
@@ -101,13 +107,18 @@ def find_cases(input_dir):
         example = unmatched[0]
         log.warning(
             "%d folder(s) under %s hold NIfTI files not named after their folder and are "
-            "skipped, e.g. %s (expected %s_<modality>.nii.gz there)", len(unmatched),
-            input_dir, example, os.path.basename(example))
+            "skipped, e.g. %s (expected %s_<modality>.nii.gz there)",
+            len(unmatched),
+            input_dir,
+            example,
+            os.path.basename(example),
+        )
     if not cases:
         raise ValueError(
             f"no BraTS case found under {input_dir!r}: expected folders <case_id>/ holding "
             f"<case_id>_{{{','.join(MODALITIES)}}}.nii.gz (2018-2021) or "
-            f"<case_id>-{{{','.join(MODALITIES_2023)}}}.nii.gz (2023)")
+            f"<case_id>-{{{','.join(MODALITIES_2023)}}}.nii.gz (2023)"
+        )
     cases.sort(key=lambda c: c.case_id)
     for a, b in zip(cases, cases[1:]):
         if a.case_id == b.case_id:

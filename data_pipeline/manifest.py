@@ -31,33 +31,64 @@ def validate_manifest(manifest, path, check_shards=True):
     """Checks a parsed manifest (version, keys, types) and, with check_shards,
     that every shard it lists is there with the size it was written with.
     Raises ManifestError (one line naming ``path`` and what is wrong)."""
-    _check(isinstance(manifest, dict), path, f"not a converter manifest (a JSON "
-           f"{type(manifest).__name__}, not an object)")
+    _check(
+        isinstance(manifest, dict),
+        path,
+        f"not a converter manifest (a JSON {type(manifest).__name__}, not an object)",
+    )
     version = manifest.get("converter_version")
-    _check(version is not None, path, "not a converter manifest (no converter_version): "
-           "write one with python -m data_pipeline.convert")
-    _check(str(version).split(".")[0] == CONVERTER_VERSION.split(".")[0], path,
-           f"converter_version {version!r}, this code reads {CONVERTER_VERSION}: reconvert "
-           "the NIfTI files")
+    _check(
+        version is not None,
+        path,
+        "not a converter manifest (no converter_version): "
+        "write one with python -m data_pipeline.convert",
+    )
+    _check(
+        str(version).split(".")[0] == CONVERTER_VERSION.split(".")[0],
+        path,
+        f"converter_version {version!r}, this code reads {CONVERTER_VERSION}: reconvert "
+        "the NIfTI files",
+    )
     spec = manifest.get("feature_spec_version")
-    _check(spec == features.FEATURE_SPEC_VERSION, path,
-           f"feature_spec_version {spec!r}, this code reads {features.FEATURE_SPEC_VERSION}: "
-           "reconvert the NIfTI files")
+    _check(
+        spec == features.FEATURE_SPEC_VERSION,
+        path,
+        f"feature_spec_version {spec!r}, this code reads {features.FEATURE_SPEC_VERSION}: "
+        "reconvert the NIfTI files",
+    )
     missing = [k for k in ("options", "shards", "cases") if k not in manifest]
     _check(not missing, path, f"missing key(s) {missing}")
     options = manifest["options"]
-    _check(isinstance(options, dict) and isinstance(options.get("folds"), int)
-           and options["folds"] >= 1, path, "options.folds is not an integer >= 1")
-    _check(isinstance(manifest["shards"], list) and manifest["shards"], path,
-           "shards is not a non-empty list")
+    _check(
+        isinstance(options, dict)
+        and isinstance(options.get("folds"), int)
+        and options["folds"] >= 1,
+        path,
+        "options.folds is not an integer >= 1",
+    )
+    _check(
+        isinstance(manifest["shards"], list) and manifest["shards"],
+        path,
+        "shards is not a non-empty list",
+    )
     _check(isinstance(manifest["cases"], list), path, "cases is not a list")
     for i, shard in enumerate(manifest["shards"]):
-        _check(isinstance(shard, dict) and isinstance(shard.get("file"), str)
-               and isinstance(shard.get("fold"), int) and "cases" in shard, path,
-               f"shards[{i}] lacks file, fold or cases")
+        _check(
+            isinstance(shard, dict)
+            and isinstance(shard.get("file"), str)
+            and isinstance(shard.get("fold"), int)
+            and "cases" in shard,
+            path,
+            f"shards[{i}] lacks file, fold or cases",
+        )
     for i, case in enumerate(manifest["cases"]):
-        _check(isinstance(case, dict) and isinstance(case.get("case_id"), str)
-               and isinstance(case.get("fold"), int), path, f"cases[{i}] lacks case_id or fold")
+        _check(
+            isinstance(case, dict)
+            and isinstance(case.get("case_id"), str)
+            and isinstance(case.get("fold"), int),
+            path,
+            f"cases[{i}] lacks case_id or fold",
+        )
     if not check_shards:
         return
     folder = os.path.dirname(os.path.abspath(path))
@@ -65,9 +96,12 @@ def validate_manifest(manifest, path, check_shards=True):
         file = os.path.join(folder, shard["file"])
         _check(os.path.isfile(file), path, f"shard {file} listed there is missing")
         size = os.path.getsize(file)
-        _check(shard.get("bytes") in (None, size), path,
-               f"shard {file} has {size} bytes, {shard.get('bytes')} when written: "
-               "truncated or replaced; reconvert")
+        _check(
+            shard.get("bytes") in (None, size),
+            path,
+            f"shard {file} has {size} bytes, {shard.get('bytes')} when written: "
+            "truncated or replaced; reconvert",
+        )
 
 
 def read_manifest(path, check_shards=True):
@@ -99,5 +133,7 @@ def fold_files(manifest_path, fold):
         raise ValueError(f"fold must be in [0, {folds}), got {fold}")
     train, val = [], []
     for shard in manifest["shards"]:
-        (val if shard["fold"] == fold else train).append(os.path.join(manifest["dir"], shard["file"]))
+        (val if shard["fold"] == fold else train).append(
+            os.path.join(manifest["dir"], shard["file"])
+        )
     return train, val

@@ -6,9 +6,9 @@ import concurrent.futures
 
 import numpy as np
 
-from data_pipeline.constants import MODALITIES
 from data_pipeline import features
 from data_pipeline.cases import BadCaseError, load_case
+from data_pipeline.constants import MODALITIES
 
 
 def _ordered_parallel(fn, items, workers):
@@ -48,11 +48,20 @@ def checked_cases(cases, require_label, workers):
             continue
         try:
             record = features.serialize_example(
-                case.case_id, loaded.image, loaded.label, loaded.original_shape,
-                loaded.affine, loaded.box_start)
+                case.case_id,
+                loaded.image,
+                loaded.label,
+                loaded.original_shape,
+                loaded.affine,
+                loaded.box_start,
+            )
         except ValueError as e:
-            yield case, BadCaseError(case.case_id, case.folder,
-                                     str(e).removeprefix(f"case {case.case_id}: "))
+            yield (
+                case,
+                BadCaseError(
+                    case.case_id, case.folder, str(e).removeprefix(f"case {case.case_id}: ")
+                ),
+            )
             continue
         yield case, (record, case_record(loaded))
 

@@ -46,7 +46,7 @@ def plan_shards(cases, fold_of, cases_per_shard, seed):
         n = max(1, math.ceil(len(members) / cases_per_shard))
         for i in range(n):
             name = f"{SHARD_PREFIX}{fold}-{i:03d}-of-{n:03d}{features.SHARD_SUFFIX}"
-            plan.append((name, fold, members[i * cases_per_shard:(i + 1) * cases_per_shard]))
+            plan.append((name, fold, members[i * cases_per_shard : (i + 1) * cases_per_shard]))
     return plan
 
 

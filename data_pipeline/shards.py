@@ -45,8 +45,10 @@ def shard_error(file, index: int, cases, error: Exception) -> ShardError:
         where = f"after its {len(cases)} record(s)"
     else:
         where = f"record {index + 1}"
-    return ShardError(f"shard {file}: cannot read {where}: {tf_error_text(error)}; the file is "
-                      f"corrupt or truncated: convert the data again")
+    return ShardError(
+        f"shard {file}: cannot read {where}: {tf_error_text(error)}; the file is "
+        f"corrupt or truncated: convert the data again"
+    )
 
 
 def read_shard(file, cases=None) -> int:

@@ -28,8 +28,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from data_pipeline.checks import int_flag_list
-from data_pipeline.constants import (
-    LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_NCR_NET, MODALITIES)
+from data_pipeline.constants import LABEL_BACKGROUND, LABEL_ED, LABEL_ET, LABEL_NCR_NET, MODALITIES
 from data_pipeline.io_utils import atomic_path
 
 DEFAULT_SHAPE = (96, 96, 64)  # CPU demo; BraTS is data_pipeline.constants.BRATS_SHAPE
@@ -74,7 +73,7 @@ def _grid(shape, centre, radii):
     """Per-axis normalised coordinates (x - centre) / radius, broadcastable."""
     axes = []
     for axis, (n, c, r) in enumerate(zip(shape, centre, radii)):
-        a = ((np.arange(n, dtype=np.float32) - c) / r)
+        a = (np.arange(n, dtype=np.float32) - c) / r
         axes.append(a.reshape([-1 if i == axis else 1 for i in range(3)]))
     return axes
 
@@ -92,8 +91,9 @@ def _tumour(shape, rng, centre, radii, brain, lgg):
     edema = brain & (d + 0.22 * _smooth_field(shape, rng, cells) < 1.0)
     core_radius = rng.uniform(0.62, 0.82)
     core = edema & (d + 0.15 * _smooth_field(shape, rng, cells) < core_radius)
-    necrosis = core & (d + 0.1 * _smooth_field(shape, rng, cells)
-                       < core_radius * rng.uniform(0.55, 0.8))
+    necrosis = core & (
+        d + 0.1 * _smooth_field(shape, rng, cells) < core_radius * rng.uniform(0.55, 0.8)
+    )
     return edema, core, necrosis
 
 
@@ -117,8 +117,11 @@ def _tissues(shape, rng, centre, radii, r, brain):
     tissue[brain & (r > 0.80 + 0.06 * _smooth_field(shape, rng))] = _GM
     tissue[brain & (r > 0.965)] = _CSF
     for side in (-1.0, 1.0):
-        vx, vy, vz = _grid(shape, centre + np.array([side * 0.08, -0.05, 0.05]) * radii * 2,
-                           radii * np.array([0.07, 0.28, 0.16]))
+        vx, vy, vz = _grid(
+            shape,
+            centre + np.array([side * 0.08, -0.05, 0.05]) * radii * 2,
+            radii * np.array([0.07, 0.28, 0.16]),
+        )
         tissue[brain & (vx * vx + vy * vy + vz * vz < 1.0)] = _CSF
     return tissue
 
@@ -209,8 +212,9 @@ def write_case(case_dir, case_id, images, label, affine=None):
     return case_dir
 
 
-def write_synthetic_dataset(output_dir, num_cases, shape=DEFAULT_SHAPE, seed=0,
-                            lgg_fraction=0.25, progress=True):
+def write_synthetic_dataset(
+    output_dir, num_cases, shape=DEFAULT_SHAPE, seed=0, lgg_fraction=0.25, progress=True
+):
     """Writes `num_cases` synthetic cases under output_dir/{HGG,LGG}/.
 
     Case n (0-based) is LGG-like when its own random draw is below lgg_fraction,
@@ -223,8 +227,13 @@ def write_synthetic_dataset(output_dir, num_cases, shape=DEFAULT_SHAPE, seed=0,
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     if not 0.0 <= lgg_fraction <= 1.0:
         raise ValueError(f"lgg_fraction must be in [0, 1], got {lgg_fraction}")
-    logging.info("writing %d synthetic cases of shape %s (seed %d) to %s",
-                 num_cases, tuple(shape), seed, output_dir)
+    logging.info(
+        "writing %d synthetic cases of shape %s (seed %d) to %s",
+        num_cases,
+        tuple(shape),
+        seed,
+        output_dir,
+    )
     dirs = []
     for n in tqdm(range(num_cases), desc="synthetic cases", unit="case", disable=not progress):
         lgg = np.random.default_rng((seed, n, 1)).uniform() < lgg_fraction
@@ -242,14 +251,23 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The command line's flags (defined here, not at import, so that library
     users can import several entry-point modules)."""
-    flags.DEFINE_string("output_dir", None, "Folder to write the cases into (HGG/ and LGG/ inside).")
+    flags.DEFINE_string(
+        "output_dir", None, "Folder to write the cases into (HGG/ and LGG/ inside)."
+    )
     flags.DEFINE_integer("num_cases", 20, "Number of cases.", lower_bound=1)
-    flags.DEFINE_list("shape", [str(s) for s in DEFAULT_SHAPE],
-                      "Volume size D,H,W in voxels; the real BraTS size is 240,240,155.")
+    flags.DEFINE_list(
+        "shape",
+        [str(s) for s in DEFAULT_SHAPE],
+        "Volume size D,H,W in voxels; the real BraTS size is 240,240,155.",
+    )
     flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same cases.")
-    flags.DEFINE_float("lgg_fraction", 0.25,
-                       "Expected fraction of LGG-like cases (no enhancing tumour).",
-                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float(
+        "lgg_fraction",
+        0.25,
+        "Expected fraction of LGG-like cases (no enhancing tumour).",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
     flags.mark_flag_as_required("output_dir")
 
 
@@ -260,10 +278,16 @@ def main(argv):
         shape = int_flag_list("shape", FLAGS.shape, count=3, minimum=16)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    logging.info("flags: %s", {name: FLAGS[name].value for name in
-                               ("output_dir", "num_cases", "shape", "seed", "lgg_fraction")})
-    write_synthetic_dataset(FLAGS.output_dir, FLAGS.num_cases, shape, FLAGS.seed,
-                            FLAGS.lgg_fraction)
+    logging.info(
+        "flags: %s",
+        {
+            name: FLAGS[name].value
+            for name in ("output_dir", "num_cases", "shape", "seed", "lgg_fraction")
+        },
+    )
+    write_synthetic_dataset(
+        FLAGS.output_dir, FLAGS.num_cases, shape, FLAGS.seed, FLAGS.lgg_fraction
+    )
 
 
 if __name__ == "__main__":

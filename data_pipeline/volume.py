@@ -31,7 +31,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -89,10 +89,14 @@ def check_threshold(threshold) -> float:
 def check_et_min_voxels(et_min_voxels) -> int:
     """The post-processing's ET volume threshold, an integer >= 0 (0: off); else
     ValueError quoting it."""
-    if (isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, (int, np.integer))
-            or et_min_voxels < 0):
-        raise ValueError(f"et_min_voxels must be an integer >= 0 (0: no post-processing), "
-                         f"got {et_min_voxels!r}")
+    if (
+        isinstance(et_min_voxels, bool)
+        or not isinstance(et_min_voxels, (int, np.integer))
+        or et_min_voxels < 0
+    ):
+        raise ValueError(
+            f"et_min_voxels must be an integer >= 0 (0: no post-processing), got {et_min_voxels!r}"
+        )
     return int(et_min_voxels)
 
 
@@ -131,8 +135,9 @@ def nonzero_box(arrays) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return extent if extent is not None else ((0, 0, 0), (1, 1, 1))
 
 
-def brain_box(image: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR,
-              margin: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def brain_box(
+    image: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR, margin: int = 0
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The box the network runs on when inference crops to the brain.
 
     BraTS images are skull-stripped: outside the brain every modality is 0,
@@ -171,8 +176,9 @@ def brain_box(image: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR,
     return tuple(start), tuple(size)
 
 
-def paste_crop(sub_volume: np.ndarray, full_shape: Sequence[int], start: Sequence[int],
-               fill=0) -> np.ndarray:
+def paste_crop(
+    sub_volume: np.ndarray, full_shape: Sequence[int], start: Sequence[int], fill=0
+) -> np.ndarray:
     """Pastes a crop (or a prediction made on it) back into the original grid.
 
     Args:
@@ -197,7 +203,7 @@ def paste_crop(sub_volume: np.ndarray, full_shape: Sequence[int], start: Sequenc
             f"box start {start} + size {sub_volume.shape[:3]} does not fit in {full_shape}"
         )
     full = np.full(full_shape + sub_volume.shape[3:], fill, dtype=sub_volume.dtype)
-    full[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = sub_volume
+    full[start[0] : end[0], start[1] : end[1], start[2] : end[2]] = sub_volume
     return full
 
 
@@ -250,9 +256,10 @@ def region_labels(et_label: int = constants.LABEL_ET) -> tuple[tuple[int, ...], 
     """The label values of each region, in ``constants.REGIONS`` order (WT, TC,
     ET), ET written as ``et_label`` (4; 3 for BraTS 2023)."""
     et_label = check_et_label(et_label)
-    return tuple(tuple(et_label if v == constants.LABEL_ET else v
-                       for v in constants.REGION_LABELS[region])
-                 for region in constants.REGIONS)
+    return tuple(
+        tuple(et_label if v == constants.LABEL_ET else v for v in constants.REGION_LABELS[region])
+        for region in constants.REGIONS
+    )
 
 
 def labels_to_regions(label_map: np.ndarray, et_label: int = constants.LABEL_ET) -> np.ndarray:
@@ -281,12 +288,12 @@ def labels_to_regions(label_map: np.ndarray, et_label: int = constants.LABEL_ET)
 def describe_et_to_necrosis(et_min_voxels: int) -> str:
     """``et_to_necrosis`` with ``et_min_voxels`` in words, as protocols record it."""
     et_min_voxels = check_et_min_voxels(et_min_voxels)
-    return (f"ET below {et_min_voxels} voxels -> necrosis (label 1)" if et_min_voxels
-            else "none")
+    return f"ET below {et_min_voxels} voxels -> necrosis (label 1)" if et_min_voxels else "none"
 
 
-def et_to_necrosis(label_map: np.ndarray, et_min_voxels: int,
-                   et_label: int = constants.LABEL_ET) -> np.ndarray:
+def et_to_necrosis(
+    label_map: np.ndarray, et_min_voxels: int, et_label: int = constants.LABEL_ET
+) -> np.ndarray:
     """BraTS post-processing (not the paper's; off at 0): when a case's predicted
     ET has fewer than ``et_min_voxels`` voxels, its ET voxels become necrosis
     (label 1). They stay in TC and WT; only ET becomes empty, which the BraTS

@@ -67,15 +67,15 @@ def case_files(case_dir, case_id: str | None = None) -> dict[str, pathlib.Path]:
                 return path
         return None
 
-    for modalities, separator in ((constants.MODALITIES_2023, "-"),
-                                  (constants.MODALITIES, "_")):
+    for modalities, separator in ((constants.MODALITIES_2023, "-"), (constants.MODALITIES, "_")):
         files = {m: find(m, separator) for m in modalities}
         if any(files.values()):
             break  # else: report the BraTS 2017-2021 names as missing
     missing = [m for m, p in files.items() if p is None]
     if missing:
         raise FileNotFoundError(
-            f"case {case_id}: missing {case_dir / f'{case_id}{separator}{missing[0]}.nii.gz'}")
+            f"case {case_id}: missing {case_dir / f'{case_id}{separator}{missing[0]}.nii.gz'}"
+        )
     return dict(zip(constants.MODALITIES, files.values()))
 
 
@@ -90,11 +90,11 @@ def load_case(case_dir, case_id: str | None = None):
 
     case_id = case_id or pathlib.Path(case_dir).name
     channels, reference = [], None
-    for modality, path in case_files(case_dir, case_id).items():
+    for path in case_files(case_dir, case_id).values():
         try:
             img = nib.load(str(path))
             data = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as e:  # noqa: BLE001  nibabel raises many types for bad files
+        except Exception as e:  # nibabel raises many types for bad files
             raise ValueError(f"case {case_id}: cannot read {path}: {e}") from None
         data = np.squeeze(data, axis=3) if data.ndim == 4 and data.shape[3] == 1 else data
         if data.ndim != 3:
@@ -134,8 +134,7 @@ def _check_signature(signature_name: str) -> str:
 
 
 # --------------------------------------------------------------------- REST
-def rest_request(image, signature_name: str = "serving_default",
-                 fmt: str = "inputs") -> dict:
+def rest_request(image, signature_name: str = "serving_default", fmt: str = "inputs") -> dict:
     """The TF Serving REST predict request for raw image(s) [D, H, W, 4] or [B, D, H, W, 4].
 
     ``fmt="inputs"``: columnar, ``{"signature_name": ..., "inputs": {"image": [B, ...]}}``;
@@ -146,8 +145,10 @@ def rest_request(image, signature_name: str = "serving_default",
     if fmt == "inputs":
         return {"signature_name": signature_name, "inputs": {INPUT_NAME: batch.tolist()}}
     if fmt == "instances":
-        return {"signature_name": signature_name,
-                "instances": [{INPUT_NAME: example.tolist()} for example in batch]}
+        return {
+            "signature_name": signature_name,
+            "instances": [{INPUT_NAME: example.tolist()} for example in batch],
+        }
     raise ValueError(f"fmt must be one of {REST_FORMATS}, got {fmt!r}")
 
 
@@ -200,8 +201,7 @@ def _typed(outputs: dict) -> dict:
     if "protocol" in outputs:
         first = np.asarray(outputs["protocol"], dtype=object).reshape(-1)[0]
         try:
-            decoded["protocol"] = json.loads(first.decode() if isinstance(first, bytes)
-                                             else first)
+            decoded["protocol"] = json.loads(first.decode() if isinstance(first, bytes) else first)
         except (ValueError, AttributeError) as e:
             raise ValueError(f"response's 'protocol' output is not JSON ({e})") from None
     return decoded
@@ -210,8 +210,9 @@ def _typed(outputs: dict) -> dict:
 def send_rest(url: str, request: dict, timeout: float = 600.0) -> dict:
     """POSTs the JSON request; returns the parsed JSON response (one-line errors)."""
     body = json.dumps(request).encode()
-    http = urllib.request.Request(url, data=body, method="POST",
-                                  headers={"Content-Type": "application/json"})
+    http = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(http, timeout=timeout) as reply:
             text = reply.read()
@@ -237,15 +238,22 @@ def grpc_available() -> bool:
     return True
 
 
-def grpc_request(image, model_name: str = "brats", signature_name: str = "serving_default",
-                 version: int | None = None, outputs=("labels", "protocol")):
+def grpc_request(
+    image,
+    model_name: str = "brats",
+    signature_name: str = "serving_default",
+    version: int | None = None,
+    outputs=("labels", "protocol"),
+):
     """A ``tensorflow_serving.apis.predict_pb2.PredictRequest`` for raw image(s).
 
     ``outputs`` fills ``output_filter`` (default: only the labels come back).
     """
     if not grpc_available():
-        raise RuntimeError("gRPC needs the tensorflow-serving-api package "
-                           "(pip install tensorflow-serving-api==2.21.0), or use REST")
+        raise RuntimeError(
+            "gRPC needs the tensorflow-serving-api package "
+            "(pip install tensorflow-serving-api==2.21.0), or use REST"
+        )
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
@@ -276,13 +284,17 @@ def case_protocol(server_protocol: dict | None, et_min_voxels: int) -> dict:
     client's post-processing added (the larger ET threshold wins: applying
     both is applying the larger)."""
     et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
-    record = dict(server_protocol) if server_protocol else {
-        "unknown": "the server's model does not report its protocol (export it again)"}
+    record = (
+        dict(server_protocol)
+        if server_protocol
+        else {"unknown": "the server's model does not report its protocol (export it again)"}
+    )
     server_n = int(record.get("et_min_voxels", 0) or 0)
     if et_min_voxels > server_n:
         record["et_min_voxels"] = et_min_voxels
-        record["post_processing"] = (volume.describe_et_to_necrosis(et_min_voxels)
-                                     + ", applied by the client")
+        record["post_processing"] = (
+            volume.describe_et_to_necrosis(et_min_voxels) + ", applied by the client"
+        )
     return record
 
 
@@ -358,17 +370,24 @@ def run(config: ClientConfig) -> pathlib.Path:
         outputs = decode_grpc_response(send_grpc(config.grpc_server, request, config.timeout_s))
     labels = outputs["labels"]
     if labels.shape != (1,) + image.shape[:3]:
-        raise ValueError(f"case {case_id}: server returned labels of shape {labels.shape}, "
-                         f"expected {(1,) + image.shape[:3]}")
-    et_label = (constants.LABEL_ET_2023 if constants.LABEL_ET_2023 in labels
-                else constants.LABEL_ET)
+        raise ValueError(
+            f"case {case_id}: server returned labels of shape {labels.shape}, "
+            f"expected {(1,) + image.shape[:3]}"
+        )
+    et_label = constants.LABEL_ET_2023 if constants.LABEL_ET_2023 in labels else constants.LABEL_ET
     label_map = volume.et_to_necrosis(labels[0], config.et_min_voxels, et_label)
-    record = {"case_id": case_id, "prediction": target.name, "server": server,
-              "model_name": config.model_name, "version": config.version,
-              "signature": config.signature_name,
-              "protocol": case_protocol(outputs.get("protocol"), config.et_min_voxels)}
-    written = write_prediction_nifti(label_map, reference, target, case_id=case_id,
-                                     et_label=et_label, overwrite=config.overwrite)
+    record = {
+        "case_id": case_id,
+        "prediction": target.name,
+        "server": server,
+        "model_name": config.model_name,
+        "version": config.version,
+        "signature": config.signature_name,
+        "protocol": case_protocol(outputs.get("protocol"), config.et_min_voxels),
+    }
+    written = write_prediction_nifti(
+        label_map, reference, target, case_id=case_id, et_label=et_label, overwrite=config.overwrite
+    )
     write_text_atomic(record_path, json.dumps(record, indent=1) + "\n")
     return written
 
@@ -384,15 +403,25 @@ def define_flags():
     flags.DEFINE_string("server", "http://localhost:8501", "TF Serving REST address.")
     flags.DEFINE_string("grpc_server", "localhost:8500", "TF Serving gRPC host:port.")
     flags.DEFINE_string("model_name", "brats", "--model_name given to tensorflow_model_server.")
-    flags.DEFINE_integer("version", None, "Model version (default: the server's latest).",
-                         lower_bound=1)
-    flags.DEFINE_enum("signature", "serving_default", list(SIGNATURES),
-                      "serving_tta averages the 8 mirror flips (8x slower).")
+    flags.DEFINE_integer(
+        "version", None, "Model version (default: the server's latest).", lower_bound=1
+    )
+    flags.DEFINE_enum(
+        "signature",
+        "serving_default",
+        list(SIGNATURES),
+        "serving_tta averages the 8 mirror flips (8x slower).",
+    )
     flags.DEFINE_float("timeout_s", 600.0, "Request timeout in seconds.", lower_bound=1.0)
     flags.DEFINE_bool("overwrite", False, "Replace an existing prediction file.")
-    flags.DEFINE_integer("et_min_voxels", 0, "Post-processing here, not the paper's (0: off): "
-                         "a case whose predicted ET has fewer voxels gets necrosis (label 1) "
-                         "there; as a SavedModel exported with --et_min_voxels.", lower_bound=0)
+    flags.DEFINE_integer(
+        "et_min_voxels",
+        0,
+        "Post-processing here, not the paper's (0: off): "
+        "a case whose predicted ET has fewer voxels gets necrosis (label 1) "
+        "there; as a SavedModel exported with --et_min_voxels.",
+        lower_bound=0,
+    )
 
 
 def main(argv):
@@ -402,16 +431,24 @@ def main(argv):
         sys.exit(f"serving.client: error: unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     try:
-        config = ClientConfig(case_dir=f.case_dir, output_dir=f.output_dir, server=f.server,
-                              grpc_server=f.grpc_server, protocol=f.protocol,
-                              model_name=f.model_name, version=f.version,
-                              signature_name=f.signature, case_id=f.case_id,
-                              timeout_s=f.timeout_s, overwrite=f.overwrite,
-                              et_min_voxels=f.et_min_voxels)
+        config = ClientConfig(
+            case_dir=f.case_dir,
+            output_dir=f.output_dir,
+            server=f.server,
+            grpc_server=f.grpc_server,
+            protocol=f.protocol,
+            model_name=f.model_name,
+            version=f.version,
+            signature_name=f.signature,
+            case_id=f.case_id,
+            timeout_s=f.timeout_s,
+            overwrite=f.overwrite,
+            et_min_voxels=f.et_min_voxels,
+        )
         path = run(config)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"serving.client: error: {e}")
-    print(f"wrote {path} and {path.with_name(path.name[:-len('.nii.gz')] + '.json')}")
+    print(f"wrote {path} and {path.with_name(path.name[: -len('.nii.gz')] + '.json')}")
 
 
 if __name__ == "__main__":

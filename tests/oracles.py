@@ -9,7 +9,7 @@ fused step), and parsing a stored example into decoded volumes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -36,8 +36,9 @@ def _spatial_axes(ndim: int, spatial_axes) -> tuple[int, int, int]:
     return axes
 
 
-def padding_for(spatial_shape: Sequence[int], multiple: int = constants.SPATIAL_DIVISOR,
-                mode: str = "symmetric") -> tuple[tuple[int, int], ...]:
+def padding_for(
+    spatial_shape: Sequence[int], multiple: int = constants.SPATIAL_DIVISOR, mode: str = "symmetric"
+) -> tuple[tuple[int, int], ...]:
     """(before, after) zero padding per spatial axis to reach a multiple of ``multiple``."""
     multiple = check_multiple(multiple)
     check_pad_mode(mode)
@@ -51,8 +52,12 @@ def padding_for(spatial_shape: Sequence[int], multiple: int = constants.SPATIAL_
     return tuple(pads)
 
 
-def pad_to_multiple(volume: np.ndarray, multiple: int = constants.SPATIAL_DIVISOR,
-                    mode: str = "symmetric", spatial_axes=None):
+def pad_to_multiple(
+    volume: np.ndarray,
+    multiple: int = constants.SPATIAL_DIVISOR,
+    mode: str = "symmetric",
+    spatial_axes=None,
+):
     """Zero-pads the spatial axes of ``volume`` up to multiples of ``multiple``.
 
     Args:
@@ -106,8 +111,9 @@ def crop_or_pad(volume, start, size):
     volume = tf.convert_to_tensor(volume)
     begin, extent, paddings = crop_window(start, size, tf.shape(volume)[:3])
     rest = tf.shape(volume)[3:]
-    piece = tf.slice(volume, tf.concat([begin, tf.zeros_like(rest)], 0),
-                     tf.concat([extent, rest], 0))
+    piece = tf.slice(
+        volume, tf.concat([begin, tf.zeros_like(rest)], 0), tf.concat([extent, rest], 0)
+    )
     return pad_spatial(piece, paddings, size)
 
 

@@ -15,12 +15,13 @@ from brats_tf.model import build_model
 
 # One ResNet block per encoder level (the paper: 1, 2, 2, 4): serving does not
 # depend on the depth, and a smaller graph traces and loads faster.
-TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0,
-                   blocks_down=(1, 1, 1, 1))
+TINY = ModelConfig(
+    input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0, blocks_down=(1, 1, 1, 1)
+)
 VERSION = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_export():
     """(training model, .keras path, version dir, loaded SavedModel), made once per test run."""
     keras.utils.set_random_seed(0)

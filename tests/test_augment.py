@@ -1,14 +1,14 @@
 """Pre-processing and augmentation ops against NumPy, eagerly and inside Dataset.map."""
+
 import itertools
 
 import numpy as np
+import oracles
 import pytest
 import tensorflow as tf
 
-from data_pipeline import volume
+from data_pipeline import augment, volume
 from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_ET_2023, LABEL_NCR_NET, REGIONS
-from data_pipeline import augment
-import oracles
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -30,25 +30,38 @@ def _np_crop_or_pad(array, start, size):
     return padded[idx]
 
 
-@pytest.mark.parametrize("start,size", [
-    ((0, 0, 0), (6, 7, 5)), ((1, 2, 0), (4, 4, 4)), ((-2, 3, 1), (8, 4, 6)),
-    ((4, -3, -1), (4, 12, 9)), ((10, 0, 0), (3, 3, 3)), ((-9, -9, -9), (3, 3, 3)),
-])
+@pytest.mark.parametrize(
+    "start,size",
+    [
+        ((0, 0, 0), (6, 7, 5)),
+        ((1, 2, 0), (4, 4, 4)),
+        ((-2, 3, 1), (8, 4, 6)),
+        ((4, -3, -1), (4, 12, 9)),
+        ((10, 0, 0), (3, 3, 3)),
+        ((-9, -9, -9), (3, 3, 3)),
+    ],
+)
 def test_crop_or_pad(start, size):
     image, label = _volume()
-    np.testing.assert_array_equal(oracles.crop_or_pad(image, start, size).numpy(),
-                                  _np_crop_or_pad(image, start, size))
-    np.testing.assert_array_equal(oracles.crop_or_pad(label, start, size).numpy(),
-                                  _np_crop_or_pad(label, start, size))
+    np.testing.assert_array_equal(
+        oracles.crop_or_pad(image, start, size).numpy(), _np_crop_or_pad(image, start, size)
+    )
+    np.testing.assert_array_equal(
+        oracles.crop_or_pad(label, start, size).numpy(), _np_crop_or_pad(label, start, size)
+    )
 
 
-@pytest.mark.parametrize("full,crop,expected", [
-    ((6, 7, 5), (4, 7, 2), [(0, 1, 2), (0,), (0, 1, 2, 3)]),  # crop inside: [0, full - crop]
-    ((6, 7, 5), (8, 9, 5), [(-2, -1, 0), (-2, -1, 0), (0,)]),  # volume smaller: padded
-])
+@pytest.mark.parametrize(
+    "full,crop,expected",
+    [
+        ((6, 7, 5), (4, 7, 2), [(0, 1, 2), (0,), (0, 1, 2, 3)]),  # crop inside: [0, full - crop]
+        ((6, 7, 5), (8, 9, 5), [(-2, -1, 0), (-2, -1, 0), (0,)]),  # volume smaller: padded
+    ],
+)
 def test_random_crop_start_is_uniform_over_all_positions(full, crop, expected):
-    starts = np.array([augment.random_crop_start(full, crop, tf.constant([s, 1])).numpy()
-                       for s in range(300)])
+    starts = np.array(
+        [augment.random_crop_start(full, crop, tf.constant([s, 1])).numpy() for s in range(300)]
+    )
     for axis in range(3):
         values, counts = np.unique(starts[:, axis], return_counts=True)
         assert tuple(values) == expected[axis]
@@ -74,8 +87,9 @@ def test_crop_from_stored_box_equals_crop_of_full_volume(seed):
     stored = full[3:8, 2:8, 4:7]
     crop, s = (8, 7, 6), tf.constant([seed, 0])
     expected, _ = oracles.random_crop_or_pad(full, None, crop, s)
-    got, _ = oracles.random_crop_or_pad(stored, None, crop, s, full_shape=full.shape[:3],
-                                        box_start=box_start)
+    got, _ = oracles.random_crop_or_pad(
+        stored, None, crop, s, full_shape=full.shape[:3], box_start=box_start
+    )
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
 
 
@@ -107,8 +121,9 @@ def test_random_intensity_matches_numpy():
         seed = tf.constant([s, 5])
         out = oracles.random_intensity(image, seed).numpy()
         scale, shift = (t.numpy() for t in augment.intensity_params(seed, 4))
-        np.testing.assert_allclose(out, np.where(image != 0, image * scale + shift, 0),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            out, np.where(image != 0, image * scale + shift, 0), rtol=1e-6, atol=1e-6
+        )
         scales.append(scale)
         shifts.append(shift)
     scales, shifts = np.array(scales), np.array(shifts)
@@ -126,11 +141,15 @@ def test_random_intensity_shift_in_channel_stds():
 
 def test_labels_to_regions_hand_made():
     label = np.array([0, LABEL_NCR_NET, LABEL_ED, LABEL_ET], np.uint8).reshape(1, 2, 2)
-    expected = np.array([[0, 0, 0],   # background
-                         [1, 1, 0],   # necrotic / non-enhancing core: WT, TC
-                         [1, 0, 0],   # edema: WT
-                         [1, 1, 1]],  # enhancing: WT, TC, ET
-                        np.float32).reshape(1, 2, 2, 3)
+    expected = np.array(
+        [
+            [0, 0, 0],  # background
+            [1, 1, 0],  # necrotic / non-enhancing core: WT, TC
+            [1, 0, 0],  # edema: WT
+            [1, 1, 1],
+        ],  # enhancing: WT, TC, ET
+        np.float32,
+    ).reshape(1, 2, 2, 3)
     assert REGIONS == ("WT", "TC", "ET")
     out = augment.labels_to_regions(label)
     assert out.dtype == tf.float32
@@ -142,14 +161,18 @@ def test_labels_to_regions_equals_the_numpy_version():
     on the stored label values (ET = 4), and puts a BraTS 2023 ET (3), which
     the converter maps to 4 before storing, in no region."""
     label = np.random.default_rng(4).choice(
-        np.array([0, LABEL_NCR_NET, LABEL_ED, LABEL_ET], np.uint8), (7, 6, 5))
-    np.testing.assert_array_equal(augment.labels_to_regions(label).numpy(),
-                                  volume.labels_to_regions(label).astype(np.float32))
+        np.array([0, LABEL_NCR_NET, LABEL_ED, LABEL_ET], np.uint8), (7, 6, 5)
+    )
+    np.testing.assert_array_equal(
+        augment.labels_to_regions(label).numpy(), volume.labels_to_regions(label).astype(np.float32)
+    )
     assert not augment.labels_to_regions(np.array([LABEL_ET_2023])).numpy().any()
 
 
 OPS = {
-    "random_crop_or_pad": lambda img, lab, seed: oracles.random_crop_or_pad(img, lab, (4, 8, 3), seed),
+    "random_crop_or_pad": lambda img, lab, seed: oracles.random_crop_or_pad(
+        img, lab, (4, 8, 3), seed
+    ),
     "random_flip": lambda img, lab, seed: oracles.random_flip(img, lab, seed),
     "random_intensity": lambda img, lab, seed: oracles.random_intensity(img, seed),
     "labels_to_regions": lambda img, lab, seed: augment.labels_to_regions(lab),
@@ -171,6 +194,7 @@ def test_eager_equals_dataset_map_and_is_deterministic(name, seed):
 @pytest.mark.parametrize("name", ["random_crop_or_pad", "random_flip", "random_intensity"])
 def test_different_seeds_differ(name):
     image, label = _volume()
-    outs = [tf.nest.flatten(OPS[name](image, label, tf.constant([s, 0])))[0].numpy()
-            for s in range(6)]
+    outs = [
+        tf.nest.flatten(OPS[name](image, label, tf.constant([s, 0])))[0].numpy() for s in range(6)
+    ]
     assert any(not np.array_equal(outs[0], o) for o in outs[1:])

@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from data_pipeline import constants as C
-from brats_tf import inference as I
-from serving import client
 from serving_fixtures import tiny_export
+
+from brats_tf import inference as I
+from data_pipeline import constants as C
+from serving import client
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CASE = "Brats18_TEST_1"
@@ -67,12 +67,13 @@ def test_case_files_brats2023_naming(tmp_path):
     d = tmp_path / "BraTS-GLI-00001-000"
     d.mkdir()
     for i, modality in enumerate(C.MODALITIES_2023):
-        nib.save(nib.Nifti1Image(np.full((3, 4, 5), i + 1, np.int16), AFFINE),
-                 d / f"{d.name}-{modality}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(np.full((3, 4, 5), i + 1, np.int16), AFFINE),
+            d / f"{d.name}-{modality}.nii.gz",
+        )
     files = client.case_files(d)
     assert list(files) == list(C.MODALITIES)
-    assert [p.name for p in files.values()] == [
-        f"{d.name}-{m}.nii.gz" for m in C.MODALITIES_2023]
+    assert [p.name for p in files.values()] == [f"{d.name}-{m}.nii.gz" for m in C.MODALITIES_2023]
     image, _ = client.load_case(d)
     np.testing.assert_array_equal(image[0, 0, 0], [1, 2, 3, 4])
     (d / f"{d.name}-t2w.nii.gz").unlink()
@@ -87,24 +88,30 @@ def test_rest_request_through_saved_model(case_dir, fmt, signature_name):
     image, _ = client.load_case(case_dir)
     body = json.loads(json.dumps(client.rest_request(image, signature_name, fmt)))
     assert body["signature_name"] == signature_name
-    inputs = (body["inputs"]["image"] if fmt == "inputs"
-              else [row["image"] for row in body["instances"]])
+    inputs = (
+        body["inputs"]["image"] if fmt == "inputs" else [row["image"] for row in body["instances"]]
+    )
     np.testing.assert_array_equal(np.asarray(inputs, np.float32), image[None])
     out = serve(loaded, signature_name, inputs)
     # TF Serving's two REST response forms
-    response = ({"outputs": {k: v.tolist() for k, v in out.items()}} if fmt == "inputs"
-                else {"predictions": [{k: v[0].tolist() for k, v in out.items()}]})
+    response = (
+        {"outputs": {k: v.tolist() for k, v in out.items()}}
+        if fmt == "inputs"
+        else {"predictions": [{k: v[0].tolist() for k, v in out.items()}]}
+    )
     decoded = client.decode_rest_response(json.dumps(response))
     assert decoded["labels"].shape == (1,) + SHAPE and decoded["labels"].dtype == np.uint8
     assert decoded["probabilities"].shape == (1,) + SHAPE + (3,)
-    assert decoded["protocol"]["tta"] == ("8 mirror flips" if signature_name == "serving_tta"
-                                          else "none")
+    assert decoded["protocol"]["tta"] == (
+        "8 mirror flips" if signature_name == "serving_tta" else "none"
+    )
     # independent path: Keras model + NumPy pre-processing
     probs = I.predict_volume(model, image, tta=signature_name == "serving_tta")
     np.testing.assert_allclose(decoded["probabilities"][0], probs, atol=2e-5)
     clear = np.all(np.abs(probs - 0.5) > 1e-4, axis=-1)
-    np.testing.assert_array_equal(decoded["labels"][0][clear],
-                                  I.probabilities_to_labels(probs)[clear])
+    np.testing.assert_array_equal(
+        decoded["labels"][0][clear], I.probabilities_to_labels(probs)[clear]
+    )
 
 
 def test_grpc_request_through_saved_model(case_dir):
@@ -126,7 +133,8 @@ def test_grpc_request_through_saved_model(case_dir):
     response.outputs["labels"].CopyFrom(tf.make_tensor_proto(out["labels"]))
     response.outputs["protocol"].CopyFrom(tf.make_tensor_proto(out["protocol"].astype(bytes)))
     decoded = client.decode_grpc_response(
-        predict_pb2.PredictResponse.FromString(response.SerializeToString()))
+        predict_pb2.PredictResponse.FromString(response.SerializeToString())
+    )
     np.testing.assert_array_equal(decoded["labels"], out["labels"])
     assert decoded["labels"].dtype == np.uint8 and "probabilities" not in decoded
     assert decoded["protocol"]["region"] == "brain_box"
@@ -142,8 +150,10 @@ def test_request_and_response_errors():
     with pytest.raises(ValueError, match="no 'labels'"):
         client.decode_rest_response({"outputs": {"probabilities": [[0.5]]}})
     assert client.rest_url("http://h:8501/", "brats") == "http://h:8501/v1/models/brats:predict"
-    assert (client.rest_url("http://h:8501", "brats", 2)
-            == "http://h:8501/v1/models/brats/versions/2:predict")
+    assert (
+        client.rest_url("http://h:8501", "brats", 2)
+        == "http://h:8501/v1/models/brats/versions/2:predict"
+    )
 
 
 class _FakeServing(http.server.BaseHTTPRequestHandler):
@@ -153,7 +163,7 @@ class _FakeServing(http.server.BaseHTTPRequestHandler):
     paths = []
     outputs = ("labels", "probabilities", "protocol")
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):  # the name http.server calls
         self.paths.append(self.path)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path != "/v1/models/brats:predict":
@@ -162,8 +172,7 @@ class _FakeServing(http.server.BaseHTTPRequestHandler):
         else:
             out = serve(self.loaded, body["signature_name"], body["inputs"]["image"])
             self.send_response(200)
-            reply = {"outputs": {k: v.tolist() for k, v in out.items()
-                                 if k in self.outputs}}
+            reply = {"outputs": {k: v.tolist() for k, v in out.items() if k in self.outputs}}
         data = json.dumps(reply).encode()
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -195,8 +204,9 @@ def test_client_run_end_to_end_over_loopback(case_dir, tmp_path, fake_server):
     _, _, _, loaded = tiny_export()
     out_dir = tmp_path / "preds"
     out_dir.mkdir()
-    config = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
-                                 server=fake_server, timeout_s=60)
+    config = client.ClientConfig(
+        case_dir=str(case_dir), output_dir=str(out_dir), server=fake_server, timeout_s=60
+    )
     path = client.run(config)
     assert path == out_dir / f"{CASE}.nii.gz"
     written = nib.load(path)
@@ -207,13 +217,20 @@ def test_client_run_end_to_end_over_loopback(case_dir, tmp_path, fake_server):
     expected = serve(loaded, "serving_default", image[None])["labels"][0]
     np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
     record = json.loads((out_dir / f"{CASE}.json").read_text())
-    assert record["protocol"] == json.loads(
-        (tiny_export()[2] / "assets.extra" / "brats_tf.json").read_text())["protocol"]
+    assert (
+        record["protocol"]
+        == json.loads((tiny_export()[2] / "assets.extra" / "brats_tf.json").read_text())["protocol"]
+    )
     assert record["signature"] == "serving_default" and record["case_id"] == CASE
     with pytest.raises(FileExistsError, match="--overwrite"):
         client.run(config)
-    wrong = client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
-                                server=fake_server, model_name="other", overwrite=True)
+    wrong = client.ClientConfig(
+        case_dir=str(case_dir),
+        output_dir=str(out_dir),
+        server=fake_server,
+        model_name="other",
+        overwrite=True,
+    )
     with pytest.raises(RuntimeError, match="HTTP 404: .*no model at /v1/models/other"):
         client.run(wrong)
 
@@ -223,17 +240,24 @@ def test_client_command_line(case_dir, tmp_path, fake_server):
     out_dir.mkdir()
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "serving.client", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "serving.client", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     result = cli(f"--case_dir={tmp_path / 'nope'}", f"--output_dir={out_dir}")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        f"serving.client: error: case nope: case directory not found: {tmp_path / 'nope'}")
+        f"serving.client: error: case nope: case directory not found: {tmp_path / 'nope'}"
+    )
     result = cli(f"--case_dir={case_dir}", f"--output_dir={out_dir}", f"--server={fake_server}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == (f"wrote {out_dir / (CASE + '.nii.gz')} and "
-                                     f"{out_dir / (CASE + '.json')}")
+    assert result.stdout.strip() == (
+        f"wrote {out_dir / (CASE + '.nii.gz')} and {out_dir / (CASE + '.json')}"
+    )
     assert nib.load(out_dir / f"{CASE}.nii.gz").shape == SHAPE
 
 
@@ -247,13 +271,15 @@ def test_client_post_processing_equals_the_exported_one(case_dir, tmp_path, fake
     plain = serve(loaded, "serving_default", image[None])["labels"][0]
     n = int((plain == C.LABEL_ET).sum()) + 1  # more than this case has: its ET goes
     assert n > 1  # the untrained model predicts some ET here: the test can fail
-    exported = tf.saved_model.load(str(export_saved_model(model, tmp_path / "e",
-                                                          et_min_voxels=n)))
+    exported = tf.saved_model.load(str(export_saved_model(model, tmp_path / "e", et_min_voxels=n)))
     served = serve(exported, "serving_default", image[None])
     out_dir = tmp_path / "preds"
     out_dir.mkdir()
-    path = client.run(client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
-                                          server=fake_server, et_min_voxels=n))
+    path = client.run(
+        client.ClientConfig(
+            case_dir=str(case_dir), output_dir=str(out_dir), server=fake_server, et_min_voxels=n
+        )
+    )
     by_client = np.asarray(nib.load(path).dataobj)
     np.testing.assert_array_equal(by_client, served["labels"][0])
     np.testing.assert_array_equal(by_client, np.where(plain == C.LABEL_ET, 1, plain))
@@ -268,7 +294,8 @@ def test_client_record_of_a_server_without_protocol(case_dir, tmp_path, fake_ser
     _FakeServing.outputs = ("labels", "probabilities")
     out_dir = tmp_path / "preds"
     out_dir.mkdir()
-    client.run(client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir),
-                                   server=fake_server))
+    client.run(
+        client.ClientConfig(case_dir=str(case_dir), output_dir=str(out_dir), server=fake_server)
+    )
     record = json.loads((out_dir / f"{CASE}.json").read_text())
     assert list(record["protocol"]) == ["unknown"]

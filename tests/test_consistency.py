@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline import constants, volume
 from brats_tf import inference
+from data_pipeline import constants, volume
 from data_pipeline.convert import convert
 from data_pipeline.input import InputConfig, make_dataset
 from data_pipeline.synthetic import make_case, write_case
@@ -38,10 +38,10 @@ def test_eval_pipeline_equals_inference_normalisation(case):
 
 def test_training_crop_without_augmentation_equals_normalised_volume(case):
     raw, label, files = case
-    config = InputConfig(files=tuple(files), crop_shape=SHAPE, augment=False, seed=0,
-                         deterministic=True)
+    config = InputConfig(
+        files=tuple(files), crop_shape=SHAPE, augment=False, seed=0, deterministic=True
+    )
     (batch,) = list(make_dataset(config))
     want = volume.normalize_nonzero(raw)
     np.testing.assert_allclose(batch["image"][0].numpy(), want, atol=1e-5)
-    np.testing.assert_array_equal(batch["label"][0].numpy() > 0.5,
-                                  volume.labels_to_regions(label))
+    np.testing.assert_array_equal(batch["label"][0].numpy() > 0.5, volume.labels_to_regions(label))

@@ -1,5 +1,6 @@
 """NIfTI -> TFRecord: layouts, exact round trip, manifest and folds, every bad input,
 nothing half-written (also when killed), reruns write the same bytes."""
+
 import glob
 import json
 import os
@@ -10,14 +11,20 @@ import time
 
 import nibabel as nib
 import numpy as np
+import oracles
 import pytest
 import tensorflow as tf
 
-from data_pipeline.constants import LABEL_ET, LABEL_ET_2023, LABEL_VALUES, MODALITIES, MODALITIES_2023
-from data_pipeline.volume import paste_crop
 from data_pipeline import convert, features, layouts, synthetic
+from data_pipeline.constants import (
+    LABEL_ET,
+    LABEL_ET_2023,
+    LABEL_VALUES,
+    MODALITIES,
+    MODALITIES_2023,
+)
 from data_pipeline.manifest import CONVERTER_VERSION, fold_files, read_manifest
-import oracles
+from data_pipeline.volume import paste_crop
 
 SHAPE = (40, 44, 32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +98,8 @@ def test_round_trip_is_exact(converted):
         for c, m in enumerate(MODALITIES):  # the documented channel order
             np.testing.assert_array_equal(image[..., c], images[m].astype(np.float32))
         np.testing.assert_array_equal(
-            paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), label)
+            paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), label
+        )
         # the box is the non-zero bounding box: smaller than the volume, tight
         assert np.all(ex["box_shape"] < np.array(SHAPE))
         assert (ex["image"][0] != 0).any() and (ex["image"][-1] != 0).any()
@@ -105,8 +113,13 @@ def test_manifest(converted):
     on_disk = read_manifest(out)
     assert on_disk["cases"] == manifest["cases"]
     assert on_disk["converter_version"] == CONVERTER_VERSION
-    assert on_disk["options"] == {"cases_per_shard": 1, "num_shards": None, "folds": 2, "seed": 0,
-                                  "skip_bad": False}
+    assert on_disk["options"] == {
+        "cases_per_shard": 1,
+        "num_shards": None,
+        "folds": 2,
+        "seed": 0,
+        "skip_bad": False,
+    }
     assert [c["case_id"] for c in manifest["cases"]] == sorted(arrays)
     for record in manifest["cases"]:
         _, label = arrays[record["case_id"]]
@@ -117,7 +130,9 @@ def test_manifest(converted):
     assert sorted(shard_cases) == sorted(arrays)
     for shard in manifest["shards"]:
         assert os.path.exists(os.path.join(out, shard["file"]))
-        assert {c["fold"] for c in manifest["cases"] if c["case_id"] in shard["cases"]} == {shard["fold"]}
+        assert {c["fold"] for c in manifest["cases"] if c["case_id"] in shard["cases"]} == {
+            shard["fold"]
+        }
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
 
 
@@ -141,20 +156,27 @@ def _cases_in(manifest, path):
     return next(s["cases"] for s in manifest["shards"] if s["file"] == name)
 
 
-@pytest.mark.parametrize("layout,case_ids", [
-    ("2018", ["Brats18_CBICA_AAA_1", "Brats18_TCIA01_131_1"]),
-    ("2020", ["BraTS20_Training_001", "BraTS20_Training_002"]),
-    ("2021", ["BraTS2021_00000", "BraTS2021_00002"]),
-    ("2023", ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]),
-])
+@pytest.mark.parametrize(
+    "layout,case_ids",
+    [
+        ("2018", ["Brats18_CBICA_AAA_1", "Brats18_TCIA01_131_1"]),
+        ("2020", ["BraTS20_Training_001", "BraTS20_Training_002"]),
+        ("2021", ["BraTS2021_00000", "BraTS2021_00002"]),
+        ("2023", ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]),
+    ],
+)
 @pytest.mark.parametrize("with_label", [True, False])
 def test_layouts(tmp_path, layout, case_ids, with_label):
     root = str(tmp_path / "in")
-    arrays = {cid: _write(root, layout, cid, seed=i, with_label=with_label)
-              for i, cid in enumerate(case_ids)}
+    arrays = {
+        cid: _write(root, layout, cid, seed=i, with_label=with_label)
+        for i, cid in enumerate(case_ids)
+    }
     cases = layouts.find_cases(root)
     assert [c.case_id for c in cases] == sorted(case_ids)
-    assert {c.naming for c in cases} == {layouts.NAMING_2023 if layout == "2023" else layouts.NAMING_2018}
+    assert {c.naming for c in cases} == {
+        layouts.NAMING_2023 if layout == "2023" else layouts.NAMING_2018
+    }
     manifest = convert.convert(root, str(tmp_path / "out"), folds=1, progress=False)
     assert manifest["has_labels"] == with_label
     parsed = _read_all(str(tmp_path / "out"))
@@ -165,7 +187,8 @@ def test_layouts(tmp_path, layout, case_ids, with_label):
         assert bool(ex["has_label"]) == with_label
         if with_label:  # 2023 label 3 comes back as 4
             np.testing.assert_array_equal(
-                paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), label)
+                paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), label
+            )
 
 
 # Each bad input: how to break case Brats18_BAD_1 (after it is written), and the
@@ -207,6 +230,7 @@ def _label_value(value):
         data[20, 20, 16] = value
         _save(path, data)
         return "Brats18_BAD_1_seg.nii.gz", f"label values [{value}]"
+
     return breaker
 
 
@@ -227,10 +251,15 @@ def _empty_image(folder):
 
 
 BAD_INPUTS = {
-    "missing_modality": _missing_modality, "missing_label": _missing_label,
-    "shape_mismatch": _shape_mismatch, "affine_mismatch": _affine_mismatch,
-    "not_finite": _not_finite, "label_3_in_2018_naming": _label_value(3),
-    "label_5": _label_value(5), "label_shape": _label_shape, "corrupt_file": _corrupt_file,
+    "missing_modality": _missing_modality,
+    "missing_label": _missing_label,
+    "shape_mismatch": _shape_mismatch,
+    "affine_mismatch": _affine_mismatch,
+    "not_finite": _not_finite,
+    "label_3_in_2018_naming": _label_value(3),
+    "label_5": _label_value(5),
+    "label_shape": _label_shape,
+    "corrupt_file": _corrupt_file,
     "empty_image": _empty_image,
 }
 
@@ -266,8 +295,13 @@ def test_bad_input_skipped_and_reported(tmp_path, name):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "data_pipeline.convert", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline.convert", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_command_line_error_is_one_line(tmp_path):
@@ -276,7 +310,9 @@ def test_command_line_error_is_one_line(tmp_path):
     result = _cli("--input_dir", root, "--output_dir", out, "--folds", "1")
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: case Brats18_BAD_1: file ") and "Brats18_BAD_1_seg.nii.gz" in last
+    assert (
+        last.startswith("error: case Brats18_BAD_1: file ") and "Brats18_BAD_1_seg.nii.gz" in last
+    )
     assert "Traceback" not in result.stderr
     assert _visible_outputs(out) == []
 
@@ -315,9 +351,25 @@ def test_killed_conversion_leaves_no_visible_shard_and_rerun_is_identical(tmp_pa
         _write(root, "2018", f"Brats18_K{n:02d}_1", seed=n)
     out = str(tmp_path / "out")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "data_pipeline.convert", "--input_dir", root, "--output_dir", out,
-         "--cases_per_shard", "1", "--folds", "1", "--num_workers", "1"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.convert",
+            "--input_dir",
+            root,
+            "--output_dir",
+            out,
+            "--cases_per_shard",
+            "1",
+            "--folds",
+            "1",
+            "--num_workers",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once some shards are being written
         if len([n for n in _visible_outputs(out) if n.startswith(".tmp-")]) >= 2:
@@ -339,7 +391,10 @@ def test_killed_conversion_leaves_no_visible_shard_and_rerun_is_identical(tmp_pa
     for name in names:
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(clean, name), "rb") as b:
             assert a.read() == b.read()
-    with open(os.path.join(out, "manifest.json")) as a, open(os.path.join(clean, "manifest.json")) as b:
+    with (
+        open(os.path.join(out, "manifest.json")) as a,
+        open(os.path.join(clean, "manifest.json")) as b,
+    ):
         ma, mb = json.load(a), json.load(b)
     assert ma["cases"] == mb["cases"] and ma["shards"] == mb["shards"]
 
@@ -369,8 +424,9 @@ def test_overwrite_replaces_a_finished_conversion(tmp_path, brats18):
     root, arrays = brats18
     out = str(tmp_path / "out")
     convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)
-    manifest = convert.convert(root, out, cases_per_shard=5, folds=1, overwrite=True,
-                               progress=False)
+    manifest = convert.convert(
+        root, out, cases_per_shard=5, folds=1, overwrite=True, progress=False
+    )
     shards = sorted(n for n in os.listdir(out) if n.endswith(features.SHARD_SUFFIX))
     assert shards == [s["file"] for s in manifest["shards"]] and len(shards) == 1  # stale ones gone
     assert sorted(_read_all(out)) == sorted(arrays)
@@ -383,5 +439,7 @@ def test_label_4_is_bad_in_2023_naming(tmp_path):
     data = np.asanyarray(nib.load(path).dataobj).copy()
     data[20, 20, 16] = LABEL_ET  # 4 is not a 2023 label (ET is 3 there)
     _save(path, data)
-    with pytest.raises(convert.BadCaseError, match=r"BraTS-GLI-00001-000-seg.nii.gz: label values \[4\]"):
+    with pytest.raises(
+        convert.BadCaseError, match=r"BraTS-GLI-00001-000-seg.nii.gz: label values \[4\]"
+    ):
         convert.convert(root, str(tmp_path / "out"), folds=1, progress=False)

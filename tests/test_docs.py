@@ -31,17 +31,24 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The hand-written docs (benchmarks/RESULTS.md and benchmarks/history/ are generated).
-DOCS = sorted([ROOT / "README.md", ROOT / "WORKSPACE.md",
-               *(p for p in (ROOT / "docs").rglob("*.md")
-                 if "history" not in p.relative_to(ROOT).parts),
-               ROOT / "benchmarks" / "gpu.md", ROOT / "data_pipeline" / "README.md",
-               *(ROOT / "brats_tf").glob("*.md")])
+DOCS = sorted(
+    [
+        ROOT / "README.md",
+        ROOT / "WORKSPACE.md",
+        *(p for p in (ROOT / "docs").rglob("*.md") if "history" not in p.relative_to(ROOT).parts),
+        ROOT / "benchmarks" / "gpu.md",
+        ROOT / "data_pipeline" / "README.md",
+        *(ROOT / "brats_tf").glob("*.md"),
+    ]
+)
 # The record of earlier dates: its links must work, its commands and names are of its date.
 HISTORY_DOCS = sorted((ROOT / "docs" / "history").glob("*.md"))
 
 SCRIPTS = ("train.py", "evaluate.py")
-MODULES = re.compile(r"^(data_pipeline\.\w+|brats_tf\.export|brats_tf\.postprocess|"
-                     r"serving\.client)$")
+MODULES = re.compile(
+    r"^(data_pipeline\.\w+|brats_tf\.export|brats_tf\.postprocess|"
+    r"serving\.client)$"
+)
 SHELL_BREAKS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1"}
 README_LIMIT_BYTES = 10 * 1024
 
@@ -105,7 +112,7 @@ def _commands(text: str):
             if program is None:
                 continue
             names = []
-            for token in tokens[i + 1:]:
+            for token in tokens[i + 1 :]:
                 if token in SHELL_BREAKS:
                     break
                 token = token.lstrip("[(")
@@ -136,16 +143,19 @@ def _help_command(program: str) -> list[str]:
 
 def _defined_flags(program: str) -> set[str]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(_help_command(program), cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        _help_command(program), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     names = set()
     for match in re.finditer(r"^\s+--(\[no\])?([A-Za-z0-9_]+)", result.stdout, re.MULTILINE):
         names.add(match.group(2))
         if match.group(1):  # a boolean: --name and --noname
             names.add("no" + match.group(2))
     if "flagfile" not in names:
-        raise AssertionError(f"{program} --helpfull listed no flags (exit {result.returncode}):\n"
-                             f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        raise AssertionError(
+            f"{program} --helpfull listed no flags (exit {result.returncode}):\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
     return names
 
 
@@ -163,17 +173,22 @@ def test_the_docs_show_commands_of_every_entry_point():
 
 @pytest.mark.parametrize("program", sorted(SHOWN))
 def test_every_flag_shown_in_the_docs_exists(program, defined_flags):
-    unknown = [f"{doc}:{line}: --{name}" for doc, line, name in SHOWN[program]
-               if name not in defined_flags[program]]
+    unknown = [
+        f"{doc}:{line}: --{name}"
+        for doc, line, name in SHOWN[program]
+        if name not in defined_flags[program]
+    ]
     assert not unknown, f"flags that {program} does not define:\n" + "\n".join(unknown)
 
 
 def test_command_parsing_joins_continuations_and_reads_inline_code():
-    text = ("```bash\nTF_CONFIG='{\"a\": 1}' \\\n  python train.py --flagfile=x \\\n"
-            "  --model_dir=y  # --not_a_flag\n```\n"
-            "Then `python -m brats_tf.export --model=m.keras [--overwrite]` and "
-            "`evaluate.py --tta`; `--recompute` alone is no command; `train.py\n"
-            "--epochs=3 --noexport` spans two lines.\n")
+    text = (
+        "```bash\nTF_CONFIG='{\"a\": 1}' \\\n  python train.py --flagfile=x \\\n"
+        "  --model_dir=y  # --not_a_flag\n```\n"
+        "Then `python -m brats_tf.export --model=m.keras [--overwrite]` and "
+        "`evaluate.py --tta`; `--recompute` alone is no command; `train.py\n"
+        "--epochs=3 --noexport` spans two lines.\n"
+    )
     assert list(_commands(text)) == [
         (2, "train.py", ["flagfile", "model_dir"]),
         (6, "brats_tf.export", ["model", "overwrite"]),
@@ -251,17 +266,52 @@ def test_readme_stays_short():
 # Checked: DOCS and benchmarks/*.md. docs/history/ and benchmarks/history/ record what was
 # measured with the code of their date: their names are not checked (docs/history's links are).
 
-TOP_LEVEL = ("brats_tf", "data_pipeline", "serving", "benchmarks", "tests", "configs", "docs",
-             "train.py", "evaluate.py", "Makefile", "requirements.txt", "README.md",
-             "WORKSPACE.md", "CITATION.cff", "LICENSE", "pytest.ini")
+TOP_LEVEL = (
+    "brats_tf",
+    "data_pipeline",
+    "serving",
+    "benchmarks",
+    "tests",
+    "configs",
+    "docs",
+    "train.py",
+    "evaluate.py",
+    "Makefile",
+    "requirements.txt",
+    "README.md",
+    "WORKSPACE.md",
+    "CITATION.cff",
+    "LICENSE",
+    "pytest.ini",
+)
 PACKAGES = ("brats_tf", "data_pipeline", "serving", "benchmarks")
-FILE_EXTENSIONS = {"py", "md", "json", "keras", "txt", "png", "csv", "gz", "nii", "flags",
-                   "pb", "cff", "ini", "tfrecord", "partial", "tmp", "html", "yaml"}
+FILE_EXTENSIONS = {
+    "py",
+    "md",
+    "json",
+    "keras",
+    "txt",
+    "png",
+    "csv",
+    "gz",
+    "nii",
+    "flags",
+    "pb",
+    "cff",
+    "ini",
+    "tfrecord",
+    "partial",
+    "tmp",
+    "html",
+    "yaml",
+}
 
 NAMED_DOCS = sorted({*DOCS, *(ROOT / "benchmarks").glob("*.md")})
 
-_PATH_SPAN = re.compile(r"^(?P<path>[\w.*<>{},/-]+?)(?:::(?P<name>[\w.*]+)(?:\[[^\]]*\])?"
-                        r"(?:\(.*\))?)?$")
+_PATH_SPAN = re.compile(
+    r"^(?P<path>[\w.*<>{},/-]+?)(?:::(?P<name>[\w.*]+)(?:\[[^\]]*\])?"
+    r"(?:\(.*\))?)?$"
+)
 _DOTTED = re.compile(r"^(?P<dotted>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\(.*\))?$")
 _TEST_NAME = re.compile(r"^test_[\w*]+(?:\[[^\]]*\])?$")
 
@@ -330,8 +380,11 @@ def _pattern(path: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", path)
     if not match:
         return [path]
-    return [p for alt in match.group(1).split(",")
-            for p in _pattern(path[:match.start()] + alt + path[match.end():])]
+    return [
+        p
+        for alt in match.group(1).split(",")
+        for p in _pattern(path[: match.start()] + alt + path[match.end() :])
+    ]
 
 
 def _existing(path: str) -> list[pathlib.Path]:
@@ -374,7 +427,7 @@ def _spans(text: str):
     joined = "\n".join(prose)
     last_end = 0
     for match in re.finditer(r"`([^`\n]+)`", joined):
-        between = joined[last_end:match.start()]
+        between = joined[last_end : match.start()]
         if "|" in between or re.search(r"\n[ \t]*\n", between):
             context += 1
         last_end = match.end()
@@ -442,7 +495,7 @@ def _check_dotted(dotted: str) -> str | None:
             return None
         source = _imported_from(module, ".".join(parts[:cut]), parts[cut])
         if source is not None and source != dotted:  # a re-export: where it comes from
-            return _check_dotted(".".join([source, *parts[cut + 1:]]))
+            return _check_dotted(".".join([source, *parts[cut + 1 :]]))
         if _defines([module], rest, imports=True):
             return None
         return f"{'.'.join(parts[:cut])} defines no {rest}"
@@ -458,8 +511,9 @@ def _imported_from(module: pathlib.Path, dotted: str, name: str) -> str | None:
         for alias in node.names:
             if (alias.asname or alias.name) != name:
                 continue
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level \
-                else []
+            base = (
+                package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            )
             source = ".".join(base + ([node.module] if node.module else []))
             if source.split(".")[0] in PACKAGES:
                 return f"{source}.{alias.name}"
@@ -487,32 +541,46 @@ def test_named_files_and_code_exist(doc):
 
 def test_the_name_check_finds_wrong_names_and_their_lines():
     doc = ROOT / "docs" / "fake.md"
-    text = ("# A page\n\n"
-            "Good: `brats_tf/model.py::build_model`, `brats_tf/layers.py::GroupNorm.call`,\n"
-            "`tests/test_recompute.py::test_recomputed_block_*`, `brats_tf.training.Trainer`,\n"
-            "`volume.brain_box`, `configs/`, `runs/b18`, `config.json`, `model.keras`.\n\n"
-            "| code | test |\n|---|---|\n"
-            "| `brats_tf/losses.py::kl_loss`, `layers.py::GroupNorm` "
-            "| `tests/test_losses.py::test_kl_matches_paper_formula`, "
-            "`test_l2_is_mean_squared_error` |\n"
-            "| `brats_tf/model.py::no_such_function` | `test_no_such_test` |\n\n"
-            "Bad: `brats_tf/no_such_module.py` and `tests/test_model.py::test_not_there`\n"
-            "and `brats_tf/layers.py::GroupNorm.no_method`, `volume.not_defined_here`,\n"
-            "`tests/test_losses.py::test_kl_*`, `test_paper_outputs`.\n"
-            "```bash\n`brats_tf/in_a_fence.py` is code, not a name\n```\n")
+    text = (
+        "# A page\n\n"
+        "Good: `brats_tf/model.py::build_model`, `brats_tf/layers.py::GroupNorm.call`,\n"
+        "`tests/test_recompute.py::test_recomputed_block_*`, `brats_tf.training.Trainer`,\n"
+        "`volume.brain_box`, `configs/`, `runs/b18`, `config.json`, `model.keras`.\n\n"
+        "| code | test |\n|---|---|\n"
+        "| `brats_tf/losses.py::kl_loss`, `layers.py::GroupNorm` "
+        "| `tests/test_losses.py::test_kl_matches_paper_formula`, "
+        "`test_l2_is_mean_squared_error` |\n"
+        "| `brats_tf/model.py::no_such_function` | `test_no_such_test` |\n\n"
+        "Bad: `brats_tf/no_such_module.py` and `tests/test_model.py::test_not_there`\n"
+        "and `brats_tf/layers.py::GroupNorm.no_method`, `volume.not_defined_here`,\n"
+        "`tests/test_losses.py::test_kl_*`, `test_paper_outputs`.\n"
+        "```bash\n`brats_tf/in_a_fence.py` is code, not a name\n```\n"
+    )
     wrong = _wrong_names(doc, text)
     assert wrong == [
-        ("docs/fake.md:10: `brats_tf/model.py::no_such_function`: brats_tf/model.py defines "
-         "no no_such_function"),
+        (
+            "docs/fake.md:10: `brats_tf/model.py::no_such_function`: brats_tf/model.py defines "
+            "no no_such_function"
+        ),
         "docs/fake.md:10: `test_no_such_test`: no test test_no_such_test in tests/test_*.py",
-        ("docs/fake.md:12: `brats_tf/no_such_module.py`: no such file or folder: "
-         "brats_tf/no_such_module.py"),
-        ("docs/fake.md:12: `tests/test_model.py::test_not_there`: tests/test_model.py defines "
-         "no test_not_there"),
-        ("docs/fake.md:13: `brats_tf/layers.py::GroupNorm.no_method`: brats_tf/layers.py "
-         "defines no GroupNorm.no_method"),
-        ("docs/fake.md:13: `volume.not_defined_here`: data_pipeline.volume defines no "
-         "not_defined_here"),
-        ("docs/fake.md:14: `test_paper_outputs`: no test test_paper_outputs in "
-         "tests/test_losses.py"),
+        (
+            "docs/fake.md:12: `brats_tf/no_such_module.py`: no such file or folder: "
+            "brats_tf/no_such_module.py"
+        ),
+        (
+            "docs/fake.md:12: `tests/test_model.py::test_not_there`: tests/test_model.py defines "
+            "no test_not_there"
+        ),
+        (
+            "docs/fake.md:13: `brats_tf/layers.py::GroupNorm.no_method`: brats_tf/layers.py "
+            "defines no GroupNorm.no_method"
+        ),
+        (
+            "docs/fake.md:13: `volume.not_defined_here`: data_pipeline.volume defines no "
+            "not_defined_here"
+        ),
+        (
+            "docs/fake.md:14: `test_paper_outputs`: no test test_paper_outputs in "
+            "tests/test_losses.py"
+        ),
     ], wrong

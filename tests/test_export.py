@@ -10,17 +10,17 @@ import sys
 
 import keras
 import numpy as np
+import oracles
 import pytest
 import tensorflow as tf
+from serving_fixtures import VERSION, tiny_export
 
-from data_pipeline import constants as C
 from brats_tf import export
 from brats_tf import inference as I
-from data_pipeline import volume as V
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
-import oracles
-from serving_fixtures import VERSION, tiny_export
+from data_pipeline import constants as C
+from data_pipeline import volume as V
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,10 +39,16 @@ def keras_reference(model, batch, tta, multiple=8):
     for image in batch:
         padded, pads = oracles.pad_to_multiple(V.normalize_nonzero(image), multiple)
         x = padded[None]
-        flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)] if tta \
-            else [()]
-        probs = np.mean([np.flip(infer(np.ascontiguousarray(np.flip(x, a)), training=False)
-                                 ["seg"].numpy(), a) for a in flips], axis=0)
+        flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)] if tta else [()]
+        probs = np.mean(
+            [
+                np.flip(
+                    infer(np.ascontiguousarray(np.flip(x, a)), training=False)["seg"].numpy(), a
+                )
+                for a in flips
+            ],
+            axis=0,
+        )
         out.append(oracles.crop_back(probs[0], pads))
     return np.stack(out)
 
@@ -69,10 +75,14 @@ def _xla_clusters(version_dir) -> list:
     for meta in saved.meta_graphs:
         library = meta.graph_def.library.function
         nodes = list(meta.graph_def.node) + [n for f in library for n in f.node_def]
-        found += [n.name for n in nodes
-                  if "_XlaMustCompile" in n.attr and n.attr["_XlaMustCompile"].b]
-        found += [f.signature.name for f in library
-                  if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
+        found += [
+            n.name for n in nodes if "_XlaMustCompile" in n.attr and n.attr["_XlaMustCompile"].b
+        ]
+        found += [
+            f.signature.name
+            for f in library
+            if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b
+        ]
     return found
 
 
@@ -83,8 +93,11 @@ def test_saved_model_holds_no_xla_cluster(tmp_path):
     _, _, version_dir, _ = tiny_export()
     assert _xla_clusters(version_dir) == []
     module = tf.Module()
-    module.f = tf.function(lambda x: x * 2.0 + 1.0, jit_compile=True,
-                           input_signature=[tf.TensorSpec([None], tf.float32)])
+    module.f = tf.function(
+        lambda x: x * 2.0 + 1.0,
+        jit_compile=True,
+        input_signature=[tf.TensorSpec([None], tf.float32)],
+    )
     tf.saved_model.save(module, str(tmp_path / "xla"))
     assert _xla_clusters(tmp_path / "xla") != []
 
@@ -92,32 +105,53 @@ def test_saved_model_holds_no_xla_cluster(tmp_path):
 def test_saved_model_cli_shows_both_signatures():
     _, _, version_dir, _ = tiny_export()
     script = pathlib.Path(sys.executable).with_name("saved_model_cli")  # .venv/bin/
-    command = [str(script)] if script.exists() else [
-        sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    command = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    )
     result = subprocess.run(
         command + ["show", "--dir", str(version_dir), "--all"],
-        capture_output=True, text=True, check=True, timeout=120)
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     text = result.stdout
     for name in export.SIGNATURES:
         m = re.search(rf"signature_def\['{name}'\]:(.*?)(?=signature_def\[|\Z)", text, re.S)
         assert m, f"signature {name} missing:\n{text}"
         block = re.sub(r"\s+", " ", m.group(1))
-        assert re.search(r"inputs\['image'\] tensor_info: dtype: DT_FLOAT "
-                         r"shape: \(-1, -1, -1, -1, 4\)", block), block
-        assert re.search(r"outputs\['probabilities'\] tensor_info: dtype: DT_FLOAT "
-                         r"shape: \(-1, -1, -1, -1, 3\)", block), block
-        assert re.search(r"outputs\['labels'\] tensor_info: dtype: DT_UINT8 "
-                         r"shape: \(-1, -1, -1, -1\)", block), block
-        assert re.search(r"outputs\['protocol'\] tensor_info: dtype: DT_STRING "
-                         r"shape: \(-1\)", block), block
+        assert re.search(
+            r"inputs\['image'\] tensor_info: dtype: DT_FLOAT "
+            r"shape: \(-1, -1, -1, -1, 4\)",
+            block,
+        ), block
+        assert re.search(
+            r"outputs\['probabilities'\] tensor_info: dtype: DT_FLOAT "
+            r"shape: \(-1, -1, -1, -1, 3\)",
+            block,
+        ), block
+        assert re.search(
+            r"outputs\['labels'\] tensor_info: dtype: DT_UINT8 "
+            r"shape: \(-1, -1, -1, -1\)",
+            block,
+        ), block
+        assert re.search(
+            r"outputs\['protocol'\] tensor_info: dtype: DT_STRING "
+            r"shape: \(-1\)",
+            block,
+        ), block
         assert "Method name is: tensorflow/serving/predict" in block
 
 
 @pytest.mark.parametrize(
     "signature, shape, batch",
-    [("serving_default", (20, 28, 13), 1),
-     ("serving_default", (9, 16, 8), 2),
-     ("serving_tta", (20, 28, 13), 1)],
+    [
+        ("serving_default", (20, 28, 13), 1),
+        ("serving_default", (9, 16, 8), 2),
+        ("serving_tta", (20, 28, 13), 1),
+    ],
 )
 def test_signature_matches_keras_model(signature, shape, batch):
     model, _, _, loaded = tiny_export()
@@ -150,21 +184,31 @@ def test_export_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="et_label"):
         export.export_saved_model(model, tmp_path, et_label=2)
     with pytest.raises(FileNotFoundError, match="model file not found: .*nope.keras"):
-        export.run(export.ExportConfig(model=str(tmp_path / "nope.keras"),
-                                       export_dir=str(tmp_path)))
+        export.run(
+            export.ExportConfig(model=str(tmp_path / "nope.keras"), export_dir=str(tmp_path))
+        )
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export.run(export.ExportConfig(model=str(keras_path),
-                                       export_dir=str(version_dir.parent), version=VERSION))
+        export.run(
+            export.ExportConfig(
+                model=str(keras_path), export_dir=str(version_dir.parent), version=VERSION
+            )
+        )
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ValueError, match=r"must be a \.keras file"):
-        export.run(export.ExportConfig(model=str(tmp_path / "notes.txt"),
-                                       export_dir=str(tmp_path / "out")))
+        export.run(
+            export.ExportConfig(model=str(tmp_path / "notes.txt"), export_dir=str(tmp_path / "out"))
+        )
     assert not (tmp_path / "out").exists()
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "brats_tf.export", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "brats_tf.export", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_missing_model_is_one_line_error(tmp_path):
@@ -178,15 +222,23 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
 def test_cli_exports_and_overwrites(tmp_path):
     # a 2-level model (inputs divisible by 2) keeps this subprocess export quick
     keras.utils.set_random_seed(1)
-    model = build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
-                                    blocks_down=(1, 1), blocks_up=(1,)))
+    model = build_model(
+        ModelConfig(
+            input_shape=(8, 8, 8), init_filters=8, latent_dim=4, blocks_down=(1, 1), blocks_up=(1,)
+        )
+    )
     keras_path = tmp_path / "small.keras"
     model.save(keras_path)
     target = tmp_path / "brats" / "1"
     target.mkdir(parents=True)
     (target / "stale.txt").write_text("old version")
-    result = run_cli(f"--model={keras_path}", f"--export_dir={tmp_path / 'brats'}",
-                     "--overwrite", "--et_label=3", "--precision=float32")
+    result = run_cli(
+        f"--model={keras_path}",
+        f"--export_dir={tmp_path / 'brats'}",
+        "--overwrite",
+        "--et_label=3",
+        "--precision=float32",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (target / "stale.txt").exists()
     assert [p.name for p in (tmp_path / "brats").iterdir()] == ["1"]
@@ -200,7 +252,8 @@ def test_cli_exports_and_overwrites(tmp_path):
     labels = out["labels"].numpy()
     clear = np.all(np.abs(expected - 0.5) > 1e-4, axis=-1)
     np.testing.assert_array_equal(
-        labels[clear], I.probabilities_to_labels(expected, et_label=C.LABEL_ET_2023)[clear])
+        labels[clear], I.probabilities_to_labels(expected, et_label=C.LABEL_ET_2023)[clear]
+    )
     assert C.LABEL_ET not in labels  # BraTS 2023 labels
 
 
@@ -208,8 +261,11 @@ def test_export_of_mixed_precision_model(tmp_path):
     """A model trained under mixed_float16 serves float32 in and out, like its Keras model."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(2)
-    model = build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
-                                    blocks_down=(1, 1), blocks_up=(1,)))
+    model = build_model(
+        ModelConfig(
+            input_shape=(8, 8, 8), init_filters=8, latent_dim=4, blocks_down=(1, 1), blocks_up=(1,)
+        )
+    )
     keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("InitConv").compute_dtype == "float16"
     loaded = tf.saved_model.load(str(export.export_saved_model(model, tmp_path / "amp")))
@@ -224,13 +280,15 @@ def test_export_in_another_precision(tmp_path):
     """precision='mixed_bfloat16' serves a float32 model computing in bfloat16
     (float32 in and out), close to the float32 SavedModel; the metadata says so."""
     keras.utils.set_random_seed(4)
-    model = build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
-                                    blocks_down=(1, 1), blocks_up=(1,)))
+    model = build_model(
+        ModelConfig(
+            input_shape=(8, 8, 8), init_filters=8, latent_dim=4, blocks_down=(1, 1), blocks_up=(1,)
+        )
+    )
     x = tf.constant(raw_batch((6, 10, 7), seed=5))
     probs = {}
     for precision in (None, "mixed_bfloat16"):
-        version = export.export_saved_model(model, tmp_path / str(precision),
-                                            precision=precision)
+        version = export.export_saved_model(model, tmp_path / str(precision), precision=precision)
         meta = json.loads((version / export.METADATA_FILE).read_text())
         assert meta["precision"] == (precision or "float32")
         loaded = tf.saved_model.load(str(version))
@@ -256,8 +314,9 @@ def test_brain_box_in_the_graph_matches_numpy_and_can_be_turned_off(tmp_path):
     start, size = V.brain_box(V.normalize_nonzero(image))
     assert size == (16, 32, 16)  # 16 x 25 x 16 grown to multiples of 8
     box = tuple(slice(s, s + n) for s, n in zip(start, size))
-    expected_box = V.paste_crop(keras_reference(model, image[box][None], tta=False)[0],
-                                image.shape[:3], start)
+    expected_box = V.paste_crop(
+        keras_reference(model, image[box][None], tta=False)[0], image.shape[:3], start
+    )
     expected_full = keras_reference(model, x, tta=False)[0]
     assert np.abs(expected_box - expected_full).max() > 1e-3  # the two really differ
 
@@ -268,34 +327,47 @@ def test_brain_box_in_the_graph_matches_numpy_and_can_be_turned_off(tmp_path):
     assert not boxed["labels"].numpy()[0][outside].any()
     np.testing.assert_allclose(I.predict_volume(model, image), expected_box, atol=2e-5)
 
-    whole = tf.saved_model.load(str(export.export_saved_model(model, tmp_path / "whole",
-                                                              crop_to_brain=False)))
+    whole = tf.saved_model.load(
+        str(export.export_saved_model(model, tmp_path / "whole", crop_to_brain=False))
+    )
     out = whole.signatures["serving_default"](image=tf.constant(x))["probabilities"].numpy()[0]
     np.testing.assert_allclose(out, expected_full, atol=2e-5)
-    np.testing.assert_allclose(I.predict_volume(model, image, crop_to_brain=False),
-                               expected_full, atol=2e-5)
+    np.testing.assert_allclose(
+        I.predict_volume(model, image, crop_to_brain=False), expected_full, atol=2e-5
+    )
 
 
 def _small(seed):
     # 2 levels (inputs divisible by 2): quick to export
     keras.utils.set_random_seed(seed)
-    return build_model(ModelConfig(input_shape=(8, 8, 8), init_filters=8, latent_dim=4,
-                                   blocks_down=(1, 1), blocks_up=(1,)))
+    return build_model(
+        ModelConfig(
+            input_shape=(8, 8, 8), init_filters=8, latent_dim=4, blocks_down=(1, 1), blocks_up=(1,)
+        )
+    )
 
 
 def test_protocol_output_and_metadata():
     _, _, version_dir, loaded = tiny_export()
     meta = json.loads((version_dir / export.METADATA_FILE).read_text())
     x = raw_batch((9, 16, 8), batch=2, seed=4)
-    for signature, key, tta in [("serving_default", "protocol", "none"),
-                                ("serving_tta", "protocol_serving_tta", "8 mirror flips")]:
+    for signature, key, tta in [
+        ("serving_default", "protocol", "none"),
+        ("serving_tta", "protocol_serving_tta", "8 mirror flips"),
+    ]:
         out = loaded.signatures[signature](image=tf.constant(x))["protocol"].numpy()
         assert out.shape == (2,)
         protocol = json.loads(out[0].decode())
         assert protocol == meta[key] and out[1] == out[0]
-        assert protocol == {"region": "brain_box", "tta": tta, "ensemble_size": 1,
-                            "threshold": 0.5, "et_min_voxels": 0, "post_processing": "none",
-                            "padding": "zeros to a multiple of 8, split evenly (odd voxel after)"}
+        assert protocol == {
+            "region": "brain_box",
+            "tta": tta,
+            "ensemble_size": 1,
+            "threshold": 0.5,
+            "et_min_voxels": 0,
+            "post_processing": "none",
+            "padding": "zeros to a multiple of 8, split evenly (odd voxel after)",
+        }
 
 
 def test_ensemble_export_is_the_mean_and_post_processing_runs_in_the_graph(tmp_path):
@@ -334,13 +406,17 @@ def test_cli_exports_an_ensemble_from_a_pattern(tmp_path):
     for k in (0, 1):
         (tmp_path / f"member_{k}").mkdir()
         _small(k + 3).save(tmp_path / f"member_{k}" / "model.keras")
-    result = run_cli(f"--model={tmp_path}/member_*/model.keras", f"--export_dir={tmp_path / 'e'}",
-                     "--et_min_voxels=50")
+    result = run_cli(
+        f"--model={tmp_path}/member_*/model.keras",
+        f"--export_dir={tmp_path / 'e'}",
+        "--et_min_voxels=50",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "e" / "1" / export.METADATA_FILE).read_text())
     assert meta["protocol"]["ensemble_size"] == 2 and meta["protocol"]["et_min_voxels"] == 50
     result = run_cli(f"--model={tmp_path}/nothing_*/model.keras", f"--export_dir={tmp_path / 'f'}")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        f"brats_tf.export: error: model pattern {tmp_path}/nothing_*/model.keras matches no file")
+        f"brats_tf.export: error: model pattern {tmp_path}/nothing_*/model.keras matches no file"
+    )
     assert not (tmp_path / "f").exists()

@@ -27,19 +27,20 @@ import keras
 import nibabel as nib
 import numpy as np
 import pytest
+from tiny_data import synthetic_tfrecords
 
-from data_pipeline import constants
 from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
-from tiny_data import synthetic_tfrecords
+from data_pipeline import constants
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 ENV.pop("TF_CONFIG", None)
 SMOKE = ROOT / "configs" / "smoke.flags"
 # The model configs/smoke.flags trains (train.py's defaults otherwise).
-SMOKE_MODEL = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16,
-                          blocks_down=(1, 1, 1, 1))
+SMOKE_MODEL = ModelConfig(
+    input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1, 1, 1)
+)
 
 
 def _command(tool, args):
@@ -47,13 +48,22 @@ def _command(tool, args):
         return [sys.executable, "-m", "data_pipeline.convert", "--num_workers=1"] + args
     if tool == "client":
         return [sys.executable, "-m", "serving.client"] + args
-    return [sys.executable, str(ROOT / f"{tool}.py")] + (
-        [f"--flagfile={SMOKE}"] if tool == "train" else ["--noprogress"]) + args
+    return (
+        [sys.executable, str(ROOT / f"{tool}.py")]
+        + ([f"--flagfile={SMOKE}"] if tool == "train" else ["--noprogress"])
+        + args
+    )
 
 
 def _run(tool, args, env=None):
-    return subprocess.run(_command(tool, [str(a) for a in args]), capture_output=True,
-                          text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=300)
+    return subprocess.run(
+        _command(tool, [str(a) for a in args]),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        timeout=300,
+    )
 
 
 def _run_all(jobs):
@@ -67,7 +77,7 @@ def _error_line(proc, prefix):
     """The one error line of a failed run (asserts there is exactly one, and no traceback)."""
     assert proc.returncode not in (0, None), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [l for l in proc.stderr.splitlines() if l.startswith(prefix)]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
 
@@ -75,8 +85,9 @@ def _error_line(proc, prefix):
 def _files(folder):
     """{relative path: bytes} of everything under folder (hidden files too)."""
     folder = pathlib.Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 # ------------------------------------------------------------------ fixtures
@@ -108,7 +119,7 @@ def _flip_middle(path, n=64):
     """Corrupts a file in place: n bytes in its middle inverted, its size unchanged."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    data[middle : middle + n] = bytes(b ^ 0xFF for b in data[middle : middle + n])
     path.write_bytes(bytes(data))
 
 
@@ -124,16 +135,21 @@ def _nii_2023(root, dst, n):
             array = np.asarray(img.dataobj)
             if old == "seg":
                 array = np.where(array == constants.LABEL_ET, constants.LABEL_ET_2023, array)
-            nib.save(nib.Nifti1Image(array.astype(img.get_data_dtype()), img.affine, img.header),
-                     dst / case_id / f"{case_id}-{new}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(array.astype(img.get_data_dtype()), img.affine, img.header),
+                dst / case_id / f"{case_id}-{new}.nii.gz",
+            )
     return dst
 
 
 def _times(folder):
     """{relative path: (bytes, mtime in ns)} of everything under folder."""
     folder = pathlib.Path(folder)
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -182,23 +198,52 @@ def converter_runs(root):
     (bad / f"{bad.name}_flair.nii.gz").write_bytes(b"not a NIfTI file")
     nii = root / "nii"
     jobs = {
-        "empty_fold": ("convert", [f"--input_dir={empty_fold_in}", f"--output_dir={r / 'ef'}",
-                                   "--folds=3", "--skip_bad"]),
-        "overflow": ("convert", [f"--input_dir={overflow_in}", f"--output_dir={r / 'of'}",
-                                 "--folds=1"]),
-        "mismatch": ("convert", [f"--input_dir={mismatch_in}", f"--output_dir={r / 'mm'}",
-                                 "--folds=1"]),
+        "empty_fold": (
+            "convert",
+            [f"--input_dir={empty_fold_in}", f"--output_dir={r / 'ef'}", "--folds=3", "--skip_bad"],
+        ),
+        "overflow": (
+            "convert",
+            [f"--input_dir={overflow_in}", f"--output_dir={r / 'of'}", "--folds=1"],
+        ),
+        "mismatch": (
+            "convert",
+            [f"--input_dir={mismatch_in}", f"--output_dir={r / 'mm'}", "--folds=1"],
+        ),
         "output_is_file": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'a_file'}"]),
-        "stray": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'stray'}",
-                              "--folds=1"]),
-        "foreign_tmp": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'foreign_tmp'}",
-                                    "--folds=1"]),
-        "same_a": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_a'}",
-                               "--folds=2", "--cases_per_shard=1"]),
-        "skip_folds": ("convert", [f"--input_dir={skip_folds_in}", f"--output_dir={r / 'sf'}",
-                                   "--folds=2", "--cases_per_shard=1", "--skip_bad"]),
-        "same_b": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'same_b'}",
-                               "--folds=2", "--cases_per_shard=1"]),
+        "stray": ("convert", [f"--input_dir={nii}", f"--output_dir={r / 'stray'}", "--folds=1"]),
+        "foreign_tmp": (
+            "convert",
+            [f"--input_dir={nii}", f"--output_dir={r / 'foreign_tmp'}", "--folds=1"],
+        ),
+        "same_a": (
+            "convert",
+            [
+                f"--input_dir={nii}",
+                f"--output_dir={r / 'same_a'}",
+                "--folds=2",
+                "--cases_per_shard=1",
+            ],
+        ),
+        "skip_folds": (
+            "convert",
+            [
+                f"--input_dir={skip_folds_in}",
+                f"--output_dir={r / 'sf'}",
+                "--folds=2",
+                "--cases_per_shard=1",
+                "--skip_bad",
+            ],
+        ),
+        "same_b": (
+            "convert",
+            [
+                f"--input_dir={nii}",
+                f"--output_dir={r / 'same_b'}",
+                "--folds=2",
+                "--cases_per_shard=1",
+            ],
+        ),
     }
     return r, _run_all(jobs)
 
@@ -237,21 +282,35 @@ def train_runs(root, converter_runs):
     conv, runs = converter_runs
     empty_fold = _manifest(conv / "ef")["empty_folds"][0]
     tfr = root / "tfr"
-    jobs = {name: ("train", [f"--data_dir={path}", f"--model_dir={r / ('md_' + name)}"])
-            for name, path in data.items()}
-    jobs["other_architecture"] = ("train", [f"--data_dir={tfr}", f"--model_dir={earlier}",
-                                            "--init_filters=16"])
-    jobs["bad_tf_config"] = ("train", [f"--data_dir={tfr}", f"--model_dir={r / 'md_tfc'}",
-                                       "--strategy=multi_worker"],
-                             {"TF_CONFIG": '{"cluster": {"worker": ["localhost:1"]'})
-    jobs["too_many_steps"] = ("train", [f"--data_dir={tfr}", f"--model_dir={r / 'md_steps'}",
-                                        "--fold=-1", "--steps_per_epoch=50"])
-    jobs["empty_fold"] = ("train", [f"--data_dir={conv / 'ef'}", f"--model_dir={r / 'md_ef'}",
-                                    f"--fold={empty_fold}"])
-    jobs["corrupt_shard_existing"] = ("train", [f"--data_dir={data['corrupt_shard']}",
-                                                f"--model_dir={r / 'existing'}"])
-    jobs["nifti_data_dir"] = ("train", [f"--data_dir={root / 'nii'}",
-                                        f"--model_dir={r / 'md_nifti'}"])
+    jobs = {
+        name: ("train", [f"--data_dir={path}", f"--model_dir={r / ('md_' + name)}"])
+        for name, path in data.items()
+    }
+    jobs["other_architecture"] = (
+        "train",
+        [f"--data_dir={tfr}", f"--model_dir={earlier}", "--init_filters=16"],
+    )
+    jobs["bad_tf_config"] = (
+        "train",
+        [f"--data_dir={tfr}", f"--model_dir={r / 'md_tfc'}", "--strategy=multi_worker"],
+        {"TF_CONFIG": '{"cluster": {"worker": ["localhost:1"]'},
+    )
+    jobs["too_many_steps"] = (
+        "train",
+        [f"--data_dir={tfr}", f"--model_dir={r / 'md_steps'}", "--fold=-1", "--steps_per_epoch=50"],
+    )
+    jobs["empty_fold"] = (
+        "train",
+        [f"--data_dir={conv / 'ef'}", f"--model_dir={r / 'md_ef'}", f"--fold={empty_fold}"],
+    )
+    jobs["corrupt_shard_existing"] = (
+        "train",
+        [f"--data_dir={data['corrupt_shard']}", f"--model_dir={r / 'existing'}"],
+    )
+    jobs["nifti_data_dir"] = (
+        "train",
+        [f"--data_dir={root / 'nii'}", f"--model_dir={r / 'md_nifti'}"],
+    )
     jobs["finished"] = ("train", FINISHED + [f"--data_dir={tfr}", f"--model_dir={r / 'finished'}"])
     return r, data, _run_all(jobs)
 
@@ -278,10 +337,12 @@ def second_runs(root, train_runs):
         mine.mkdir()
         (mine / "notes.txt").write_text("mine")
     line = _error_line(runs["nifti_data_dir"], "train.py: error:")
-    command = re.search(r"python -m data_pipeline\.convert (--input_dir \S+ --output_dir \S+),",
-                        line)
-    jobs = {"rerun": ("train", FINISHED + [f"--data_dir={root / 'tfr'}",
-                                           f"--model_dir={finished}"])}
+    command = re.search(
+        r"python -m data_pipeline\.convert (--input_dir \S+ --output_dir \S+),", line
+    )
+    jobs = {
+        "rerun": ("train", FINISHED + [f"--data_dir={root / 'tfr'}", f"--model_dir={finished}"])
+    }
     if command:  # the test data have 4 cases, fewer than the default 5 folds
         jobs["hint"] = ("convert", command.group(1).split() + ["--folds=2"])
     return before, _run_all(jobs)
@@ -313,8 +374,7 @@ def evaluate_runs(root, model):
     (nii / "manifest.json").write_text(json.dumps({"study": "unrelated"}))
     for path in _case_dirs(nii)[0].glob("*.nii.gz"):
         img = nib.load(path)
-        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([2.0, 1.0, 1.0, 1.0])),
-                 path)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([2.0, 1.0, 1.0, 1.0])), path)
     killed = r / ".out.tmp-k1lled00"
     (killed / "predictions").mkdir(parents=True)
     (killed / "predictions" / "case.nii.gz").write_bytes(b"partial")
@@ -329,20 +389,45 @@ def evaluate_runs(root, model):
         case["naming"] = "brats2023"
     (tfr_2023 / "manifest.json").write_text(json.dumps(manifest))
     jobs = {
-        "empty_manifest": ("evaluate", [f"--model={model}", f"--data={empty_manifest}",
-                                        f"--output_dir={r / 'o_empty'}"]),
-        "truncated_shard": ("evaluate", [f"--model={model}", f"--data={truncated}",
-                                         f"--output_dir={r / 'o_trunc'}"]),
-        "truncated_unsized": ("evaluate", [f"--model={model}", f"--data={unsized}",
-                                           f"--output_dir={r / 'o_unsized'}"]),
-        "corrupt_keras": ("evaluate", [f"--model={corrupt}", f"--data={root / 'tfr'}",
-                                       f"--output_dir={r / 'o_corrupt'}"]),
-        "nifti": ("evaluate", [f"--model={model}", f"--data={nii}", f"--output_dir={r / 'out'}",
-                               "--nofigures"]),
-        "et_nifti_2023": ("evaluate", [f"--model={model}", f"--data={nii_2023}",
-                                       f"--output_dir={r / 'et_nifti'}", "--nofigures"]),
-        "et_tfr_2023": ("evaluate", [f"--model={model}", f"--data={tfr_2023}", "--fold=1",
-                                     f"--output_dir={r / 'et_tfr'}", "--nofigures"]),
+        "empty_manifest": (
+            "evaluate",
+            [f"--model={model}", f"--data={empty_manifest}", f"--output_dir={r / 'o_empty'}"],
+        ),
+        "truncated_shard": (
+            "evaluate",
+            [f"--model={model}", f"--data={truncated}", f"--output_dir={r / 'o_trunc'}"],
+        ),
+        "truncated_unsized": (
+            "evaluate",
+            [f"--model={model}", f"--data={unsized}", f"--output_dir={r / 'o_unsized'}"],
+        ),
+        "corrupt_keras": (
+            "evaluate",
+            [f"--model={corrupt}", f"--data={root / 'tfr'}", f"--output_dir={r / 'o_corrupt'}"],
+        ),
+        "nifti": (
+            "evaluate",
+            [f"--model={model}", f"--data={nii}", f"--output_dir={r / 'out'}", "--nofigures"],
+        ),
+        "et_nifti_2023": (
+            "evaluate",
+            [
+                f"--model={model}",
+                f"--data={nii_2023}",
+                f"--output_dir={r / 'et_nifti'}",
+                "--nofigures",
+            ],
+        ),
+        "et_tfr_2023": (
+            "evaluate",
+            [
+                f"--model={model}",
+                f"--data={tfr_2023}",
+                "--fold=1",
+                f"--output_dir={r / 'et_tfr'}",
+                "--nofigures",
+            ],
+        ),
     }
     return r, bad_shard.name, _run_all(jobs)
 
@@ -361,14 +446,17 @@ def test_rerun_with_another_architecture_stops_before_writing(train_runs):
     assert json.loads((r / "earlier" / "config.json").read_text())["model"]["init_filters"] == 8
 
 
-@pytest.mark.parametrize("name,words", [
-    ("truncated_shard", ["bytes", "truncated"]),  # before: a traceback after model_dir was made
-    ("missing_shard", ["is missing"]),  # before: a traceback after model_dir was made
-    ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
-    ("invalid_json_manifest", ["manifest.json", "not valid JSON"]),  # before: no file named
-    ("bad_tf_config", ["TF_CONFIG", "not valid JSON"]),  # before: a JSONDecodeError traceback
-    ("too_many_steps", ["--steps_per_epoch=50", "has 4"]),  # before: ValueError after an epoch
-])
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        ("truncated_shard", ["bytes", "truncated"]),  # before: a traceback after model_dir was made
+        ("missing_shard", ["is missing"]),  # before: a traceback after model_dir was made
+        ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
+        ("invalid_json_manifest", ["manifest.json", "not valid JSON"]),  # before: no file named
+        ("bad_tf_config", ["TF_CONFIG", "not valid JSON"]),  # before: a JSONDecodeError traceback
+        ("too_many_steps", ["--steps_per_epoch=50", "has 4"]),  # before: ValueError after an epoch
+    ],
+)
 def test_bad_data_or_environment_stops_train_before_writing(train_runs, name, words):
     r, data, runs = train_runs
     line = _error_line(runs[name], "train.py: error:")
@@ -382,7 +470,8 @@ def test_bad_data_or_environment_stops_train_before_writing(train_runs, name, wo
 
 
 def test_empty_validation_fold_is_reported_by_the_converter_and_refused_by_train(
-        converter_runs, train_runs):
+    converter_runs, train_runs
+):
     """--skip_bad can leave a fold without cases: the converter says so (and
     records it in the manifest); train.py --fold=<that fold> stops before
     training. Before: silent exit 0, then a traceback after a full epoch."""
@@ -405,8 +494,9 @@ def test_shard_corrupt_in_place_is_named_and_model_dir_left_as_found(train_runs)
     in the model_dir."""
     r, data, runs = train_runs
     bad = sorted(data["corrupt_shard"].glob("brats-fold1-*.tfrecord"))[0]
-    (case,) = next(s["cases"] for s in _manifest(data["corrupt_shard"])["shards"]
-                   if s["file"] == bad.name)
+    (case,) = next(
+        s["cases"] for s in _manifest(data["corrupt_shard"])["shards"] if s["file"] == bad.name
+    )
     for name in ("corrupt_shard", "corrupt_shard_existing"):
         line = _error_line(runs[name], "train.py: error:")
         assert f"shard {bad}:" in line and f"(case {case})" in line, line
@@ -423,8 +513,10 @@ def test_nifti_data_dir_gets_a_converter_command_it_accepts(root, train_runs, se
     line = _error_line(train_runs[2]["nifti_data_dir"], "train.py: error:")
     nii = root / "nii"
     assert "4 BraTS NIfTI case(s)" in line, line
-    assert (f"python -m data_pipeline.convert --input_dir {nii} --output_dir {nii}_tfrecord, "
-            f"then train with --data_dir={nii}_tfrecord") in line, line
+    assert (
+        f"python -m data_pipeline.convert --input_dir {nii} --output_dir {nii}_tfrecord, "
+        f"then train with --data_dir={nii}_tfrecord"
+    ) in line, line
     hint = second_runs[1]["hint"]
     assert hint.returncode == 0, hint.stderr[-3000:]
     assert _manifest(f"{nii}_tfrecord")["num_cases"] == 4
@@ -452,8 +544,7 @@ def test_rerun_of_a_finished_run_rewrites_nothing(train_runs, second_runs):
     finished = train_runs[0] / "finished"
     before, runs = second_runs
     assert runs["rerun"].returncode == 0, runs["rerun"].stderr[-3000:]
-    after = {name: value for name, value in _times(finished).items()
-             if "notes" not in name}
+    after = {name: value for name, value in _times(finished).items() if "notes" not in name}
     assert sorted(after) == sorted(before) and "model.keras" in after
     for name in before:
         assert after[name] == before[name], name
@@ -491,8 +582,10 @@ def test_output_folder_contents_it_did_not_write_are_kept(converter_runs):
     conv, runs = converter_runs
     line = _error_line(runs["stray"], "error:")
     assert str(conv / "stray") in line and "--overwrite" in line, line
-    assert _files(conv / "stray") == {"brats-fold0-000-of-001.tfrecord": b"mine",
-                                      ".tmp-notes": b"mine"}
+    assert _files(conv / "stray") == {
+        "brats-fold0-000-of-001.tfrecord": b"mine",
+        ".tmp-notes": b"mine",
+    }
     assert runs["foreign_tmp"].returncode == 0, runs["foreign_tmp"].stderr[-3000:]
     assert (conv / "foreign_tmp" / ".tmp-notes").read_bytes() == b"mine"
 
@@ -511,7 +604,7 @@ def test_case_folder_not_matching_its_files_is_reported(converter_runs):
     proc = runs["mismatch"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     renamed = next((conv / "mismatch_in").rglob("Renamed_Case"))
-    warnings = [l for l in proc.stderr.splitlines() if "not named after their folder" in l]
+    warnings = [line for line in proc.stderr.splitlines() if "not named after their folder" in line]
     assert len(warnings) == 1 and "1 folder(s)" in warnings[0] and str(renamed) in warnings[0]
     assert _manifest(conv / "mm")["num_cases"] == 1
 
@@ -529,20 +622,27 @@ def test_skip_bad_deals_the_folds_over_the_cases_kept(root, converter_runs):
     assert [s["case_id"] for s in manifest["skipped"]] == ["Brats18_SYN_0004_1"]
     assert "Brats18_SYN_0004_1_flair.nii.gz" in manifest["skipped"][0]["error"]
     assert manifest["shards"] == alone["shards"]
-    assert ([dict(c, files=None) for c in manifest["cases"]]  # all but their source files
-            == [dict(c, files=None) for c in alone["cases"]])
+    assert (
+        [dict(c, files=None) for c in manifest["cases"]]  # all but their source files
+        == [dict(c, files=None) for c in alone["cases"]]
+    )
     for shard in manifest["shards"]:
-        assert (conv / "sf" / shard["file"]).read_bytes() == \
-            (root / "tfr" / shard["file"]).read_bytes()
+        assert (conv / "sf" / shard["file"]).read_bytes() == (
+            root / "tfr" / shard["file"]
+        ).read_bytes()
     assert sorted(p.name for p in (conv / "sf").iterdir()) == sorted(
-        [s["file"] for s in manifest["shards"]] + ["manifest.json"])  # no temporary left
+        [s["file"] for s in manifest["shards"]] + ["manifest.json"]
+    )  # no temporary left
 
 
 # ----------------------------------------------------------------- evaluate.py
-@pytest.mark.parametrize("name,words", [
-    ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
-    ("corrupt_keras", ["corrupt.keras", "not a valid .keras file"]),  # before: "File not found"
-])
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        ("empty_manifest", ["manifest.json", "converter_version"]),  # before: KeyError traceback
+        ("corrupt_keras", ["corrupt.keras", "not a valid .keras file"]),  # before: "File not found"
+    ],
+)
 def test_bad_input_to_evaluate_is_one_line(evaluate_runs, name, words):
     r, _, runs = evaluate_runs
     line = _error_line(runs[name], "evaluate.py: error:")
@@ -574,7 +674,9 @@ def test_evaluate_says_what_it_accepts_and_cleans_what_a_killed_run_left(evaluat
     proc = runs["nifti"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not the converter's" in proc.stderr
-    warnings = [l for l in proc.stderr.splitlines() if "voxel spacing other than 1 mm" in l]
+    warnings = [
+        line for line in proc.stderr.splitlines() if "voxel spacing other than 1 mm" in line
+    ]
     assert len(warnings) == 1 and "1 of 2 case(s)" in warnings[0] and "2 x 1 x 1" in warnings[0]
     record = json.loads((r / "out" / "evaluation.json").read_text())
     assert list(record["spacing_not_1mm"].values()) == [[2.0, 1.0, 1.0]]
@@ -583,8 +685,13 @@ def test_evaluate_says_what_it_accepts_and_cleans_what_a_killed_run_left(evaluat
 
 
 def _labels_written(out):
-    return set(np.unique(np.concatenate(
-        [np.asarray(nib.load(p).dataobj).ravel() for p in (out / "predictions").iterdir()])))
+    return set(
+        np.unique(
+            np.concatenate(
+                [np.asarray(nib.load(p).dataobj).ravel() for p in (out / "predictions").iterdir()]
+            )
+        )
+    )
 
 
 def _check_et_label(proc, out, et_label, source):
@@ -597,8 +704,13 @@ def _check_et_label(proc, out, et_label, source):
     assert f"ET written as {et_label}: {source}" in proc.stderr
 
 
-@pytest.mark.parametrize("name,out", [("et_nifti_2023", "et_nifti"),  # the files' names
-                                      ("et_tfr_2023", "et_tfr")])  # the manifest's cases
+@pytest.mark.parametrize(
+    "name,out",
+    [
+        ("et_nifti_2023", "et_nifti"),  # the files' names
+        ("et_tfr_2023", "et_tfr"),
+    ],
+)  # the manifest's cases
 def test_et_label_follows_the_datas_naming(evaluate_runs, name, out):
     """BraTS 2023 data get ET as 3 by default (--et_label given overrides it:
     the test below), and the protocol records which and why. Before: 4
@@ -619,8 +731,14 @@ def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
     r = root / "resume"
     r.mkdir()
     args = [f"--model={model}", f"--data={root / 'tfr'}", f"--output_dir={r / 'out'}"]
-    child = subprocess.Popen(_command("evaluate", args), cwd=ROOT, env=ENV, text=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        _command("evaluate", args),
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     staging = r / "out.partial"
     try:
         deadline = time.time() + 300
@@ -636,16 +754,25 @@ def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
     assert f"writing into {staging}" in stderr
     done = sorted(p.stem for p in staging.glob("cases_done/*.json"))
     assert 1 <= len(done) < 4, "killed too late to test a resume"
-    kept = {f"predictions/{case}.nii.gz": (staging / "predictions" / f"{case}.nii.gz")
-            .stat().st_mtime_ns for case in done}
+    kept = {
+        f"predictions/{case}.nii.gz": (staging / "predictions" / f"{case}.nii.gz")
+        .stat()
+        .st_mtime_ns
+        for case in done
+    }
     shutil.copytree(staging, r / "other.partial")  # the same, for an evaluation of another protocol
-    runs = _run_all({"same": ("evaluate", args),
-                     "other": ("evaluate", args[:2] + [f"--output_dir={r / 'other'}",
-                                                       "--et_label=3"])})
+    runs = _run_all(
+        {
+            "same": ("evaluate", args),
+            "other": ("evaluate", args[:2] + [f"--output_dir={r / 'other'}", "--et_label=3"]),
+        }
+    )
     for proc in runs.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming the interrupted evaluation in {staging}: {len(done)} case(s)" in \
-        runs["same"].stderr
+    assert (
+        f"resuming the interrupted evaluation in {staging}: {len(done)} case(s)"
+        in runs["same"].stderr
+    )
     assert f"starting over: {r / 'other.partial'}" in runs["other"].stderr
     assert not staging.exists() and not (r / "other.partial").exists()
     for name, mtime in kept.items():
@@ -661,7 +788,7 @@ def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
 class _HtmlReply(http.server.BaseHTTPRequestHandler):
     """A server that answers with an HTML page (a proxy's, say), not JSON."""
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):  # the name http.server calls
         self.rfile.read(int(self.headers["Content-Length"]))
         body = b"<html><body>Bad gateway</body></html>"
         self.send_response(200)
@@ -681,8 +808,14 @@ def test_client_names_the_server_of_a_reply_that_is_not_json(root, tmp_path):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}"
-        proc = _run("client", [f"--case_dir={_case_dirs(root / 'nii')[0]}",
-                               f"--output_dir={tmp_path}", f"--server={url}"])
+        proc = _run(
+            "client",
+            [
+                f"--case_dir={_case_dirs(root / 'nii')[0]}",
+                f"--output_dir={tmp_path}",
+                f"--server={url}",
+            ],
+        )
     finally:
         server.shutdown()
         server.server_close()

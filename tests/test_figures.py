@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline import io_utils
 from brats_tf import figures
+from data_pipeline import io_utils
 
 RED, GREEN, YELLOW = (255, 0, 0), (0, 255, 0), (255, 255, 0)
 
@@ -38,14 +38,17 @@ def test_overlay_rejects_bad_input():
 
 # A RAS volume (x right, y anterior, z superior) with one marked voxel: where it lands in
 # the radiological views (superior / anterior up, patient's right on the left).
-@pytest.mark.parametrize("voxel,expected", [
-    # right-anterior-superior corner: top-left in every view
-    ((4, 5, 6), {"AXIAL": (0, 0), "SAGITTAL": (0, 0), "CORONAL": (0, 0)}),
-    # left-posterior-inferior corner: bottom-right
-    ((0, 0, 0), {"AXIAL": (5, 4), "SAGITTAL": (6, 5), "CORONAL": (6, 4)}),
-    # right, posterior, superior
-    ((4, 0, 6), {"AXIAL": (5, 0), "SAGITTAL": (0, 5), "CORONAL": (0, 0)}),
-])
+@pytest.mark.parametrize(
+    "voxel,expected",
+    [
+        # right-anterior-superior corner: top-left in every view
+        ((4, 5, 6), {"AXIAL": (0, 0), "SAGITTAL": (0, 0), "CORONAL": (0, 0)}),
+        # left-posterior-inferior corner: bottom-right
+        ((0, 0, 0), {"AXIAL": (5, 4), "SAGITTAL": (6, 5), "CORONAL": (6, 4)}),
+        # right, posterior, superior
+        ((4, 0, 6), {"AXIAL": (5, 0), "SAGITTAL": (0, 5), "CORONAL": (0, 0)}),
+    ],
+)
 def test_display_slices_orientation(voxel, expected):
     volume = np.zeros((5, 6, 7), np.uint8)  # X, Y, Z
     volume[voxel] = 1
@@ -57,11 +60,14 @@ def test_display_slices_orientation(voxel, expected):
         assert np.argwhere(views[view]).tolist() == [list(position)], view
 
 
-@pytest.mark.parametrize("diag,expected", [
-    ((1, 1, 1), (0, 0, 0)),  # already RAS
-    ((-1, -1, 1), (4, 5, 0)),  # BraTS files: i grows to the left, j to the back
-    ((1, 1, -1), (0, 0, 6)),
-])
+@pytest.mark.parametrize(
+    "diag,expected",
+    [
+        ((1, 1, 1), (0, 0, 0)),  # already RAS
+        ((-1, -1, 1), (4, 5, 0)),  # BraTS files: i grows to the left, j to the back
+        ((1, 1, -1), (0, 0, 6)),
+    ],
+)
 def test_to_ras(diag, expected):
     volume = np.zeros((5, 6, 7), np.uint8)
     volume[0, 0, 0] = 1
@@ -140,8 +146,9 @@ def test_case_figure_is_the_same_for_a_flipped_storage_order():
     flip = (slice(None, None, -1), slice(None, None, -1))
     lps = figures.case_figure(t1ce[flip], lps_affine, truth[flip], prediction[flip])
     np.testing.assert_array_equal(lps, ras)
-    assert not np.array_equal(figures.case_figure(t1ce[flip], np.eye(4), truth[flip],
-                                                  prediction[flip]), ras)
+    assert not np.array_equal(
+        figures.case_figure(t1ce[flip], np.eye(4), truth[flip], prediction[flip]), ras
+    )
 
 
 def test_line_panels_draw_each_series_in_its_colour_where_its_points_are():
@@ -162,9 +169,20 @@ def test_line_panels_draw_each_series_in_its_colour_where_its_points_are():
 def test_training_curves_from_a_history(tmp_path):
     """train.py's history.json as curves.png: panels for the loss, the training
     Dice, the held-out Dice (only where the run validated) and the epoch time."""
-    history = [{"epoch": e, "loss": 2.0 / e, "dice": 1.5 / e, "l2": 0.4, "kl": 0.01,
-                "dice_WT": 0.2 * e, "dice_TC": 0.1 * e, "dice_ET": 0.05 * e, "seconds": 10.0}
-               for e in (1, 2, 3)]
+    history = [
+        {
+            "epoch": e,
+            "loss": 2.0 / e,
+            "dice": 1.5 / e,
+            "l2": 0.4,
+            "kl": 0.01,
+            "dice_WT": 0.2 * e,
+            "dice_TC": 0.1 * e,
+            "dice_ET": 0.05 * e,
+            "seconds": 10.0,
+        }
+        for e in (1, 2, 3)
+    ]
     history[-1].update(val_dice_WT=0.7, val_dice_TC=0.5, val_dice_ET=0.4)
     (tmp_path / "history.json").write_text(__import__("json").dumps(history))
     path = figures.write_training_curves(tmp_path)

@@ -8,17 +8,17 @@ import stat
 import keras
 import nibabel as nib
 import numpy as np
+import oracles
 import pytest
 import tensorflow as tf
-
-from data_pipeline import constants as C
-from brats_tf import inference as I
-from brats_tf.inference.predict import _GRAPH_FNS
-from data_pipeline import volume as V
-from brats_tf.config import ModelConfig
-from brats_tf.model import build_inference_model, build_model
-import oracles
 from test_volume import PAD_CASES, make_image, numpy_reference_normalize
+
+from brats_tf import inference as I
+from brats_tf.config import ModelConfig
+from brats_tf.inference.predict import _GRAPH_FNS
+from brats_tf.model import build_inference_model, build_model
+from data_pipeline import constants as C
+from data_pipeline import volume as V
 
 WT, TC, ET = (C.REGIONS.index(r) for r in ("WT", "TC", "ET"))
 
@@ -98,13 +98,15 @@ def test_normalize_nonzero_tf_precision_on_a_large_volume():
     rng = np.random.default_rng(12)
     x = rng.uniform(50, 1000, (1, 96, 96, 96, 2)).astype(np.float32)
     x[0, :20] = 0
-    np.testing.assert_allclose(I.normalize_nonzero_tf(tf.constant(x)).numpy(),
-                               V.normalize_nonzero(x), atol=1e-6)
+    np.testing.assert_allclose(
+        I.normalize_nonzero_tf(tf.constant(x)).numpy(), V.normalize_nonzero(x), atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- TTA / ensemble
-W_TOY = np.array([[0.5, -1.0, 0.3], [0.2, 0.4, -0.6], [-0.3, 0.1, 0.2], [0.7, 0.0, -0.2]],
-                 np.float32)
+W_TOY = np.array(
+    [[0.5, -1.0, 0.3], [0.2, 0.4, -0.6], [-0.3, 0.1, 0.2], [0.7, 0.0, -0.2]], np.float32
+)
 
 
 def pointwise_model(x):
@@ -136,8 +138,8 @@ def test_tta_equals_hand_computed_flip_average():
     flips = [a for r in range(4) for a in itertools.combinations((1, 2, 3), r)]
     assert len(set(flips)) == 8
     expected = np.mean(
-        [np.flip(cumsum_numpy(np.flip(x, a)), a) if a else cumsum_numpy(x) for a in flips],
-        axis=0)[0]
+        [np.flip(cumsum_numpy(np.flip(x, a)), a) if a else cumsum_numpy(x) for a in flips], axis=0
+    )[0]
     tta = I.predict_volume(cumsum_model, image, tta=True)
     np.testing.assert_allclose(tta, expected, atol=1e-5)
     plain = I.predict_volume(cumsum_model, image)
@@ -233,8 +235,9 @@ def test_write_prediction_nifti_keeps_reference_geometry(reference, tmp_path):
     out_dir = tmp_path / "pred"
     out_dir.mkdir()
     labels = hand_labels()
-    path = I.write_prediction_nifti(labels.astype(np.int64), reference, out_dir,
-                                    case_id="Brats18_X_1")
+    path = I.write_prediction_nifti(
+        labels.astype(np.int64), reference, out_dir, case_id="Brats18_X_1"
+    )
     assert path == out_dir / "Brats18_X_1.nii.gz"
     assert sorted(p.name for p in out_dir.iterdir()) == ["Brats18_X_1.nii.gz"]  # no temp left
     umask = os.umask(0)
@@ -244,16 +247,26 @@ def test_write_prediction_nifti_keeps_reference_geometry(reference, tmp_path):
     assert out.shape == ref.shape and out.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), labels)
     np.testing.assert_allclose(out.affine, ref.affine)
-    for key in ("qform_code", "sform_code", "pixdim", "srow_x", "srow_y", "srow_z",
-                "descrip", "xyzt_units", "quatern_b", "quatern_c", "quatern_d"):
+    for key in (
+        "qform_code",
+        "sform_code",
+        "pixdim",
+        "srow_x",
+        "srow_y",
+        "srow_z",
+        "descrip",
+        "xyzt_units",
+        "quatern_b",
+        "quatern_c",
+        "quatern_d",
+    ):
         np.testing.assert_array_equal(out.header[key], ref.header[key], err_msg=key)
 
 
 def test_write_prediction_nifti_pastes_crop(reference, tmp_path):
     full = hand_labels()
     crop = full[1:4, 2:5, 1:3]
-    path = I.write_prediction_nifti(crop, reference, tmp_path / "case.nii.gz",
-                                    bbox_start=(1, 2, 1))
+    path = I.write_prediction_nifti(crop, reference, tmp_path / "case.nii.gz", bbox_start=(1, 2, 1))
     np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), full)
     # affine + header as a tuple reference
     ref = nib.load(reference)
@@ -266,8 +279,9 @@ def test_write_prediction_nifti_errors(reference, tmp_path):
     with pytest.raises(ValueError, match="refusing to overwrite the input"):
         I.write_prediction_nifti(labels, reference, reference, overwrite=True)
     with pytest.raises(ValueError, match=r"case Brats18_X_1: label map shape \(6, 7, 4\)"):
-        I.write_prediction_nifti(labels[..., :4], reference, tmp_path / "a.nii.gz",
-                                 case_id="Brats18_X_1")
+        I.write_prediction_nifti(
+            labels[..., :4], reference, tmp_path / "a.nii.gz", case_id="Brats18_X_1"
+        )
     bad = labels.copy()
     bad[0, 0, 0] = 3
     with pytest.raises(ValueError, match=r"\[3\]"):
@@ -286,7 +300,7 @@ def test_write_prediction_nifti_errors(reference, tmp_path):
 # ------------------------------------------------------------------ brain box
 def _box_image(shape, lo, hi, channel=2):
     image = np.zeros(shape + (4,), np.float32)
-    image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2], channel] = 7.0
+    image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2], channel] = 7.0
     return image
 
 
@@ -361,10 +375,13 @@ def test_predict_volume_crops_to_the_brain_and_pastes_back():
     start, size = V.brain_box(image)
     assert seen == [(1,) + size + (4,)] and size == (16, 24, 8)
     x = V.normalize_nonzero(image)
-    sub = x[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+    sub = x[
+        start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]
+    ]
     expected = np.zeros((20, 24, 13, 3), np.float32)
-    expected[start[0]:start[0] + size[0], start[1]:start[1] + size[1],
-             start[2]:start[2] + size[2]] = cumsum_numpy(sub[None].astype(np.float64))[0]
+    expected[
+        start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]
+    ] = cumsum_numpy(sub[None].astype(np.float64))[0]
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     # the paper's way: the whole volume, padded to 24 x 24 x 16
     seen.clear()
@@ -372,14 +389,15 @@ def test_predict_volume_crops_to_the_brain_and_pastes_back():
     assert seen == [(1, 24, 24, 16, 4)]
     padded, pads = oracles.pad_to_multiple(x)
     np.testing.assert_allclose(
-        whole, oracles.crop_back(cumsum_numpy(padded[None].astype(np.float64))[0], pads),
-        atol=1e-5)
+        whole, oracles.crop_back(cumsum_numpy(padded[None].astype(np.float64))[0], pads), atol=1e-5
+    )
 
 
 def test_predict_volume_runs_a_keras_model_as_one_cached_graph():
     keras.utils.set_random_seed(0)
-    model = build_inference_model(build_model(
-        ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
+    model = build_inference_model(
+        build_model(ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4))
+    )
     rng = np.random.default_rng(13)
     first = I.predict_volume(model, make_image(rng, (8, 16, 8)))
     (fn,) = _GRAPH_FNS[model].values()
@@ -395,8 +413,9 @@ def test_predict_volume_graph_pads_like_numpy_at_sizes_not_divisible_by_8():
     into the first 'same' convolution and loses that convolution's padding:
     predict_volume's graph keeps the sizes unknown.)"""
     keras.utils.set_random_seed(0)
-    model = build_inference_model(build_model(
-        ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
+    model = build_inference_model(
+        build_model(ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4))
+    )
     image = make_image(np.random.default_rng(14), (13, 10, 9))
     probs = I.predict_volume(model, image, crop_to_brain=False)
     padded, pads = oracles.pad_to_multiple(V.normalize_nonzero(image))
@@ -425,14 +444,16 @@ def test_predict_volume_graph_runs_no_convolution_through_xla(crop_to_brain, tta
     brain box of a BraTS case on the 2-core CPU (and was compiled anew for
     every box size)."""
     keras.utils.set_random_seed(0)
-    model = build_inference_model(build_model(
-        ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4)))
+    model = build_inference_model(
+        build_model(ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4))
+    )
     image = make_image(np.random.default_rng(15), (13, 10, 9))
     I.predict_volume(model, image, crop_to_brain=crop_to_brain, tta=tta)
     (fn,) = _GRAPH_FNS[model].values()
     concrete = fn.get_concrete_function()
     graph_def = concrete.graph.as_graph_def()
     ops = {n.op for n in graph_def.node} | {
-        n.op for f in graph_def.library.function for n in f.node_def}
+        n.op for f in graph_def.library.function for n in f.node_def
+    }
     assert "Conv3D" in ops  # the network is in the graph
     assert _xla_compiled_functions(concrete) == []

@@ -1,20 +1,21 @@
 """The tf.data input pipeline: config checks, the fused training transform against
 the reference ops, epochs, determinism, eval mode, tf.distribute sharding."""
+
 import dataclasses
 import glob
 import itertools
 import os
 
 import numpy as np
+import oracles
 import pytest
 import tensorflow as tf
 
-from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, PAPER_CROP
-from data_pipeline.volume import paste_crop
 from data_pipeline import augment, convert, features, synthetic
-from data_pipeline.manifest import fold_files, read_manifest
+from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, PAPER_CROP
 from data_pipeline.input import InputConfig, make_dataset, train_transform
-import oracles
+from data_pipeline.manifest import fold_files, read_manifest
+from data_pipeline.volume import paste_crop
 
 SHAPE = (40, 44, 32)
 BIG_CROP = (48, 48, 40)  # larger than the volume: every crop holds the whole case
@@ -28,8 +29,10 @@ def records(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("records"))
     manifest = convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)
     files = sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
-    wt = {c["case_id"]: sum(c["label_counts"][str(v)] for v in (LABEL_NCR_NET, LABEL_ED, LABEL_ET))
-          for c in manifest["cases"]}
+    wt = {
+        c["case_id"]: sum(c["label_counts"][str(v)] for v in (LABEL_NCR_NET, LABEL_ED, LABEL_ET))
+        for c in manifest["cases"]
+    }
     assert len(set(wt.values())) == NUM_CASES  # whole-tumour size identifies a case below
     return out, files, wt
 
@@ -44,21 +47,24 @@ def unlabelled(tmp_path_factory):
     return sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
 
 
-@pytest.mark.parametrize("kwargs,quoted", [
-    (dict(mode="test"), "'test'"),
-    (dict(crop_shape=(160, 192)), "(160, 192)"),
-    (dict(crop_shape=(160, 0, 128)), "(160, 0, 128)"),
-    (dict(batch_size=0), "0"),
-    (dict(mode="eval", batch_size=2), "2"),
-    (dict(has_labels=False), "False"),
-    (dict(flip_probability=1.5), "1.5"),
-    (dict(intensity_shift=-0.1), "-0.1"),
-    (dict(intensity_scale=(1.1, 0.9)), "(1.1, 0.9)"),
-    (dict(shuffle_buffer=0), "0"),
-    (dict(num_parallel_calls=0), "0"),
-    (dict(files=[]), "empty"),
-    (dict(files=3), "3"),
-])
+@pytest.mark.parametrize(
+    "kwargs,quoted",
+    [
+        (dict(mode="test"), "'test'"),
+        (dict(crop_shape=(160, 192)), "(160, 192)"),
+        (dict(crop_shape=(160, 0, 128)), "(160, 0, 128)"),
+        (dict(batch_size=0), "0"),
+        (dict(mode="eval", batch_size=2), "2"),
+        (dict(has_labels=False), "False"),
+        (dict(flip_probability=1.5), "1.5"),
+        (dict(intensity_shift=-0.1), "-0.1"),
+        (dict(intensity_scale=(1.1, 0.9)), "(1.1, 0.9)"),
+        (dict(shuffle_buffer=0), "0"),
+        (dict(num_parallel_calls=0), "0"),
+        (dict(files=[]), "empty"),
+        (dict(files=3), "3"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, quoted):
     args = dict(files="x/*.tfrecord") | kwargs
     with pytest.raises(ValueError) as error:
@@ -83,24 +89,42 @@ def test_no_files_match(tmp_path):
 def _reference(ex, seeds, config):
     """The paper's steps, one reference op after another, on the decoded box."""
     image, label = features.decode_volumes(ex)
-    image, label = oracles.random_crop_or_pad(image, label, config.crop_shape, seeds[0],
-                                              full_shape=ex["original_shape"],
-                                              box_start=ex["box_start"])
+    image, label = oracles.random_crop_or_pad(
+        image,
+        label,
+        config.crop_shape,
+        seeds[0],
+        full_shape=ex["original_shape"],
+        box_start=ex["box_start"],
+    )
     if config.augment and config.flip:
         image, label = oracles.random_flip(image, label, seeds[1], config.flip_probability)
     # normalisation with the stored statistics, on the non-zero voxels (std floored at 1e-8)
-    image = tf.where(image != 0.0,
-                     (image - ex["nonzero_mean"]) / tf.maximum(ex["nonzero_std"], 1e-8), 0.0)
+    image = tf.where(
+        image != 0.0, (image - ex["nonzero_mean"]) / tf.maximum(ex["nonzero_std"], 1e-8), 0.0
+    )
     if config.augment and config.intensity:
-        image = oracles.random_intensity(image, seeds[2], config.intensity_shift,
-                                         config.intensity_scale)
+        image = oracles.random_intensity(
+            image, seeds[2], config.intensity_shift, config.intensity_scale
+        )
     return image.numpy(), augment.labels_to_regions(label).numpy()
 
 
-@pytest.mark.parametrize("crop,jit,augmented,seed", [
-    (c, j, a, s) for (c, j, a), s in itertools.product(
-        [((24, 24, 16), True, True), (BIG_CROP, True, True), ((24, 48, 16), False, True),
-         ((24, 24, 16), True, False)], range(4))])
+@pytest.mark.parametrize(
+    "crop,jit,augmented,seed",
+    [
+        (c, j, a, s)
+        for (c, j, a), s in itertools.product(
+            [
+                ((24, 24, 16), True, True),
+                (BIG_CROP, True, True),
+                ((24, 48, 16), False, True),
+                ((24, 24, 16), True, False),
+            ],
+            range(4),
+        )
+    ],
+)
 def test_train_transform_equals_reference_ops(records, crop, jit, augmented, seed):
     _, files, _ = records
     config = InputConfig(files=files, crop_shape=crop, jit=jit, augment=augmented)
@@ -114,7 +138,9 @@ def test_train_transform_equals_reference_ops(records, crop, jit, augmented, see
 
 
 def _wt_sizes(ds):
-    return [int(b["label"][i, ..., 0].numpy().sum()) for b in ds for i in range(b["label"].shape[0])]
+    return [
+        int(b["label"][i, ..., 0].numpy().sum()) for b in ds for i in range(b["label"].shape[0])
+    ]
 
 
 def test_train_elements(records):
@@ -138,8 +164,9 @@ def test_train_elements(records):
 @pytest.mark.parametrize("cache", [False, True])
 def test_each_epoch_sees_each_case_once_in_random_order(records, cache):
     _, files, wt = records
-    ds = make_dataset(InputConfig(files=files, crop_shape=BIG_CROP, deterministic=True, seed=4,
-                                  cache=cache))
+    ds = make_dataset(
+        InputConfig(files=files, crop_shape=BIG_CROP, deterministic=True, seed=4, cache=cache)
+    )
     epochs = [_wt_sizes(ds) for _ in range(3)]
     for sizes in epochs:
         assert sorted(sizes) == sorted(wt.values())
@@ -148,8 +175,9 @@ def test_each_epoch_sees_each_case_once_in_random_order(records, cache):
 
 def test_drop_remainder(records):
     _, files, _ = records
-    ds = make_dataset(InputConfig(files=files, crop_shape=(16, 16, 16), batch_size=2,
-                                  drop_remainder=True))
+    ds = make_dataset(
+        InputConfig(files=files, crop_shape=(16, 16, 16), batch_size=2, drop_remainder=True)
+    )
     assert [b["image"].shape[0] for b in ds] == [2, 2]
 
 
@@ -184,8 +212,13 @@ def test_eval_mode_whole_volumes(records, brain_box):
     for record in tf.data.TFRecordDataset(files, features.COMPRESSION):
         ex = {k: v.numpy() for k, v in oracles.parse_example(record).items()}
         stored[ex["case_id"].decode()] = ex
-    ds = make_dataset(InputConfig(files=os.path.join(out, "*" + features.SHARD_SUFFIX),
-                                  mode="eval", eval_brain_box=brain_box))
+    ds = make_dataset(
+        InputConfig(
+            files=os.path.join(out, "*" + features.SHARD_SUFFIX),
+            mode="eval",
+            eval_brain_box=brain_box,
+        )
+    )
     seen = []
     for b in ds:
         assert set(b) == {"image", "label", "case_id", "original_shape", "box_start", "affine"}
@@ -196,8 +229,9 @@ def test_eval_mode_whole_volumes(records, brain_box):
         # NumPy reference: the NIfTI arrays (box pasted back), normalised over non-zero voxels
         full_image = paste_crop(ex["image"], ex["original_shape"], ex["box_start"])
         full_label = paste_crop(ex["label"], ex["original_shape"], ex["box_start"])
-        expected = np.where(full_image != 0,
-                            (full_image - ex["nonzero_mean"]) / ex["nonzero_std"], 0)
+        expected = np.where(
+            full_image != 0, (full_image - ex["nonzero_mean"]) / ex["nonzero_std"], 0
+        )
         if brain_box:
             assert b["image"].shape[:3] == tuple(ex["box_shape"])
             np.testing.assert_array_equal(b["box_start"], ex["box_start"])
@@ -229,14 +263,16 @@ def test_distribute_input_context_shards(records, tmp_path, cases_per_shard):
     if cases_per_shard != 1:
         manifest = read_manifest(out)
         root = manifest["input_dir"]
-        convert.convert(root, str(tmp_path), cases_per_shard=cases_per_shard, folds=1,
-                        progress=False)
+        convert.convert(
+            root, str(tmp_path), cases_per_shard=cases_per_shard, folds=1, progress=False
+        )
         files = sorted(glob.glob(str(tmp_path / ("*" + features.SHARD_SUFFIX))))
         assert len(files) == 1
     per_pipeline = []
     for pipeline in range(2):
-        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline,
-                                             num_replicas_in_sync=2)
+        context = tf.distribute.InputContext(
+            num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2
+        )
         ds = make_dataset(InputConfig(files=files, crop_shape=BIG_CROP, batch_size=2), context)
         batches = list(ds)
         assert all(b["image"].shape[0] == 1 for b in batches)  # global batch 2 over 2 replicas
@@ -269,15 +305,19 @@ def test_train_transform_float32_storage(jit, seed):
     ref_image, ref_label = _reference(ex, seeds, config)
     np.testing.assert_allclose(out["image"].numpy(), ref_image, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out["label"].numpy(), ref_label)
-    np.testing.assert_array_equal(oracles.parse_example(tf.constant(record))["image"].numpy(),
-                                  image)
+    np.testing.assert_array_equal(
+        oracles.parse_example(tf.constant(record))["image"].numpy(), image
+    )
 
 
 def _offset_in(box: np.ndarray, crop: np.ndarray):
     """The offsets o at which box[o:o + crop.shape] equals crop, by exhaustive search."""
     c = crop.shape[:3]
-    return [o for o in itertools.product(*(range(b - k + 1) for b, k in zip(box.shape, c)))
-            if np.array_equal(box[o[0]:o[0] + c[0], o[1]:o[1] + c[1], o[2]:o[2] + c[2]], crop)]
+    return [
+        o
+        for o in itertools.product(*(range(b - k + 1) for b, k in zip(box.shape, c)))
+        if np.array_equal(box[o[0] : o[0] + c[0], o[1] : o[1] + c[1], o[2] : o[2] + c[2]], crop)
+    ]
 
 
 def test_brain_box_crops_lie_inside_the_box_and_move(records):
@@ -296,8 +336,7 @@ def test_brain_box_crops_lie_inside_the_box_and_move(records):
     offsets, outside = set(), 0
     for seed in range(12):
         seeds = tf.random.experimental.stateless_split(tf.constant([seed, 3], tf.int64), 3)
-        inside = train_transform(ex, seeds, dataclasses.replace(normalised,
-                                                                crop_from="brain_box"))
+        inside = train_transform(ex, seeds, dataclasses.replace(normalised, crop_from="brain_box"))
         # un-normalise T1 (the affine map of the non-zero voxels) to find it in the box
         mean, std = ex["nonzero_mean"].numpy()[0], max(ex["nonzero_std"].numpy()[0], 1e-8)
         t1 = inside["image"].numpy()[..., 0]

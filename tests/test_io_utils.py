@@ -95,9 +95,11 @@ def test_expand_pattern(tmp_path):
     for name in ("member_1", "member_0", "member_10", "other"):
         (tmp_path / name).mkdir()
     assert io_utils.expand_pattern(tmp_path / "member_*") == [
-        str(tmp_path / n) for n in ("member_0", "member_1", "member_10")]
+        str(tmp_path / n) for n in ("member_0", "member_1", "member_10")
+    ]
     assert io_utils.expand_pattern(f"{tmp_path}/member_[01]") == [
-        str(tmp_path / n) for n in ("member_0", "member_1")]
+        str(tmp_path / n) for n in ("member_0", "member_1")
+    ]
     assert io_utils.expand_pattern(tmp_path / "nothing_*") == []
     # no wildcard: the path as given, whether or not it exists
     assert io_utils.expand_pattern(tmp_path / "missing") == [str(tmp_path / "missing")]

@@ -126,8 +126,10 @@ def test_trilinear_float16_gradient_compiles_with_xla():
     float16 ReLU gradient ("mixed precision is disallowed"): the layer resizes
     in float32. The gradient equals the float32 one (the layer is linear)."""
     rng = np.random.default_rng(21)
-    layers = {tf.float16: L.TrilinearUpSampling3D(2, dtype="mixed_float16"),
-              tf.float32: L.TrilinearUpSampling3D(2)}
+    layers = {
+        tf.float16: L.TrilinearUpSampling3D(2, dtype="mixed_float16"),
+        tf.float32: L.TrilinearUpSampling3D(2),
+    }
     x = rng.normal(size=(1, 2, 3, 2, 4)).astype(np.float32)
     w = rng.normal(size=(1, 4, 6, 4, 4)).astype(np.float32)
 
@@ -139,6 +141,7 @@ def test_trilinear_float16_gradient_compiles_with_xla():
                 y = tf.nn.relu(layers[dtype](v))
                 loss = tf.reduce_sum(tf.cast(y * w, tf.float32))
             return tape.gradient(loss, v)
+
         return f(tf.constant(x, dtype), tf.constant(w, dtype)).numpy()
 
     g16 = grad(tf.float16, True)
@@ -169,12 +172,14 @@ def _conv_same_np(x, kernel, bias):
     xp = np.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
     _, d, h, w, _ = x.shape
     out = np.zeros(x.shape[:4] + (kernel.shape[-1],))
-    for i, j, l in itertools.product(range(k), repeat=3):
-        out += xp[:, i : i + d, j : j + h, l : l + w, :] @ kernel[i, j, l]
+    for i, j, m in itertools.product(range(k), repeat=3):
+        out += xp[:, i : i + d, j : j + h, m : m + w, :] @ kernel[i, j, m]
     return out + bias
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 4, 5, 3, 16), 8), ((1, 3, 3, 3, 8), 2), ((1, 2, 2, 2, 4), 4)])
+@pytest.mark.parametrize(
+    "shape,groups", [((2, 4, 5, 3, 16), 8), ((1, 3, 3, 3, 8), 2), ((1, 2, 2, 2, 4), 4)]
+)
 def test_group_norm_matches_numpy_and_keras(shape, groups):
     rng = np.random.default_rng(8)
     x = (rng.normal(size=shape) * 3 + 5).astype(np.float32)
@@ -203,7 +208,6 @@ def test_group_norm_matches_numpy_and_keras(shape, groups):
         np.testing.assert_allclose(g_ours.numpy(), g_keras.numpy(), rtol=1e-3, atol=1e-4)
 
 
-
 def _group_norm_grads_np(x, gamma, dy, groups, eps=1e-5):
     """float64 gradients of sum(dy * GroupNorm(x)) by the textbook formula."""
     b, d, h, w, c = x.shape
@@ -214,8 +218,11 @@ def _group_norm_grads_np(x, gamma, dy, groups, eps=1e-5):
     dyg = dy.reshape(g.shape)
     dxhat = dyg * gamma.reshape(groups, c // groups)
     axes = (1, 2, 3, 5)
-    dx = rstd * (dxhat - dxhat.mean(axis=axes, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+    dx = rstd * (
+        dxhat
+        - dxhat.mean(axis=axes, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True)
+    )
     d_gamma = (dyg * xhat).sum(axis=(0, 1, 2, 3)).reshape(c)
     return dx.reshape(x.shape), d_gamma, dy.sum(axis=(0, 1, 2, 3))
 
@@ -235,10 +242,10 @@ def _group_norm_grads_tf_and_np(seed, shape, groups, offset):
         tape.watch(xt)
         loss = tf.reduce_sum(layer(xt) * dy)
     got = tape.gradient(loss, [xt, layer.gamma, layer.beta])
-    want = _group_norm_grads_np(x.astype(np.float64), gamma.astype(np.float64),
-                                dy.astype(np.float64), groups)
+    want = _group_norm_grads_np(
+        x.astype(np.float64), gamma.astype(np.float64), dy.astype(np.float64), groups
+    )
     return [g.numpy() for g in got], want
-
 
 
 @pytest.mark.parametrize("offset", [0.0, 50.0])
@@ -285,8 +292,9 @@ def test_group_norm_gradient_under_mixed_float16():
         finally:
             keras.mixed_precision.set_global_policy("float32")
     assert grads[1][0].dtype == tf.float16 and grads[1][1].dtype == tf.float32
-    np.testing.assert_allclose(grads[1][0].numpy().astype(np.float32), grads[0][0].numpy(),
-                               rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(
+        grads[1][0].numpy().astype(np.float32), grads[0][0].numpy(), rtol=2e-2, atol=2e-2
+    )
     np.testing.assert_allclose(grads[1][1].numpy(), grads[0][1].numpy(), rtol=1e-2, atol=1e-2)
 
 
@@ -301,7 +309,6 @@ def test_group_norm_is_accurate_for_a_large_mean():
     one_pass_var = (g * g).mean(axis=1, dtype=np.float32) - g.mean(axis=1, dtype=np.float32) ** 2
     true_var = x.astype(np.float64).reshape(1, -1, 8, 1).var(axis=1)
     assert np.max(np.abs(one_pass_var / true_var - 1)) > 0.05
-
 
 
 def test_group_norm_is_accurate_at_full_resolution_size():
@@ -371,8 +378,6 @@ def test_resnet_block_l2_regularises_both_kernels():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-
-
 def test_group_norm_statistics_in_float32_under_mixed_precision():
     """float16 activations whose variance overflows float16 (> 65504) still normalise."""
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -430,8 +435,6 @@ def test_divisibility_check_static_and_runtime():
         model(np.ones((1, 8, 16, 12, 1), np.float32))
 
 
-
-
 # --------------------------------------------------------------- serialisation
 @pytest.mark.parametrize(
     "layer",
@@ -461,8 +464,13 @@ def _conv_stride2_np(x, kernel, bias, pad):
     out_shape = [(n + sum(pad) - 3) // 2 + 1 for n in x.shape[1:4]]
     out = np.zeros([x.shape[0]] + out_shape + [kernel.shape[-1]])
     for i, j, k in itertools.product(range(3), repeat=3):
-        window = xp[:, i:i + 2 * out_shape[0]:2, j:j + 2 * out_shape[1]:2,
-                    k:k + 2 * out_shape[2]:2, :]
+        window = xp[
+            :,
+            i : i + 2 * out_shape[0] : 2,
+            j : j + 2 * out_shape[1] : 2,
+            k : k + 2 * out_shape[2] : 2,
+            :,
+        ]
         out += window @ kernel[i, j, k]
     return out + bias
 

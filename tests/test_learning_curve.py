@@ -23,10 +23,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _command(out, variants):
     # One ResNet block per level (the paper: 1,2,2,4): the same path, half
     # the graph to trace (most of a short CPU run).
-    return [sys.executable, "benchmarks/learning_curve.py", f"--out_dir={out}",
-            "--crop=16,16,16", f"--init_filters={WIDTH}", "--blocks_down=1,1,1,1",
-            f"--steps={STEPS}", f"--log_every={K}", f"--variants={variants}",
-            "--num_train_cases=3", "--num_heldout_cases=1", "--seed=3"]
+    return [
+        sys.executable,
+        "benchmarks/learning_curve.py",
+        f"--out_dir={out}",
+        "--crop=16,16,16",
+        f"--init_filters={WIDTH}",
+        "--blocks_down=1,1,1,1",
+        f"--steps={STEPS}",
+        f"--log_every={K}",
+        f"--variants={variants}",
+        "--num_train_cases=3",
+        "--num_heldout_cases=1",
+        "--seed=3",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +45,21 @@ def run(tmp_path_factory):
     processes overlap well on two cores: much of a short run is tracing)
     float32 alone again with the same seed, into another folder."""
     out, again = tmp_path_factory.mktemp("curves"), tmp_path_factory.mktemp("again")
-    second = subprocess.Popen(_command(again, "float32"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    second = subprocess.Popen(
+        _command(again, "float32"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
-        proc = subprocess.run(_command(out, "float32,mixed_float16"), capture_output=True,
-                              text=True, timeout=300, cwd=ROOT)
+        proc = subprocess.run(
+            _command(out, "float32,mixed_float16"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
         _, second_err = second.communicate(timeout=300)
     finally:
         if second.poll() is None:
@@ -57,8 +77,7 @@ def test_the_json_holds_every_curve_of_every_variant(run):
     assert payload["flags"]["crop"] == list(CROP)
     for name, r in payload["variants"].items():
         assert r["config"]["precision"] == name and r["config"]["blocks_down"] == [1, 1, 1, 1]
-        assert r["config"]["optimizer"] == ("Adam" if name == "float32"
-                                            else "LossScaleOptimizer")
+        assert r["config"]["optimizer"] == ("Adam" if name == "float32" else "LossScaleOptimizer")
         assert r["device"] == "CPU" and r["tensorflow"]
         assert r["steps_done"] == STEPS and len(r["step_seconds"]) == STEPS
         assert r["curves"]["step"] == [4, 6]
@@ -70,8 +89,9 @@ def test_the_json_holds_every_curve_of_every_variant(run):
         # the loss is the weighted sum of its terms (§3.4: 1, 0.1, 0.1)
         c = r["curves"]
         for i in range(2):
-            assert c["loss"][i] == pytest.approx(c["dice"][i] + 0.1 * c["l2"][i]
-                                                 + 0.1 * c["kl"][i], rel=1e-5)
+            assert c["loss"][i] == pytest.approx(
+                c["dice"][i] + 0.1 * c["l2"][i] + 0.1 * c["kl"][i], rel=1e-5
+            )
         assert set(r["heldout_dice"]) == {"WT", "TC", "ET"}
         assert all(0.0 <= v <= 1.0 for v in r["heldout_dice"].values())
         assert r["sec_per_step"] > 0
@@ -107,12 +127,17 @@ def test_equal_seeds_give_equal_float32_curves(run):
     assert repeat["heldout_dice"] == first["heldout_dice"]
 
 
-@pytest.mark.parametrize("flag", ["--crop=24,32,32", "--variants=float32,bf16",
-                                  "--init_filters=12"])
+@pytest.mark.parametrize(
+    "flag", ["--crop=24,32,32", "--variants=float32,bf16", "--init_filters=12"]
+)
 def test_bad_flags_fail_in_one_line(flag, tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/learning_curve.py",
-                           f"--out_dir={tmp_path}", flag],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/learning_curve.py", f"--out_dir={tmp_path}", flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("learning_curve.py: error:"), proc.stderr

@@ -47,7 +47,11 @@ def test_dice_matches_numpy_on_random_batch():
     ],
 )
 def test_dice_edge_cases_are_finite(truth, pred, want):
-    t = np.zeros((1, 2, 2, 2, 3), np.float32) if truth == "empty" else np.ones((1, 2, 2, 2, 3), np.float32)
+    t = (
+        np.zeros((1, 2, 2, 2, 3), np.float32)
+        if truth == "empty"
+        else np.ones((1, 2, 2, 2, 3), np.float32)
+    )
     p = np.zeros_like(t) if pred == "zeros" else np.ones_like(t)
     got = losses.soft_dice_loss(t, p).numpy()
     assert np.all(np.isfinite(got))
@@ -72,7 +76,9 @@ def test_l2_is_mean_squared_error():
     want = ((x.astype(np.float64) - y) ** 2).reshape(2, -1).mean(axis=1)
     np.testing.assert_allclose(losses.l2_loss(x, y).numpy(), want, rtol=1e-5)
     # Hand value: every voxel off by 2 -> 4.
-    np.testing.assert_allclose(losses.l2_loss(np.zeros((1, 2, 2, 2, 4)), np.full((1, 2, 2, 2, 4), 2.0)), [4.0])
+    np.testing.assert_allclose(
+        losses.l2_loss(np.zeros((1, 2, 2, 2, 4)), np.full((1, 2, 2, 2, 4), 2.0)), [4.0]
+    )
 
 
 def test_kl_matches_paper_formula():
@@ -132,7 +138,9 @@ def test_reduce_per_example_divides_by_global_batch():
     np.testing.assert_allclose(losses.reduce_per_example([1.0, 3.0], 8).numpy(), 0.5)
 
 
-@pytest.mark.parametrize("field,value", [("l2_weight", -0.1), ("dice_epsilon", 0.0), ("kl_weight", "x")])
+@pytest.mark.parametrize(
+    "field,value", [("l2_weight", -0.1), ("dice_epsilon", 0.0), ("kl_weight", "x")]
+)
 def test_loss_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         LossConfig(**{field: value})

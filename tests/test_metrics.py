@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 from scipy.spatial.distance import cdist
 
-from data_pipeline import constants as C
 from brats_tf import metrics as M
+from data_pipeline import constants as C
 
 
 def cube(shape, start, size):
@@ -58,7 +58,8 @@ def test_hd95_of_cube_shifted_by_k(k, axis, spacing):
     pred = cube((20, 20, 20), shift, 8)
     assert M.hausdorff95(pred, truth, spacing) == pytest.approx(k * spacing[axis])
     assert M.hausdorff95(pred, truth, spacing, mode="max_directed") == pytest.approx(
-        k * spacing[axis])
+        k * spacing[axis]
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -222,10 +223,12 @@ def test_region_dice_in_compiled_keras_training():
     import keras
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4, 4, 4, 4)),
-                              keras.layers.Conv3D(3, 1, activation="sigmoid")])
-    model.compile(optimizer="adam", loss="binary_crossentropy",
-                  metrics=[M.RegionDice(r) for r in C.REGIONS])
+    model = keras.Sequential(
+        [keras.Input((4, 4, 4, 4)), keras.layers.Conv3D(3, 1, activation="sigmoid")]
+    )
+    model.compile(
+        optimizer="adam", loss="binary_crossentropy", metrics=[M.RegionDice(r) for r in C.REGIONS]
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 4, 4, 4, 4)).astype(np.float32)
     y = (rng.random((2, 4, 4, 4, 3)) < 0.4).astype(np.float32)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks.reduced_precision import slack
 from brats_tf import losses
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.layers import GroupNorm, ResNetBlock
 from brats_tf.model import build_inference_model, build_model, config_from_model, model_precision
 from brats_tf.recompute import RecomputedResNetBlock
 from brats_tf.training import make_train_step
-from benchmarks.reduced_precision import slack
 
 TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
 
@@ -125,14 +125,15 @@ def test_paper_outputs(paper_model):
     assert tuple(out["z_mean"].shape) == tuple(out["z_log_var"].shape) == (None, 128)
     assert paper_model.get_layer("VDraw").output[0].shape[-1] == 128
     assert paper_model.get_layer("InitDropout").rate == pytest.approx(0.2)
-    norms = [layer for layer in paper_model._flatten_layers()
-             if isinstance(layer, GroupNorm)]
+    norms = [layer for layer in paper_model._flatten_layers() if isinstance(layer, GroupNorm)]
     assert len(norms) == 2 * 15 + 1  # two per ResNet block, one in VD
     assert all(layer.groups == 8 for layer in norms)
 
 
 def test_paper_l2_on_every_conv_kernel_and_nothing_else(paper_model):
-    convs = [layer for layer in paper_model._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
+    convs = [
+        layer for layer in paper_model._flatten_layers() if isinstance(layer, keras.layers.Conv3D)
+    ]
     # InitConv, EncoderDown x3, DecoderUp x3, DecoderEnd, VD, VU, VUp x3, Vend,
     # and two in each of the 15 ResNet blocks (9 encoder, 3 decoder, 3 VAE).
     assert len(convs) == 14 + 2 * 15
@@ -200,10 +201,12 @@ def test_inference_model_shares_weights_and_takes_any_divisible_size(tiny_model)
     assert inf(odd)["seg"].shape == (1, 24, 40, 16, 3)
 
 
-@pytest.mark.parametrize("precision,dtype", [("mixed_bfloat16", "bfloat16"),
-                                             ("mixed_float16", "float16")])
+@pytest.mark.parametrize(
+    "precision,dtype", [("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")]
+)
 def test_inference_model_in_another_precision_has_a_copy_of_the_weights(
-        tiny_model, precision, dtype):
+    tiny_model, precision, dtype
+):
     x = np.random.default_rng(5).normal(size=(1, 16, 24, 32, 4)).astype(np.float32)
     same = build_inference_model(tiny_model)
     want = same(x)["seg"].numpy()
@@ -311,15 +314,29 @@ def test_segmentation_head_initialisation_options():
     assert np.all(bias == 0)
     assert np.std(default(image)["seg"].numpy()) > 0.05
     keras.utils.set_random_seed(1)
-    prior = build_model(ModelConfig(input_shape=shape, init_filters=8, latent_dim=8,
-                                    head_kernel_init="normal", head_bias_init=-4.6))
+    prior = build_model(
+        ModelConfig(
+            input_shape=shape,
+            init_filters=8,
+            latent_dim=8,
+            head_kernel_init="normal",
+            head_bias_init=-4.6,
+        )
+    )
     kernel, bias = prior.get_layer("DecoderEnd_Conv1").get_weights()
     assert 0.004 < kernel.std() < 0.02
     np.testing.assert_array_equal(bias, np.float32(-4.6))
     seg = prior(image)["seg"].numpy()
     np.testing.assert_allclose(seg, 1 / (1 + np.exp(4.6)), atol=0.01)
-    wider = build_model(ModelConfig(input_shape=shape, init_filters=8, latent_dim=8,
-                                    head_kernel_init="normal", head_kernel_std=0.3))
+    wider = build_model(
+        ModelConfig(
+            input_shape=shape,
+            init_filters=8,
+            latent_dim=8,
+            head_kernel_init="normal",
+            head_kernel_std=0.3,
+        )
+    )
     assert 0.15 < wider.get_layer("DecoderEnd_Conv1").get_weights()[0].std() < 0.5
 
 
@@ -462,8 +479,14 @@ def test_recompute_makes_the_stem_output_again():
     """In the model's traced training step under --recompute, the first block
     makes the stem's output (InitConv + InitDropout) again from the image: the
     4-channel InitConv runs twice, once without recompute; inference once."""
-    cfg = ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4,
-                      blocks_down=(1, 1), blocks_up=(1,), seed=1)
+    cfg = ModelConfig(
+        input_shape=(16, 16, 16),
+        init_filters=8,
+        latent_dim=4,
+        blocks_down=(1, 1),
+        blocks_up=(1,),
+        seed=1,
+    )
     image = tf.zeros((1, 16, 16, 16, 4))
 
     def stem_convs(model, training):
@@ -474,8 +497,9 @@ def test_recompute_makes_the_stem_output_again():
             return tape.gradient(loss, model.trainable_variables)
 
         graph = tf.function(run).get_concrete_function().graph
-        return sum(op.type == "Conv3D" and op.inputs[1].shape[3] == 4
-                   for op in graph.get_operations())
+        return sum(
+            op.type == "Conv3D" and op.inputs[1].shape[3] == 4 for op in graph.get_operations()
+        )
 
     for levels, expected in ((0, 1), (1, 2), (2, 2)):
         model = build_model(ModelConfig(**{**cfg.__dict__, "recompute_levels": levels}))

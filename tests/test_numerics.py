@@ -53,8 +53,15 @@ def test_groupnorm_forward_and_backward_match_float64(precision):
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
 def test_resnet_block_matches_float64(precision):
-    results = nc.check_resnet_block(BLOCK_SHAPE, 8, precision, tf32=False, seed=0,
-                                    reference_device="CPU:0", slack=slack("float16"))
+    results = nc.check_resnet_block(
+        BLOCK_SHAPE,
+        8,
+        precision,
+        tf32=False,
+        seed=0,
+        reference_device="CPU:0",
+        slack=slack("float16"),
+    )
     _assert_passed(results)
     assert results["forward"]["bound"] == f"block_{precision}"
 
@@ -67,8 +74,9 @@ def test_float32_training_step_gradients_match_float64(case, cache):
 
 
 def test_mixed_float16_training_step_gradients_point_the_same_way(case, cache):
-    result = nc.check_training_step(case, "mixed_float16", reference_device="CPU:0",
-                                    slack=slack("float16"), cache=cache)
+    result = nc.check_training_step(
+        case, "mixed_float16", reference_device="CPU:0", slack=slack("float16"), cache=cache
+    )
     _assert_passed({k: v for k, v in result.items() if isinstance(v, dict)})
     grads = result["gradients"]
     assert grads["cosine"] >= 1 - 0.01 * slack("float16")
@@ -122,8 +130,13 @@ def test_tf32_is_recorded_as_not_applicable_on_a_cpu():
 
 @pytest.mark.parametrize("flag", ["--crop=20,32,32", "--gn_shape=2,8,8,8", "--init_filters=12"])
 def test_bad_flags_fail_in_one_line(flag):
-    proc = subprocess.run([sys.executable, "benchmarks/numerics_check.py", flag],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/numerics_check.py", flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("numerics_check.py: error:"), proc.stderr

@@ -1,5 +1,6 @@
 """The package's layering (which module may import which), and what importing
 brats_tf and running its entry points do to the environment."""
+
 import ast
 import os
 import pathlib
@@ -16,18 +17,27 @@ def _run(code: str, setting: str | None) -> str:
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = setting
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return out.strip().splitlines()[-1]
 
 
 def test_importing_brats_tf_sets_no_environment_variable():
     """The library chooses nothing from the environment and changes none of it
     (numerics must not depend on which module was imported first)."""
-    code = ("import os\n"
-            "before = dict(os.environ)\n"
-            "import brats_tf, brats_tf.model, brats_tf.training, brats_tf.evaluation\n"
-            "print(before == dict(os.environ))\n")
+    code = (
+        "import os\n"
+        "before = dict(os.environ)\n"
+        "import brats_tf, brats_tf.model, brats_tf.training, brats_tf.evaluation\n"
+        "print(before == dict(os.environ))\n"
+    )
     assert _run(code, None) == "True"
 
 
@@ -37,12 +47,14 @@ def test_entry_points_turn_onednn_on_and_respect_the_user(entry):
     """train.py and evaluate.py run oneDNN's CPU kernels on every x86 CPU
     (TensorFlow's default is on only for some), unless the environment says
     otherwise."""
-    code = (f"import runpy, sys\n"
-            f"sys.argv = ['{entry}.py']\n"
-            f"runpy.run_path('{entry}.py', run_name='not_main')\n"
-            f"import tensorflow\n"
-            f"from tensorflow.python.util import _pywrap_util_port\n"
-            f"print(_pywrap_util_port.IsMklEnabled())\n")
+    code = (
+        f"import runpy, sys\n"
+        f"sys.argv = ['{entry}.py']\n"
+        f"runpy.run_path('{entry}.py', run_name='not_main')\n"
+        f"import tensorflow\n"
+        f"from tensorflow.python.util import _pywrap_util_port\n"
+        f"print(_pywrap_util_port.IsMklEnabled())\n"
+    )
     assert _run(code, None) == "True"
     assert _run(code, "0") == "False"
 
@@ -85,7 +97,7 @@ def imported_modules(path: pathlib.Path) -> set:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolved against the module's package
-                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
@@ -95,11 +107,21 @@ def imported_modules(path: pathlib.Path) -> set:
 def test_import_parsing_sees_every_form(tmp_path, monkeypatch):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    (pkg / "mod.py").write_text("import a.b as c\nfrom d import e\nfrom . import f\n"
-                                "from .g import h\ndef late():\n    import i\n")
+    (pkg / "mod.py").write_text(
+        "import a.b as c\nfrom d import e\nfrom . import f\n"
+        "from .g import h\ndef late():\n    import i\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "PKG", tmp_path)
-    assert imported_modules(pkg / "mod.py") == {"a.b", "d", "d.e", "pkg", "pkg.f", "pkg.g",
-                                                "pkg.g.h", "i"}
+    assert imported_modules(pkg / "mod.py") == {
+        "a.b",
+        "d",
+        "d.e",
+        "pkg",
+        "pkg.f",
+        "pkg.g",
+        "pkg.g.h",
+        "i",
+    }
 
 
 def _sources() -> list:
@@ -111,7 +133,7 @@ def _sources() -> list:
 
 
 def _is_command(path: pathlib.Path) -> bool:
-    return "if __name__ == \"__main__\":" in path.read_text()
+    return 'if __name__ == "__main__":' in path.read_text()
 
 
 def layer_of(path: pathlib.Path) -> int:
@@ -121,9 +143,10 @@ def layer_of(path: pathlib.Path) -> int:
         return TOP
     best = TOP
     for i, folder in enumerate(LAYERS[:-1]):
-        if rel.parts[:len(pathlib.Path(folder).parts)] == pathlib.Path(folder).parts:
+        if rel.parts[: len(pathlib.Path(folder).parts)] == pathlib.Path(folder).parts:
             if best == TOP or len(pathlib.Path(folder).parts) >= len(
-                    pathlib.Path(LAYERS[best]).parts):
+                pathlib.Path(LAYERS[best]).parts
+            ):
                 best = i
     return best
 
@@ -155,9 +178,12 @@ def test_layers_are_folders_that_exist():
 
 def test_no_module_imports_a_layer_above_its_own():
     modules = _module_files()
-    upward = [f"{a} (layer {LAYERS[layer_of(modules[a])]}) imports {b} "
-              f"(layer {LAYERS[layer_of(modules[b])]})"
-              for a, b in _edges() if layer_of(modules[b]) > layer_of(modules[a])]
+    upward = [
+        f"{a} (layer {LAYERS[layer_of(modules[a])]}) imports {b} "
+        f"(layer {LAYERS[layer_of(modules[b])]})"
+        for a, b in _edges()
+        if layer_of(modules[b]) > layer_of(modules[a])
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -174,7 +200,7 @@ def test_module_imports_have_no_cycle():
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -188,6 +214,7 @@ def test_module_imports_have_no_cycle():
 def test_packages_import_in_one_direction():
     """Folder level: data_pipeline imports nothing of brats_tf; the library
     imports no command, no benchmark and no test; benchmarks import no test code."""
+
     def imports_of(folder):
         return {n for f in sorted((PKG / folder).rglob("*.py")) for n in imported_modules(f)}
 
@@ -203,9 +230,11 @@ def test_packages_import_in_one_direction():
 def test_volume_imports_only_numpy_constants_and_checks():
     names = imported_modules(PKG / "data_pipeline" / "volume.py")
     allowed = ("__future__", "typing", "numpy", "data_pipeline.constants", "data_pipeline.checks")
-    assert not [n for n in names
-                if n != "data_pipeline" and not any(n == a or n.startswith(a + ".")
-                                                    for a in allowed)]
+    assert not [
+        n
+        for n in names
+        if n != "data_pipeline" and not any(n == a or n.startswith(a + ".") for a in allowed)
+    ]
 
 
 # ------------------------------------------------------------------ sizes
@@ -214,9 +243,12 @@ MAX_FUNCTION_LINES = 60  # a function: one step (benchmarks, scripts of measurem
 
 
 def test_library_modules_stay_short():
-    long = {str(f.relative_to(PKG)): n
-            for folder in ("brats_tf", "data_pipeline") for f in sorted((PKG / folder).rglob("*.py"))
-            if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        str(f.relative_to(PKG)): n
+        for folder in ("brats_tf", "data_pipeline")
+        for f in sorted((PKG / folder).rglob("*.py"))
+        if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert not long, long
 
 

@@ -10,13 +10,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from data_pipeline import constants, volume
-from brats_tf import evaluation, inference
-from brats_tf.evaluation import et_threshold
-from brats_tf.config import ModelConfig
-from brats_tf.model import build_model
 from tiny_data import synthetic_tfrecords
+
+from brats_tf import evaluation, inference
+from brats_tf.config import ModelConfig
+from brats_tf.evaluation import et_threshold
+from brats_tf.model import build_model
+from data_pipeline import constants, volume
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = dict(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1, 1, 1))
@@ -29,7 +29,7 @@ def _case(et_voxels, shape=(6, 7, 5), et_label=4):
     labels[1, :3, :] = 1
     flat = labels.reshape(-1)
     start = 2 * shape[1] * shape[2]
-    flat[start:start + et_voxels] = et_label
+    flat[start : start + et_voxels] = et_label
     return labels
 
 
@@ -43,8 +43,9 @@ def test_et_to_necrosis_by_hand(et_label):
             expected[labels == et_label] = 1
         np.testing.assert_array_equal(out, expected)
         assert out.dtype == np.uint8
-    np.testing.assert_array_equal(volume.et_to_necrosis(labels, 4, et_label)[labels != et_label],
-                                  labels[labels != et_label])
+    np.testing.assert_array_equal(
+        volume.et_to_necrosis(labels, 4, et_label)[labels != et_label], labels[labels != et_label]
+    )
     none = _case(0, et_label=et_label)
     np.testing.assert_array_equal(volume.et_to_necrosis(none, 10, et_label), none)
     assert labels[labels == et_label].size == 3  # the input is left alone
@@ -75,11 +76,15 @@ def _cases(rows):
 
 def test_score_and_choice_by_hand():
     # (predicted ET voxels, ET Dice, true ET voxels)
-    cases = _cases([(0, 1.0, 0),       # nothing predicted, nothing there
-                    (30, 0.0, 0),      # 30 false voxels on a case without ET
-                    (120, 0.0, 0),     # 120 false voxels
-                    (80, 0.6, 100),    # a small true ET, found
-                    (900, 0.9, 1000)])  # a large true ET
+    cases = _cases(
+        [
+            (0, 1.0, 0),  # nothing predicted, nothing there
+            (30, 0.0, 0),  # 30 false voxels on a case without ET
+            (120, 0.0, 0),  # 120 false voxels
+            (80, 0.6, 100),  # a small true ET, found
+            (900, 0.9, 1000),
+        ]
+    )  # a large true ET
     assert et_threshold.score(cases, 0) == (pytest.approx((1 + 0 + 0 + 0.6 + 0.9) / 5), 0)
     # 50: the 30-voxel case becomes empty -> 1
     assert et_threshold.score(cases, 50) == (pytest.approx((1 + 1 + 0 + 0.6 + 0.9) / 5), 1)
@@ -100,8 +105,9 @@ def test_score_and_choice_by_hand():
 def _model_dir(root, name, fold):
     d = root / name
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps(
-        {"model": {}, "train": {"seed": 0}, "data": {"fold": fold}}))
+    (d / "config.json").write_text(
+        json.dumps({"model": {}, "train": {"seed": 0}, "data": {"fold": fold}})
+    )
     return evaluation.LoadedModel(str(d / "segmenter.keras"), "keras", None, False)
 
 
@@ -109,7 +115,9 @@ def test_training_folds_exclude_and_refuse_the_held_out_ones(tmp_path):
     a, b = _model_dir(tmp_path, "a", 0), _model_dir(tmp_path, "b", 2)
     assert et_threshold.training_folds([a, b], 5) == [1, 3, 4]
     assert et_threshold.training_folds([a], 5, [3, 1]) == [1, 3]
-    with pytest.raises(evaluation.EvaluationError, match=r"fold 2 is the held-out fold of model .*b"):
+    with pytest.raises(
+        evaluation.EvaluationError, match=r"fold 2 is the held-out fold of model .*b"
+    ):
         et_threshold.training_folds([a, b], 5, [1, 2])
     with pytest.raises(evaluation.EvaluationError, match="folds 0 to 4"):
         et_threshold.training_folds([a], 5, [5])
@@ -123,7 +131,8 @@ def test_training_folds_exclude_and_refuse_the_held_out_ones(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """Synthetic TFRecords in 3 folds and a model_dir (untrained tiny model) that held out fold 0."""
+    """Synthetic TFRecords in 3 folds and a model_dir (an untrained tiny model)
+    that held out fold 0."""
     root = tmp_path_factory.mktemp("post")
     tfr = synthetic_tfrecords(root, 6, (40, 40, 32), folds=3)
     keras.utils.set_random_seed(2)
@@ -131,15 +140,26 @@ def run_dir(tmp_path_factory):
     md = root / "md"
     md.mkdir()
     keras.saving.save_model(model, str(md / "model.keras"))
-    (md / "config.json").write_text(json.dumps(
-        {"model": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
-         "train": {"seed": 0, "num_train_cases": 4}, "data": {"fold": 0}}))
+    (md / "config.json").write_text(
+        json.dumps(
+            {
+                "model": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+                "train": {"seed": 0, "num_train_cases": 4},
+                "data": {"fold": 0},
+            }
+        )
+    )
     return tfr, md
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "brats_tf.postprocess", "--noprogress", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "brats_tf.postprocess", "--noprogress", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_command_chooses_on_the_training_folds(run_dir, tmp_path):
@@ -165,8 +185,9 @@ def test_command_chooses_on_the_training_folds(run_dir, tmp_path):
     table = record["table"]
     assert [r["et_min_voxels"] for r in table] == [0, 10, 100, 1000]
     best = max(r["mean_et_dice"] for r in table)
-    assert record["et_min_voxels"] == min(r["et_min_voxels"] for r in table
-                                          if r["mean_et_dice"] == best)
+    assert record["et_min_voxels"] == min(
+        r["et_min_voxels"] for r in table if r["mean_et_dice"] == best
+    )
     assert f"--et_min_voxels={record['et_min_voxels']}" in result.stdout
     assert record["protocol"]["region"] == "brain_box" and record["protocol"]["tta"] == "none"
 
@@ -176,9 +197,13 @@ def test_command_refuses_the_held_out_fold_in_one_line(run_dir, tmp_path):
     out = tmp_path / "choice.json"
     result = _cli(f"--model={md}", f"--data={tfr}", f"--output={out}", "--folds=0,1")
     assert result.returncode != 0
-    errors = [l for l in result.stderr.splitlines() if l.startswith("brats_tf.postprocess")]
-    assert errors == [f"brats_tf.postprocess: error: fold 0 is the held-out fold of model "
-                      f"{md / 'model.keras'}: choose N on the folds it was trained on"]
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("brats_tf.postprocess")
+    ]
+    assert errors == [
+        f"brats_tf.postprocess: error: fold 0 is the held-out fold of model "
+        f"{md / 'model.keras'}: choose N on the folds it was trained on"
+    ]
     assert not out.exists()
     out.write_text("mine")
     result = _cli(f"--model={md}", f"--data={tfr}", f"--output={out}")

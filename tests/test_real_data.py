@@ -34,7 +34,8 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 ENV.pop("TF_CONFIG", None)
 
 pytestmark = pytest.mark.skipif(
-    not REAL_DIR, reason="BRATS_REAL_DIR is not set: no real BraTS cases to test on")
+    not REAL_DIR, reason="BRATS_REAL_DIR is not set: no real BraTS cases to test on"
+)
 
 
 def _case_folders(root: pathlib.Path) -> list[pathlib.Path]:
@@ -43,8 +44,14 @@ def _case_folders(root: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _run(args):
-    result = subprocess.run([sys.executable] + [str(a) for a in args], capture_output=True,
-                            text=True, cwd=ROOT, env=ENV, timeout=600)
+    result = subprocess.run(
+        [sys.executable] + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -64,13 +71,38 @@ def real_run(tmp_path_factory):
     for folder in chosen:  # links, not copies: the cases stay where they are
         (nifti / folder.name).symlink_to(folder, target_is_directory=True)
     (one / chosen[0].name).symlink_to(chosen[0], target_is_directory=True)
-    _run(["-m", "data_pipeline.convert", f"--input_dir={nifti}", f"--output_dir={tmp / 'tfr'}",
-          "--folds=2", "--num_workers=1"])
-    _run([ROOT / "train.py", f"--flagfile={ROOT / 'configs' / 'smoke.flags'}",
-          f"--data_dir={tmp / 'tfr'}", f"--model_dir={tmp / 'run'}", "--fold=-1",
-          "--validate_every=0"])
-    _run([ROOT / "evaluate.py", f"--model={tmp / 'run'}", f"--data={one}", "--tta",
-          "--nocrop_to_brain", f"--output_dir={tmp / 'eval'}", "--noprogress", "--nofigures"])
+    _run(
+        [
+            "-m",
+            "data_pipeline.convert",
+            f"--input_dir={nifti}",
+            f"--output_dir={tmp / 'tfr'}",
+            "--folds=2",
+            "--num_workers=1",
+        ]
+    )
+    _run(
+        [
+            ROOT / "train.py",
+            f"--flagfile={ROOT / 'configs' / 'smoke.flags'}",
+            f"--data_dir={tmp / 'tfr'}",
+            f"--model_dir={tmp / 'run'}",
+            "--fold=-1",
+            "--validate_every=0",
+        ]
+    )
+    _run(
+        [
+            ROOT / "evaluate.py",
+            f"--model={tmp / 'run'}",
+            f"--data={one}",
+            "--tta",
+            "--nocrop_to_brain",
+            f"--output_dir={tmp / 'eval'}",
+            "--noprogress",
+            "--nofigures",
+        ]
+    )
     return {"case": chosen[0], "tmp": tmp}
 
 
@@ -94,8 +126,9 @@ def test_real_cases_train_and_a_whole_volume_is_predicted_on_their_grid(real_run
 def test_real_case_scores_equal_numpy_dice_of_the_written_prediction(real_run):
     case = real_run["case"]
     truth = np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj)
-    pred = np.asarray(nib.load(
-        real_run["tmp"] / "eval" / "predictions" / f"{case.name}.nii.gz").dataobj)
+    pred = np.asarray(
+        nib.load(real_run["tmp"] / "eval" / "predictions" / f"{case.name}.nii.gz").dataobj
+    )
     with open(real_run["tmp"] / "eval" / "per_case.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["case_id"] == case.name
@@ -126,8 +159,10 @@ def _bad_copy(case: pathlib.Path, root: pathlib.Path, fault: str) -> str:
     if fault == "flair_154_slices":
         flair = nib.load(case / names["flair"])
         (folder / names["flair"]).unlink()
-        nib.save(nib.Nifti1Image(np.asarray(flair.dataobj)[..., :154], flair.affine,
-                                 flair.header), folder / names["flair"])
+        nib.save(
+            nib.Nifti1Image(np.asarray(flair.dataobj)[..., :154], flair.affine, flair.header),
+            folder / names["flair"],
+        )
         return names["flair"]
     return names["t1ce"]
 
@@ -143,15 +178,29 @@ def faulty_runs(tmp_path_factory):
     for fault in FAULTS:
         tmp = tmp_path_factory.mktemp(fault)
         expected_file = _bad_copy(case, tmp / "in", fault)
-        jobs[fault] = (tmp, expected_file, [
-            sys.executable, "-m", "data_pipeline.convert", f"--input_dir={tmp / 'in'}",
-            f"--output_dir={tmp / 'out'}", "--folds=1", "--num_workers=1"])
+        jobs[fault] = (
+            tmp,
+            expected_file,
+            [
+                sys.executable,
+                "-m",
+                "data_pipeline.convert",
+                f"--input_dir={tmp / 'in'}",
+                f"--output_dir={tmp / 'out'}",
+                "--folds=1",
+                "--num_workers=1",
+            ],
+        )
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        procs = {fault: pool.submit(subprocess.run, cmd, capture_output=True, text=True,
-                                    cwd=ROOT, env=ENV, timeout=300)
-                 for fault, (_, _, cmd) in jobs.items()}
-        return {fault: (case, jobs[fault][0], jobs[fault][1], procs[fault].result())
-                for fault in FAULTS}
+        procs = {
+            fault: pool.submit(
+                subprocess.run, cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300
+            )
+            for fault, (_, _, cmd) in jobs.items()
+        }
+        return {
+            fault: (case, jobs[fault][0], jobs[fault][1], procs[fault].result()) for fault in FAULTS
+        }
 
 
 @pytest.mark.parametrize("fault", FAULTS)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks.reduced_precision import slack
 from brats_tf import block_ops
 from brats_tf import layers as L
 from brats_tf import recompute as R
-from benchmarks.reduced_precision import slack
 
 
 def _random_block(shape, groups, recompute=False, seed=4, name=None):
@@ -32,14 +32,17 @@ def _random_block(shape, groups, recompute=False, seed=4, name=None):
 
 def _block_pair(shape, groups, seed=11):
     """Two blocks with the same random weights: plain and recomputed."""
-    return (_random_block(shape, groups, False, seed, name="plain"),
-            _random_block(shape, groups, True, seed, name="recomputed"))
+    return (
+        _random_block(shape, groups, False, seed, name="plain"),
+        _random_block(shape, groups, True, seed, name="recomputed"),
+    )
 
 
 # ------------------------------------------------- recomputed ResNet block
 def _block_grads(block, x, weight, graph=True):
     """The block's output in training and the gradients of sum(output * weight)
     with respect to its input and its weights (that order), in float64."""
+
     def run(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -48,8 +51,9 @@ def _block_grads(block, x, weight, graph=True):
         return y, tape.gradient(loss, [x] + block.trainable_variables)
 
     if graph:  # unknown spatial sizes, as in a traced training step
-        run = tf.function(run, input_signature=[
-            tf.TensorSpec([None, None, None, None, x.shape[-1]], x.dtype)])
+        run = tf.function(
+            run, input_signature=[tf.TensorSpec([None, None, None, None, x.shape[-1]], x.dtype)]
+        )
     y, grads = run(x)
     return y.numpy().astype(np.float64), [g.numpy().astype(np.float64) for g in grads]
 
@@ -89,8 +93,10 @@ def test_recomputed_block_under_mixed_float16():
     weight = tf.constant(rng.normal(size=shape).astype(np.float32))
     ref = _block_grads(_random_block(shape, 8), tf.constant(x32), weight)
     keras.mixed_precision.set_global_policy("mixed_float16")
-    results = [_block_grads(_random_block(shape, 8, recompute), tf.constant(x32, tf.float16),
-                            weight) for recompute in (False, True)]
+    results = [
+        _block_grads(_random_block(shape, 8, recompute), tf.constant(x32, tf.float16), weight)
+        for recompute in (False, True)
+    ]
     (plain_y, plain), (y, grads) = results
     np.testing.assert_allclose(y, plain_y, rtol=1e-3, atol=1e-3)
     for g, w in zip(grads, plain):
@@ -147,9 +153,14 @@ print((peak - base) / (np.prod(shape) * 4))
 
 def _peak_in_activations(script, *args):
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # its allocator keeps the statistics
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return float(proc.stdout.split()[-1])
 
@@ -164,8 +175,10 @@ def test_recompute_keeps_about_one_activation_per_block():
     inter-op threads 27, 11 and 9-10) tf.recompute_grad of the same blocks
     holds far more: its recomputed forward keeps its activations for
     autodiff, and it recomputes as soon as a gradient arrives."""
-    plain, generic, recomputed = (_peak_in_activations(_CHAIN_MEMORY, mode, "6")
-                                  for mode in ("plain", "recompute_grad", "recompute"))
+    plain, generic, recomputed = (
+        _peak_in_activations(_CHAIN_MEMORY, mode, "6")
+        for mode in ("plain", "recompute_grad", "recompute")
+    )
     assert plain >= 3 * 6, plain
     assert recomputed <= 6 + 5, recomputed
     assert recomputed <= generic - 5, (recomputed, generic)
@@ -179,20 +192,24 @@ def test_head_conv_waits_for_the_previous_block(head_class):
     Keras' Conv3D head nothing orders them. Checked in the traced graph."""
     shape = (1, 8, 8, 8, 8)
     block = R.RecomputedResNetBlock(8, groups=2, name="b")
-    head = {"conv": lambda: keras.layers.Conv3D(2, 1, padding="same", name="h"),
-            "head": lambda: R.HeadConv3D(2, padding="same", name="h")}[head_class]()
+    head = {
+        "conv": lambda: keras.layers.Conv3D(2, 1, padding="same", name="h"),
+        "head": lambda: R.HeadConv3D(2, padding="same", name="h"),
+    }[head_class]()
     block.build(shape)
     head.build(shape)
     x = tf.constant(np.ones(shape, np.float32))
 
     def step():
         with tf.GradientTape() as tape:  # the block's backward pass is built first
-            first = tape.gradient(tf.reduce_sum(block(x, training=True) ** 2),
-                                  block.trainable_variables)
+            first = tape.gradient(
+                tf.reduce_sum(block(x, training=True) ** 2), block.trainable_variables
+            )
         with tf.GradientTape() as tape:
             tape.watch(x)
-            second = tape.gradient(tf.reduce_sum(head(x, training=True) ** 2),
-                                   [x] + head.trainable_variables)
+            second = tape.gradient(
+                tf.reduce_sum(head(x, training=True) ** 2), [x] + head.trainable_variables
+            )
         return first + second
 
     graph = tf.function(step).get_concrete_function().graph
@@ -211,10 +228,14 @@ def test_head_conv_waits_for_the_previous_block(head_class):
         return op.type == "Conv3DBackpropFilterV2" and op.outputs[0].shape[0] == 3
 
     ops = graph.get_operations()
-    head_dx = [op for op in ops if op.type == "Conv3DBackpropInputV2"
-               and op.inputs[1].shape[:3] == (1, 1, 1)]
-    head_dk = [op for op in ops if op.type == "Conv3DBackpropFilterV2"
-               and op.outputs[0].shape[0] == 1]
+    head_dx = [
+        op
+        for op in ops
+        if op.type == "Conv3DBackpropInputV2" and op.inputs[1].shape[:3] == (1, 1, 1)
+    ]
+    head_dk = [
+        op for op in ops if op.type == "Conv3DBackpropFilterV2" and op.outputs[0].shape[0] == 1
+    ]
     assert len(head_dx) == len(head_dk) == 1
     waits = any(is_block_kernel_grad(a) for a in ancestors(head_dx[0]))
     assert waits == (head_class == "head")
@@ -250,8 +271,9 @@ def test_head_conv_is_keras_conv3d(dtype):
     tol = 1e-5 if dtype == "float32" else 1e-2
     for got, want in zip(results[1], results[0]):
         assert got.dtype == want.dtype
-        np.testing.assert_allclose(got.numpy().astype(np.float32),
-                                   want.numpy().astype(np.float32), rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            got.numpy().astype(np.float32), want.numpy().astype(np.float32), rtol=tol, atol=tol
+        )
     clone = R.HeadConv3D.from_config(head.get_config())
     assert clone.kernel_size == (1, 1, 1) and clone.filters == 3
     with pytest.raises(ValueError, match="1x1x1 stride-1"):
@@ -265,15 +287,20 @@ def _stem_pair(shape, filters, groups, rate=0.5, seed=21):
     rng = np.random.default_rng(seed)
     chains = []
     for stem in (False, True):
-        conv = L.conv3d(filters, 3, name="stem_conv",
-                        layer_class=R.StemConv3D if stem else keras.layers.Conv3D)
+        conv = L.conv3d(
+            filters, 3, name="stem_conv", layer_class=R.StemConv3D if stem else keras.layers.Conv3D
+        )
         drop = (R.StemDropout3D if stem else keras.layers.SpatialDropout3D)(rate, seed=5)
-        block = (R.RecomputedResNetBlock if stem else L.ResNetBlock)(filters, groups=groups, name="blk")
+        block = (R.RecomputedResNetBlock if stem else L.ResNetBlock)(
+            filters, groups=groups, name="blk"
+        )
         conv.build(shape)
         block.build(shape[:-1] + (filters,))
         chains.append((conv, drop, block))
-    values = [rng.normal(scale=0.3, size=w.shape).astype(np.float32)
-              for w in chains[0][0].weights + chains[0][2].weights]
+    values = [
+        rng.normal(scale=0.3, size=w.shape).astype(np.float32)
+        for w in chains[0][0].weights + chains[0][2].weights
+    ]
     for conv, _, block in chains:
         for w, value in zip(conv.weights + block.weights, values):
             w.assign(value + (1.0 if "gamma" in w.path else 0.0))
@@ -318,8 +345,10 @@ def test_stem_recipe_gives_the_values_and_gradients_of_autodiff(dtype):
     plain, stem = _stem_pair(shape, 8, groups=4)
     (want, _, _), (got, graph, _) = (_stem_step(c, x, weight) for c in (plain, stem))
     # the recipe is used (under mixed precision too): the stem's conv runs twice
-    assert sum(op.type == "Conv3D" and op.inputs[1].shape[3] == 3
-               for op in graph.get_operations()) == 2
+    assert (
+        sum(op.type == "Conv3D" and op.inputs[1].shape[3] == 3 for op in graph.get_operations())
+        == 2
+    )
     tol = 1e-4 if dtype == "float32" else 2e-2
     assert len(got) == len(want) == 1 + 1 + 2 + 8
     for i, (g, w) in enumerate(zip(got, want)):
@@ -377,8 +406,10 @@ def test_upsample_recipe_gives_the_values_and_gradients_of_autodiff(branch):
     weight = tf.constant(rng.normal(size=(2, 6, 8, 4, 8)).astype(np.float32))
     plain, fused = _block_pair((2, 6, 8, 4, 8), groups=4)
     results = []
-    for block, add, up in ((plain, keras.layers.Add(), L.TrilinearUpSampling3D(2)),
-                           (fused, R.SkipAdd(), R.RecomputedUpSampling3D(2))):
+    for block, add, up in (
+        (plain, keras.layers.Add(), L.TrilinearUpSampling3D(2)),
+        (fused, R.SkipAdd(), R.RecomputedUpSampling3D(2)),
+    ):
         info = {}
 
         @tf.function
@@ -475,11 +506,8 @@ def test_stem_recipe_saves_one_activation():
     with the recipe the stem's output is not alive during the second block's
     backward pass, about one activation less than with Keras' stem layers.
     """
-    keras_stem, stem = (_peak_in_activations(_STEM_MEMORY, mode)
-                        for mode in ("keras", "stem"))
+    keras_stem, stem = (_peak_in_activations(_STEM_MEMORY, mode) for mode in ("keras", "stem"))
     assert stem <= keras_stem - 0.75, (stem, keras_stem)
-
-
 
 
 @pytest.mark.parametrize(
@@ -516,12 +544,19 @@ def test_group_norm_backward_matches_float64(offset):
     dy = rng.normal(size=shape).astype(np.float32)
     residual = rng.normal(size=shape).astype(np.float32)
     mean, rstd = block_ops.gn_statistics(tf.constant(x), groups, 1e-5)
-    want = _group_norm_grads_np(x.astype(np.float64), gamma.astype(np.float64),
-                                dy.astype(np.float64), groups)
+    want = _group_norm_grads_np(
+        x.astype(np.float64), gamma.astype(np.float64), dy.astype(np.float64), groups
+    )
     for d_residual in (None, residual):
-        got = block_ops.gn_backward(tf.constant(dy), tf.constant(x), mean, rstd,
-                                    tf.constant(gamma), groups,
-                                    None if d_residual is None else tf.constant(d_residual))
+        got = block_ops.gn_backward(
+            tf.constant(dy),
+            tf.constant(x),
+            mean,
+            rstd,
+            tf.constant(gamma),
+            groups,
+            None if d_residual is None else tf.constant(d_residual),
+        )
         expected = [want[0] + (0 if d_residual is None else residual), want[1], want[2]]
         for g, w in zip(got, expected):
             assert np.abs(g.numpy() - w).max() <= 2e-6 * np.abs(w).max()
@@ -534,8 +569,15 @@ def test_a_recomputing_model_saves_and_loads_as_the_same_network(tmp_path):
     from brats_tf.config import ModelConfig
     from brats_tf.model import build_model
 
-    cfg = ModelConfig(input_shape=(16, 16, 16), init_filters=8, latent_dim=4,
-                      blocks_down=(1, 1), blocks_up=(1,), recompute_levels=1, seed=1)
+    cfg = ModelConfig(
+        input_shape=(16, 16, 16),
+        init_filters=8,
+        latent_dim=4,
+        blocks_down=(1, 1),
+        blocks_up=(1,),
+        recompute_levels=1,
+        seed=1,
+    )
     model = build_model(cfg)
     path = str(tmp_path / "m.keras")
     model.save(path)

@@ -23,8 +23,10 @@ def test_poly_lr_is_strictly_decreasing_and_positive():
     assert all(a > b > 0 for a, b in zip(values, values[1:]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(epoch=-1), dict(epoch=300), dict(epoch=0, total_epochs=0),
-                                    dict(epoch=0, initial_lr=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(epoch=-1), dict(epoch=300), dict(epoch=0, total_epochs=0), dict(epoch=0, initial_lr=0.0)],
+)
 def test_poly_lr_rejects_out_of_range(kwargs):
     with pytest.raises(ValueError):
         poly_lr(**kwargs)

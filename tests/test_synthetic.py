@@ -1,4 +1,5 @@
 """Synthetic BraTS-like cases: layout, dtypes, labels, contrasts, determinism, command line."""
+
 import itertools
 import os
 import subprocess
@@ -8,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, LABEL_VALUES, MODALITIES
 from data_pipeline import synthetic
+from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, LABEL_VALUES, MODALITIES
 
 SHAPE = (48, 48, 32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,8 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def cases():
-    return {(seed, lgg): synthetic.make_case(SHAPE, seed=seed, lgg=lgg)
-            for seed, lgg in itertools.product(range(3), (False, True))}
+    return {
+        (seed, lgg): synthetic.make_case(SHAPE, seed=seed, lgg=lgg)
+        for seed, lgg in itertools.product(range(3), (False, True))
+    }
 
 
 @pytest.mark.parametrize("seed,lgg", list(itertools.product(range(3), (False, True))))
@@ -69,8 +72,9 @@ def test_deterministic_for_a_seed():
 
 
 def test_write_dataset_layout(tmp_path):
-    dirs = synthetic.write_synthetic_dataset(str(tmp_path), 4, SHAPE, seed=1, lgg_fraction=0.5,
-                                             progress=False)
+    dirs = synthetic.write_synthetic_dataset(
+        str(tmp_path), 4, SHAPE, seed=1, lgg_fraction=0.5, progress=False
+    )
     assert len(dirs) == 4
     grades = set()
     for n, case_dir in enumerate(dirs):
@@ -79,7 +83,8 @@ def test_write_dataset_layout(tmp_path):
         grades.add(grade)
         assert os.path.basename(case_dir) == case_id and grade in ("HGG", "LGG")
         assert sorted(os.listdir(case_dir)) == sorted(
-            f"{case_id}_{s}.nii.gz" for s in MODALITIES + ("seg",))
+            f"{case_id}_{s}.nii.gz" for s in MODALITIES + ("seg",)
+        )
         seg = nib.load(os.path.join(case_dir, f"{case_id}_seg.nii.gz"))
         assert seg.get_data_dtype() == np.uint8
         np.testing.assert_array_equal(seg.affine, np.eye(4))  # 1 mm isotropic
@@ -108,14 +113,29 @@ def test_bad_arguments(tmp_path, kwargs):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline.synthetic", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_command_line(tmp_path):
     out = tmp_path / "syn"
-    result = _cli("--output_dir", str(out), "--num_cases", "2", "--shape", "32,40,24",
-                  "--seed", "5", "--lgg_fraction", "0")
+    result = _cli(
+        "--output_dir",
+        str(out),
+        "--num_cases",
+        "2",
+        "--shape",
+        "32,40,24",
+        "--seed",
+        "5",
+        "--lgg_fraction",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     case = out / "HGG" / "Brats18_SYN_0001_1" / "Brats18_SYN_0001_1_t1ce.nii.gz"
     assert nib.load(str(case)).shape == (32, 40, 24)

@@ -1,12 +1,13 @@
 """The TFDS builder prepares and loads a small synthetic dataset offline."""
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipeline.constants import MODALITIES
-from data_pipeline.volume import paste_crop
 from data_pipeline import synthetic
+from data_pipeline.constants import MODALITIES
 from data_pipeline.tfds_brats import Brats
+from data_pipeline.volume import paste_crop
 
 SHAPE = (32, 36, 24)
 
@@ -24,7 +25,8 @@ def test_builder_loads_synthetic_offline(tmp_path, with_label):
 
     builder = Brats(data_dir=str(tmp_path / "tfds"))
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    )
     assert builder.info.splits["train"].num_examples == 3
     ds = tfds.load("brats", split="train", data_dir=str(tmp_path / "tfds"), download=False)
     seen = set()
@@ -39,7 +41,8 @@ def test_builder_loads_synthetic_offline(tmp_path, with_label):
         assert bool(ex["has_label"]) == with_label
         expected = label if with_label else np.zeros_like(label)
         np.testing.assert_array_equal(
-            paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), expected)
+            paste_crop(ex["label"], ex["original_shape"], ex["box_start"]), expected
+        )
         np.testing.assert_array_equal(ex["affine"], np.eye(4))
     assert seen == set(arrays)
 

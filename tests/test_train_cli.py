@@ -1,4 +1,5 @@
-"""train.py end to end on a small synthetic TFRecord dataset: smoke run, bad flags, kill -9 and resume."""
+"""train.py end to end on a small synthetic TFRecord dataset: smoke run, bad flags,
+kill -9 and resume."""
 
 import dataclasses
 import json
@@ -11,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from tiny_data import synthetic_tfrecords
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +25,17 @@ def data_dir(tmp_path_factory):
 
 
 def _train_cmd(args):
-    return [sys.executable, os.path.join(ROOT, "train.py"),
-            f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}"] + args
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}",
+    ] + args
 
 
 def train(args, timeout=400):
-    return subprocess.run(_train_cmd(args), capture_output=True, text=True, timeout=timeout,
-                          env=ENV, cwd=ROOT)
+    return subprocess.run(
+        _train_cmd(args), capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT
+    )
 
 
 def start_train(args, log_path):
@@ -40,8 +44,9 @@ def start_train(args, log_path):
     after the other: much of a short run is single-threaded Python (imports,
     tracing)."""
     log = open(log_path, "w")
-    proc = subprocess.Popen(_train_cmd(args), stdout=subprocess.DEVNULL, stderr=log, text=True,
-                            env=ENV, cwd=ROOT)
+    proc = subprocess.Popen(
+        _train_cmd(args), stdout=subprocess.DEVNULL, stderr=log, text=True, env=ENV, cwd=ROOT
+    )
     proc.log_path = log_path
     log.close()  # the child holds its own descriptor
     return proc
@@ -66,7 +71,9 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((model_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
-    assert {"loss", "dice", "l2", "kl", "lr", "dice_WT", "val_dice_WT", "val_dice_ET"} <= set(history[0])
+    assert {"loss", "dice", "l2", "kl", "lr", "dice_WT", "val_dice_WT", "val_dice_ET"} <= set(
+        history[0]
+    )
     assert history[1]["lr"] == pytest.approx(1e-4 * 0.5**0.9)
     flags_text = (model_dir / "flags.txt").read_text()
     assert "--crop=32,32,32" in flags_text and f"--data_dir={data_dir}" in flags_text
@@ -102,8 +109,11 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message
     env_args = [f"--data_dir={data_dir}", f"--model_dir={model_dir}"] + args
     proc = train(env_args, timeout=120)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines()
-              if line.startswith(("train.py: error:", "FATAL Flags parsing error"))]
+    errors = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.startswith(("train.py: error:", "FATAL Flags parsing error"))
+    ]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not model_dir.exists()
 
@@ -113,8 +123,17 @@ def test_recompute_run_records_its_levels(data_dir, tmp_path):
     (default: every level; this test's network has 4) and its one inter-op
     thread on one device."""
     model_dir = tmp_path / "run"
-    proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--recompute",
-                  "--epochs=1", "--steps_per_epoch=1", "--noexport", "--fold=-1"])
+    proc = train(
+        [
+            f"--data_dir={data_dir}",
+            f"--model_dir={model_dir}",
+            "--recompute",
+            "--epochs=1",
+            "--steps_per_epoch=1",
+            "--noexport",
+            "--fold=-1",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 4
@@ -124,10 +143,16 @@ def test_recompute_run_records_its_levels(data_dir, tmp_path):
 def test_ensemble_members_train_with_their_own_seed_and_folder(data_dir, tmp_path):
     """--member=K: seed --seed + K into model_dir/member_K. The runs are
     deterministic (smoke.flags), so equal seeds would give equal weights."""
-    common = [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'ens'}", "--seed=5",
-              "--epochs=1", "--steps_per_epoch=1", "--noexport", "--fold=-1"]
-    procs = [start_train(common + [f"--member={k}"], tmp_path / f"member{k}.log")
-             for k in (0, 1)]
+    common = [
+        f"--data_dir={data_dir}",
+        f"--model_dir={tmp_path / 'ens'}",
+        "--seed=5",
+        "--epochs=1",
+        "--steps_per_epoch=1",
+        "--noexport",
+        "--fold=-1",
+    ]
+    procs = [start_train(common + [f"--member={k}"], tmp_path / f"member{k}.log") for k in (0, 1)]
     for proc in procs:
         assert finish(proc).returncode == 0, proc.stderr[-3000:]
     members = [tmp_path / "ens" / f"member_{k}" for k in (0, 1)]
@@ -143,7 +168,7 @@ def test_ensemble_members_train_with_their_own_seed_and_folder(data_dir, tmp_pat
     before = (members[1] / "config.json").read_text()
     proc = train(common[:2] + ["--seed=7", "--member=1", "--fold=-1"], timeout=120)
     assert proc.returncode != 0
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("train.py: error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and "seed 6 there, 8 now" in errors[0], proc.stderr[-2000:]
     assert (members[1] / "config.json").read_text() == before
 
@@ -151,17 +176,26 @@ def test_ensemble_members_train_with_their_own_seed_and_folder(data_dir, tmp_pat
 def _weights(model_dir):
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
     # Everything: weights, Adam slots and step, epoch, random-generator states.
-    names = sorted(n for n in reader.get_variable_to_shape_map()
-                   if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    names = sorted(
+        n for n in reader.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    )
     return {n: reader.get_tensor(n) for n in names}
 
 
 def test_killed_run_resumes_and_reaches_the_uninterrupted_weights(data_dir, tmp_path):
-    common = [f"--data_dir={data_dir}", "--fold=-1", "--epochs=4", "--steps_per_epoch=3",
-              "--validate_every=0", "--noexport"]
+    common = [
+        f"--data_dir={data_dir}",
+        "--fold=-1",
+        "--epochs=4",
+        "--steps_per_epoch=3",
+        "--validate_every=0",
+        "--noexport",
+    ]
     straight = tmp_path / "straight"
-    straight_proc = start_train(common + [f"--model_dir={straight}"],  # beside the killed run
-                                tmp_path / "straight.txt")
+    straight_proc = start_train(
+        common + [f"--model_dir={straight}"],  # beside the killed run
+        tmp_path / "straight.txt",
+    )
     try:
         _kill_and_resume(common, tmp_path / "killed")
         finish(straight_proc)
@@ -179,8 +213,13 @@ def test_killed_run_resumes_and_reaches_the_uninterrupted_weights(data_dir, tmp_
 
 def _kill_and_resume(common, killed):
     """kill -9 a run right after its first checkpoint, then run it again."""
-    child = subprocess.Popen(_train_cmd([f"--model_dir={killed}"] + common), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        _train_cmd([f"--model_dir={killed}"] + common),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     try:
         while tf.train.latest_checkpoint(str(killed / "checkpoints")) is None:
@@ -205,20 +244,31 @@ def _with_train_module(code: str) -> dict:
     """Runs ``code`` in a new Python with train.py loaded as module ``train``
     (its flags defined); the JSON that ``code`` prints last."""
     path = os.path.join(ROOT, "train.py")
-    prologue = ("import dataclasses, importlib.util, json, sys\n"
-                f"sys.path.insert(0, {ROOT!r})\n"
-                f"spec = importlib.util.spec_from_file_location('train', {path!r})\n"
-                "train = importlib.util.module_from_spec(spec)\n"
-                "spec.loader.exec_module(train)\n")
-    proc = subprocess.run([sys.executable, "-c", prologue + code], capture_output=True,
-                          text=True, timeout=120, env=ENV, cwd=ROOT)
+    prologue = (
+        "import dataclasses, importlib.util, json, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        f"spec = importlib.util.spec_from_file_location('train', {path!r})\n"
+        "train = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(train)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", prologue + code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _defaults(config_class) -> dict:
-    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
-            for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(config_class)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def test_every_flag_default_is_the_config_default():
@@ -233,17 +283,25 @@ def test_every_flag_default_is_the_config_default():
         "train.FLAGS(['train.py'])\n"
         "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, **{\n"
         "    c.__name__: train.config_values(c) for c in\n"
-        "    (train.ModelConfig, train.LossConfig, train.TrainConfig, train.InputFlags)}}))\n")
+        "    (train.ModelConfig, train.LossConfig, train.TrainConfig, train.InputFlags)}}))\n"
+    )
     assert got.pop("tensorflow") is False
-    for name, like in (("ModelConfig", ModelConfig), ("LossConfig", LossConfig),
-                       ("TrainConfig", TrainConfig), ("InputFlags", InputConfig)):
+    for name, like in (
+        ("ModelConfig", ModelConfig),
+        ("LossConfig", LossConfig),
+        ("TrainConfig", TrainConfig),
+        ("InputFlags", InputConfig),
+    ):
         defaults = _defaults(like)
         assert got[name] and got[name] == {k: defaults[k] for k in got[name]}, name
     # train.py's flags include a flag of each of these fields
     assert set(got["TrainConfig"]) == {f.field for f in flag_fields(TrainConfig)}
     assert not {"model_dir", "num_train_cases"} & set(got["TrainConfig"])  # not flags of theirs
-    assert set(got["InputFlags"]) == {"augment", "cache", "crop_from"} == {
-        f.field for f in flag_fields(InputFlags)}
+    assert (
+        set(got["InputFlags"])
+        == {"augment", "cache", "crop_from"}
+        == {f.field for f in flag_fields(InputFlags)}
+    )
     assert {"input_shape", "weight_decay", "head_bias_init"} <= set(got["ModelConfig"])
     assert set(got["LossConfig"]) == {"dice_weight", "l2_weight", "kl_weight"}
 
@@ -284,7 +342,8 @@ def test_resume_check_reads_the_config_json_of_an_earlier_run(tmp_path):
         "        out[name] = 'ok'\n"
         "    except ValueError as e:\n"
         "        out[name] = str(e)\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     got = _with_train_module(code)
     assert got["same"] == "ok"
     assert "weight_decay 2e-05 there, 1e-05 now" in got["other"]

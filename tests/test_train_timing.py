@@ -13,9 +13,9 @@ import types
 
 import numpy as np
 import pytest
+from tiny_data import synthetic_tfrecords
 
 from benchmarks import train_timing
-from tiny_data import synthetic_tfrecords
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +33,9 @@ def test_timed_iterator_times_each_wait():
 
 
 def test_epoch_row_is_the_epoch_per_step():
-    row = train_timing.epoch_row({"epoch": 2, "steps": 4, "seconds": 2.0,
-                                  "waits": [0.1, 0.0, 0.0, 0.1]})
+    row = train_timing.epoch_row(
+        {"epoch": 2, "steps": 4, "seconds": 2.0, "waits": [0.1, 0.0, 0.0, 0.1]}
+    )
     assert row["sec_per_step"] == 0.5 and row["input_wait_per_step_s"] == 0.05
     assert row["input_wait_fraction"] == 0.1 and row["input_wait_max_s"] == 0.1
 
@@ -49,13 +50,15 @@ def test_replicas_identical_compares_every_replica():
 
     def trainer(*replica_values):
         variables = [types.SimpleNamespace(value=v) for v in replica_values]
-        return types.SimpleNamespace(strategy=Strategy(),
-                                     model=types.SimpleNamespace(trainable_variables=variables))
+        return types.SimpleNamespace(
+            strategy=Strategy(), model=types.SimpleNamespace(trainable_variables=variables)
+        )
 
     same = (np.ones(3), np.ones(3))
     assert train_timing.replicas_identical(trainer(same, same)) is True
-    assert train_timing.replicas_identical(trainer(same, (np.ones(3), np.array([1, 1, 1.5])))) \
-        is False
+    assert (
+        train_timing.replicas_identical(trainer(same, (np.ones(3), np.array([1, 1, 1.5])))) is False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +70,26 @@ def data_dir(tmp_path_factory):
 def test_mirrored_train_py_on_two_logical_cpus_is_timed_and_ends_equal(data_dir, tmp_path):
     out = tmp_path / "timing.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/train_timing.py", f"--timing_json={out}",
-         "--logical_devices=2", f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}",
-         f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}", "--fold=-1",
-         "--strategy=mirrored", "--devices=/cpu:0,/cpu:1", "--noexport", "--nodeterministic"],
-        capture_output=True, text=True, timeout=400, cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        [
+            sys.executable,
+            "benchmarks/train_timing.py",
+            f"--timing_json={out}",
+            "--logical_devices=2",
+            f"--flagfile={os.path.join(ROOT, 'configs', 'smoke.flags')}",
+            f"--data_dir={data_dir}",
+            f"--model_dir={tmp_path / 'run'}",
+            "--fold=-1",
+            "--strategy=mirrored",
+            "--devices=/cpu:0,/cpu:1",
+            "--noexport",
+            "--nodeterministic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert payload["replicas"] == 2 and payload["replicas_identical"] is True

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks.reduced_precision import slack
 from brats_tf import losses, training
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.schedules import poly_lr
-from benchmarks.reduced_precision import slack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 16)
@@ -48,6 +48,7 @@ def dataset_fn_for(images, labels, batch, shuffle=True, seed=0):
         if shuffle:  # a different, reproducible order every epoch
             ds = ds.shuffle(len(images), seed=seed * 1000 + epoch)
         return ds.batch(batch)
+
     return fn
 
 
@@ -76,11 +77,21 @@ def test_adam_epsilon_reaches_the_optimizer():
 def test_one_sgd_step_matches_the_hand_written_gradient(tmp_path):
     """The loop's update is exactly -lr * grad(total loss + L2 reg) of the batch mean."""
     images, labels = make_cases(2)
-    cfg = training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, epochs=1,
-                               initial_lr=0.1, batch_per_replica=2, verbose=False)
-    trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
-                               dataset_fn_for(images, labels, 2, shuffle=False),
-                               optimizer_fn=sgd)
+    cfg = training.TrainConfig(
+        model_dir=str(tmp_path),
+        num_train_cases=2,
+        epochs=1,
+        initial_lr=0.1,
+        batch_per_replica=2,
+        verbose=False,
+    )
+    trainer = training.Trainer(
+        TINY,
+        LossConfig(l2_weight=0.0),
+        cfg,
+        dataset_fn_for(images, labels, 2, shuffle=False),
+        optimizer_fn=sgd,
+    )
     model = trainer.model
     w0 = [w.numpy() for w in model.trainable_variables]
     with tf.GradientTape() as tape:
@@ -97,8 +108,12 @@ def test_one_sgd_step_matches_the_hand_written_gradient(tmp_path):
     seg = out["seg"].numpy() > 0.5
     truth = labels > 0.5
     for c, region in enumerate(("WT", "TC", "ET")):
-        per_case = [2 * np.sum(seg[i, ..., c] & truth[i, ..., c])
-                    / max(np.sum(seg[i, ..., c]) + np.sum(truth[i, ..., c]), 1) for i in range(2)]
+        per_case = [
+            2
+            * np.sum(seg[i, ..., c] & truth[i, ..., c])
+            / max(np.sum(seg[i, ..., c]) + np.sum(truth[i, ..., c]), 1)
+            for i in range(2)
+        ]
         assert history[0][f"dice_{region}"] == pytest.approx(np.mean(per_case), abs=1e-6)
 
 
@@ -137,7 +152,7 @@ _MIRRORED = textwrap.dedent(
         assert trainer.strategy.num_replicas_in_sync == (1 if name == "single" else 2)
         summary = trainer.train()[0]
         np.savez(os.path.join({tmp!r}, name + ".npz"), *trainer.model.get_weights())
-        results[name] = [summary["loss"], summary["dice_WT"], summary["dice_TC"], summary["dice_ET"]]
+        results[name] = [summary[k] for k in ("loss", "dice_WT", "dice_TC", "dice_ET")]
     np.savez(os.path.join({tmp!r}, "init.npz"), *init)
     print(json.dumps(results))
     """
@@ -146,8 +161,13 @@ _MIRRORED = textwrap.dedent(
 
 def test_mirrored_two_replicas_equal_one_device_with_the_global_batch(tmp_path):
     script = _MIRRORED.format(root=ROOT, tests=os.path.join(ROOT, "tests"), tmp=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     # Same loss and the same per-region training Dice (Keras metrics summed
@@ -178,10 +198,21 @@ def test_mixed_float16_scales_the_loss(tmp_path):
     deltas = {}
     init = None
     for precision in ("float32", "mixed_float16", "mixed_bfloat16"):
-        cfg = training.TrainConfig(model_dir=str(tmp_path / precision), num_train_cases=1,
-                                   epochs=1, initial_lr=0.5, precision=precision, verbose=False)
-        trainer = training.Trainer(model_config, LossConfig(l2_weight=0.0), cfg,
-                                   dataset_fn_for(images, labels, 1), optimizer_fn=sgd)
+        cfg = training.TrainConfig(
+            model_dir=str(tmp_path / precision),
+            num_train_cases=1,
+            epochs=1,
+            initial_lr=0.5,
+            precision=precision,
+            verbose=False,
+        )
+        trainer = training.Trainer(
+            model_config,
+            LossConfig(l2_weight=0.0),
+            cfg,
+            dataset_fn_for(images, labels, 1),
+            optimizer_fn=sgd,
+        )
         if init is None:
             init = trainer.model.get_weights()
         else:
@@ -193,8 +224,10 @@ def test_mixed_float16_scales_the_loss(tmp_path):
             assert not isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
         # Repeat the one-step epoch until the inner optimizer has applied one
         # update (a step whose scaled gradients overflow is skipped).
-        while int(getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
-                  .iterations.numpy()) < 1:
+        while (
+            int(getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer).iterations.numpy())
+            < 1
+        ):
             trainer.epoch.assign(0)
             trainer.train()
             trainer.history.clear()
@@ -219,8 +252,9 @@ def test_mixed_float16_scales_the_loss(tmp_path):
 def test_mixed_bfloat16_is_refused_where_onednn_is_wrong(tmp_path):
     """A coarsest level 2 voxels deep (crop depth 16) in mixed_bfloat16 is
     refused before anything is built; float32 and mixed_float16 train there."""
-    cfg = training.TrainConfig(model_dir=str(tmp_path), num_train_cases=1,
-                               precision="mixed_bfloat16", verbose=False)
+    cfg = training.TrainConfig(
+        model_dir=str(tmp_path), num_train_cases=1, precision="mixed_bfloat16", verbose=False
+    )
     images, labels = make_cases(1)
     with pytest.raises(ValueError, match="crop depth of 16 .* at least 24"):
         training.Trainer(TINY, LossConfig(), cfg, dataset_fn_for(images, labels, 1))
@@ -232,17 +266,25 @@ def test_mixed_bfloat16_is_refused_where_onednn_is_wrong(tmp_path):
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
     images, labels = make_cases(2)
     images[1, 0, 0, 0, 0] = np.nan
-    cfg = training.TrainConfig(model_dir=str(tmp_path / "stop"), num_train_cases=2, epochs=1,
-                               verbose=False)
-    trainer = training.Trainer(TINY, LossConfig(), cfg,
-                               dataset_fn_for(images, labels, 1, shuffle=False))
+    cfg = training.TrainConfig(
+        model_dir=str(tmp_path / "stop"), num_train_cases=2, epochs=1, verbose=False
+    )
+    trainer = training.Trainer(
+        TINY, LossConfig(), cfg, dataset_fn_for(images, labels, 1, shuffle=False)
+    )
     with pytest.raises(training.NonFiniteLossError, match=r"epoch 1, step 2"):
         trainer.train()
     assert not os.path.exists(tmp_path / "stop" / "checkpoints" / "checkpoint")
-    cfg = training.TrainConfig(model_dir=str(tmp_path / "skip"), num_train_cases=2, epochs=1,
-                               on_nonfinite="skip", verbose=False)
-    trainer = training.Trainer(TINY, LossConfig(), cfg,
-                               dataset_fn_for(images, labels, 1, shuffle=False))
+    cfg = training.TrainConfig(
+        model_dir=str(tmp_path / "skip"),
+        num_train_cases=2,
+        epochs=1,
+        on_nonfinite="skip",
+        verbose=False,
+    )
+    trainer = training.Trainer(
+        TINY, LossConfig(), cfg, dataset_fn_for(images, labels, 1, shuffle=False)
+    )
     summary = trainer.train()[0]
     assert summary["skipped_steps"] == 1
     assert all(np.all(np.isfinite(w)) for w in trainer.model.get_weights())
@@ -261,11 +303,23 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
             if crash_after is not None and epoch + 1 == crash_after:
                 raise _Crash()
             return {}
-        cfg = training.TrainConfig(model_dir=str(model_dir), num_train_cases=3, epochs=3,
-                                   initial_lr=1e-3, seed=7, deterministic=True, verbose=False)
-        return training.Trainer(model_cfg, LossConfig(), cfg,
-                                dataset_fn_for(images, labels, 1, seed=7),
-                                epoch_end_fn=epoch_end)
+
+        cfg = training.TrainConfig(
+            model_dir=str(model_dir),
+            num_train_cases=3,
+            epochs=3,
+            initial_lr=1e-3,
+            seed=7,
+            deterministic=True,
+            verbose=False,
+        )
+        return training.Trainer(
+            model_cfg,
+            LossConfig(),
+            cfg,
+            dataset_fn_for(images, labels, 1, seed=7),
+            epoch_end_fn=epoch_end,
+        )
 
     straight = run(tmp_path / "a")
     history = straight.train()
@@ -310,6 +364,7 @@ _WORKER = textwrap.dedent(
 
 def _free_ports(n):
     import socket
+
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -324,13 +379,28 @@ def test_multi_worker_two_local_workers_end_with_identical_weights(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
-        script = _WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
-                                model_dir=str(tmp_path / "run"), out=str(tmp_path / f"w{index}.npz"))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster,
-                                        "task": {"type": "worker", "index": index}})}
-        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        script = _WORKER.format(
+            root=ROOT,
+            tests=os.path.join(ROOT, "tests"),
+            model_dir=str(tmp_path / "run"),
+            out=str(tmp_path / f"w{index}.npz"),
+        )
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -376,10 +446,12 @@ def test_unlearned_regions_by_hand():
     from brats_tf.training import UNLEARNED_DICE, unlearned_regions
 
     assert UNLEARNED_DICE == 0.1
-    assert unlearned_regions({"epoch": 60, "dice_WT": 0.95, "dice_TC": 0.002,
-                              "dice_ET": 0.1}) == {"TC": 0.002}  # 0.1 itself is learned
+    assert unlearned_regions({"epoch": 60, "dice_WT": 0.95, "dice_TC": 0.002, "dice_ET": 0.1}) == {
+        "TC": 0.002
+    }  # 0.1 itself is learned
     assert unlearned_regions({"dice_WT": 0.05, "dice_TC": 0.5, "dice_ET": 0.0099}) == {
-        "WT": 0.05, "ET": 0.0099}
+        "WT": 0.05,
+        "ET": 0.0099,
+    }
     assert unlearned_regions({"epoch": 3, "loss": 1.0}) == {}  # no Dice recorded: nothing
-    assert unlearned_regions({"dice_WT": 0.5, "dice_TC": 0.5, "dice_ET": 0.2}, 0.3) == {
-        "ET": 0.2}
+    assert unlearned_regions({"dice_WT": 0.5, "dice_TC": 0.5, "dice_ET": 0.2}, 0.3) == {"ET": 0.2}

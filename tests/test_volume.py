@@ -2,11 +2,11 @@
 crop back, normalisation statistics, against hand-computed values and NumPy."""
 
 import numpy as np
+import oracles
 import pytest
 
 from data_pipeline import constants as C
 from data_pipeline import volume as V
-import oracles
 
 WT, TC, ET = (C.REGIONS.index(r) for r in ("WT", "TC", "ET"))
 
@@ -65,8 +65,9 @@ def test_labels_to_regions_rejects_unknown_values():
     with pytest.raises(ValueError, match="float64"):
         V.labels_to_regions(np.array([0.0, 1.5]))
     # whole numbers stored as floats (a NIfTI read as float) are labels
-    np.testing.assert_array_equal(V.labels_to_regions(np.array([0.0, 4.0])),
-                                  V.labels_to_regions(np.array([0, 4])))
+    np.testing.assert_array_equal(
+        V.labels_to_regions(np.array([0.0, 4.0])), V.labels_to_regions(np.array([0, 4]))
+    )
 
 
 def test_threshold_check():
@@ -155,8 +156,9 @@ def test_normalize_nonzero_matches_numpy():
     nz = image[..., 0] != 0
     assert abs(out[..., 0][nz].mean()) < 1e-5 and abs(out[..., 0][nz].std() - 1) < 1e-5
     # (1 - 3) / 1 and (3 - 3) / 1 by hand: mean 3, std 1 over the non-zero voxels
-    np.testing.assert_array_equal(V.normalize_nonzero(np.array([[[[0], [2], [4]]]]))[0, 0, :, 0],
-                                  [0.0, -1.0, 1.0])
+    np.testing.assert_array_equal(
+        V.normalize_nonzero(np.array([[[[0], [2], [4]]]]))[0, 0, :, 0], [0.0, -1.0, 1.0]
+    )
 
 
 def test_normalize_nonzero_of_a_batch_is_per_example():

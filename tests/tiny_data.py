@@ -11,6 +11,7 @@ def synthetic_tfrecords(root: Path, num_cases: int, shape: tuple, folds: int) ->
     and their conversion, one case a shard, in ``folds`` folds in root/tfr;
     returns root/tfr."""
     write_synthetic_dataset(str(root / "nii"), num_cases, shape=shape, seed=0, progress=False)
-    convert(str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=folds, seed=0,
-            progress=False)
+    convert(
+        str(root / "nii"), str(root / "tfr"), cases_per_shard=1, folds=folds, seed=0, progress=False
+    )
     return root / "tfr"

@@ -16,25 +16,71 @@ summary tables), ``loop`` (``evaluate``), ``et_threshold`` (the ET
 post-processing's N, chosen by ``python -m brats_tf.postprocess``).
 """
 
-from brats_tf.evaluation.cases import (EvalCase, SkippedCase, et_label_for_data, is_tfrecord_dir,
-                                       open_cases, spacing_from_affine)
-from brats_tf.evaluation.config import (FIGURES, PER_CASE_CSV, PREDICTIONS, PROBABILITIES,
-                                        RUN_JSON, SUMMARY_CSV, SUMMARY_JSON, EvalConfig,
-                                        EvaluationError)
+from brats_tf.evaluation.cases import (
+    EvalCase,
+    SkippedCase,
+    et_label_for_data,
+    is_tfrecord_dir,
+    open_cases,
+    spacing_from_affine,
+)
+from brats_tf.evaluation.config import (
+    FIGURES,
+    PER_CASE_CSV,
+    PREDICTIONS,
+    PROBABILITIES,
+    RUN_JSON,
+    SUMMARY_CSV,
+    SUMMARY_JSON,
+    EvalConfig,
+    EvaluationError,
+)
 from brats_tf.evaluation.loop import evaluate, run_protocol
 from brats_tf.evaluation.members import member_warnings, training_run
-from brats_tf.evaluation.models import (LoadedModel, ensemble_probabilities, expand_model_paths,
-                                        input_channels, load_model, load_models)
+from brats_tf.evaluation.models import (
+    LoadedModel,
+    ensemble_probabilities,
+    expand_model_paths,
+    input_channels,
+    load_model,
+    load_models,
+)
 from brats_tf.evaluation.output_folder import check_output_dir, staging_dir
 from brats_tf.evaluation.report import per_case_rows, summary_rows
+
 # train.py's validation and final save, defined in brats_tf.training
 from brats_tf.training import save_final, validation_dice
 
 __all__ = [
-    "EvalCase", "EvalConfig", "EvaluationError", "FIGURES", "LoadedModel", "PER_CASE_CSV",
-    "PREDICTIONS", "PROBABILITIES", "RUN_JSON", "SUMMARY_CSV", "SUMMARY_JSON", "SkippedCase",
-    "check_output_dir", "ensemble_probabilities", "et_label_for_data", "evaluate",
-    "expand_model_paths", "input_channels", "is_tfrecord_dir", "load_model", "load_models",
-    "member_warnings", "open_cases", "per_case_rows", "run_protocol", "save_final",
-    "spacing_from_affine", "staging_dir", "summary_rows", "training_run", "validation_dice",
+    "EvalCase",
+    "EvalConfig",
+    "EvaluationError",
+    "FIGURES",
+    "LoadedModel",
+    "PER_CASE_CSV",
+    "PREDICTIONS",
+    "PROBABILITIES",
+    "RUN_JSON",
+    "SUMMARY_CSV",
+    "SUMMARY_JSON",
+    "SkippedCase",
+    "check_output_dir",
+    "ensemble_probabilities",
+    "et_label_for_data",
+    "evaluate",
+    "expand_model_paths",
+    "input_channels",
+    "is_tfrecord_dir",
+    "load_model",
+    "load_models",
+    "member_warnings",
+    "open_cases",
+    "per_case_rows",
+    "run_protocol",
+    "save_final",
+    "spacing_from_affine",
+    "staging_dir",
+    "summary_rows",
+    "training_run",
+    "validation_dice",
 ]

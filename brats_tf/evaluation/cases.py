@@ -10,17 +10,17 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
+from brats_tf.evaluation.config import EvaluationError, one_line
 from data_pipeline import cases as nifti_cases
 from data_pipeline import constants, features, layouts, volume
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.shards import shard_error
-from brats_tf.evaluation.config import EvaluationError, one_line
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -103,11 +103,14 @@ def _tfrecord_shards(data: str, fold: int | None):
             raise EvaluationError(f"data {data}: shard {f} listed in manifest.json is missing")
     if not files:
         raise EvaluationError(f"data {data}: no shard (fold {fold})")
-    count = sum(len(s["cases"]) if isinstance(s["cases"], list) else int(s["cases"])
-                for s in shards)
+    count = sum(
+        len(s["cases"]) if isinstance(s["cases"], list) else int(s["cases"]) for s in shards
+    )
     if count == 0:
-        raise EvaluationError(f"data {data}: no case in fold {fold} (the converter skipped "
-                              f"them: manifest.json's skipped)")
+        raise EvaluationError(
+            f"data {data}: no case in fold {fold} (the converter skipped "
+            f"them: manifest.json's skipped)"
+        )
     cases_of = {file: s["cases"] for file, s in zip(files, shards)}
     return files, count, bool(manifest.get("has_labels", True)), cases_of
 
@@ -116,9 +119,15 @@ def _tfrecord_cases(files, cases_of: dict, skip=frozenset()) -> Iterator[EvalCas
     def decode(serialized):
         ex = features.parse_raw(serialized)
         image, label = features.decode_volumes(ex)
-        return {"case_id": ex["case_id"], "image": image, "label": label,
-                "has_label": ex["has_label"], "box_start": ex["box_start"],
-                "original_shape": ex["original_shape"], "affine": ex["affine"]}
+        return {
+            "case_id": ex["case_id"],
+            "image": image,
+            "label": label,
+            "has_label": ex["has_label"],
+            "box_start": ex["box_start"],
+            "original_shape": ex["original_shape"],
+            "affine": ex["affine"],
+        }
 
     for file in files:  # one file at a time: an error names that file (and the case)
         listed = cases_of.get(file)
@@ -151,9 +160,14 @@ def _tfrecord_file_cases(file: str, decode, listed, skip) -> Iterator[EvalCase |
         if bool(ex["has_label"].numpy()):
             label = volume.paste_crop(ex["label"].numpy(), shape, start)
         yield EvalCase(
-            case_id=case_id, image=volume.paste_crop(ex["image"].numpy(), shape, start),
-            label=label, affine=affine, spacing=spacing_from_affine(affine),
-            reference=None, source=source)
+            case_id=case_id,
+            image=volume.paste_crop(ex["image"].numpy(), shape, start),
+            label=label,
+            affine=affine,
+            spacing=spacing_from_affine(affine),
+            reference=None,
+            source=source,
+        )
 
 
 def _nifti_cases(cases, require_label: bool, skip=frozenset()) -> Iterator[EvalCase | SkippedCase]:
@@ -168,11 +182,15 @@ def _nifti_cases(cases, require_label: bool, skip=frozenset()) -> Iterator[EvalC
             label = volume.paste_crop(loaded.label, loaded.original_shape, loaded.box_start)
         yield EvalCase(
             case_id=case.case_id,
-            image=volume.paste_crop(loaded.image.astype(np.float32), loaded.original_shape,
-                                    loaded.box_start),
-            label=label, affine=loaded.affine,
+            image=volume.paste_crop(
+                loaded.image.astype(np.float32), loaded.original_shape, loaded.box_start
+            ),
+            label=label,
+            affine=loaded.affine,
             spacing=tuple(float(z) for z in nib.load(ref).header.get_zooms()[:3]),
-            reference=ref, source=case.folder)
+            reference=ref,
+            source=case.folder,
+        )
 
 
 def _find_nifti_cases(data: str) -> list:
@@ -194,21 +212,35 @@ def open_cases(data: str, fold: int | None = None, skip=frozenset()):
         raise EvaluationError(f"data {data}: not a folder")
     if is_tfrecord_dir(data):
         files, count, has_labels, cases_of = _tfrecord_shards(data, fold)
-        log.info("data: %d TFRecord shard(s), %d case(s), %s, from %s", len(files), count,
-                 "labelled" if has_labels else "unlabelled", data)
+        log.info(
+            "data: %d TFRecord shard(s), %d case(s), %s, from %s",
+            len(files),
+            count,
+            "labelled" if has_labels else "unlabelled",
+            data,
+        )
         return _tfrecord_cases(files, cases_of, frozenset(skip)), count, has_labels
     if fold is not None:
-        raise EvaluationError(f"fold {fold} given but data {data} is not a TFRecord folder "
-                              f"(no converter manifest.json)")
+        raise EvaluationError(
+            f"fold {fold} given but data {data} is not a TFRecord folder "
+            f"(no converter manifest.json)"
+        )
     if os.path.isfile(os.path.join(data, manifest_lib.MANIFEST)):
-        log.warning("data %s: its manifest.json is not the converter's (no converter_version, "
-                    "no shards): reading the folder as NIfTI cases", data)
+        log.warning(
+            "data %s: its manifest.json is not the converter's (no converter_version, "
+            "no shards): reading the folder as NIfTI cases",
+            data,
+        )
     cases = _find_nifti_cases(data)
     has_labels = any(c.label is not None for c in cases)
     for case in cases:
         nifti_cases.check_files(case, has_labels)  # a missing modality: one line, before any work
-    log.info("data: %d NIfTI case(s), %s, from %s", len(cases),
-             "labelled" if has_labels else "unlabelled", data)
+    log.info(
+        "data: %d NIfTI case(s), %s, from %s",
+        len(cases),
+        "labelled" if has_labels else "unlabelled",
+        data,
+    )
     return _nifti_cases(cases, has_labels, frozenset(skip)), len(cases), has_labels
 
 
@@ -230,7 +262,8 @@ def et_label_for_data(data: str, fold: int | None = None) -> tuple[int, str]:
         raise EvaluationError(
             f"data {data}: {found[layouts.NAMING_2023]} case(s) named as BraTS 2023, "
             f"{len(namings) - found[layouts.NAMING_2023]} not: pass --et_label=3 (BraTS 2023) "
-            f"or --et_label=4 (2017-2021)")
+            f"or --et_label=4 (2017-2021)"
+        )
     if found.get(layouts.NAMING_2023):
         return constants.LABEL_ET_2023, "the data's BraTS 2023 naming"
     if found.get(layouts.NAMING_2018) == len(namings):

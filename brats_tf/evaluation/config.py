@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from data_pipeline import volume
 from brats_tf import metrics
 from brats_tf.model import check_precision
+from data_pipeline import volume
 
 PER_CASE_CSV = "per_case.csv"
 SUMMARY_JSON = "summary.json"
@@ -87,8 +87,9 @@ class EvalConfig:
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise ValueError(f"{name} must be a path, got {value!r}")
             object.__setattr__(self, name, str(value))
-        if self.fold is not None and (isinstance(self.fold, bool) or not isinstance(self.fold, int)
-                                      or self.fold < 0):
+        if self.fold is not None and (
+            isinstance(self.fold, bool) or not isinstance(self.fold, int) or self.fold < 0
+        ):
             raise ValueError(f"fold must be None or an integer >= 0, got {self.fold!r}")
         if self.et_label is not None:
             volume.check_et_label(self.et_label)
@@ -97,4 +98,5 @@ class EvalConfig:
         check_precision(self.precision)
         if self.hd95_mode not in metrics.HD95_MODES:
             raise ValueError(
-                f"hd95_mode must be one of {metrics.HD95_MODES}, got {self.hd95_mode!r}")
+                f"hd95_mode must be one of {metrics.HD95_MODES}, got {self.hd95_mode!r}"
+            )

@@ -17,12 +17,12 @@ import dataclasses
 import numpy as np
 import tqdm
 
-from data_pipeline import constants, volume
 from brats_tf import inference, metrics
 from brats_tf.evaluation.cases import open_cases
 from brats_tf.evaluation.config import EvaluationError
 from brats_tf.evaluation.members import training_run
 from brats_tf.evaluation.models import ensemble_probabilities
+from data_pipeline import constants, volume
 
 DEFAULT_CANDIDATES = (0, 25, 50, 100, 200, 300, 400, 500, 750, 1000, 1500, 2000)
 
@@ -78,7 +78,8 @@ def training_folds(models, num_folds: int, folds=None) -> list[int]:
             if folds is None:
                 raise EvaluationError(
                     f"model {model.path}: no train.py config.json says which fold it held "
-                    f"out: give --folds (folds it was trained on)")
+                    f"out: give --folds (folds it was trained on)"
+                )
             continue
         fold = run["data"].get("fold")
         if isinstance(fold, int) and fold >= 0:
@@ -89,15 +90,24 @@ def training_folds(models, num_folds: int, folds=None) -> list[int]:
         if not 0 <= k < num_folds:
             raise EvaluationError(f"fold {k}: the data has folds 0 to {num_folds - 1}")
         if k in held_out:
-            raise EvaluationError(f"fold {k} is the held-out fold of model {held_out[k]}: "
-                                  f"choose N on the folds it was trained on")
+            raise EvaluationError(
+                f"fold {k} is the held-out fold of model {held_out[k]}: "
+                f"choose N on the folds it was trained on"
+            )
     if not folds:
         raise EvaluationError("no fold left to choose on (every fold is a model's held-out one)")
     return sorted(set(folds))
 
 
-def collect(models, data: str, folds, tta: bool, crop_to_brain: bool, threshold: float,
-            progress: bool = True) -> list[CaseET]:
+def collect(
+    models,
+    data: str,
+    folds,
+    tta: bool,
+    crop_to_brain: bool,
+    threshold: float,
+    progress: bool = True,
+) -> list[CaseET]:
     """Predicts every case of ``folds`` once: its ET voxels, Dice and truth."""
     sources = []
     for fold in folds:
@@ -106,16 +116,27 @@ def collect(models, data: str, folds, tta: bool, crop_to_brain: bool, threshold:
             raise EvaluationError(f"data {data}: no labels, nothing to choose N with")
         sources.append((fold, cases, count))
     result = []
-    with tqdm.tqdm(total=sum(c for _, _, c in sources), unit="case", disable=not progress,
-                   desc="predict", dynamic_ncols=True) as bar:
+    with tqdm.tqdm(
+        total=sum(c for _, _, c in sources),
+        unit="case",
+        disable=not progress,
+        desc="predict",
+        dynamic_ncols=True,
+    ) as bar:
         for fold, cases, _ in sources:
             for case in cases:
                 probs = ensemble_probabilities(models, case.image, tta, crop_to_brain)
                 labels = inference.probabilities_to_labels(probs, threshold)
                 predicted = labels == constants.LABEL_ET
                 truth = case.label == constants.LABEL_ET
-                result.append(CaseET(case.case_id, fold, int(np.count_nonzero(predicted)),
-                                     float(metrics.dice(predicted, truth)),
-                                     int(np.count_nonzero(truth))))
+                result.append(
+                    CaseET(
+                        case.case_id,
+                        fold,
+                        int(np.count_nonzero(predicted)),
+                        float(metrics.dice(predicted, truth)),
+                        int(np.count_nonzero(truth)),
+                    )
+                )
                 bar.update(1)
     return result

@@ -11,39 +11,56 @@ import json
 import logging
 import pathlib
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import tqdm
 
-from data_pipeline import constants
-from data_pipeline.io_utils import remove_path, replace_folder, write_text_atomic
 from brats_tf import inference, metrics
 from brats_tf.evaluation.cases import EvalCase, SkippedCase, et_label_for_data, open_cases
-from brats_tf.evaluation.config import (FIGURES, PREDICTIONS, PROBABILITIES, RUN_JSON,
-                                        EvalConfig, EvaluationError)
+from brats_tf.evaluation.config import (
+    FIGURES,
+    PREDICTIONS,
+    PROBABILITIES,
+    RUN_JSON,
+    EvalConfig,
+    EvaluationError,
+)
 from brats_tf.evaluation.members import member_warnings, model_record
 from brats_tf.evaluation.models import LoadedModel, expand_model_paths, load_models
 from brats_tf.evaluation.one_case import evaluate_case
-from brats_tf.evaluation.output_folder import (CASES_DONE, RESUME_JSON, check_output_dir,
-                                               make_staging, remove_stale_staging,
-                                               resumable_cases, resume_key, staging_dir)
+from brats_tf.evaluation.output_folder import (
+    CASES_DONE,
+    RESUME_JSON,
+    check_output_dir,
+    make_staging,
+    remove_stale_staging,
+    resumable_cases,
+    resume_key,
+    staging_dir,
+)
 from brats_tf.evaluation.report import TABLES, one_line_summary, write_tables
+from data_pipeline import constants
+from data_pipeline.io_utils import remove_path, replace_folder, write_text_atomic
 
 log = logging.getLogger("brats_tf.evaluation")
 
 SPACING_ATOL = 1e-3  # mm: BraTS volumes are resampled to 1 mm isotropic voxels
 
 
-def run_protocol(config: EvalConfig, models: list[LoadedModel],
-                 et_label: tuple[int, str] | None = None) -> dict:
+def run_protocol(
+    config: EvalConfig, models: list[LoadedModel], et_label: tuple[int, str] | None = None
+) -> dict:
     """``inference.protocol`` of an evaluation: what produced its scores;
     with ``et_label`` (``et_label_for_data``), the ET label written and why."""
     regions = sorted({m.region(config.crop_to_brain) for m in models})
     protocol = inference.protocol(
         region=regions[0] if len(regions) == 1 else "mixed: " + ", ".join(regions),
-        tta=config.tta, ensemble_size=sum(m.networks() for m in models),
-        threshold=config.threshold, et_min_voxels=config.et_min_voxels)
+        tta=config.tta,
+        ensemble_size=sum(m.networks() for m in models),
+        threshold=config.threshold,
+        et_min_voxels=config.et_min_voxels,
+    )
     if et_label is not None:
         protocol["et_label"], protocol["et_label_source"] = et_label
     return protocol
@@ -71,8 +88,12 @@ class _Run:
     resumed: int = 0  # of them, done by an interrupted run (tqdm may not count)
 
 
-def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
-             cases: Iterable[EvalCase] | None = None, num_cases: int | None = None) -> dict:
+def evaluate(
+    config: EvalConfig,
+    models: list[LoadedModel] | None = None,
+    cases: Iterable[EvalCase] | None = None,
+    num_cases: int | None = None,
+) -> dict:
     """Predicts every case, scores it, and writes the outputs of EVALUATION.md (§1, §4).
 
     Inputs are checked before any inference (models load and take 4 channels;
@@ -106,15 +127,22 @@ def evaluate(config: EvalConfig, models: list[LoadedModel] | None = None,
         line = _write_run_record(run, summary, time.monotonic() - start)
         _complete(run)
     except KeyboardInterrupt:
-        log.warning("interrupted: the %d case(s) done are kept in %s; the same command resumes "
-                    "there", len(run.done) + run.n - run.resumed, run.staging)
+        log.warning(
+            "interrupted: the %d case(s) done are kept in %s; the same command resumes there",
+            len(run.done) + run.n - run.resumed,
+            run.staging,
+        )
         raise
     except BaseException:
         _discard(run)
         raise
     _log_outputs(run)
-    return {"summary": summary, "per_case": run.per_case, "line": line,
-            "written": sorted(run.written)}
+    return {
+        "summary": summary,
+        "per_case": run.per_case,
+        "line": line,
+        "written": sorted(run.written),
+    }
 
 
 def _start(config: EvalConfig, models: list[LoadedModel] | None) -> _Run:
@@ -140,8 +168,17 @@ def _start(config: EvalConfig, models: list[LoadedModel] | None) -> _Run:
     log.info("protocol: %s", inference.describe_protocol(protocol))
     staging = staging_dir(out)
     key = resume_key(config, models, protocol)
-    return _Run(config, models, warnings, et_label, protocol, out, staging, key,
-                done=resumable_cases(staging, key))
+    return _Run(
+        config,
+        models,
+        warnings,
+        et_label,
+        protocol,
+        out,
+        staging,
+        key,
+        done=resumable_cases(staging, key),
+    )
 
 
 def _open_staging(run: _Run) -> None:
@@ -155,8 +192,13 @@ def _open_staging(run: _Run) -> None:
 def _evaluate_cases(run: _Run, cases: Iterable[EvalCase], num_cases: int | None) -> None:
     """Every case, each once: evaluated now or resumed, with a progress bar."""
     seen: set = set()
-    bar = tqdm.tqdm(total=num_cases, unit="case", disable=not run.config.progress,
-                    desc="evaluate", dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=num_cases,
+        unit="case",
+        disable=not run.config.progress,
+        desc="evaluate",
+        dynamic_ncols=True,
+    )
     with bar:
         for case in cases:
             if case.case_id in seen:
@@ -167,14 +209,12 @@ def _evaluate_cases(run: _Run, cases: Iterable[EvalCase], num_cases: int | None)
             if record["metrics"] is not None:
                 run.per_case[case.case_id] = record["metrics"]
             if not np.allclose(record["spacing"], 1.0, rtol=0, atol=SPACING_ATOL):
-                run.other_spacing[case.case_id] = [round(float(z), 4)
-                                                   for z in record["spacing"]]
+                run.other_spacing[case.case_id] = [round(float(z), 4) for z in record["spacing"]]
             bar.update(1)
             run.n += 1
             if run.per_case.get(case.case_id):
                 s = run.per_case[case.case_id]
-                bar.set_postfix_str(" ".join(f"{r} {s[r]['dice']:.3f}"
-                                             for r in constants.REGIONS))
+                bar.set_postfix_str(" ".join(f"{r} {s[r]['dice']:.3f}" for r in constants.REGIONS))
     if run.n == 0:
         raise EvaluationError(f"data {run.config.data}: no case")
 
@@ -187,8 +227,9 @@ def _case_record(run: _Run, case: EvalCase | SkippedCase) -> dict:
         run.resumed += 1
         return record
     if isinstance(case, SkippedCase):
-        raise EvaluationError(f"case {case.case_id}: skipped, but no record of "
-                              f"it in {run.staging / CASES_DONE}")
+        raise EvaluationError(
+            f"case {case.case_id}: skipped, but no record of it in {run.staging / CASES_DONE}"
+        )
     record = evaluate_case(case, run.models, run.config, run.et_label, run.staging)
     run.mine += record["written"]
     name = f"{CASES_DONE}/{case.case_id}.json"
@@ -204,8 +245,10 @@ def _write_tables(run: _Run) -> dict | None:
     if not run.per_case:
         return None
     if len(run.per_case) != run.n:
-        raise EvaluationError(f"data {run.config.data}: {run.n - len(run.per_case)} case(s) "
-                              f"without labels among labelled ones")
+        raise EvaluationError(
+            f"data {run.config.data}: {run.n - len(run.per_case)} case(s) "
+            f"without labels among labelled ones"
+        )
     summary = metrics.summarize(run.per_case)
     run.mine += list(TABLES)
     write_tables(run.staging, run.per_case, summary, run.n, run.protocol)
@@ -217,12 +260,19 @@ def _write_run_record(run: _Run, summary: dict | None, seconds: float) -> str:
     """evaluation.json: the configuration, protocol, models, warnings and what
     was written; returns the one-line summary it records."""
     line = one_line_summary(summary, run.n, seconds, str(run.out), run.protocol)
-    record = {"config": dataclasses.asdict(run.config), "protocol": run.protocol,
-              "models": [model_record(m) for m in run.models], "warnings": run.warnings,
-              "num_cases": run.n, "resumed_cases": run.resumed,
-              "has_labels": bool(run.per_case), "seconds": round(seconds, 1),
-              "spacing_not_1mm": run.other_spacing, "summary_line": line,
-              "written": sorted(run.written)}
+    record = {
+        "config": dataclasses.asdict(run.config),
+        "protocol": run.protocol,
+        "models": [model_record(m) for m in run.models],
+        "warnings": run.warnings,
+        "num_cases": run.n,
+        "resumed_cases": run.resumed,
+        "has_labels": bool(run.per_case),
+        "seconds": round(seconds, 1),
+        "spacing_not_1mm": run.other_spacing,
+        "summary_line": line,
+        "written": sorted(run.written),
+    }
     run.mine.append(RUN_JSON)
     write_text_atomic(run.staging / RUN_JSON, json.dumps(record, indent=1))
     run.written.append(RUN_JSON)
@@ -251,12 +301,25 @@ def _log_outputs(run: _Run) -> None:
     n, out = run.n, run.out
     if run.other_spacing:
         case_id, spacing = next(iter(run.other_spacing.items()))
-        log.warning("%d of %d case(s) have a voxel spacing other than 1 mm (e.g. %s: %s mm): "
-                    "their HD95 and volumes are in mm of that grid, not comparable with "
-                    "BraTS's 1 mm results; listed in %s", len(run.other_spacing), n, case_id,
-                    " x ".join(f"{z:g}" for z in spacing), out / RUN_JSON)
+        log.warning(
+            "%d of %d case(s) have a voxel spacing other than 1 mm (e.g. %s: %s mm): "
+            "their HD95 and volumes are in mm of that grid, not comparable with "
+            "BraTS's 1 mm results; listed in %s",
+            len(run.other_spacing),
+            n,
+            case_id,
+            " x ".join(f"{z:g}" for z in spacing),
+            out / RUN_JSON,
+        )
     kinds = collections.Counter(name.split("/")[0] for name in run.written)
-    log.info("read %d case(s) from %s%s; wrote to %s: %s", n, run.config.data,
-             f" ({run.resumed} of them done by the interrupted run)" if run.resumed else "",
-             out, ", ".join(f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k
-                            for k, v in sorted(kinds.items())))
+    log.info(
+        "read %d case(s) from %s%s; wrote to %s: %s",
+        n,
+        run.config.data,
+        f" ({run.resumed} of them done by the interrupted run)" if run.resumed else "",
+        out,
+        ", ".join(
+            f"{k}/ ({v})" if k in (PREDICTIONS, PROBABILITIES, FIGURES) else k
+            for k, v in sorted(kinds.items())
+        ),
+    )

@@ -30,7 +30,8 @@ def training_run(model: LoadedModel) -> dict | None:
     """The train.py config.json of the run a model comes from, or None."""
     config = _run_file(model, "config.json")
     if not isinstance(config, dict) or not all(
-            isinstance(config.get(k), dict) for k in ("model", "train", "data")):
+        isinstance(config.get(k), dict) for k in ("model", "train", "data")
+    ):
         return None
     return config
 
@@ -62,18 +63,27 @@ def member_warnings(models: list[LoadedModel]) -> list[str]:
             warnings.append(
                 f"model {model.path} has not learned {' and '.join(unlearned)}: training Dice "
                 f"{', '.join(f'{d:.3f}' for d in unlearned.values())} in its last epoch (a "
-                f"channel saturated early in training); leave it out of the ensemble")
+                f"channel saturated early in training); leave it out of the ensemble"
+            )
         run = training_run(model)
         if run is None:
             continue
-        key = json.dumps([run["train"].get("seed"), run["data"].get("fold"),
-                          run["train"].get("num_train_cases"), run["model"]], sort_keys=True)
+        key = json.dumps(
+            [
+                run["train"].get("seed"),
+                run["data"].get("fold"),
+                run["train"].get("num_train_cases"),
+                run["model"],
+            ],
+            sort_keys=True,
+        )
         if key in seen_runs:
             warnings.append(
                 f"models {seen_runs[key]} and {model.path} were trained with the same seed "
                 f"{run['train'].get('seed')} on the same data split (fold "
                 f"{run['data'].get('fold')}): the same initial weights and data order; train "
-                f"ensemble members with train.py --member=K")
+                f"ensemble members with train.py --member=K"
+            )
         else:
             seen_runs[key] = model.path
     return warnings
@@ -83,7 +93,11 @@ def model_record(model: LoadedModel) -> dict:
     """What evaluation.json records of a model: its path, kind, precision,
     networks, and the seed and member of its training run."""
     run = training_run(model) or {}
-    return {"path": model.path, "kind": model.kind, "precision": model.precision(),
-            "networks": model.networks(), "seed": run.get("train", {}).get("seed"),
-            "member": run.get("data", {}).get("member")}
-
+    return {
+        "path": model.path,
+        "kind": model.kind,
+        "precision": model.precision(),
+        "networks": model.networks(),
+        "seed": run.get("train", {}).get("seed"),
+        "member": run.get("data", {}).get("member"),
+    }

@@ -14,15 +14,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import constants
-from data_pipeline.io_utils import expand_pattern
 from brats_tf import inference
 from brats_tf.config import ModelConfig
+from brats_tf.evaluation.config import EvaluationError, one_line
 from brats_tf.inference import METADATA_FILE
+
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
 # registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, model_precision
-from brats_tf.evaluation.config import EvaluationError, one_line
+from data_pipeline import constants
+from data_pipeline.io_utils import expand_pattern
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -79,17 +80,19 @@ class LoadedModel:
             fn = self.model.signatures["serving_tta" if tta else "serving_default"]
             out = fn(image=tf.convert_to_tensor(np.asarray(image, np.float32)[None]))
             return np.asarray(out["probabilities"][0], np.float32)
-        return inference.predict_volume(self.model, image, tta=tta, normalize=True,
-                                        crop_to_brain=crop_to_brain)
+        return inference.predict_volume(
+            self.model, image, tta=tta, normalize=True, crop_to_brain=crop_to_brain
+        )
 
 
 def _load_keras(path: pathlib.Path, precision: str | None = None):
     if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a file that is there
-        raise EvaluationError(f"model {path}: not a valid .keras file (not a zip archive: "
-                              f"truncated or corrupt?)")
+        raise EvaluationError(
+            f"model {path}: not a valid .keras file (not a zip archive: truncated or corrupt?)"
+        )
     try:
         model = keras.saving.load_model(str(path), compile=False)
-    except Exception as e:  # noqa: BLE001  Keras raises many types for a bad file
+    except Exception as e:  # Keras raises many types for a bad file
         raise EvaluationError(f"model {path}: cannot load: {one_line(e)}") from None
     model = inference.as_inference_model(model)
     if precision is not None and isinstance(model, keras.Model):
@@ -101,17 +104,19 @@ def _load_checkpoint(prefix: str, config_json: pathlib.Path, precision: str | No
     """The inference model from a tf.train.Checkpoint (keys model/optimizer/epoch/rng)
     and the ``model`` part of train.py's config.json."""
     if not config_json.is_file():
-        raise EvaluationError(f"model {prefix}: no config.json beside the checkpoints "
-                              f"(expected {config_json})")
+        raise EvaluationError(
+            f"model {prefix}: no config.json beside the checkpoints (expected {config_json})"
+        )
     try:
         fields = json.loads(config_json.read_text())["model"]
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         model = build_model(ModelConfig(**fields))
         status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
         status.assert_existing_objects_matched()
-    except Exception as e:  # noqa: BLE001
-        raise EvaluationError(f"model {prefix}: cannot restore the checkpoint with "
-                              f"{config_json}: {one_line(e)}") from None
+    except Exception as e:  # one line for whatever Keras raises
+        raise EvaluationError(
+            f"model {prefix}: cannot restore the checkpoint with {config_json}: {one_line(e)}"
+        ) from None
     return build_inference_model(model, precision=precision)
 
 
@@ -136,40 +141,53 @@ def load_model(path, precision: str | None = None) -> LoadedModel:
     if p.is_dir() and (p / "saved_model.pb").is_file():
         try:
             loaded = tf.saved_model.load(text)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # one line for whatever Keras raises
             raise EvaluationError(f"model {p}: cannot load SavedModel: {one_line(e)}") from None
         if precision is not None:
             raise EvaluationError(
                 f"model {p}: a SavedModel computes in the precision it was exported with "
                 f"(brats_tf.export --precision); --precision={precision} applies to .keras "
-                f"files, model_dirs and checkpoints")
+                f"files, model_dirs and checkpoints"
+            )
         missing = [s for s in ("serving_default", "serving_tta") if s not in loaded.signatures]
         if missing:
-            raise EvaluationError(f"model {p}: SavedModel lacks the signature(s) {missing} "
-                                  f"(export it with brats_tf.export)")
+            raise EvaluationError(
+                f"model {p}: SavedModel lacks the signature(s) {missing} "
+                f"(export it with brats_tf.export)"
+            )
         return LoadedModel(text, "saved_model", loaded, True)
     if p.is_dir():
         for name in ("segmenter.keras", "model.keras"):
             if (p / name).is_file():
-                return LoadedModel(str(p / name), "keras", _load_keras(p / name, precision),
-                                   False)
+                return LoadedModel(str(p / name), "keras", _load_keras(p / name, precision), False)
         ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         latest = tf.train.latest_checkpoint(str(ckpt_dir))
         if latest:
-            return LoadedModel(latest, "checkpoint", _load_checkpoint(
-                latest, ckpt_dir.parent / "config.json", precision), False)
-        raise EvaluationError(f"model {p}: not a model: no saved_model.pb, segmenter.keras, "
-                              f"model.keras or checkpoints/ inside")
+            return LoadedModel(
+                latest,
+                "checkpoint",
+                _load_checkpoint(latest, ckpt_dir.parent / "config.json", precision),
+                False,
+            )
+        raise EvaluationError(
+            f"model {p}: not a model: no saved_model.pb, segmenter.keras, "
+            f"model.keras or checkpoints/ inside"
+        )
     if pathlib.Path(text + ".index").is_file():
-        return LoadedModel(text, "checkpoint", _load_checkpoint(
-            text, p.parent.parent / "config.json", precision), False)
+        return LoadedModel(
+            text,
+            "checkpoint",
+            _load_checkpoint(text, p.parent.parent / "config.json", precision),
+            False,
+        )
     if not p.exists():
         raise EvaluationError(f"model {p}: no such file or directory")
     raise EvaluationError(f"model {p}: not a .keras file, SavedModel, model_dir or checkpoint")
 
 
-def ensemble_probabilities(models: list[LoadedModel], image: np.ndarray,
-                           tta: bool = False, crop_to_brain: bool = True) -> np.ndarray:
+def ensemble_probabilities(
+    models: list[LoadedModel], image: np.ndarray, tta: bool = False, crop_to_brain: bool = True
+) -> np.ndarray:
     """Mean of the models' probabilities (§4) on one RAW case [D, H, W, 4] -> [D, H, W, 3].
 
     The Keras models share one normalisation and padding (``predict_volume`` with
@@ -178,8 +196,9 @@ def ensemble_probabilities(models: list[LoadedModel], image: np.ndarray,
     keras_models = [m.model for m in models if not m.raw_input]
     total = None
     if keras_models:
-        total = inference.predict_volume(keras_models, image, tta=tta,
-                                         crop_to_brain=crop_to_brain) * len(keras_models)
+        total = inference.predict_volume(
+            keras_models, image, tta=tta, crop_to_brain=crop_to_brain
+        ) * len(keras_models)
     for model in models:
         if model.raw_input:
             p = model.predict(image, tta)
@@ -209,9 +228,15 @@ def load_models(paths, precision: str | None = None) -> list[LoadedModel]:
         if channels is not None and channels != constants.NUM_MODALITIES:
             raise EvaluationError(
                 f"model {path}: takes {channels} input channels, the data has "
-                f"{constants.NUM_MODALITIES} ({', '.join(constants.MODALITIES)})")
-        log.info("model %s: %s from %s%s", path, model.kind, model.path,
-                 f", computing in {precision}" if precision else "")
+                f"{constants.NUM_MODALITIES} ({', '.join(constants.MODALITIES)})"
+            )
+        log.info(
+            "model %s: %s from %s%s",
+            path,
+            model.kind,
+            model.path,
+            f", computing in {precision}" if precision else "",
+        )
         models.append(model)
     return models
 
@@ -226,4 +251,3 @@ def expand_model_paths(paths) -> list[str]:
             raise EvaluationError(f"model {path}: the pattern matches no file or folder")
         expanded.extend(matches)
     return expanded
-

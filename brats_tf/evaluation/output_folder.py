@@ -11,11 +11,19 @@ import logging
 import os
 import pathlib
 
-from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
-from brats_tf.evaluation.config import (FIGURES, PER_CASE_CSV, PREDICTIONS, PROBABILITIES,
-                                        RUN_JSON, SUMMARY_CSV, SUMMARY_JSON, EvalConfig,
-                                        EvaluationError)
+from brats_tf.evaluation.config import (
+    FIGURES,
+    PER_CASE_CSV,
+    PREDICTIONS,
+    PROBABILITIES,
+    RUN_JSON,
+    SUMMARY_CSV,
+    SUMMARY_JSON,
+    EvalConfig,
+    EvaluationError,
+)
 from brats_tf.evaluation.models import LoadedModel
+from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
 
 log = logging.getLogger("brats_tf.evaluation")
 
@@ -41,17 +49,22 @@ def check_output_dir(config: EvalConfig, model_paths=None) -> None:
     models = config.models if model_paths is None else model_paths
     for name, path in [("data", config.data)] + [("model", m) for m in models]:
         if os.path.exists(path) and (_inside(out, path) or _inside(path, out)):
-            raise EvaluationError(f"output_dir {out} is, is inside or contains the {name} "
-                                  f"input {path}: choose another folder")
+            raise EvaluationError(
+                f"output_dir {out} is, is inside or contains the {name} "
+                f"input {path}: choose another folder"
+            )
     if os.path.exists(out) and not os.path.isdir(out):
         raise EvaluationError(f"output_dir {out} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out):
         if not config.overwrite:
-            raise EvaluationError(f"output_dir {out} is not empty (pass --overwrite to replace "
-                                  f"an earlier evaluation)")
+            raise EvaluationError(
+                f"output_dir {out} is not empty (pass --overwrite to replace an earlier evaluation)"
+            )
         if not os.path.isfile(os.path.join(out, RUN_JSON)):
-            raise EvaluationError(f"output_dir {out} is not empty and holds no {RUN_JSON} of an "
-                                  f"earlier evaluation: refusing to overwrite it")
+            raise EvaluationError(
+                f"output_dir {out} is not empty and holds no {RUN_JSON} of an "
+                f"earlier evaluation: refusing to overwrite it"
+            )
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise EvaluationError(f"output_dir {out}: parent folder {parent} does not exist")
@@ -72,8 +85,7 @@ def remove_stale_staging(out: pathlib.Path) -> None:
     of earlier versions (``.<name>.tmp-<random>``, holding nothing but
     evaluate's outputs) and those of a staging folder killed while it was
     made; other folders are left alone."""
-    ours = {PREDICTIONS, PROBABILITIES, FIGURES, PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON,
-            RUN_JSON}
+    ours = {PREDICTIONS, PROBABILITIES, FIGURES, PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON, RUN_JSON}
     for path in stale_temporaries(out, directory=True):
         names = {n for n in os.listdir(path) if not n.startswith(".")}  # .tmp files too
         if PREDICTIONS in names and names <= ours:
@@ -91,12 +103,19 @@ def _files_of(path) -> list:
     if path.is_file():
         base, files = path.parent, [path]
     elif path.is_dir():
-        base, files = path, sorted(pathlib.Path(folder) / name
-                                   for folder, _, names in os.walk(path, followlinks=True)
-                                   for name in names)
+        base, files = (
+            path,
+            sorted(
+                pathlib.Path(folder) / name
+                for folder, _, names in os.walk(path, followlinks=True)
+                for name in names
+            ),
+        )
     else:
-        base, files = path.parent, sorted(pathlib.Path(p) for p in
-                                          glob.glob(glob.escape(str(path)) + ".*"))
+        base, files = (
+            path.parent,
+            sorted(pathlib.Path(p) for p in glob.glob(glob.escape(str(path)) + ".*")),
+        )
     stats = []
     for file in files:
         st = file.stat()
@@ -115,14 +134,23 @@ def resume_key(config: EvalConfig, models: list[LoadedModel], protocol: dict) ->
         if model.kind == "checkpoint":  # its architecture comes from config.json
             files += _files_of(pathlib.Path(model.path).parent.parent / "config.json")
         model_files.append({"path": os.path.realpath(model.path), "files": files})
-    return json.loads(json.dumps({
-        "models": model_files,
-        "data": {"path": os.path.realpath(config.data), "fold": config.fold,
-                 "files": _files_of(config.data)},
-        "protocol": protocol,
-        "outputs": {k: getattr(config, k) for k in ("precision", "hd95_mode",
-                                                    "save_probabilities", "figures")},
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "models": model_files,
+                "data": {
+                    "path": os.path.realpath(config.data),
+                    "fold": config.fold,
+                    "files": _files_of(config.data),
+                },
+                "protocol": protocol,
+                "outputs": {
+                    k: getattr(config, k)
+                    for k in ("precision", "hd95_mode", "save_probabilities", "figures")
+                },
+            }
+        )
+    )
 
 
 def _read_json(path):
@@ -142,23 +170,35 @@ def resumable_cases(staging: pathlib.Path, key: dict) -> dict | None:
         return None
     recorded = _read_json(staging / RESUME_JSON) if staging.is_dir() else None
     if staging.is_symlink() or not isinstance(recorded, dict):
-        raise EvaluationError(f"{staging} exists and is not the staging folder of an "
-                              f"interrupted evaluation (no {RESUME_JSON}): move it away or "
-                              f"choose another output_dir")
+        raise EvaluationError(
+            f"{staging} exists and is not the staging folder of an "
+            f"interrupted evaluation (no {RESUME_JSON}): move it away or "
+            f"choose another output_dir"
+        )
     if recorded != key:
         differ = [name for name in key if recorded.get(name) != key[name]] or ["versions"]
-        log.warning("starting over: %s holds an interrupted evaluation whose %s differ from "
-                    "this one's (nothing to resume there); it is replaced", staging,
-                    " and ".join(differ))
+        log.warning(
+            "starting over: %s holds an interrupted evaluation whose %s differ from "
+            "this one's (nothing to resume there); it is replaced",
+            staging,
+            " and ".join(differ),
+        )
         return None
     done = {}
     for path in sorted((staging / CASES_DONE).glob("*.json")):
         record = _read_json(path)
-        if (isinstance(record, dict) and isinstance(record.get("written"), list)
-                and all((staging / name).is_file() for name in record["written"])):
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("written"), list)
+            and all((staging / name).is_file() for name in record["written"])
+        ):
             done[record["case_id"]] = record
-    log.info("resuming the interrupted evaluation in %s: %d case(s) done there are kept, the "
-             "others evaluated now", staging, len(done))
+    log.info(
+        "resuming the interrupted evaluation in %s: %d case(s) done there are kept, the "
+        "others evaluated now",
+        staging,
+        len(done),
+    )
     return done
 
 
@@ -167,12 +207,18 @@ def make_staging(staging: pathlib.Path, key: dict, config: EvalConfig) -> None:
     if os.path.lexists(staging):
         remove_path(staging)  # checked by resumable_cases: an evaluation's, of another key
     with atomic_path(staging, directory=True) as tmp:
-        for name, wanted in [(CASES_DONE, True), (PREDICTIONS, True),
-                             (PROBABILITIES, config.save_probabilities),
-                             (FIGURES, config.figures)]:
+        for name, wanted in [
+            (CASES_DONE, True),
+            (PREDICTIONS, True),
+            (PROBABILITIES, config.save_probabilities),
+            (FIGURES, config.figures),
+        ]:
             if wanted:
                 (tmp / name).mkdir()
         (tmp / RESUME_JSON).write_text(json.dumps(key, indent=1))
-    log.info("writing into %s, renamed to %s once every case is done (if interrupted, the "
-             "same command resumes there)", staging, config.output_dir)
-
+    log.info(
+        "writing into %s, renamed to %s once every case is done (if interrupted, the "
+        "same command resumes there)",
+        staging,
+        config.output_dir,
+    )

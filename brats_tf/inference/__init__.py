@@ -12,37 +12,75 @@ run's model.keras, segmenter.keras and SavedModel). Their public names are re-ex
 here: ``from brats_tf import inference; inference.predict_volume(...)``.
 """
 
-from brats_tf.inference.labels import (et_to_necrosis_tf, probabilities_to_labels,
-                                       probabilities_to_labels_tf)
+from brats_tf.inference.labels import (
+    et_to_necrosis_tf,
+    probabilities_to_labels,
+    probabilities_to_labels_tf,
+)
 from brats_tf.inference.nifti import write_prediction_nifti
-from brats_tf.inference.predict import (FLIP_AXES, as_inference_model, model_probabilities,
-                                        place_back_tf, predict_tta_loop_tf, predict_tta_tf,
-                                        predict_volume, prepare_volume_tf,
-                                        volume_probabilities_tf)
+from brats_tf.inference.predict import (
+    FLIP_AXES,
+    as_inference_model,
+    model_probabilities,
+    place_back_tf,
+    predict_tta_loop_tf,
+    predict_tta_tf,
+    predict_volume,
+    prepare_volume_tf,
+    volume_probabilities_tf,
+)
 from brats_tf.inference.protocol_record import describe_protocol, protocol, region_name
+from brats_tf.inference.saved_model import (
+    INPUT_NAME,
+    METADATA_FILE,
+    SIGNATURES,
+    BratsServingModule,
+    export_saved_model,
+)
 from brats_tf.inference.saving import save_final
-from brats_tf.inference.saved_model import (INPUT_NAME, METADATA_FILE, SIGNATURES,
-                                            BratsServingModule, export_saved_model)
-from brats_tf.inference.volume_tf import (brain_box_tf, crop_back_tf, crop_box_tf,
-                                          normalize_nonzero_tf, pad_to_multiple_tf,
-                                          paste_box_tf)
+from brats_tf.inference.volume_tf import (
+    brain_box_tf,
+    crop_back_tf,
+    crop_box_tf,
+    normalize_nonzero_tf,
+    pad_to_multiple_tf,
+    paste_box_tf,
+)
 
 __all__ = [
     # volume_tf
-    "pad_to_multiple_tf", "crop_back_tf", "brain_box_tf", "crop_box_tf", "paste_box_tf",
+    "pad_to_multiple_tf",
+    "crop_back_tf",
+    "brain_box_tf",
+    "crop_box_tf",
+    "paste_box_tf",
     "normalize_nonzero_tf",
     # predict
-    "FLIP_AXES", "model_probabilities", "predict_tta_tf", "predict_tta_loop_tf",
-    "as_inference_model", "volume_probabilities_tf", "prepare_volume_tf", "place_back_tf",
+    "FLIP_AXES",
+    "model_probabilities",
+    "predict_tta_tf",
+    "predict_tta_loop_tf",
+    "as_inference_model",
+    "volume_probabilities_tf",
+    "prepare_volume_tf",
+    "place_back_tf",
     "predict_volume",
     # labels
-    "probabilities_to_labels", "probabilities_to_labels_tf", "et_to_necrosis_tf",
+    "probabilities_to_labels",
+    "probabilities_to_labels_tf",
+    "et_to_necrosis_tf",
     # protocol_record
-    "region_name", "protocol", "describe_protocol",
+    "region_name",
+    "protocol",
+    "describe_protocol",
     # nifti
     "write_prediction_nifti",
     # saved_model
-    "BratsServingModule", "export_saved_model", "INPUT_NAME", "SIGNATURES", "METADATA_FILE",
+    "BratsServingModule",
+    "export_saved_model",
+    "INPUT_NAME",
+    "SIGNATURES",
+    "METADATA_FILE",
     # saving
     "save_final",
 ]

@@ -17,8 +17,9 @@ _TC = constants.REGIONS.index("TC")
 _ET = constants.REGIONS.index("ET")
 
 
-def probabilities_to_labels(probs: np.ndarray, threshold: float = 0.5,
-                            et_label: int = constants.LABEL_ET) -> np.ndarray:
+def probabilities_to_labels(
+    probs: np.ndarray, threshold: float = 0.5, et_label: int = constants.LABEL_ET
+) -> np.ndarray:
     """Region probabilities [..., 3] (WT, TC, ET) -> BraTS label map [...] uint8 (§1).
 
     Each channel is thresholded (p > threshold). Nesting is enforced by the
@@ -41,8 +42,9 @@ def probabilities_to_labels(probs: np.ndarray, threshold: float = 0.5,
     return labels
 
 
-def probabilities_to_labels_tf(probs: tf.Tensor, threshold: float = 0.5,
-                               et_label: int = constants.LABEL_ET) -> tf.Tensor:
+def probabilities_to_labels_tf(
+    probs: tf.Tensor, threshold: float = 0.5, et_label: int = constants.LABEL_ET
+) -> tf.Tensor:
     """Graph version of ``probabilities_to_labels``: [..., 3] -> [...] uint8."""
     threshold, et_label = volume.check_threshold(threshold), volume.check_et_label(et_label)
     on = tf.cast(probs, tf.float32) > threshold
@@ -55,8 +57,9 @@ def probabilities_to_labels_tf(probs: tf.Tensor, threshold: float = 0.5,
     return tf.where(on[..., _ET], fill(et_label), labels)
 
 
-def et_to_necrosis_tf(labels: tf.Tensor, et_min_voxels: int,
-                      et_label: int = constants.LABEL_ET) -> tf.Tensor:
+def et_to_necrosis_tf(
+    labels: tf.Tensor, et_min_voxels: int, et_label: int = constants.LABEL_ET
+) -> tf.Tensor:
     """Graph version of ``volume.et_to_necrosis`` for a batch [B, D, H, W] of
     label maps: each case's ET count against ``et_min_voxels`` (0: unchanged)."""
     et_min_voxels = volume.check_et_min_voxels(et_min_voxels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -42,8 +42,9 @@ def _reference(reference):
     )
 
 
-def _output_file(output_path, case_id: str | None, name: str, ref_path: pathlib.Path | None,
-                 overwrite: bool) -> pathlib.Path:
+def _output_file(
+    output_path, case_id: str | None, name: str, ref_path: pathlib.Path | None, overwrite: bool
+) -> pathlib.Path:
     """The file ``write_prediction_nifti`` writes: ``output_path``, or
     ``<case_id>.nii.gz`` in it when it is a directory; checked to be a NIfTI
     name in an existing directory, not the reference, not an existing file
@@ -76,9 +77,7 @@ def _full_label_map(label_map, shape, bbox_start, et_label: int, name: str) -> n
     if labels.ndim != 3:
         raise ValueError(f"case {name}: label map must be [D, H, W], got shape {labels.shape}")
     if shape is not None and labels.shape != shape:
-        raise ValueError(
-            f"case {name}: label map shape {labels.shape} != reference shape {shape}"
-        )
+        raise ValueError(f"case {name}: label map shape {labels.shape} != reference shape {shape}")
     volume.labels_to_regions(labels, et_label)  # checks the values
     return labels.astype(np.uint8)
 
@@ -95,10 +94,15 @@ def _label_image(labels: np.ndarray, affine, header):
     return nib.Nifti1Image(labels, affine, header=hdr)
 
 
-def write_prediction_nifti(label_map: np.ndarray, reference, output_path,
-                           case_id: str | None = None, bbox_start: Sequence[int] | None = None,
-                           et_label: int = constants.LABEL_ET,
-                           overwrite: bool = False) -> pathlib.Path:
+def write_prediction_nifti(
+    label_map: np.ndarray,
+    reference,
+    output_path,
+    case_id: str | None = None,
+    bbox_start: Sequence[int] | None = None,
+    et_label: int = constants.LABEL_ET,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Writes a BraTS label map as uint8 NIfTI with the reference's shape, affine and header.
 
     Args:

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import constants, volume
-from brats_tf.inference.volume_tf import (brain_box_tf, crop_back_tf, crop_box_tf,
-                                          normalize_nonzero_tf, pad_to_multiple_tf,
-                                          paste_box_tf)
+from brats_tf.inference.volume_tf import (
+    brain_box_tf,
+    crop_back_tf,
+    crop_box_tf,
+    normalize_nonzero_tf,
+    pad_to_multiple_tf,
+    paste_box_tf,
+)
 from brats_tf.model import build_inference_model
-
+from data_pipeline import constants, volume
 
 FLIP_AXES = tuple(
     combo for r in range(4) for combo in itertools.combinations((1, 2, 3), r)
@@ -87,7 +91,8 @@ def predict_tta_loop_tf(model: Callable, x: tf.Tensor) -> tf.Tensor:
         return i + 1, total + flip(y, i)
 
     _, total = tf.while_loop(
-        lambda i, _: i < len(FLIP_AXES), body,
+        lambda i, _: i < len(FLIP_AXES),
+        body,
         (tf.constant(0), tf.zeros(out_shape, tf.float32)),
         shape_invariants=(tf.TensorShape([]), tf.TensorShape([None] * 4 + [None])),
         parallel_iterations=1,  # else up to 10 flips' activations are alive at once
@@ -109,13 +114,18 @@ def as_inference_model(model):
     return model
 
 
-_GRAPH_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GRAPH_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def volume_probabilities_tf(predict: Callable, x: tf.Tensor, normalize: bool = True,
-                            crop_to_brain: bool = True,
-                            multiple: int = constants.SPATIAL_DIVISOR,
-                            pad_mode: str = "symmetric", margin: int = 0) -> tf.Tensor:
+def volume_probabilities_tf(
+    predict: Callable,
+    x: tf.Tensor,
+    normalize: bool = True,
+    crop_to_brain: bool = True,
+    multiple: int = constants.SPATIAL_DIVISOR,
+    pad_mode: str = "symmetric",
+    margin: int = 0,
+) -> tf.Tensor:
     """``predict_volume``'s whole pipeline in TF ops, for [B, D, H, W, C] raw cases.
 
     Normalise (``normalize_nonzero_tf``), crop to the brain's box
@@ -128,9 +138,14 @@ def volume_probabilities_tf(predict: Callable, x: tf.Tensor, normalize: bool = T
     return place_back_tf(predict(x), placement)
 
 
-def prepare_volume_tf(x: tf.Tensor, normalize: bool = True, crop_to_brain: bool = True,
-                      multiple: int = constants.SPATIAL_DIVISOR, pad_mode: str = "symmetric",
-                      margin: int = 0):
+def prepare_volume_tf(
+    x: tf.Tensor,
+    normalize: bool = True,
+    crop_to_brain: bool = True,
+    multiple: int = constants.SPATIAL_DIVISOR,
+    pad_mode: str = "symmetric",
+    margin: int = 0,
+):
     """``volume_probabilities_tf`` before the network: raw [B, D, H, W, C] ->
     (the network's input, its placement for ``place_back_tf``)."""
     full = tf.shape(x)[1:4]
@@ -171,25 +186,35 @@ def _volume_fn(model, tta: bool, channels: int, **options) -> Callable:
     """
     if not isinstance(model, keras.Model):
         return lambda x: volume_probabilities_tf(
-            lambda t: predict_tta_tf(model, t, tta=tta), x, **options)
+            lambda t: predict_tta_tf(model, t, tta=tta), x, **options
+        )
     fns = _GRAPH_FNS.setdefault(model, {})
     key = (tta, channels) + tuple(sorted(options.items()))
     if key not in fns:
         ref = weakref.ref(model)  # the cache must not keep the model alive
-        if tta:  # the 8 flips one after another: the memory of one prediction
-            predict = lambda t: predict_tta_loop_tf(ref(), t)  # noqa: E731
-        else:
-            predict = lambda t: model_probabilities(ref(), t)  # noqa: E731
+        # with TTA the 8 flips one after another: the memory of one prediction
+        network = predict_tta_loop_tf if tta else model_probabilities
+
+        def predict(t):
+            return network(ref(), t)
+
         spec = tf.TensorSpec([None, None, None, None, channels], tf.float32)
-        fns[key] = tf.function(lambda x: volume_probabilities_tf(predict, x, **options),
-                               input_signature=[spec])
+        fns[key] = tf.function(
+            lambda x: volume_probabilities_tf(predict, x, **options), input_signature=[spec]
+        )
     return fns[key]
 
 
-def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool = True,
-                   multiple: int = constants.SPATIAL_DIVISOR,
-                   pad_mode: str = "symmetric", crop_to_brain: bool = True,
-                   margin: int = 0) -> np.ndarray:
+def predict_volume(
+    models,
+    image: np.ndarray,
+    tta: bool = False,
+    normalize: bool = True,
+    multiple: int = constants.SPATIAL_DIVISOR,
+    pad_mode: str = "symmetric",
+    crop_to_brain: bool = True,
+    margin: int = 0,
+) -> np.ndarray:
     """Full-volume segmentation probabilities of one case (§3.7, "Network", §4).
 
     Normalises (``volume.normalize_nonzero``'s statistics, in TF float64; pass
@@ -222,8 +247,13 @@ def predict_volume(models, image: np.ndarray, tta: bool = False, normalize: bool
     if normalize:
         volume.check_raw_image(image)  # the statistics are float64 in the graph
     batch = tf.convert_to_tensor(image[None].astype(np.float32, copy=False))
-    options = dict(normalize=bool(normalize), crop_to_brain=bool(crop_to_brain),
-                   multiple=multiple, pad_mode=pad_mode, margin=margin)
+    options = dict(
+        normalize=bool(normalize),
+        crop_to_brain=bool(crop_to_brain),
+        multiple=multiple,
+        pad_mode=pad_mode,
+        margin=margin,
+    )
     total = None
     for model in models:
         model = as_inference_model(model)  # held here: the cache only refers to it weakly

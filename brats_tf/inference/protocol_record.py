@@ -12,8 +12,14 @@ def region_name(crop_to_brain: bool) -> str:
     return "brain_box" if crop_to_brain else "whole_volume"
 
 
-def protocol(region: str, tta: bool, ensemble_size: int = 1, threshold: float = 0.5,
-             et_min_voxels: int = 0, multiple: int = constants.SPATIAL_DIVISOR) -> dict:
+def protocol(
+    region: str,
+    tta: bool,
+    ensemble_size: int = 1,
+    threshold: float = 0.5,
+    et_min_voxels: int = 0,
+    multiple: int = constants.SPATIAL_DIVISOR,
+) -> dict:
     """How a prediction was made, as evaluation.json, summary.json, the
     SavedModel's metadata and the client's output record it. ``region``:
     ``region_name(crop_to_brain)``, or what an evaluation of several models ran on.
@@ -36,11 +42,16 @@ def protocol(region: str, tta: bool, ensemble_size: int = 1, threshold: float = 
 
 def describe_protocol(p: dict) -> str:
     """``protocol``'s dict as one line, e.g. 'whole volume, TTA, 1 model, p > 0.5'."""
-    parts = ["brain box" if p["region"] == "brain_box" else
-             "whole volume" if p["region"] == "whole_volume" else str(p["region"]),
-             "TTA (8 flips)" if p["tta"] != "none" else "no TTA",
-             f"{p['ensemble_size']} model{'s' if p['ensemble_size'] != 1 else ''}",
-             f"p > {p['threshold']:g}"]
+    parts = [
+        "brain box"
+        if p["region"] == "brain_box"
+        else "whole volume"
+        if p["region"] == "whole_volume"
+        else str(p["region"]),
+        "TTA (8 flips)" if p["tta"] != "none" else "no TTA",
+        f"{p['ensemble_size']} model{'s' if p['ensemble_size'] != 1 else ''}",
+        f"p > {p['threshold']:g}",
+    ]
     if p["et_min_voxels"]:
         parts.append(f"ET < {p['et_min_voxels']} voxels -> NCR")
     if "et_label" in p:  # an evaluation's: the label its predictions give ET

@@ -19,13 +19,17 @@ import pathlib
 
 import tensorflow as tf
 
-from data_pipeline import constants, volume
-from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
 import brats_tf.inference.protocol_record as protocol_record
 from brats_tf.inference.labels import et_to_necrosis_tf, probabilities_to_labels_tf
-from brats_tf.inference.predict import (as_inference_model, model_probabilities,
-                                        predict_tta_loop_tf, volume_probabilities_tf)
+from brats_tf.inference.predict import (
+    as_inference_model,
+    model_probabilities,
+    predict_tta_loop_tf,
+    volume_probabilities_tf,
+)
 from brats_tf.model import build_inference_model, config_from_model, model_precision
+from data_pipeline import constants, volume
+from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
 
 INPUT_NAME = "image"
 SIGNATURES = ("serving_default", "serving_tta")
@@ -48,9 +52,15 @@ class BratsServingModule(tf.Module):
     then ``et_min_voxels``' post-processing (0: none); the protocol as JSON.
     """
 
-    def __init__(self, inference_models, et_label: int = constants.LABEL_ET,
-                 threshold: float = 0.5, multiple: int = constants.SPATIAL_DIVISOR,
-                 crop_to_brain: bool = True, et_min_voxels: int = 0):
+    def __init__(
+        self,
+        inference_models,
+        et_label: int = constants.LABEL_ET,
+        threshold: float = 0.5,
+        multiple: int = constants.SPATIAL_DIVISOR,
+        crop_to_brain: bool = True,
+        et_min_voxels: int = 0,
+    ):
         super().__init__(name="brats_serving")
         self.models = list(inference_models)
         self._et_label = et_label
@@ -58,15 +68,18 @@ class BratsServingModule(tf.Module):
         self._multiple = multiple
         self._crop_to_brain = crop_to_brain
         self._et_min_voxels = et_min_voxels
-        spec = tf.TensorSpec([None, None, None, None, constants.NUM_MODALITIES], tf.float32,
-                             name=INPUT_NAME)
+        spec = tf.TensorSpec(
+            [None, None, None, None, constants.NUM_MODALITIES], tf.float32, name=INPUT_NAME
+        )
         # One traced network function (the mean over the ensemble), called once
         # (plain) or inside the TTA while_loop: the SavedModel holds one copy.
         self._segment = tf.function(self._mean_probabilities, input_signature=[spec])
-        self.serving_default = tf.function(lambda image: self._serve(image, False),
-                                           input_signature=[spec])
-        self.serving_tta = tf.function(lambda image: self._serve(image, True),
-                                       input_signature=[spec])
+        self.serving_default = tf.function(
+            lambda image: self._serve(image, False), input_signature=[spec]
+        )
+        self.serving_tta = tf.function(
+            lambda image: self._serve(image, True), input_signature=[spec]
+        )
 
     def _serve(self, image: tf.Tensor, tta: bool) -> dict:
         def predict(x):
@@ -77,14 +90,21 @@ class BratsServingModule(tf.Module):
             return tf.ensure_shape(probs, [None, None, None, None, constants.NUM_REGIONS])
 
         # the same pipeline as inference.predict_volume
-        probs = volume_probabilities_tf(predict, image, crop_to_brain=self._crop_to_brain,
-                                        multiple=self._multiple, pad_mode="symmetric")
+        probs = volume_probabilities_tf(
+            predict,
+            image,
+            crop_to_brain=self._crop_to_brain,
+            multiple=self._multiple,
+            pad_mode="symmetric",
+        )
         labels = probabilities_to_labels_tf(probs, self._threshold, self._et_label)
         labels = et_to_necrosis_tf(labels, self._et_min_voxels, self._et_label)
         protocol = tf.fill(tf.shape(image)[:1], json.dumps(self.protocol(tta), sort_keys=True))
-        return {"probabilities": tf.identity(probs, name="probabilities"),
-                "labels": tf.identity(labels, name="labels"),
-                "protocol": tf.identity(protocol, name="protocol")}
+        return {
+            "probabilities": tf.identity(probs, name="probabilities"),
+            "labels": tf.identity(labels, name="labels"),
+            "protocol": tf.identity(protocol, name="protocol"),
+        }
 
     def _mean_probabilities(self, x: tf.Tensor) -> tf.Tensor:
         total = None
@@ -95,9 +115,14 @@ class BratsServingModule(tf.Module):
 
     def protocol(self, tta: bool) -> dict:
         """``inference.protocol`` of a signature (``tta``: serving_tta)."""
-        return protocol_record.protocol(protocol_record.region_name(self._crop_to_brain), tta,
-                                        len(self.models), self._threshold,
-                                        self._et_min_voxels, self._multiple)
+        return protocol_record.protocol(
+            protocol_record.region_name(self._crop_to_brain),
+            tta,
+            len(self.models),
+            self._threshold,
+            self._et_min_voxels,
+            self._multiple,
+        )
 
 
 def _check_version(version) -> int:
@@ -108,8 +133,9 @@ def _check_version(version) -> int:
 
 def _members(training_model) -> list:
     """The models to export: ``training_model`` itself, or the members of a list."""
-    members = list(training_model) if isinstance(training_model, (list, tuple)) else [
-        training_model]
+    members = (
+        list(training_model) if isinstance(training_model, (list, tuple)) else [training_model]
+    )
     if not members:
         raise ValueError("no model to export")
     return members
@@ -146,20 +172,36 @@ def _serving_models(members: list, precision: str | None) -> tuple[list, str]:
         models.append(model)
     precisions = sorted({model_precision(m) for m in models})
     if len(precisions) > 1:
-        raise ValueError(f"the ensemble's models compute in different precisions {precisions}: "
-                         f"export them with one --precision")
+        raise ValueError(
+            f"the ensemble's models compute in different precisions {precisions}: "
+            f"export them with one --precision"
+        )
     return models, precisions[0]
 
 
-def _metadata(module: BratsServingModule, et_label: int, threshold: float, multiple: int,
-              crop_to_brain: bool, et_min_voxels: int, precision: str) -> dict:
+def _metadata(
+    module: BratsServingModule,
+    et_label: int,
+    threshold: float,
+    multiple: int,
+    crop_to_brain: bool,
+    et_min_voxels: int,
+    precision: str,
+) -> dict:
     """``METADATA_FILE``'s content: the signatures' input, outputs and protocol."""
     return {
-        "input": {"name": INPUT_NAME, "layout": "[B, D, H, W, C]",
-                  "channels": list(constants.MODALITIES), "dtype": "float32",
-                  "values": "raw intensities (normalised in the graph)"},
-        "outputs": {"probabilities": list(constants.REGIONS), "labels": "uint8 label map",
-                    "protocol": "JSON string per case: how the labels were made"},
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "[B, D, H, W, C]",
+            "channels": list(constants.MODALITIES),
+            "dtype": "float32",
+            "values": "raw intensities (normalised in the graph)",
+        },
+        "outputs": {
+            "probabilities": list(constants.REGIONS),
+            "labels": "uint8 label map",
+            "protocol": "JSON string per case: how the labels were made",
+        },
         "et_label": et_label,
         "threshold": threshold,
         "padding": f"zeros, symmetric, to a multiple of {multiple}",
@@ -181,17 +223,28 @@ def _write_version(module: BratsServingModule, target: pathlib.Path, meta: dict)
         remove_path(stale)
     with atomic_path(target, directory=True) as tmp:
         tf.saved_model.save(
-            module, str(tmp),
-            signatures={"serving_default": module.serving_default,
-                        "serving_tta": module.serving_tta})
+            module,
+            str(tmp),
+            signatures={
+                "serving_default": module.serving_default,
+                "serving_tta": module.serving_tta,
+            },
+        )
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def export_saved_model(training_model, export_dir, version: int = 1,
-                       et_label: int = constants.LABEL_ET, threshold: float = 0.5,
-                       overwrite: bool = False, crop_to_brain: bool = True,
-                       precision: str | None = None, et_min_voxels: int = 0) -> pathlib.Path:
+def export_saved_model(
+    training_model,
+    export_dir,
+    version: int = 1,
+    et_label: int = constants.LABEL_ET,
+    threshold: float = 0.5,
+    overwrite: bool = False,
+    crop_to_brain: bool = True,
+    precision: str | None = None,
+    et_min_voxels: int = 0,
+) -> pathlib.Path:
     """Writes ``<export_dir>/<version>/`` with ``BratsServingModule``'s signatures.
 
     Args:
@@ -223,9 +276,11 @@ def export_saved_model(training_model, export_dir, version: int = 1,
     models, served_precision = _serving_models(members, precision)
     # 8 for the paper's 4 levels; an ensemble pads to what each of its networks needs
     multiple = math.lcm(*(config_from_model(m).spatial_divisor for m in models))
-    module = BratsServingModule(models, et_label, threshold, multiple, bool(crop_to_brain),
-                                et_min_voxels)
-    meta = _metadata(module, et_label, threshold, multiple, bool(crop_to_brain),
-                     et_min_voxels, served_precision)
+    module = BratsServingModule(
+        models, et_label, threshold, multiple, bool(crop_to_brain), et_min_voxels
+    )
+    meta = _metadata(
+        module, et_label, threshold, multiple, bool(crop_to_brain), et_min_voxels, served_precision
+    )
     _write_version(module, target, meta)
     return target

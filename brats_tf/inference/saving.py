@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import os
 
-from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
 from brats_tf.inference.saved_model import export_saved_model
 from brats_tf.model import build_inference_model
+from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
 
 log = logging.getLogger("brats_tf.inference")
 
@@ -18,8 +18,9 @@ def _save_keras_atomic(model, path: str) -> None:
         model.save(str(tmp))
 
 
-def save_final(model, model_dir: str, version: int = 1,
-               keep_newer_than: float | None = None) -> list[str]:
+def save_final(
+    model, model_dir: str, version: int = 1, keep_newer_than: float | None = None
+) -> list[str]:
     """Writes model.keras (the training model), segmenter.keras (the inference
     model) and export/<version>/ (SavedModel) into model_dir; returns the
     paths written.
@@ -38,15 +39,20 @@ def save_final(model, model_dir: str, version: int = 1,
     segmenter_path = os.path.join(model_dir, "segmenter.keras")
     export_dir = os.path.join(model_dir, "export")
     version_dir = os.path.join(export_dir, str(version))
-    for stale in (stale_temporaries(model_path, ".keras")
-                  + stale_temporaries(segmenter_path, ".keras")
-                  + stale_temporaries(version_dir, directory=True)):
+    for stale in (
+        stale_temporaries(model_path, ".keras")
+        + stale_temporaries(segmenter_path, ".keras")
+        + stale_temporaries(version_dir, directory=True)
+    ):
         remove_path(stale)
         log.info("removed %s, left by an interrupted save", stale)
 
     def current(path: str) -> bool:
-        return (keep_newer_than is not None and os.path.isfile(path)
-                and os.path.getmtime(path) >= keep_newer_than)
+        return (
+            keep_newer_than is not None
+            and os.path.isfile(path)
+            and os.path.getmtime(path) >= keep_newer_than
+        )
 
     written = []
     if not current(model_path):
@@ -56,6 +62,5 @@ def save_final(model, model_dir: str, version: int = 1,
         _save_keras_atomic(build_inference_model(model), segmenter_path)
         written.append(segmenter_path)
     if not current(os.path.join(version_dir, "saved_model.pb")):
-        written.append(str(export_saved_model(model, export_dir, version=version,
-                                              overwrite=True)))
+        written.append(str(export_saved_model(model, export_dir, version=version, overwrite=True)))
     return written

@@ -19,8 +19,9 @@ from data_pipeline import constants, volume
 
 
 # ----------------------------------------------------------------- padding
-def pad_to_multiple_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
-                       mode: str = "symmetric"):
+def pad_to_multiple_tf(
+    x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR, mode: str = "symmetric"
+):
     """Pads [B, D, H, W, C] of any (dynamic) size so that D, H and W are multiples of
     ``multiple`` (§3: sizes divisible by 8); ``mode`` "symmetric" splits the padding
     around the volume (the odd voxel after), "end" puts it after.
@@ -48,8 +49,7 @@ def crop_back_tf(x: tf.Tensor, pads: tf.Tensor) -> tf.Tensor:
     shape = tf.shape(x)
     rank = tf.rank(x)
     begin = tf.concat([[0], pads[:, 0], tf.zeros([rank - 4], tf.int32)], axis=0)
-    size = tf.concat([[-1], shape[1:4] - pads[:, 0] - pads[:, 1],
-                      tf.fill([rank - 4], -1)], axis=0)
+    size = tf.concat([[-1], shape[1:4] - pads[:, 0] - pads[:, 1], tf.fill([rank - 4], -1)], axis=0)
     return _static_batch_and_channels(tf.slice(x, begin, size), x)
 
 
@@ -62,8 +62,9 @@ def _static_batch_and_channels(out: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
 
 
 # ------------------------------------------------------------ brain box
-def brain_box_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
-                 margin: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+def brain_box_tf(
+    x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR, margin: int = 0
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Graph version of ``volume.brain_box`` for [B, D, H, W, C]: one box for the batch
     (the union of the cases' boxes). Returns (start, size), int32 [3] each."""
     multiple = volume.check_multiple(multiple)
@@ -76,8 +77,9 @@ def brain_box_tf(x: tf.Tensor, multiple: int = constants.SPATIAL_DIVISOR,
         hits = tf.cast(tf.where(tf.reduce_any(mask, axis=others))[:, 0], tf.int32)
         found = tf.size(hits) > 0
         lo = tf.where(found, tf.maximum(tf.reduce_min(tf.concat([hits, [n]], 0)) - margin, 0), 0)
-        hi = tf.where(found, tf.minimum(tf.reduce_max(tf.concat([hits, [-1]], 0)) + 1 + margin,
-                                        n), n)
+        hi = tf.where(
+            found, tf.minimum(tf.reduce_max(tf.concat([hits, [-1]], 0)) + 1 + margin, n), n
+        )
         want = tf.minimum((hi - lo + multiple - 1) // multiple * multiple, n)
         starts.append(tf.clip_by_value(lo - (want - (hi - lo)) // 2, 0, n - want))
         sizes.append(want)
@@ -93,8 +95,10 @@ def crop_box_tf(x: tf.Tensor, start: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 def paste_box_tf(x: tf.Tensor, start: tf.Tensor, full_spatial: tf.Tensor) -> tf.Tensor:
     """Inverse of ``crop_box_tf``: zero-pads [B, d, h, w, C] back to [B, D, H, W, C]."""
     after = full_spatial - start - tf.shape(x)[1:4]
-    pads = tf.concat([tf.zeros((1, 2), tf.int32), tf.stack([start, after], axis=1),
-                      tf.zeros((1, 2), tf.int32)], axis=0)
+    pads = tf.concat(
+        [tf.zeros((1, 2), tf.int32), tf.stack([start, after], axis=1), tf.zeros((1, 2), tf.int32)],
+        axis=0,
+    )
     return _static_batch_and_channels(tf.pad(x, pads), x)
 
 
@@ -115,8 +119,7 @@ def normalize_nonzero_tf(image: tf.Tensor) -> tf.Tensor:
     count = tf.reduce_sum(maskf, axis=axes, keepdims=True)
     mean = tf.math.divide_no_nan(tf.reduce_sum(x, axis=axes, keepdims=True), count)
     centred = (x - mean) * maskf
-    var = tf.math.divide_no_nan(tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True),
-                                count)
+    var = tf.math.divide_no_nan(tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True), count)
     std = tf.sqrt(var)
     std = tf.where(std > 0.0, std, tf.ones_like(std))
     return tf.cast(centred / std, tf.float32)

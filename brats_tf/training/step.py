@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -22,17 +22,21 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite (and on_nonfinite='stop')."""
 
 
-def make_optimizer(learning_rate: float, precision: str, skip_nonfinite: bool = False,
-                   optimizer_fn: Callable[[float], keras.optimizers.Optimizer] | None = None,
-                   epsilon: float = 1e-7) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    learning_rate: float,
+    precision: str,
+    skip_nonfinite: bool = False,
+    optimizer_fn: Callable[[float], keras.optimizers.Optimizer] | None = None,
+    epsilon: float = 1e-7,
+) -> keras.optimizers.Optimizer:
     """train.py's optimizer: Adam (§3.5), or ``optimizer_fn(learning_rate)``,
     wrapped in a LossScaleOptimizer under mixed_float16 (dynamic loss
     scaling) or with ``skip_nonfinite``: in float32 the scale stays a power
     of two (exact) and the wrapper's only effect is to skip updates whose
     gradients are not finite."""
-    optimizer = (optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr,
-                                                                   epsilon=epsilon)))(
-        learning_rate)
+    optimizer = (
+        optimizer_fn or (lambda lr: keras.optimizers.Adam(learning_rate=lr, epsilon=epsilon))
+    )(learning_rate)
     if precision == "mixed_float16" or skip_nonfinite:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -53,12 +57,18 @@ def check_precision_for_model(model_config: ModelConfig, precision: str) -> None
         raise ValueError(
             f"mixed_bfloat16 with a crop depth of {model_config.input_shape[0]} (the coarsest "
             f"level is 2 deep, where oneDNN's bfloat16 kernel gradient is wrong on some CPUs): "
-            f"use a depth of at least {3 * model_config.spatial_divisor}, or float32")
+            f"use a depth of at least {3 * model_config.spatial_divisor}, or float32"
+        )
 
 
-def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                    loss_config: LossConfig, strategy: tf.distribute.Strategy | None = None,
-                    region_dice=(), jit_compile: bool = False):
+def make_train_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss_config: LossConfig,
+    strategy: tf.distribute.Strategy | None = None,
+    region_dice=(),
+    jit_compile: bool = False,
+):
     """The training step (§3.4, §3.5), for train.py and the benchmarks alike:
     ``step(batch)`` with ``batch = {"image", "label"}`` (per-replica batches
     of a distributed dataset under ``strategy``) runs forward, the total loss,
@@ -98,6 +108,7 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
     def step(batch):
         per_replica = strategy.run(replica_step, args=(batch,))
         return tf.nest.map_structure(
-            lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica)
+            lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica
+        )
 
     return tf.function(step, jit_compile=jit_compile)

@@ -23,22 +23,25 @@ import os
 import shutil
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import constants
-from data_pipeline.io_utils import write_json_atomic
 from brats_tf import metrics
-from brats_tf.config import LossConfig, ModelConfig
+from brats_tf.config import LossConfig, ModelConfig, TrainConfig
 from brats_tf.model import build_inference_model, build_model
 from brats_tf.schedules import poly_lr
-from brats_tf.config import TrainConfig
-from brats_tf.training.step import (NonFiniteLossError, check_precision_for_model,
-                                    make_optimizer, make_train_step)
+from brats_tf.training.step import (
+    NonFiniteLossError,
+    check_precision_for_model,
+    make_optimizer,
+    make_train_step,
+)
 from brats_tf.training.strategies import is_chief, make_strategy
+from data_pipeline import constants
+from data_pipeline.io_utils import write_json_atomic
 
 log = logging.getLogger("brats_tf.training")
 
@@ -73,18 +76,18 @@ class Trainer:
         config: TrainConfig,
         dataset_fn: DatasetFn,
         strategy: tf.distribute.Strategy | None = None,
-        epoch_end_fn: Callable[["Trainer", int, dict], dict] | None = None,
+        epoch_end_fn: Callable[[Trainer, int, dict], dict] | None = None,
         optimizer_fn: Callable[[float], keras.optimizers.Optimizer] | None = None,
     ):
         """Args:
-          dataset_fn: see DatasetFn; called once per epoch and input pipeline.
-          strategy: overrides config.strategy (tests).
-          epoch_end_fn: called after each epoch's training, before its
-            checkpoint, with (trainer, epoch, summary); returns extra summary
-            values (e.g. validation Dice), or raises to stop the run.
-          optimizer_fn: builds the optimizer from the learning rate; default
-            Adam (§3.5). Tests use SGD, whose update, unlike Adam's, is not
-            invariant to the gradient's scale.
+        dataset_fn: see DatasetFn; called once per epoch and input pipeline.
+        strategy: overrides config.strategy (tests).
+        epoch_end_fn: called after each epoch's training, before its
+          checkpoint, with (trainer, epoch, summary); returns extra summary
+          values (e.g. validation Dice), or raises to stop the run.
+        optimizer_fn: builds the optimizer from the learning rate; default
+          Adam (§3.5). Tests use SGD, whose update, unlike Adam's, is not
+          invariant to the gradient's scale.
         """
         self.model_config = model_config
         self.loss_config = loss_config
@@ -98,8 +101,14 @@ class Trainer:
         self.global_batch, self.steps_per_epoch = self._count_steps()
         self._build_model_and_optimizer(optimizer_fn)
         self._set_up_checkpoints()
-        self._train_step = make_train_step(self.model, self.optimizer, loss_config,
-                                           self.strategy, self.region_dice, config.jit_compile)
+        self._train_step = make_train_step(
+            self.model,
+            self.optimizer,
+            loss_config,
+            self.strategy,
+            self.region_dice,
+            config.jit_compile,
+        )
         self._segmenter = None
         self.history: list[dict] = []
 
@@ -134,9 +143,13 @@ class Trainer:
         seeded = dataclasses.replace(self.model_config, seed=config.seed)
         with self.strategy.scope():
             self.model = build_model(seeded)
-            self.optimizer = make_optimizer(config.initial_lr, config.precision,
-                                            config.on_nonfinite == "skip", optimizer_fn,
-                                            epsilon=config.adam_epsilon)
+            self.optimizer = make_optimizer(
+                config.initial_lr,
+                config.precision,
+                config.on_nonfinite == "skip",
+                optimizer_fn,
+                epsilon=config.adam_epsilon,
+            )
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             # Per-region training Dice (thresholded at 0.5), per epoch.
@@ -177,9 +190,9 @@ class Trainer:
         return int(self.epoch.numpy())
 
     def _dataset(self, epoch: int):
-        return iter(self.strategy.distribute_datasets_from_function(
-            lambda ctx: self.dataset_fn(ctx, epoch)
-        ))
+        return iter(
+            self.strategy.distribute_datasets_from_function(lambda ctx: self.dataset_fn(ctx, epoch))
+        )
 
     def train(self) -> list[dict]:
         """Runs the remaining epochs; returns one summary dict per epoch run."""
@@ -188,8 +201,11 @@ class Trainer:
         if start >= cfg.epochs:
             log.info("nothing to do: %s already finished %d epochs", cfg.model_dir, start)
             return self.history
-        writer = (tf.summary.create_file_writer(os.path.join(cfg.model_dir, "logs", "train"))
-                  if self.is_chief else tf.summary.create_noop_writer())
+        writer = (
+            tf.summary.create_file_writer(os.path.join(cfg.model_dir, "logs", "train"))
+            if self.is_chief
+            else tf.summary.create_noop_writer()
+        )
         try:
             self._train_epochs(start, writer)
         finally:
@@ -223,9 +239,11 @@ class Trainer:
                     self._image_summaries(last_batch)
             writer.flush()
             log.info(
-                "epoch %d/%d  %s  checkpoint %s", epoch + 1, cfg.epochs,
-                "  ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                          if isinstance(v, float)), path,
+                "epoch %d/%d  %s  checkpoint %s",
+                epoch + 1,
+                cfg.epochs,
+                "  ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)),
+                path,
             )
 
     def _append_history(self, summary: dict) -> None:
@@ -240,8 +258,11 @@ class Trainer:
     def _run_epoch(self, epoch: int, lr: float) -> tuple[dict, object]:
         cfg = self.config
         iterator = self._dataset(epoch)
-        progbar = (keras.utils.Progbar(self.steps_per_epoch, unit_name="step")
-                   if cfg.verbose and self.is_chief else None)
+        progbar = (
+            keras.utils.Progbar(self.steps_per_epoch, unit_name="step")
+            if cfg.verbose and self.is_chief
+            else None
+        )
         totals: dict[str, np.ndarray] = {}
         for metric in self.region_dice:
             metric.reset_state()
@@ -260,8 +281,10 @@ class Trainer:
             stats = {k: v.numpy() for k, v in self._train_step(batch).items()}
             loss = float(stats["loss"])
             if not math.isfinite(loss):
-                where = f"epoch {epoch + 1}, step {step + 1} (optimizer step " \
-                        f"{int(self.optimizer.iterations.numpy())})"
+                where = (
+                    f"epoch {epoch + 1}, step {step + 1} (optimizer step "
+                    f"{int(self.optimizer.iterations.numpy())})"
+                )
                 if cfg.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"non-finite loss {loss} at {where}; stopped without saving, the last "

@@ -15,6 +15,9 @@ UNLEARNED_DICE = 0.1
 def unlearned_regions(summary: dict, threshold: float = UNLEARNED_DICE) -> dict:
     """{region: training Dice} of the regions an epoch's ``summary`` (a
     history.json entry, ``dice_<region>``) shows unlearned; {} when none is."""
-    return {region: float(summary[f"dice_{region}"]) for region in constants.REGIONS
-            if isinstance(summary.get(f"dice_{region}"), (int, float))
-            and summary[f"dice_{region}"] < threshold}
+    return {
+        region: float(summary[f"dice_{region}"])
+        for region in constants.REGIONS
+        if isinstance(summary.get(f"dice_{region}"), (int, float))
+        and summary[f"dice_{region}"] < threshold
+    }

@@ -9,17 +9,17 @@ import weakref
 
 import numpy as np
 
-from data_pipeline import constants, volume
-from data_pipeline.input import InputConfig, make_dataset
 from brats_tf import inference, metrics
 from brats_tf.model import build_inference_model
+from data_pipeline import constants, volume
+from data_pipeline.input import InputConfig, make_dataset
 
 log = logging.getLogger("brats_tf.training")
 
 # training model -> its inference model, made once: predict_volume caches its
 # traced graph per inference model, so a new one at every validation would
 # trace the network again each time (weak keys: the cache keeps nothing alive).
-_SEGMENTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SEGMENTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def validation_dice(model, files, tta: bool = False) -> dict:
@@ -38,8 +38,9 @@ def validation_dice(model, files, tta: bool = False) -> dict:
         segmenter = _SEGMENTERS[model] = build_inference_model(model)
     scores = {region: [] for region in constants.REGIONS}
     for example in make_dataset(InputConfig(files=tuple(files), mode="eval")):
-        probs = inference.predict_volume(segmenter, example["image"][0].numpy(), tta=tta,
-                                         normalize=False)
+        probs = inference.predict_volume(
+            segmenter, example["image"][0].numpy(), tta=tta, normalize=False
+        )
         predicted = volume.labels_to_regions(inference.probabilities_to_labels(probs))
         truth = example["label"][0].numpy() > 0.5
         for index, region in enumerate(constants.REGIONS):
@@ -47,6 +48,9 @@ def validation_dice(model, files, tta: bool = False) -> dict:
     if not scores[constants.REGIONS[0]]:
         raise ValueError(f"no validation case in {list(files)}")
     result = {f"val_dice_{r}": float(np.mean(v)) for r, v in scores.items()}
-    log.info("validation on %d cases: %s", len(scores[constants.REGIONS[0]]),
-             "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    log.info(
+        "validation on %d cases: %s",
+        len(scores[constants.REGIONS[0]]),
+        "  ".join(f"{k} {v:.4f}" for k, v in result.items()),
+    )
     return result

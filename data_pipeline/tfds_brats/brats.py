@@ -12,17 +12,18 @@ naming the case and the file). One split, "train", with every case, sorted by
 case id; use TFDS slicing for validation (e.g. "train[:80%]", "train[80%:]") or
 the converter's folds. Examples are the converter's: the brain's bounding box,
 channels in data_pipeline.constants.MODALITIES order, and what pasting them back
-into the NIfTI grid needs (data_pipeline.volume.paste_crop). The project's own input pipeline reads the
-converter's TFRecords (data_pipeline.input), not this dataset.
+into the NIfTI grid needs (data_pipeline.volume.paste_crop). The project's own
+input pipeline reads the converter's TFRecords (data_pipeline.input), not this
+dataset.
 """
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline.constants import MODALITIES, NUM_MODALITIES
-from data_pipeline.volume import nonzero_stats
 from data_pipeline import layouts
 from data_pipeline.cases import BadCaseError, load_case
+from data_pipeline.constants import MODALITIES, NUM_MODALITIES
+from data_pipeline.volume import nonzero_stats
 
 _ZLIB = tfds.features.Encoding.ZLIB
 
@@ -47,20 +48,24 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     def _info(self):
         return self.dataset_info_from_configs(
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "case_id": tfds.features.Text(),
-                "grade": tfds.features.Text(),  # HGG, LGG or "" when unknown
-                "image": tfds.features.Tensor(shape=(None, None, None, NUM_MODALITIES),
-                                              dtype=np.int16, encoding=_ZLIB),
-                "label": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8,
-                                              encoding=_ZLIB),
-                "has_label": np.bool_,
-                "original_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32),
-                "box_start": tfds.features.Tensor(shape=(3,), dtype=np.int32),
-                "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
-                "nonzero_mean": tfds.features.Tensor(shape=(NUM_MODALITIES,), dtype=np.float32),
-                "nonzero_std": tfds.features.Tensor(shape=(NUM_MODALITIES,), dtype=np.float32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "case_id": tfds.features.Text(),
+                    "grade": tfds.features.Text(),  # HGG, LGG or "" when unknown
+                    "image": tfds.features.Tensor(
+                        shape=(None, None, None, NUM_MODALITIES), dtype=np.int16, encoding=_ZLIB
+                    ),
+                    "label": tfds.features.Tensor(
+                        shape=(None, None, None), dtype=np.uint8, encoding=_ZLIB
+                    ),
+                    "has_label": np.bool_,
+                    "original_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32),
+                    "box_start": tfds.features.Tensor(shape=(3,), dtype=np.int32),
+                    "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
+                    "nonzero_mean": tfds.features.Tensor(shape=(NUM_MODALITIES,), dtype=np.float32),
+                    "nonzero_std": tfds.features.Tensor(shape=(NUM_MODALITIES,), dtype=np.float32),
+                }
+            ),
             homepage="https://www.med.upenn.edu/sbia/brats2018.html",
             citation="""@article{menze2015brats, title={The Multimodal Brain Tumor Image
             Segmentation Benchmark (BRATS)}, author={Menze, Bjoern H. and others},
@@ -78,21 +83,29 @@ class Brats(tfds.core.GeneratorBasedBuilder):
             loaded = load_case(case, require_label)
             if loaded.image.dtype != np.int16:
                 raise BadCaseError(
-                    case.case_id, case.images[MODALITIES[0]],
+                    case.case_id,
+                    case.images[MODALITIES[0]],
                     "non-integer intensities: this builder stores int16; use "
-                    "python -m data_pipeline.convert (float32 storage) instead")
+                    "python -m data_pipeline.convert (float32 storage) instead",
+                )
             mean, std = nonzero_stats(loaded.image)
-            label = loaded.label if loaded.label is not None else np.zeros(
-                loaded.image.shape[:3], np.uint8)
-            yield case.case_id, {
-                "case_id": case.case_id,
-                "grade": case.grade or "",
-                "image": loaded.image,
-                "label": label,
-                "has_label": loaded.label is not None,
-                "original_shape": np.array(loaded.original_shape, np.int32),
-                "box_start": np.array(loaded.box_start, np.int32),
-                "affine": loaded.affine,
-                "nonzero_mean": mean.astype(np.float32),
-                "nonzero_std": std.astype(np.float32),
-            }
+            label = (
+                loaded.label
+                if loaded.label is not None
+                else np.zeros(loaded.image.shape[:3], np.uint8)
+            )
+            yield (
+                case.case_id,
+                {
+                    "case_id": case.case_id,
+                    "grade": case.grade or "",
+                    "image": loaded.image,
+                    "label": label,
+                    "has_label": loaded.label is not None,
+                    "original_shape": np.array(loaded.original_shape, np.int32),
+                    "box_start": np.array(loaded.box_start, np.int32),
+                    "affine": loaded.affine,
+                    "nonzero_mean": mean.astype(np.float32),
+                    "nonzero_std": std.astype(np.float32),
+                },
+            )
