@@ -49,9 +49,9 @@ from brats_tf.config import (
     LossConfig,
     ModelConfig,
     TrainConfig,
-    flag_fields,
     int_flag_list,
 )
+from brats_tf.flag_fields import flag_fields
 
 FLAGS = flags.FLAGS
 

@@ -29,6 +29,7 @@ import pathlib
 
 import numpy as np
 
+from brats_tf.bitmap_font import GLYPH_H, GLYPH_W, draw_text
 from data_pipeline import constants
 from data_pipeline.io_utils import atomic_path
 
@@ -47,69 +48,6 @@ VIEWS = ("AXIAL", "SAGITTAL", "CORONAL")
 ROW_TITLES = ("GROUND TRUTH", "PREDICTION")
 DEFAULT_ALPHA = 0.5
 MIN_PANEL = 200  # pixels: small volumes are enlarged (nearest neighbour) to at least this
-
-# A 5x7 bitmap font for the captions (upper case, digits, a few signs).
-_FONT = {
-    "A": ("01110", "10001", "10001", "11111", "10001", "10001", "10001"),
-    "B": ("11110", "10001", "10001", "11110", "10001", "10001", "11110"),
-    "C": ("01110", "10001", "10000", "10000", "10000", "10001", "01110"),
-    "D": ("11110", "10001", "10001", "10001", "10001", "10001", "11110"),
-    "E": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
-    "F": ("11111", "10000", "10000", "11110", "10000", "10000", "10000"),
-    "G": ("01110", "10001", "10000", "10111", "10001", "10001", "01111"),
-    "H": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
-    "I": ("01110", "00100", "00100", "00100", "00100", "00100", "01110"),
-    "J": ("00111", "00010", "00010", "00010", "00010", "10010", "01100"),
-    "K": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
-    "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
-    "M": ("10001", "11011", "10101", "10101", "10001", "10001", "10001"),
-    "N": ("10001", "11001", "10101", "10011", "10001", "10001", "10001"),
-    "O": ("01110", "10001", "10001", "10001", "10001", "10001", "01110"),
-    "P": ("11110", "10001", "10001", "11110", "10000", "10000", "10000"),
-    "Q": ("01110", "10001", "10001", "10001", "10101", "10010", "01101"),
-    "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
-    "S": ("01111", "10000", "10000", "01110", "00001", "00001", "11110"),
-    "T": ("11111", "00100", "00100", "00100", "00100", "00100", "00100"),
-    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
-    "V": ("10001", "10001", "10001", "10001", "10001", "01010", "00100"),
-    "W": ("10001", "10001", "10001", "10101", "10101", "10101", "01010"),
-    "X": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
-    "Y": ("10001", "10001", "01010", "00100", "00100", "00100", "00100"),
-    "Z": ("11111", "00001", "00010", "00100", "01000", "10000", "11111"),
-    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
-    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
-    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
-    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
-    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
-    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
-    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
-    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
-    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
-    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
-    "/": ("00001", "00010", "00010", "00100", "01000", "01000", "10000"),
-    "=": ("00000", "00000", "11111", "00000", "11111", "00000", "00000"),
-    "-": ("00000", "00000", "00000", "11111", "00000", "00000", "00000"),
-    "_": ("00000", "00000", "00000", "00000", "00000", "00000", "11111"),
-    ".": ("00000", "00000", "00000", "00000", "00000", "01100", "01100"),
-    ":": ("00000", "01100", "01100", "00000", "01100", "01100", "00000"),
-    "(": ("00010", "00100", "01000", "01000", "01000", "00100", "00010"),
-    ")": ("01000", "00100", "00010", "00010", "00010", "00100", "01000"),
-    " ": ("00000",) * 7,
-}
-_TEXT_SCALE = 2
-_GLYPH_W, _GLYPH_H = 6 * _TEXT_SCALE, 7 * _TEXT_SCALE  # 1 column of spacing per glyph
-
-
-def draw_text(canvas: np.ndarray, text: str, top: int, left: int, colour=(255, 255, 255)) -> None:
-    """Draws ``text`` (unknown characters as blanks) into [rows, cols, 3] in place."""
-    for n, char in enumerate(str(text).upper()):
-        glyph = _FONT.get(char, _FONT[" "])
-        x0 = left + n * _GLYPH_W
-        for r, bits in enumerate(glyph):
-            for c, bit in enumerate(bits):
-                if bit == "1":
-                    y, x = top + r * _TEXT_SCALE, x0 + c * _TEXT_SCALE
-                    canvas[y : y + _TEXT_SCALE, x : x + _TEXT_SCALE] = colour
 
 
 def _check_volume(name: str, volume, ndim: int = 3) -> np.ndarray:
@@ -235,8 +173,8 @@ def case_figure(
     side = max(t1_ras.shape)
     scale = max(1, math.ceil(MIN_PANEL / side))
     panel = side * scale
-    gap, header = 4, _GLYPH_H + 8
-    legend_h = _GLYPH_H + 12
+    gap, header = 4, GLYPH_H + 8
+    legend_h = GLYPH_H + 12
     rows = len(ras_maps)
     height = header + rows * (header + panel + gap) + legend_h
     width = 3 * panel + 4 * gap
@@ -244,7 +182,7 @@ def case_figure(
     for c, view in enumerate(VIEWS):  # column captions: view and slice index
         index = {"AXIAL": centre[2], "SAGITTAL": centre[0], "CORONAL": centre[1]}[view]
         text = f"{view} {index}"
-        draw_text(canvas, text, 4, gap + c * (panel + gap) + (panel - len(text) * _GLYPH_W) // 2)
+        draw_text(canvas, text, 4, gap + c * (panel + gap) + (panel - len(text) * GLYPH_W) // 2)
     for r, (name, labels) in enumerate(ras_maps):
         top = header + r * (header + panel + gap)
         draw_text(canvas, name, top + 4, gap)
@@ -255,18 +193,22 @@ def case_figure(
             y0 = top + header + (panel - rgb.shape[0]) // 2
             x0 = gap + c * (panel + gap) + (panel - rgb.shape[1]) // 2
             canvas[y0 : y0 + rgb.shape[0], x0 : x0 + rgb.shape[1]] = rgb
-    # legend: a colour swatch and the label's name
-    y = height - legend_h + 6
-    x = gap
+    _draw_legend(canvas, height - legend_h + 6, gap, et_label, title)
+    return canvas
+
+
+def _draw_legend(canvas: np.ndarray, y: int, gap: int, et_label: int, title: str) -> None:
+    """A colour swatch and the name of each label in a row from ``y``; the
+    title (the case id) right-aligned where it fits."""
+    x, width = gap, canvas.shape[1]
     for name, value in LEGEND:
         shown = et_label if value == constants.LABEL_ET else value
-        canvas[y : y + _GLYPH_H, x : x + _GLYPH_H] = LABEL_COLOURS[value]
+        canvas[y : y + GLYPH_H, x : x + GLYPH_H] = LABEL_COLOURS[value]
         text = f"{name} ({shown})"
-        draw_text(canvas, text, y, x + _GLYPH_H + 6)
-        x += _GLYPH_H + 6 + (len(text) + 2) * _GLYPH_W
-    if title and x + len(title) * _GLYPH_W < width:  # the case id, right-aligned
-        draw_text(canvas, title, y, width - gap - len(title) * _GLYPH_W)
-    return canvas
+        draw_text(canvas, text, y, x + GLYPH_H + 6)
+        x += GLYPH_H + 6 + (len(text) + 2) * GLYPH_W
+    if title and x + len(title) * GLYPH_W < width:
+        draw_text(canvas, title, y, width - gap - len(title) * GLYPH_W)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -345,7 +287,7 @@ def line_panels(
         cursor = left + margin
         for (name, _, _), colour in zip(arrays, SERIES_COLOURS):
             draw_text(canvas, name, top + 22, cursor, colour)
-            cursor += _GLYPH_W * (len(name) + 1)
+            cursor += GLYPH_W * (len(name) + 1)
         draw_text(canvas, f"{x_label} {x_max:.4g}", y0 + 8, x1 - 150, (0, 0, 0))
         for (_, x, y), colour in zip(arrays, SERIES_COLOURS):
             px = x0 + (x1 - x0) * x / x_max

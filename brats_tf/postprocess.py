@@ -71,6 +71,23 @@ def define_flags():
     return flags.FLAGS
 
 
+def _check_paths(f) -> None:
+    """ValueError for a missing --model/--data/--output, --data that is not a
+    converter folder, or an --output this run may not write."""
+    for name in ("model", "data", "output"):
+        if not f[name].value:
+            raise ValueError(f"--{name} is required")
+    if not is_tfrecord_dir(f.data):
+        raise ValueError(
+            f"--data={f.data}: not a converter output folder (manifest.json "
+            f"with folds): N is chosen on training folds"
+        )
+    if os.path.exists(f.output) and not f.overwrite:
+        raise ValueError(f"--output={f.output} exists (pass --overwrite to replace it)")
+    if os.path.isdir(f.output):
+        raise ValueError(f"--output={f.output} is a folder")
+
+
 def main(argv):
     from absl import flags as absl_flags
 
@@ -84,18 +101,7 @@ def main(argv):
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     f = absl_flags.FLAGS
     try:
-        for name in ("model", "data", "output"):
-            if not f[name].value:
-                raise ValueError(f"--{name} is required")
-        if not is_tfrecord_dir(f.data):
-            raise ValueError(
-                f"--data={f.data}: not a converter output folder (manifest.json "
-                f"with folds): N is chosen on training folds"
-            )
-        if os.path.exists(f.output) and not f.overwrite:
-            raise ValueError(f"--output={f.output} exists (pass --overwrite to replace it)")
-        if os.path.isdir(f.output):
-            raise ValueError(f"--output={f.output} is a folder")
+        _check_paths(f)
         candidates = [
             volume.check_et_min_voxels(n) for n in int_flag_list("candidates", f.candidates)
         ]
@@ -113,12 +119,13 @@ def main(argv):
         sys.exit(f"brats_tf.postprocess: error: {one_line(e)}")
     best, table = choose(cases, candidates)
     for row in table:
+        chosen = "  <- chosen" if row["et_min_voxels"] == best else ""
         log.info(
             "et_min_voxels %5d: mean ET Dice %.4f (%d case(s) changed)%s",
             row["et_min_voxels"],
             row["mean_et_dice"],
             row["cases_changed"],
-            "  <- chosen" if row["et_min_voxels"] == best else "",
+            chosen,
         )
     record = {
         "et_min_voxels": best,

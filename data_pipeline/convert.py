@@ -32,15 +32,12 @@ way in) checks the version, the keys and the shards against it.
 """
 
 import collections
-import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 
-import tensorflow as tf
 from absl import app, flags, logging
 from tqdm import tqdm
 
@@ -50,26 +47,14 @@ from data_pipeline.constants import LABEL_VALUES, MODALITIES
 from data_pipeline.io_utils import write_text_atomic
 from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST, fold_files, read_manifest  # noqa: F401  (documented as convert.* before manifest.py)
 from data_pipeline.records import checked_cases
-from data_pipeline.shard_plan import SHARD_NAME, assign_folds, plan_shards, shard_files
-
-COMPRESSION_LEVEL = 1  # zlib level: files ~7% larger than level 6, written ~3x faster
-
-
-def _tmp_name(name):
-    return f".tmp-{name}.partial"  # hidden, and not matched by *.tfrecord
-
-
-def _case_tmp_name(index):
-    return f".tmp-case-{index:06d}.partial"  # --skip_bad: one checked case, before its shard
-
-
-# What _tmp_name and _case_tmp_name name.
-_TMP_RE = re.compile(rf"^\.tmp-({SHARD_NAME}|case-\d+)\.partial$")
-
-
-def _read_record(path):
-    """The one record of a file _case_tmp_name names."""
-    return next(iter(tf.data.TFRecordDataset(path, features.COMPRESSION))).numpy()
+from data_pipeline.shard_plan import assign_folds, plan_shards, shard_files
+from data_pipeline.shard_writer import (
+    Temporaries,
+    case_tmp_name,
+    publish_shards,
+    read_record,
+    write_shards,
+)
 
 
 def convert(
@@ -105,7 +90,7 @@ def convert(
     cases, require_label = _find_cases(input_dir, folds)
     skipped = []  # {"case_id", "error"} of each case skipped (skip_bad)
     good = _cases_with_every_file(cases, require_label, skip_bad, skipped, input_dir)
-    temporaries = _Temporaries.open(output_dir)
+    temporaries = Temporaries.open(output_dir)
     bar = tqdm(total=len(good), desc="converting", unit="case", disable=not progress)
     try:
         if skip_bad:
@@ -117,24 +102,23 @@ def convert(
         if num_shards is not None:
             cases_per_shard = math.ceil(len(kept) / num_shards)
         plan = plan_shards(kept, assign_folds(kept, folds, seed), cases_per_shard, seed)
-        shards, records = _write_shards(plan, cases_of, release, temporaries)
+        shards, records = write_shards(plan, cases_of, release, temporaries)
     except BaseException:
-        bar.close()
         temporaries.remove()
         raise
-    bar.close()
+    finally:
+        bar.close()
 
-    _publish_shards(output_dir, shards)
-    options = {
-        "cases_per_shard": cases_per_shard,
-        "num_shards": num_shards,
-        "folds": folds,
-        "seed": seed,
-        "skip_bad": skip_bad,
-    }
+    publish_shards(output_dir, shards)
+    options = {"cases_per_shard": cases_per_shard, "num_shards": num_shards, "folds": folds}
+    options.update(seed=seed, skip_bad=skip_bad)
     manifest = _manifest(input_dir, require_label, options, shards, records, skipped)
     write_text_atomic(os.path.join(output_dir, MANIFEST), json.dumps(manifest, indent=1))
-    elapsed = time.time() - start_time
+    _log_done(output_dir, shards, records, skipped, time.time() - start_time)
+    return manifest
+
+
+def _log_done(output_dir, shards, records, skipped, elapsed):
     logging.info(
         "wrote %d cases in %d shards + %s to %s in %.1f s (%.2f cases/s)",
         len(records),
@@ -146,7 +130,6 @@ def convert(
     )
     for s in skipped:
         logging.warning("skipped %s", s["error"])
-    return manifest
 
 
 def _check_arguments(input_dir, output_dir, cases_per_shard, num_shards, folds, overwrite):
@@ -221,43 +204,6 @@ def _cases_with_every_file(cases, require_label, skip_bad, skipped, input_dir):
     return good
 
 
-@dataclasses.dataclass
-class _Temporaries:
-    """This run's temporary files in the output folder, all removed (and the
-    folder, if this run made it and it is left empty) when the run fails."""
-
-    folder: str
-    created: bool
-    paths: list = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def open(cls, folder):
-        """Makes the folder if needed and removes an interrupted run's
-        temporaries there, and only those."""
-        created = not os.path.exists(folder)
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):
-            if _TMP_RE.match(name):
-                os.remove(os.path.join(folder, name))
-        return cls(folder, created)
-
-    def writer(self, name):
-        """A TFRecordWriter of the temporary file ``name`` (recorded first)."""
-        path = os.path.join(self.folder, name)
-        self.paths.append(path)
-        options = tf.io.TFRecordOptions(
-            compression_type=features.COMPRESSION, compression_level=COMPRESSION_LEVEL
-        )
-        return tf.io.TFRecordWriter(path, options)
-
-    def remove(self):
-        for tmp in self.paths:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if self.created and not os.listdir(self.folder):
-            os.rmdir(self.folder)
-
-
 def _read_in_turn(require_label, num_workers, bar):
     """cases_of(members) of a conversion that stops at the first bad case:
     each case read, checked and serialized as its shard is written."""
@@ -285,7 +231,7 @@ def _check_every_case(cases, require_label, num_workers, temporaries, bar, skipp
         if isinstance(result, BadCaseError):
             _skip(case, result, skipped)
             continue
-        with temporaries.writer(_case_tmp_name(index)) as writer:
+        with temporaries.writer(case_tmp_name(index)) as writer:
             writer.write(result[0])
         kept.append(case)
         checked[case.case_id] = (temporaries.paths[-1], result[1])
@@ -295,51 +241,13 @@ def _check_every_case(cases, require_label, num_workers, temporaries, bar, skipp
     def cases_of(members):
         for case in members:
             tmp, case_record = checked[case.case_id]
-            yield case, (_read_record(tmp), case_record)
+            yield case, (read_record(tmp), case_record)
 
     def release(members):
         for case in members:
             os.remove(checked[case.case_id][0])
 
     return kept, cases_of, release
-
-
-def _write_shards(plan, cases_of, release, temporaries):
-    """Writes each shard of the plan under its temporary name; returns
-    (the manifest's shard entries, without sizes, and case records)."""
-    shards, records = [], []
-    for name, fold, members in plan:
-        with temporaries.writer(_tmp_name(name)) as writer:
-            for _case, (record, case_record) in cases_of(members):
-                writer.write(record)
-                records.append(dict(case_record, fold=fold, shard=name))
-        shards.append(
-            {
-                "file": name,
-                "fold": fold,
-                "cases": [c.case_id for c in members],
-                "num_examples": len(members),
-            }
-        )
-        if release is not None:
-            release(members)
-    return shards, records
-
-
-def _publish_shards(output_dir, shards):
-    """Every shard is complete: retires an old manifest, makes the shards
-    visible, drops stale ones and records each shard's size."""
-    manifest_path = os.path.join(output_dir, MANIFEST)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)
-    names = {s["file"] for s in shards}
-    for name in shard_files(output_dir):  # an earlier conversion's (overwrite, checked above)
-        if name not in names:
-            os.remove(os.path.join(output_dir, name))
-    for name in sorted(names):
-        os.replace(os.path.join(output_dir, _tmp_name(name)), os.path.join(output_dir, name))
-    for shard in shards:  # lets readers spot a truncated or replaced shard without reading it
-        shard["bytes"] = os.path.getsize(os.path.join(output_dir, shard["file"]))
 
 
 def _manifest(input_dir, has_labels, options, shards, records, skipped):

@@ -36,6 +36,13 @@ def validate_manifest(manifest, path, check_shards=True):
         path,
         f"not a converter manifest (a JSON {type(manifest).__name__}, not an object)",
     )
+    _check_versions(manifest, path)
+    _check_structure(manifest, path)
+    if check_shards:
+        _check_shards(manifest, path)
+
+
+def _check_versions(manifest, path):
     version = manifest.get("converter_version")
     _check(
         version is not None,
@@ -56,6 +63,9 @@ def validate_manifest(manifest, path, check_shards=True):
         f"feature_spec_version {spec!r}, this code reads {features.FEATURE_SPEC_VERSION}: "
         "reconvert the NIfTI files",
     )
+
+
+def _check_structure(manifest, path):
     missing = [k for k in ("options", "shards", "cases") if k not in manifest]
     _check(not missing, path, f"missing key(s) {missing}")
     options = manifest["options"]
@@ -89,8 +99,9 @@ def validate_manifest(manifest, path, check_shards=True):
             path,
             f"cases[{i}] lacks case_id or fold",
         )
-    if not check_shards:
-        return
+
+
+def _check_shards(manifest, path):
     folder = os.path.dirname(os.path.abspath(path))
     for shard in manifest["shards"]:
         file = os.path.join(folder, shard["file"])

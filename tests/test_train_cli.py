@@ -276,7 +276,8 @@ def test_every_flag_default_is_the_config_default():
     no flag is given (InputConfig's too, whose flagged fields
     brats_tf.config.InputFlags declares for train.py), and the flags are
     defined without TensorFlow."""
-    from brats_tf.config import InputFlags, LossConfig, ModelConfig, TrainConfig, flag_fields
+    from brats_tf.config import InputFlags, LossConfig, ModelConfig, TrainConfig
+    from brats_tf.flag_fields import flag_fields
     from data_pipeline.input import InputConfig
 
     got = _with_train_module(
@@ -308,7 +309,8 @@ def test_every_flag_default_is_the_config_default():
 
 def test_one_list_of_precisions_strategies_and_choices():
     from brats_tf import config, export, model, training
-    from brats_tf.config import InputFlags, TrainConfig, flag_fields
+    from brats_tf.config import InputFlags, TrainConfig
+    from brats_tf.flag_fields import flag_fields
     from data_pipeline import input as input_lib
 
     assert model.PRECISIONS is config.PRECISIONS

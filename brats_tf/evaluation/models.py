@@ -120,6 +120,27 @@ def _load_checkpoint(prefix: str, config_json: pathlib.Path, precision: str | No
     return build_inference_model(model, precision=precision)
 
 
+def _load_saved_model(p: pathlib.Path, precision: str | None):
+    """A SavedModel folder, with both serving signatures; EvaluationError."""
+    try:
+        loaded = tf.saved_model.load(str(p))
+    except Exception as e:  # one line for whatever Keras raises
+        raise EvaluationError(f"model {p}: cannot load SavedModel: {one_line(e)}") from None
+    if precision is not None:
+        raise EvaluationError(
+            f"model {p}: a SavedModel computes in the precision it was exported with "
+            f"(brats_tf.export --precision); --precision={precision} applies to .keras "
+            f"files, model_dirs and checkpoints"
+        )
+    missing = [s for s in ("serving_default", "serving_tta") if s not in loaded.signatures]
+    if missing:
+        raise EvaluationError(
+            f"model {p}: SavedModel lacks the signature(s) {missing} "
+            f"(export it with brats_tf.export)"
+        )
+    return loaded
+
+
 def load_model(path, precision: str | None = None) -> LoadedModel:
     """Resolves and loads one model path (see ``EvalConfig.models``).
 
@@ -139,23 +160,7 @@ def load_model(path, precision: str | None = None) -> LoadedModel:
     if p.is_file() and p.suffix == ".keras":
         return LoadedModel(text, "keras", _load_keras(p, precision), False)
     if p.is_dir() and (p / "saved_model.pb").is_file():
-        try:
-            loaded = tf.saved_model.load(text)
-        except Exception as e:  # one line for whatever Keras raises
-            raise EvaluationError(f"model {p}: cannot load SavedModel: {one_line(e)}") from None
-        if precision is not None:
-            raise EvaluationError(
-                f"model {p}: a SavedModel computes in the precision it was exported with "
-                f"(brats_tf.export --precision); --precision={precision} applies to .keras "
-                f"files, model_dirs and checkpoints"
-            )
-        missing = [s for s in ("serving_default", "serving_tta") if s not in loaded.signatures]
-        if missing:
-            raise EvaluationError(
-                f"model {p}: SavedModel lacks the signature(s) {missing} "
-                f"(export it with brats_tf.export)"
-            )
-        return LoadedModel(text, "saved_model", loaded, True)
+        return LoadedModel(text, "saved_model", _load_saved_model(p, precision), True)
     if p.is_dir():
         for name in ("segmenter.keras", "model.keras"):
             if (p / name).is_file():
