@@ -139,37 +139,25 @@ def test_inference_configs_take_a_precision():
     assert proc.returncode == 0 and proc.stdout.split() == ["ok"], proc.stderr[-2000:]
 
 
-def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
-    """GPU runs (benchmarks/gpu_runs/*.json) become rows; the targets (step
-    <= 0.25 s, inference <= 0.1 s, recompute under a GPU memory cap within
-    16 GB) are judged for an H100 only."""
-    results = {
-        "machine": "test machine",
-        "date": "2026-01-01",
-        "steps": [],
-        "inference": [],
-        "input_pipeline": {
-            "crop": "160x192x128",
-            "case_shape": "240x240x155",
-            "train_cases_per_s": 5.0,
-            "train_cached_cases_per_s": 9.0,
-        },
+def _gpu_step(sec, peak, levels=0, cap=None):
+    """A mixed_float16 training step row measured on a GPU."""
+    return {
+        **_step("160x192x128", 0.5, 3.0, levels),
+        "precision": "mixed_float16",
+        "sec_per_step": sec,
+        "gpu_peak_gib": peak,
+        "gpu_memory_limit_mb": cap,
     }
-    gpu = tmp_path / "gpu_runs"
-    gpu.mkdir()
 
-    def step(sec, peak, levels=0, cap=None):
-        return {
-            **_step("160x192x128", 0.5, 3.0, levels),
-            "precision": "mixed_float16",
-            "sec_per_step": sec,
-            "gpu_peak_gib": peak,
-            "gpu_memory_limit_mb": cap,
-        }
 
-    def infer(sec, tta=False):
-        return {**_inference(sec, 5.0, tta), "precision": "mixed_float16", "gpu_peak_gib": 2.0}
+def _gpu_infer(sec, tta=False):
+    """A mixed_float16 inference row measured on a GPU."""
+    return {**_inference(sec, 5.0, tta), "precision": "mixed_float16", "gpu_peak_gib": 2.0}
 
+
+def _write_gpu_runs(gpu):
+    """An H100 run near each target (a.json) and an H200 run (b.json) in gpu."""
+    step, infer = _gpu_step, _gpu_infer
     for name, gpu_name, runs in [
         (
             "a.json",
@@ -189,19 +177,10 @@ def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
         (gpu / name).write_text(
             json.dumps({"gpu": gpu_name, "date": "2026-01-02", "results": runs})
         )
-    table, verdicts = _render(tmp_path, results, "| GPU")
-    assert verdicts == [
-        "≤ 0.25 s: met",
-        "≤ 0.25 s: NOT met",
-        "trains within 16 GB: met",
-        "trains within 16 GB: NOT met",
-        "≤ 0.1 s: met",
-        "≤ 0.1 s: NOT met",
-        "—",
-        "— (the targets are for an H100)",
-    ]
-    assert "not measured" not in table and "measured 2026-01-02" in table
-    # full_volume_inference.py --breakdown: the parts timed apart.
+
+
+def _write_breakdown_run(gpu):
+    """b.json: an H100 inference run with full_volume_inference.py --breakdown's parts."""
     parts = {
         "host_tensor_s": 0.02,
         "to_device_s": 0.01,
@@ -215,10 +194,45 @@ def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
             {
                 "gpu": "NVIDIA H100 80GB HBM3",
                 "date": "2026-01-02",
-                "results": [{**infer(0.09), "parts": parts}],
+                "results": [{**_gpu_infer(0.09), "parts": parts}],
             }
         )
     )
+
+
+def test_gpu_runs_are_rows_with_the_h100_targets(tmp_path):
+    """GPU runs (benchmarks/gpu_runs/*.json) become rows; the targets (step
+    <= 0.25 s, inference <= 0.1 s, recompute under a GPU memory cap within
+    16 GB) are judged for an H100 only."""
+    results = {
+        "machine": "test machine",
+        "date": "2026-01-01",
+        "steps": [],
+        "inference": [],
+        "input_pipeline": {
+            "crop": "160x192x128",
+            "case_shape": "240x240x155",
+            "train_cases_per_s": 5.0,
+            "train_cached_cases_per_s": 9.0,
+        },
+    }
+    gpu = tmp_path / "gpu_runs"
+    gpu.mkdir()
+    _write_gpu_runs(gpu)
+    table, verdicts = _render(tmp_path, results, "| GPU")
+    assert verdicts == [
+        "≤ 0.25 s: met",
+        "≤ 0.25 s: NOT met",
+        "trains within 16 GB: met",
+        "trains within 16 GB: NOT met",
+        "≤ 0.1 s: met",
+        "≤ 0.1 s: NOT met",
+        "—",
+        "— (the targets are for an H100)",
+    ]
+    assert "not measured" not in table and "measured 2026-01-02" in table
+    # full_volume_inference.py --breakdown: the parts timed apart.
+    _write_breakdown_run(gpu)
     table, _ = _render(tmp_path, results, "| GPU")
     assert "apart: host copies 0.030, pre 0.005, network 0.040, post 0.003 s" in table
 

@@ -161,11 +161,8 @@ def model(root):
     return path
 
 
-@pytest.fixture(scope="module")
-def converter_runs(root):
-    """The converter's fault runs, side by side."""
-    r = root / "convert"
-    r.mkdir()
+def _make_converter_inputs(root, r):
+    """The converter's faulty inputs and output folders under r: the input folders."""
     # three cases in three folds, one unreadable: --skip_bad leaves its fold empty
     empty_fold_in = _nii_copy(root, r / "empty_fold_in", 3)
     flair = next(empty_fold_in.rglob("*_flair.nii.gz"))
@@ -196,8 +193,14 @@ def converter_runs(root):
     for path in list(bad.iterdir()):
         path.rename(bad / path.name.replace(first.name, bad.name))
     (bad / f"{bad.name}_flair.nii.gz").write_bytes(b"not a NIfTI file")
+    return empty_fold_in, overflow_in, mismatch_in, skip_folds_in
+
+
+def _converter_jobs(root, r, inputs):
+    """The converter's fault runs: {name: (script, arguments)}."""
+    empty_fold_in, overflow_in, mismatch_in, skip_folds_in = inputs
     nii = root / "nii"
-    jobs = {
+    return {
         "empty_fold": (
             "convert",
             [f"--input_dir={empty_fold_in}", f"--output_dir={r / 'ef'}", "--folds=3", "--skip_bad"],
@@ -245,7 +248,15 @@ def converter_runs(root):
             ],
         ),
     }
-    return r, _run_all(jobs)
+
+
+@pytest.fixture(scope="module")
+def converter_runs(root):
+    """The converter's fault runs, side by side."""
+    r = root / "convert"
+    r.mkdir()
+    inputs = _make_converter_inputs(root, r)
+    return r, _run_all(_converter_jobs(root, r, inputs))
 
 
 def _manifest(folder):
@@ -348,11 +359,8 @@ def second_runs(root, train_runs):
     return before, _run_all(jobs)
 
 
-@pytest.fixture(scope="module")
-def evaluate_runs(root, model):
-    """evaluate.py's fault runs, side by side."""
-    r = root / "evaluate"
-    r.mkdir()
+def _make_evaluate_inputs(root, model, r):
+    """evaluate.py's faulty inputs under r: the input paths, and the truncated shard."""
     empty_manifest = _tfr_copy(root, r / "empty_manifest")
     (empty_manifest / "manifest.json").write_text("{}")
     truncated = _tfr_copy(root, r / "truncated")
@@ -388,7 +396,14 @@ def evaluate_runs(root, model):
     for case in manifest["cases"]:
         case["naming"] = "brats2023"
     (tfr_2023 / "manifest.json").write_text(json.dumps(manifest))
-    jobs = {
+    inputs = (empty_manifest, truncated, unsized, corrupt, nii, nii_2023, tfr_2023)
+    return inputs, bad_shard
+
+
+def _evaluate_jobs(root, model, r, inputs):
+    """evaluate.py's fault runs: {name: (script, arguments)}."""
+    empty_manifest, truncated, unsized, corrupt, nii, nii_2023, tfr_2023 = inputs
+    return {
         "empty_manifest": (
             "evaluate",
             [f"--model={model}", f"--data={empty_manifest}", f"--output_dir={r / 'o_empty'}"],
@@ -429,7 +444,15 @@ def evaluate_runs(root, model):
             ],
         ),
     }
-    return r, bad_shard.name, _run_all(jobs)
+
+
+@pytest.fixture(scope="module")
+def evaluate_runs(root, model):
+    """evaluate.py's fault runs, side by side."""
+    r = root / "evaluate"
+    r.mkdir()
+    inputs, bad_shard = _make_evaluate_inputs(root, model, r)
+    return r, bad_shard.name, _run_all(_evaluate_jobs(root, model, r, inputs))
 
 
 # ------------------------------------------------------------------- train.py
@@ -720,17 +743,8 @@ def test_et_label_follows_the_datas_naming(evaluate_runs, name, out):
     _check_et_label(runs[name], r / out, 3, "the data's BraTS 2023 naming")
 
 
-def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
-    """evaluate.py killed (-9) after its first case: the staging folder is
-    <output_dir>.partial, named in the log; the same command again resumes
-    there (the cases done are not computed again), a command of another
-    protocol (--et_label=3, which overrides the data's 2018 naming) starts
-    over and says so, and both end with the same scores. Before: a hidden
-    .<output>.tmp-* folder, removed by the rerun, which started again from
-    the first case."""
-    r = root / "resume"
-    r.mkdir()
-    args = [f"--model={model}", f"--data={root / 'tfr'}", f"--output_dir={r / 'out'}"]
+def _kill_evaluation_after_a_case(args, staging):
+    """Runs evaluate.py with args, kills it (-9) once a case is done: its stderr."""
     child = subprocess.Popen(
         _command("evaluate", args),
         cwd=ROOT,
@@ -739,7 +753,6 @@ def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    staging = r / "out.partial"
     try:
         deadline = time.time() + 300
         while not list(staging.glob("cases_done/*.json")):
@@ -751,6 +764,22 @@ def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
         if child.poll() is None:
             child.kill()
             child.wait()
+    return stderr
+
+
+def test_killed_evaluation_resumes_at_the_first_case_not_written(root, model):
+    """evaluate.py killed (-9) after its first case: the staging folder is
+    <output_dir>.partial, named in the log; the same command again resumes
+    there (the cases done are not computed again), a command of another
+    protocol (--et_label=3, which overrides the data's 2018 naming) starts
+    over and says so, and both end with the same scores. Before: a hidden
+    .<output>.tmp-* folder, removed by the rerun, which started again from
+    the first case."""
+    r = root / "resume"
+    r.mkdir()
+    args = [f"--model={model}", f"--data={root / 'tfr'}", f"--output_dir={r / 'out'}"]
+    staging = r / "out.partial"
+    stderr = _kill_evaluation_after_a_case(args, staging)
     assert f"writing into {staging}" in stderr
     done = sorted(p.stem for p in staging.glob("cases_done/*.json"))
     assert 1 <= len(done) < 4, "killed too late to test a resume"

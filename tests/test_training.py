@@ -185,6 +185,19 @@ def test_mirrored_two_replicas_equal_one_device_with_the_global_batch(tmp_path):
     assert moved > 1e-3
 
 
+def _apply_one_update(trainer):
+    """Repeats the one-step epoch until the inner optimizer has applied one
+    update (a step whose scaled gradients overflow is skipped)."""
+    while (
+        int(getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer).iterations.numpy()) < 1
+    ):
+        trainer.epoch.assign(0)
+        trainer.train()
+        trainer.history.clear()
+        if trainer.optimizer.iterations.numpy() > 8:
+            pytest.fail("mixed_float16: no finite step in 8 tries")
+
+
 def test_mixed_float16_scales_the_loss(tmp_path):
     """Under mixed_float16 the SGD update matches float32's; unscaled float16
     gradients would underflow or be divided by the loss scale (32768). Under
@@ -222,17 +235,7 @@ def test_mixed_float16_scales_the_loss(tmp_path):
             assert float(trainer.optimizer.dynamic_scale) == 2.0**15
         else:
             assert not isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
-        # Repeat the one-step epoch until the inner optimizer has applied one
-        # update (a step whose scaled gradients overflow is skipped).
-        while (
-            int(getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer).iterations.numpy())
-            < 1
-        ):
-            trainer.epoch.assign(0)
-            trainer.train()
-            trainer.history.clear()
-            if trainer.optimizer.iterations.numpy() > 8:
-                pytest.fail("mixed_float16: no finite step in 8 tries")
+        _apply_one_update(trainer)
         deltas[precision] = [w - w0 for w, w0 in zip(trainer.model.get_weights(), init)]
     keras.mixed_precision.set_global_policy("float32")
     d32 = np.concatenate([d.ravel() for d in deltas["float32"]])
