@@ -49,9 +49,9 @@ from brats_tf.config import (
     LossConfig,
     ModelConfig,
     TrainConfig,
-    int_flag_list,
 )
 from brats_tf.flag_fields import flag_fields
+from data_pipeline.checks import int_flag_list
 
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,7 @@ import dataclasses
 
 from brats_tf.flag_fields import flagged
 from data_pipeline import constants
-from data_pipeline.checks import int_flag_list, positive_int  # noqa: F401 (int_flag_list: commands)
+from data_pipeline.checks import positive_int
 
 # Keras dtype policies a network trains or infers in (mixed_float16: GPUs;
 # mixed_bfloat16: CPUs with AMX or AVX512-BF16, and GPUs).
@@ -355,5 +355,5 @@ class InputFlags:
         "Where the random training crop is drawn: uniformly in the original grid (the "
         "paper), or in the brain's bounding box, so that crops smaller than the paper's are "
         "still mostly brain (docs/deviations.md).",
-        choices=("grid", "brain_box"),
+        choices=constants.CROP_FROM,
     )

@@ -91,7 +91,7 @@ def _check_paths(f) -> None:
 def main(argv):
     from absl import flags as absl_flags
 
-    from brats_tf.config import int_flag_list
+    from data_pipeline.checks import int_flag_list
     from data_pipeline.io_utils import write_json_atomic
     from data_pipeline.manifest import read_manifest
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from data_pipeline.checks import positive_int
 
 
-def poly_lr(
-    epoch: int, initial_lr: float = 1e-4, total_epochs: int = 300, power: float = 0.9
-) -> float:
+def poly_lr(epoch: int, initial_lr: float, total_epochs: int, power: float) -> float:
     """The learning rate for epoch ``epoch`` (0-based) of ``total_epochs``.
 
     Epoch 0 trains at ``initial_lr``; the last epoch (N_e - 1) at

@@ -45,4 +45,7 @@ TRAIN_CROP_DIVISOR = 16
 
 # Paper §3.7 training crop and the BraTS volume size.
 PAPER_CROP = (160, 192, 128)
+# Where a training crop's window is drawn: anywhere in the volume's grid (§3.7),
+# or inside the brain's bounding box (train.py --crop_from).
+CROP_FROM = ("grid", "brain_box")
 BRATS_SHAPE = (240, 240, 155)

@@ -31,12 +31,11 @@ import dataclasses
 import tensorflow as tf
 
 from data_pipeline import augment, features
-from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
+from data_pipeline.checks import positive_int
+from data_pipeline.constants import CROP_FROM, NUM_MODALITIES, NUM_REGIONS, PAPER_CROP
 from data_pipeline.shards import READ_BUFFER
 
 MODES = ("train", "eval")
-# Where a training crop's random window is drawn (InputConfig.crop_from).
-CROP_FROM = ("grid", "brain_box")
 _EPS = 1e-8  # std floor of the normalisation: a constant channel (std 0) stays finite
 _CACHE_SHUFFLE_BUFFER = 100_000  # > any number of cases: a full shuffle
 
@@ -120,8 +119,7 @@ class InputConfig:
             isinstance(s, int) and s > 0 for s in self.crop_shape
         ):
             raise ValueError(f"crop_shape must be 3 positive ints, got {self.crop_shape!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        positive_int("batch_size", self.batch_size)
         if self.mode == "eval" and self.batch_size != 1:
             raise ValueError(
                 f"eval mode yields whole volumes of different sizes: batch_size "

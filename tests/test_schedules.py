@@ -15,11 +15,11 @@ from brats_tf.schedules import poly_lr
     ],
 )
 def test_poly_lr_paper_values(epoch, want):
-    assert poly_lr(epoch) == pytest.approx(want, rel=1e-12)
+    assert poly_lr(epoch, 1e-4, 300, 0.9) == pytest.approx(want, rel=1e-12)
 
 
 def test_poly_lr_is_strictly_decreasing_and_positive():
-    values = [poly_lr(e, 2e-4, 10) for e in range(10)]
+    values = [poly_lr(e, 2e-4, 10, 0.9) for e in range(10)]
     assert all(a > b > 0 for a, b in zip(values, values[1:]))
 
 
@@ -29,4 +29,4 @@ def test_poly_lr_is_strictly_decreasing_and_positive():
 )
 def test_poly_lr_rejects_out_of_range(kwargs):
     with pytest.raises(ValueError):
-        poly_lr(**kwargs)
+        poly_lr(**{**dict(initial_lr=1e-4, total_epochs=300, power=0.9), **kwargs})

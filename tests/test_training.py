@@ -327,7 +327,7 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
     straight = run(tmp_path / "a")
     history = straight.train()
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert [h["lr"] for h in history] == pytest.approx([poly_lr(e, 1e-3, 3) for e in range(3)])
+    assert [h["lr"] for h in history] == pytest.approx([poly_lr(e, 1e-3, 3, 0.9) for e in range(3)])
     with pytest.raises(_Crash):  # during epoch 2, before its checkpoint
         run(tmp_path / "b", crash_after=2).train()
     resumed = run(tmp_path / "b")

@@ -29,6 +29,7 @@ from brats_tf.inference.predict import (
 )
 from brats_tf.model import build_inference_model, config_from_model, model_precision
 from data_pipeline import constants, volume
+from data_pipeline.checks import positive_int
 from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
 
 INPUT_NAME = "image"
@@ -126,9 +127,7 @@ class BratsServingModule(tf.Module):
 
 
 def _check_version(version) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer, got {version!r}")
-    return version
+    return positive_int("version", version)
 
 
 def _members(training_model) -> list:
