@@ -49,7 +49,6 @@ from brats_tf.evaluation.output_folder import check_output_dir, staging_dir
 from brats_tf.evaluation.report import per_case_rows, summary_rows
 
 # train.py's validation and final save, defined in brats_tf.training
-from brats_tf.training import save_final, validation_dice
 
 __all__ = [
     "EvalCase",
@@ -77,10 +76,8 @@ __all__ = [
     "open_cases",
     "per_case_rows",
     "run_protocol",
-    "save_final",
     "spacing_from_affine",
     "staging_dir",
     "summary_rows",
     "training_run",
-    "validation_dice",
 ]
