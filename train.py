@@ -43,15 +43,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 from absl import app, flags
 
 # The configs (without TensorFlow): their flagged fields are train.py's flags.
-from brats_tf.config import (
-    RENAMED_MODEL_FIELDS,
-    InputFlags,
-    LossConfig,
-    ModelConfig,
-    TrainConfig,
-)
-from brats_tf.flag_fields import flag_fields
+from brats_tf.config import RENAMED_MODEL_FIELDS, LossConfig, ModelConfig, TrainConfig
 from data_pipeline.checks import int_flag_list
+from data_pipeline.flag_fields import flag_fields
+from data_pipeline.input_config import InputConfig
 
 FLAGS = flags.FLAGS
 
@@ -142,7 +137,7 @@ def config_values(config_class) -> dict:
 
 
 # Data (§3.7), the model (Table 1), the loss (§3.4), the optimisation (§3.5, §3.6).
-for _config_class in (InputFlags, ModelConfig, LossConfig, TrainConfig):
+for _config_class in (InputConfig, ModelConfig, LossConfig, TrainConfig):
     define_config_flags(_config_class)
 
 log = logging.getLogger("train")
@@ -491,10 +486,10 @@ def start_runtime(model_config, train_config, resolved):
 def make_dataset_fn(model_config, train_config, data, strategy):
     """The Trainer's dataset_fn: the training shards, cropped, augmented and
     batched (the global batch split over the replicas)."""
-    from data_pipeline.input import InputConfig, make_dataset
+    from data_pipeline.input import make_dataset
 
     global_batch = train_config.batch_per_replica * strategy.num_replicas_in_sync
-    input_values = config_values(InputFlags)
+    input_values = config_values(InputConfig)
 
     def dataset_fn(ctx, epoch: int):
         # A new seed per epoch: a fresh, reproducible order and augmentation

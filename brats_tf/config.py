@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from brats_tf.flag_fields import flagged
 from data_pipeline import constants
 from data_pipeline.checks import positive_int
+from data_pipeline.flag_fields import flagged
 
 # Keras dtype policies a network trains or infers in (mixed_float16: GPUs;
 # mixed_bfloat16: CPUs with AMX or AVX512-BF16, and GPUs).
@@ -336,24 +336,3 @@ class TrainConfig:
 # which train.py loads only after its flags are parsed. The fields of it that
 # train.py's flags set are declared here with their defaults
 # (tests/test_train_cli.py checks that the two agree).
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFlags:
-    """data_pipeline.input.InputConfig's fields that train.py's flags set."""
-
-    augment: bool = flagged(True, "Random flips and intensity augmentation (§3.7).")
-    cache: bool = flagged(
-        False,
-        "Shuffle over all training cases each epoch (a uniform order) instead of shard "
-        "order plus an 8-case buffer; holds the epoch's decompressed cases in memory (~30 MB "
-        "per BraTS case). The data are read again every epoch.",
-        name="input_cache",
-    )
-    crop_from: str = flagged(
-        "grid",
-        "Where the random training crop is drawn: uniformly in the original grid (the "
-        "paper), or in the brain's bounding box, so that crops smaller than the paper's are "
-        "still mostly brain (docs/deviations.md).",
-        choices=constants.CROP_FROM,
-    )

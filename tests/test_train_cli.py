@@ -273,25 +273,24 @@ def _defaults(config_class) -> dict:
 
 def test_every_flag_default_is_the_config_default():
     """Each config field train.py's flags set takes the config's default when
-    no flag is given (InputConfig's too, whose flagged fields
-    brats_tf.config.InputFlags declares for train.py), and the flags are
-    defined without TensorFlow."""
-    from brats_tf.config import InputFlags, LossConfig, ModelConfig, TrainConfig
-    from brats_tf.flag_fields import flag_fields
+    no flag is given (InputConfig's too), and the flags are defined without
+    TensorFlow."""
+    from brats_tf.config import LossConfig, ModelConfig, TrainConfig
+    from data_pipeline.flag_fields import flag_fields
     from data_pipeline.input import InputConfig
 
     got = _with_train_module(
         "train.FLAGS(['train.py'])\n"
         "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, **{\n"
         "    c.__name__: train.config_values(c) for c in\n"
-        "    (train.ModelConfig, train.LossConfig, train.TrainConfig, train.InputFlags)}}))\n"
+        "    (train.ModelConfig, train.LossConfig, train.TrainConfig, train.InputConfig)}}))\n"
     )
     assert got.pop("tensorflow") is False
     for name, like in (
         ("ModelConfig", ModelConfig),
         ("LossConfig", LossConfig),
         ("TrainConfig", TrainConfig),
-        ("InputFlags", InputConfig),
+        ("InputConfig", InputConfig),
     ):
         defaults = _defaults(like)
         assert got[name] and got[name] == {k: defaults[k] for k in got[name]}, name
@@ -299,9 +298,9 @@ def test_every_flag_default_is_the_config_default():
     assert set(got["TrainConfig"]) == {f.field for f in flag_fields(TrainConfig)}
     assert not {"model_dir", "num_train_cases"} & set(got["TrainConfig"])  # not flags of theirs
     assert (
-        set(got["InputFlags"])
+        set(got["InputConfig"])
         == {"augment", "cache", "crop_from"}
-        == {f.field for f in flag_fields(InputFlags)}
+        == {f.field for f in flag_fields(InputConfig)}
     )
     assert {"input_shape", "weight_decay", "head_bias_init"} <= set(got["ModelConfig"])
     assert set(got["LossConfig"]) == {"dice_weight", "l2_weight", "kl_weight"}
@@ -309,18 +308,19 @@ def test_every_flag_default_is_the_config_default():
 
 def test_one_list_of_precisions_strategies_and_choices():
     from brats_tf import config, export, model, training
-    from brats_tf.config import InputFlags, TrainConfig
-    from brats_tf.flag_fields import flag_fields
-    from data_pipeline import input as input_lib
+    from brats_tf.config import TrainConfig
+    from data_pipeline import constants
+    from data_pipeline.flag_fields import flag_fields
+    from data_pipeline.input import InputConfig
 
     assert model.PRECISIONS is config.PRECISIONS
     assert training.PRECISIONS is config.PRECISIONS and export.PRECISIONS is config.PRECISIONS
-    choices = {f.field: f.choices for c in (TrainConfig, InputFlags) for f in flag_fields(c)}
+    choices = {f.field: f.choices for c in (TrainConfig, InputConfig) for f in flag_fields(c)}
     assert choices["precision"] is config.PRECISIONS
     assert choices["strategy"] is config.STRATEGIES
     assert choices["strategy"] == training.STRATEGIES
     assert choices["on_nonfinite"] == config.ON_NONFINITE == training.ON_NONFINITE
-    assert choices["crop_from"] == input_lib.CROP_FROM
+    assert choices["crop_from"] is constants.CROP_FROM
 
 
 def test_resume_check_reads_the_config_json_of_an_earlier_run(tmp_path):
