@@ -330,9 +330,3 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
-
-
-# data_pipeline.input.InputConfig lives in a module that imports TensorFlow,
-# which train.py loads only after its flags are parsed. The fields of it that
-# train.py's flags set are declared here with their defaults
-# (tests/test_train_cli.py checks that the two agree).
