@@ -69,6 +69,13 @@ class ModelConfig:
       head_kernel_std: the std of the 'normal' head kernel.
       head_bias_init: the head's initial bias, the same for the 3 channels
         (0: Keras' default; e.g. -4.6 = logit(0.01), a rare-foreground prior).
+      head_lr_multiplier: the head's kernel and bias learn this many times
+        faster than every other weight (1: as the paper). They are stored
+        divided by it and multiplied back after the convolution (the layer
+        DecoderEnd_Scale): Adam moves a stored weight by about the learning
+        rate a step, so the head's effective weights move this many times
+        more. The initialisation above is of the effective weights; the L2
+        weight decay acts on the stored kernel (weaker by its square).
       l2_weight: weight_decay's earlier name, which config.json files of
         earlier runs hold (``ModelConfig(**saved)`` reads them): given, it is
         the weight_decay; never stored.
@@ -110,6 +117,12 @@ class ModelConfig:
         0.0,
         "Initial bias of the segmentation head's 3 channels (e.g. -4.6 = logit(0.01), a "
         "rare-foreground prior).",
+    )
+    head_lr_multiplier: float = flagged(
+        1.0,
+        "The segmentation head's kernel and bias learn this many times faster than the "
+        "other weights (stored divided by it, multiplied back after the convolution); "
+        "1: as the paper.",
     )
     l2_weight: dataclasses.InitVar[float | None] = None
 
@@ -204,6 +217,15 @@ class ModelConfig:
         ):
             raise ValueError(
                 f"{owner}.head_bias_init must be a number in (-50, 50), got {self.head_bias_init!r}"
+            )
+        if (
+            isinstance(self.head_lr_multiplier, bool)
+            or not isinstance(self.head_lr_multiplier, (int, float))
+            or not 0 < self.head_lr_multiplier <= 1000
+        ):
+            raise ValueError(
+                f"{owner}.head_lr_multiplier must be a number in (0, 1000], "
+                f"got {self.head_lr_multiplier!r}"
             )
 
     @property

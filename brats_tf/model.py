@@ -125,10 +125,15 @@ def _encode(x, cfg: ModelConfig, stage: _Stages) -> list:
 
 
 def _head_kernel_initializer(cfg: ModelConfig):
-    """The segmentation head's kernel initialiser (ModelConfig.head_kernel_init)."""
+    """The segmentation head's stored kernel initialiser (ModelConfig.head_kernel_init),
+    divided by head_lr_multiplier: the effective kernel starts as the option says."""
+    m = cfg.head_lr_multiplier
     if cfg.head_kernel_init == "normal":
-        return keras.initializers.RandomNormal(stddev=cfg.head_kernel_std)
-    return "glorot_uniform"
+        return keras.initializers.RandomNormal(stddev=cfg.head_kernel_std / m)
+    if m == 1:
+        return "glorot_uniform"
+    # glorot_uniform is VarianceScaling(1, fan_avg, uniform); its std scales with sqrt(scale)
+    return keras.initializers.VarianceScaling(1.0 / m**2, mode="fan_avg", distribution="uniform")
 
 
 def _decode(features: list, cfg: ModelConfig, stage: _Stages):
@@ -157,9 +162,17 @@ def _decode(features: list, cfg: ModelConfig, stage: _Stages):
             name="DecoderEnd_Conv1",
             layer_class=head,
             kernel_initializer=_head_kernel_initializer(cfg),
-            bias_initializer=keras.initializers.Constant(cfg.head_bias_init),
+            bias_initializer=keras.initializers.Constant(
+                cfg.head_bias_init / cfg.head_lr_multiplier
+            ),
         ),
     )(x)
+    if cfg.head_lr_multiplier != 1:
+        scale = cfg.head_lr_multiplier
+        x = stage(
+            "DecoderEnd_Scale",
+            lambda: keras.layers.Rescaling(scale, name="DecoderEnd_Scale"),
+        )(x)
     # float32 outputs under a mixed precision policy.
     return stage(
         "DecoderEnd_Sigmoid",
@@ -285,6 +298,9 @@ def config_from_model(model: keras.Model) -> ModelConfig:
         weight_decay=block.l2_weight,
         vae=vae,
         recompute_levels=recompute_levels,
+        head_lr_multiplier=(
+            float(model.get_layer("DecoderEnd_Scale").scale) if "DecoderEnd_Scale" in names else 1.0
+        ),
     )
 
 

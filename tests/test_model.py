@@ -265,6 +265,10 @@ def test_inference_model_rejects_sizes_not_divisible_by_8(tiny_model):
         (dict(head_bias_init=float("nan")), "head_bias_init.*nan"),
         (dict(head_bias_init=True), "head_bias_init"),
         (dict(head_kernel_std=0.0), "head_kernel_std.*0.0"),
+        (dict(head_lr_multiplier=0.0), "head_lr_multiplier.*0.0"),
+        (dict(head_lr_multiplier=float("nan")), "head_lr_multiplier.*nan"),
+        (dict(head_lr_multiplier=2000.0), "head_lr_multiplier"),
+        (dict(head_lr_multiplier=True), "head_lr_multiplier"),
     ],
 )
 def test_model_config_rejects_bad_values(kwargs, match):
@@ -338,6 +342,68 @@ def test_segmentation_head_initialisation_options():
         )
     )
     assert 0.15 < wider.get_layer("DecoderEnd_Conv1").get_weights()[0].std() < 0.5
+
+
+def test_head_lr_multiplier_is_the_same_function_whose_head_learns_faster(tmp_path):
+    """head_lr_multiplier m: the head's stored kernel and bias are the
+    effective ones divided by m (the model computes the same function), and
+    Adam's first step, lr * g / (|g| + eps / sqrt(1 - beta_2)) in Keras, about
+    lr * sign(g) where |g| >> 3e-6, moves the
+    effective head weights m times as far while every other weight moves as
+    with m = 1."""
+    m, lr, shape = 10.0, 1e-3, (16, 16, 16)
+    base = dict(input_shape=shape, init_filters=8, latent_dim=8, vae=False, dropout=0.0)
+    base.update(weight_decay=0.0)
+    keras.utils.set_random_seed(2)
+    plain = build_model(ModelConfig(**base))
+    keras.utils.set_random_seed(2)
+    fast = build_model(ModelConfig(**base, head_lr_multiplier=m))
+    stored = fast.get_layer("DecoderEnd_Conv1").get_weights()[0]
+    # the effective kernel starts as Glorot-uniform's (bound sqrt(6 / (8 + 3)))
+    assert np.abs(stored).max() * m <= np.sqrt(6 / 11) and np.abs(stored).std() * m > 0.1
+    for layer in plain.layers:
+        if layer.weights:
+            fast.get_layer(layer.name).set_weights(layer.get_weights())
+    kernel, bias = plain.get_layer("DecoderEnd_Conv1").get_weights()
+    fast.get_layer("DecoderEnd_Conv1").set_weights([kernel / m, bias / m])
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1,) + shape + (4,)).astype(np.float32)
+    target = (rng.random((1,) + shape + (3,)) < 0.3).astype(np.float32)
+    np.testing.assert_allclose(fast(image)["seg"], plain(image)["seg"], atol=1e-6)
+
+    def one_adam_step(model):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((model(image, training=True)["seg"] - target) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        before = {v.path: v.numpy() for v in model.trainable_variables}
+        keras.optimizers.Adam(lr).apply_gradients(zip(grads, model.trainable_variables))
+        grads = {v.path: g.numpy() for v, g in zip(model.trainable_variables, grads)}
+        return {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}, grads
+
+    moved_plain, grads = one_adam_step(plain)
+    moved_fast, _ = one_adam_step(fast)
+    for path, delta in moved_plain.items():
+        big = np.abs(grads[path]) > 1e-3  # where eps is negligible: a step of lr
+        if path.startswith("DecoderEnd_Conv1/"):  # stored * m: the effective weights
+            assert big.mean() > 0.5, path
+            effective = moved_fast[path][big] * m
+            np.testing.assert_allclose(effective, m * delta[big], rtol=1e-2)
+            np.testing.assert_allclose(np.abs(effective), m * lr, rtol=1e-2)
+        else:
+            np.testing.assert_allclose(moved_fast[path][big], delta[big], rtol=1e-2, atol=1e-7)
+    # recorded and rebuilt: config_from_model, the inference model, a .keras file
+    assert config_from_model(fast).head_lr_multiplier == m
+    assert config_from_model(plain).head_lr_multiplier == 1.0
+    want = fast(image)["seg"].numpy()
+    np.testing.assert_allclose(build_inference_model(fast)(image)["seg"], want, atol=1e-6)
+    fast.save(tmp_path / "fast.keras")
+    loaded = keras.saving.load_model(tmp_path / "fast.keras")
+    np.testing.assert_array_equal(loaded(image)["seg"].numpy(), want)
+    normal = build_model(
+        ModelConfig(**base, head_kernel_init="normal", head_kernel_std=0.03, head_lr_multiplier=m)
+    )
+    stored = normal.get_layer("DecoderEnd_Conv1").get_weights()[0]
+    assert 0.015 < stored.std() * m < 0.05
 
 
 def test_config_from_model_recovers_the_segmentation_network(paper_model):
