@@ -318,7 +318,7 @@ class Float64Reference:
             x = self.upsample2(self.conv(get(f"DecoderUp{level}_Conv1"), x)) + features[level]
             for i in range(cfg.blocks_up[level]):
                 x = self.block(get(f"DecoderBlock{level}_{i}"), x)
-        seg = tf.sigmoid(self.conv(get("DecoderEnd_Conv1"), x))
+        seg = tf.sigmoid(cfg.head_lr_multiplier * self.conv(get("DecoderEnd_Conv1"), x))
         v = tf.nn.relu(self.groupnorm(get("VD_GN"), features[-1]))
         v = self.conv(get("VD_Conv"), v, stride=2)
         v = self.dense(get("VD_Dense"), tf.reshape(v, [v.shape[0], -1]))

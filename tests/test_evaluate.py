@@ -31,7 +31,9 @@ from data_pipeline.synthetic import write_synthetic_dataset
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = (48, 48, 40)
 NUM_CASES = 3
-TINY = dict(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1, 1, 1))
+TINY = dict(
+    input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1), blocks_up=(1,)
+)
 COLUMNS = ["case_id"] + [
     f"{r}_{m}"
     for r in ("WT", "TC", "ET")

@@ -247,7 +247,7 @@ def test_cli_exports_and_overwrites(tmp_path):
     loaded = tf.saved_model.load(str(target))
     x = raw_batch((7, 8, 5), seed=5)
     out = loaded.signatures["serving_default"](image=tf.constant(x))
-    expected = keras_reference(model, x, tta=False, multiple=2)
+    expected = keras_reference(model, x, tta=False)
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=2e-5)
     labels = out["labels"].numpy()
     clear = np.all(np.abs(expected - 0.5) > 1e-4, axis=-1)
@@ -272,7 +272,7 @@ def test_export_of_mixed_precision_model(tmp_path):
     x = raw_batch((6, 10, 7), seed=3)
     probs = loaded.signatures["serving_default"](image=tf.constant(x))["probabilities"]
     assert probs.dtype == tf.float32
-    expected = keras_reference(model, x, tta=False, multiple=2)
+    expected = keras_reference(model, x, tta=False)
     np.testing.assert_allclose(probs.numpy(), expected, atol=2e-3)
 
 
@@ -374,11 +374,11 @@ def test_ensemble_export_is_the_mean_and_post_processing_runs_in_the_graph(tmp_p
     a, b = _small(1), _small(2)
     x = raw_batch((7, 8, 6), batch=2, seed=6)
     x[1, :, :, :3] = 0.0  # a smaller brain: the two cases get different ET volumes
-    expected = (keras_reference(a, x, False, 2) + keras_reference(b, x, False, 2)) / 2
+    expected = (keras_reference(a, x, False) + keras_reference(b, x, False)) / 2
     plain = tf.saved_model.load(str(export.export_saved_model([a, b], tmp_path / "plain")))
     out = plain.signatures["serving_default"](image=tf.constant(x))
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=2e-5)
-    assert np.abs(keras_reference(a, x, False, 2) - expected).max() > 1e-3  # not one model
+    assert np.abs(keras_reference(a, x, False) - expected).max() > 1e-3  # not one model
     labels = out["labels"].numpy()
     assert json.loads(out["protocol"].numpy()[0].decode())["ensemble_size"] == 2
     counts = [int((c == C.LABEL_ET).sum()) for c in labels]

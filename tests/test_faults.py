@@ -39,7 +39,7 @@ ENV.pop("TF_CONFIG", None)
 SMOKE = ROOT / "configs" / "smoke.flags"
 # The model configs/smoke.flags trains (train.py's defaults otherwise).
 SMOKE_MODEL = ModelConfig(
-    input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1, 1, 1)
+    input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1), blocks_up=(1,)
 )
 
 

@@ -19,7 +19,9 @@ from brats_tf.model import build_model
 from data_pipeline import constants, volume
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = dict(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1, 1, 1))
+TINY = dict(
+    input_shape=(32, 32, 32), init_filters=8, latent_dim=16, blocks_down=(1, 1), blocks_up=(1,)
+)
 
 
 def _case(et_voxels, shape=(6, 7, 5), et_label=4):

@@ -8,8 +8,9 @@ test skips, so a fresh clone still passes. Nothing derived from the cases'
 images is written outside pytest's temporary folders.
 
 Two cases (an HGG and an LGG where both grades are there) are converted, a
-tiny network (configs/smoke.flags: 32^3 crops, width 8) trains four steps on
-them, and evaluate.py predicts one of them in its whole 240 x 240 x 155 grid
+tiny network (configs/smoke.flags: 32^3 crops, 2 levels, here at width 4:
+the whole volume with 8 flips is most of the test's time) trains four steps
+on them, and evaluate.py predicts one of them in its whole 240 x 240 x 155 grid
 with the 8 mirror flips. The prediction must carry the input's grid, affine
 and spacing, and the scores evaluate.py writes must equal a NumPy Dice of
 the prediction file against the case's seg file. A real case made faulty in
@@ -89,6 +90,8 @@ def real_run(tmp_path_factory):
             f"--model_dir={tmp / 'run'}",
             "--fold=-1",
             "--validate_every=0",
+            "--init_filters=4",
+            "--groups=4",
         ]
     )
     _run(

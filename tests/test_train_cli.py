@@ -94,14 +94,18 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
     "args,message",
     [
         (["--epochs=-1"], "flag --epochs=-1"),
-        (["--crop=32,32,30"], "must be divisible by 16"),
+        (["--crop=32,32,30"], "must be divisible by 4"),  # the VAE of 2 levels
         (["--strategy=tpu"], "flag --strategy=tpu"),
         (["--data_dir=/nonexistent/brats"], "--data_dir=/nonexistent/brats: no manifest.json"),
         (["--fold=9"], "--fold=9"),
         (["--crop=32,x,32"], "--crop must be integers"),
         (["--strategy=multi_worker"], "TF_CONFIG"),
-        (["--recompute", "--recompute_levels=5"], r"recompute_levels must be an integer in [0, 4]"),
-        (["--precision=mixed_bfloat16", "--crop=16,32,32"], "crop depth of 16"),
+        (["--recompute", "--recompute_levels=3"], r"recompute_levels must be an integer in [0, 2]"),
+        (
+            ["--precision=mixed_bfloat16", "--crop=16,32,32", "--blocks_down=1,1,1,1"]
+            + ["--blocks_up=1,1,1"],
+            "crop depth of 16",
+        ),
     ],
 )
 def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message):
@@ -120,7 +124,7 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message
 
 def test_recompute_run_records_its_levels(data_dir, tmp_path):
     """--recompute trains, and config.json records the levels recomputed
-    (default: every level; this test's network has 4) and its one inter-op
+    (default: every level; smoke.flags' network has 2) and its one inter-op
     thread on one device."""
     model_dir = tmp_path / "run"
     proc = train(
@@ -136,7 +140,7 @@ def test_recompute_run_records_its_levels(data_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 4
+    assert config["model"]["recompute_levels"] == len(config["model"]["blocks_down"]) == 2
     assert config["runtime"]["inter_op_threads"] == 1
 
 

@@ -22,10 +22,10 @@ from brats_tf.schedules import poly_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 16)
-# One ResNet block per encoder level, not the paper's (1, 2, 2, 4): the loop does
-# not depend on the depth, and half the graph halves the tracing (test_model.py
-# tests the paper's network).
-BLOCKS = dict(blocks_down=(1, 1, 1, 1))
+# Two levels of one ResNet block each, not the paper's four (1, 2, 2, 4): the
+# loop does not depend on the depth, and the graph to trace, most of a short
+# run's time, is half as large (test_model.py tests the paper's network).
+BLOCKS = dict(blocks_down=(1, 1), blocks_up=(1,))
 TINY = ModelConfig(input_shape=SHAPE, init_filters=8, latent_dim=8, dropout=0.0, **BLOCKS)
 
 
@@ -201,10 +201,10 @@ def _apply_one_update(trainer):
 def test_mixed_float16_scales_the_loss(tmp_path):
     """Under mixed_float16 the SGD update matches float32's; unscaled float16
     gradients would underflow or be divided by the loss scale (32768). Under
-    mixed_bfloat16 (float32's exponent range: no loss scaling) as well, at a
-    crop 32 deep: at 16 the coarsest level is 2 deep, where oneDNN's bfloat16
-    kernel gradient is wrong on CPUs with AVX512-BF16 and no AMX
-    (test_mixed_bfloat16_is_refused_where_onednn_is_wrong)."""
+    mixed_bfloat16 (float32's exponent range: no loss scaling) as well (the
+    coarsest level is 16 x 8 x 8 here; 2 deep, oneDNN's bfloat16 kernel
+    gradient is wrong on CPUs with AVX512-BF16 and no AMX:
+    test_mixed_bfloat16_is_refused_where_onednn_is_wrong)."""
     shape = (32, 16, 16)
     model_config = ModelConfig(**{**TINY.__dict__, "input_shape": shape})
     images, labels = make_cases(1, shape=shape)
@@ -253,17 +253,20 @@ def test_mixed_float16_scales_the_loss(tmp_path):
 
 
 def test_mixed_bfloat16_is_refused_where_onednn_is_wrong(tmp_path):
-    """A coarsest level 2 voxels deep (crop depth 16) in mixed_bfloat16 is
-    refused before anything is built; float32 and mixed_float16 train there."""
+    """A coarsest level 2 voxels deep (crop depth 16 for 4 levels) in
+    mixed_bfloat16 is refused before anything is built; float32 and
+    mixed_float16 train there."""
+    four = ModelConfig(**{**TINY.__dict__, "blocks_down": (1, 1, 1, 1), "blocks_up": (1, 1, 1)})
     cfg = training.TrainConfig(
         model_dir=str(tmp_path), num_train_cases=1, precision="mixed_bfloat16", verbose=False
     )
     images, labels = make_cases(1)
     with pytest.raises(ValueError, match="crop depth of 16 .* at least 24"):
-        training.Trainer(TINY, LossConfig(), cfg, dataset_fn_for(images, labels, 1))
-    training.check_precision_for_model(TINY, "mixed_float16")
-    deeper = ModelConfig(**{**TINY.__dict__, "input_shape": (32, 16, 16)})
+        training.Trainer(four, LossConfig(), cfg, dataset_fn_for(images, labels, 1))
+    training.check_precision_for_model(four, "mixed_float16")
+    deeper = ModelConfig(**{**four.__dict__, "input_shape": (32, 16, 16)})
     training.check_precision_for_model(deeper, "mixed_bfloat16")
+    training.check_precision_for_model(TINY, "mixed_bfloat16")  # 2 levels: 8 deep
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):

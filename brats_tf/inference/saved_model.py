@@ -273,8 +273,12 @@ def export_saved_model(
     members = _members(training_model)
     target = _version_dir(export_dir, version, overwrite)
     models, served_precision = _serving_models(members, precision)
-    # 8 for the paper's 4 levels; an ensemble pads to what each of its networks needs
-    multiple = math.lcm(*(config_from_model(m).spatial_divisor for m in models))
+    # The paper's multiple of 8, as evaluate.py pads (so a SavedModel predicts
+    # what evaluate.py does for the same network), or more where a network of
+    # more levels needs it; an ensemble pads to what each of its networks needs.
+    multiple = math.lcm(
+        constants.SPATIAL_DIVISOR, *(config_from_model(m).spatial_divisor for m in models)
+    )
     module = BratsServingModule(
         models, et_label, threshold, multiple, bool(crop_to_brain), et_min_voxels
     )
