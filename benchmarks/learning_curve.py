@@ -76,8 +76,8 @@ def define_flags():
     flags.DEFINE_list(
         "blocks_down",
         ["1", "2", "2", "4"],
-        "ResNet blocks per encoder level "
-        "(the paper: 1,2,2,4; 1,1,1,1 halves the graph for smoke runs).",
+        "ResNet blocks per encoder level, one entry a level, at least 2 "
+        "(the paper: 1,2,2,4; 1,1 traces a quarter of the graph, for smoke runs).",
     )
     flags.DEFINE_integer("steps", 300, "Training steps per variant.", lower_bound=1)
     flags.DEFINE_integer("log_every", 10, "Steps per curve point (K).", lower_bound=1)
@@ -139,6 +139,7 @@ def model_config(
         init_filters=init_filters,
         seed=seed,
         blocks_down=tuple(blocks_down),
+        blocks_up=(1,) * (len(blocks_down) - 1),  # the paper's one block a decoder level
     )
     if recompute:
         import dataclasses
@@ -397,7 +398,9 @@ def main(argv):
         _fail(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if not FLAGS.out_dir:
         _fail("--out_dir is required")
-    blocks_down = _int_list("blocks_down", count=4, minimum=1)  # the paper's 4 levels
+    blocks_down = _int_list("blocks_down", minimum=1)
+    if len(blocks_down) < 2:
+        _fail(f"--blocks_down needs at least 2 levels, got {FLAGS.blocks_down}")
     folder = data_dir(FLAGS.out_dir)
     common = dict(
         crop=crop, init_filters=FLAGS.init_filters, seed=FLAGS.seed, blocks_down=blocks_down
