@@ -399,8 +399,10 @@ def main(argv):
     if not FLAGS.out_dir:
         _fail("--out_dir is required")
     blocks_down = _int_list("blocks_down", minimum=1)
-    if len(blocks_down) < 2:
-        _fail(f"--blocks_down needs at least 2 levels, got {FLAGS.blocks_down}")
+    try:  # the network's own checks (levels, divisibility), before any child starts
+        model_config(crop, FLAGS.init_filters, FLAGS.seed, blocks_down=blocks_down)
+    except ValueError as e:
+        _fail(str(e))
     folder = data_dir(FLAGS.out_dir)
     common = dict(
         crop=crop, init_filters=FLAGS.init_filters, seed=FLAGS.seed, blocks_down=blocks_down

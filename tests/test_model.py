@@ -348,12 +348,12 @@ def test_head_lr_multiplier_is_the_same_function_whose_head_learns_faster(tmp_pa
     """head_lr_multiplier m: the head's stored kernel and bias are the
     effective ones divided by m (the model computes the same function), and
     Adam's first step, lr * g / (|g| + eps / sqrt(1 - beta_2)) in Keras, about
-    lr * sign(g) where |g| >> 3e-6, moves the
-    effective head weights m times as far while every other weight moves as
-    with m = 1."""
+    lr * sign(g) where |g| >> 3e-6, moves the effective head weights m times
+    as far while every other weight moves as with m = 1."""
     m, lr, shape = 10.0, 1e-3, (16, 16, 16)
-    base = dict(input_shape=shape, init_filters=8, latent_dim=8, vae=False, dropout=0.0)
-    base.update(weight_decay=0.0)
+    base = dict(
+        input_shape=shape, init_filters=8, latent_dim=8, vae=False, dropout=0.0, weight_decay=0.0
+    )
     keras.utils.set_random_seed(2)
     plain = build_model(ModelConfig(**base))
     keras.utils.set_random_seed(2)
