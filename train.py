@@ -43,7 +43,13 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 from absl import app, flags
 
 # The configs (without TensorFlow): their flagged fields are train.py's flags.
-from brats_tf.config import RENAMED_MODEL_FIELDS, LossConfig, ModelConfig, TrainConfig
+from brats_tf.config import (
+    RENAMED_MODEL_FIELDS,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    check_precision_for_model,
+)
 from data_pipeline.checks import int_flag_list
 from data_pipeline.flag_fields import flag_fields
 from data_pipeline.input_config import InputConfig
@@ -145,8 +151,6 @@ log = logging.getLogger("train")
 
 def configs_from_flags():
     """(ModelConfig, LossConfig, TrainConfig, data dict) from FLAGS; ValueError if invalid."""
-    from brats_tf.training import check_precision_for_model
-
     for name in ("data_dir", "model_dir"):
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required")

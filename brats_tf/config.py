@@ -352,3 +352,22 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+
+
+def check_precision_for_model(model_config: ModelConfig, precision: str) -> None:
+    """ValueError for a precision this network cannot be trained in.
+
+    mixed_bfloat16 with the coarsest level 2 voxels deep (a crop depth of
+    16 for the paper's 4 levels): oneDNN's bfloat16 kernel gradient of a
+    3x3x3 convolution whose output is 2 deep (v3.7.3,
+    ``jit_bf16:avx512_core_bf16`` backward_weights, on CPUs with AVX512-BF16
+    and no AMX) reads memory it should not, and gives wrong, at times
+    infinite or NaN, values for two of the kernel's three depth taps
+    (docs/deviations.md). Refused everywhere, whatever the device."""
+    depth = model_config.input_shape[0] // model_config.spatial_divisor
+    if precision == "mixed_bfloat16" and depth == 2:
+        raise ValueError(
+            f"mixed_bfloat16 with a crop depth of {model_config.input_shape[0]} (the coarsest "
+            f"level is 2 deep, where oneDNN's bfloat16 kernel gradient is wrong on some CPUs): "
+            f"use a depth of at least {3 * model_config.spatial_divisor}, or float32"
+        )

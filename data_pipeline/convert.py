@@ -41,7 +41,7 @@ import time
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from data_pipeline import features, layouts
+from data_pipeline import layouts, record_format
 from data_pipeline.cases import BadCaseError, check_files
 from data_pipeline.constants import LABEL_VALUES, MODALITIES
 from data_pipeline.io_utils import write_text_atomic
@@ -264,8 +264,8 @@ def _manifest(input_dir, has_labels, options, shards, records, skipped):
         )
     return {
         "converter_version": CONVERTER_VERSION,
-        "feature_spec_version": features.FEATURE_SPEC_VERSION,
-        "compression": features.COMPRESSION,
+        "feature_spec_version": record_format.FEATURE_SPEC_VERSION,
+        "compression": record_format.COMPRESSION,
         "modalities": list(MODALITIES),
         "label_values": list(LABEL_VALUES),
         "input_dir": os.path.realpath(input_dir),

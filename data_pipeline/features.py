@@ -5,7 +5,8 @@ Each example holds the case cropped to the bounding box of its non-zero voxels
 (all modalities and the label), which is lossless because BraTS volumes are
 skull-stripped (zero outside the brain), plus what puts arrays back into the
 original NIfTI grid (``data_pipeline.volume.paste_crop``). Shards are
-GZIP-compressed TFRecord files.
+GZIP-compressed TFRecord files (``data_pipeline.record_format``: the
+version, compression and file suffix, without TensorFlow).
 
 Fields (shapes are those of the parsed tensors):
   spec_version     int64                    FEATURE_SPEC_VERSION (readers refuse others)
@@ -37,12 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipeline.constants import NUM_MODALITIES
+from data_pipeline.record_format import FEATURE_SPEC_VERSION, IMAGE_DTYPES
 from data_pipeline.volume import nonzero_stats
-
-FEATURE_SPEC_VERSION = 2  # 2: image as byte planes
-COMPRESSION = "GZIP"  # TFRecord compression of the shards (deflate, lossless)
-SHARD_SUFFIX = ".tfrecord"  # GZIP-compressed inside (COMPRESSION)
-IMAGE_DTYPES = ("int16", "float32")
 
 FEATURES = {
     # Absent from version 1 examples (interleaved image bytes): parse_raw refuses them.

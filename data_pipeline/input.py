@@ -28,7 +28,7 @@ data_pipeline.shards says which shard, and which case, it is.
 
 import tensorflow as tf
 
-from data_pipeline import augment, features
+from data_pipeline import augment, features, record_format
 from data_pipeline.constants import NUM_MODALITIES, NUM_REGIONS
 from data_pipeline.input_config import InputConfig
 from data_pipeline.shards import READ_BUFFER
@@ -222,19 +222,20 @@ def _records(config, files, seed):
         # (the buffer holds references to cached tensors, not copies).
         return tf.data.TFRecordDataset(
             files,
-            features.COMPRESSION,
+            record_format.COMPRESSION,
             READ_BUFFER,
             num_parallel_reads=min(config.cycle_length, len(files)),
         )
     if config.mode != "train":
-        return tf.data.TFRecordDataset(files, features.COMPRESSION, READ_BUFFER)  # in file order
+        # in file order
+        return tf.data.TFRecordDataset(files, record_format.COMPRESSION, READ_BUFFER)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if config.shuffle:
         # Shard order changes every epoch; with the example buffer in
         # make_dataset it gives a random case order (each case still once per epoch).
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     return ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, features.COMPRESSION, READ_BUFFER),
+        lambda f: tf.data.TFRecordDataset(f, record_format.COMPRESSION, READ_BUFFER),
         cycle_length=min(config.cycle_length, len(files)),
         block_length=1,
         num_parallel_calls=config.num_parallel_calls,

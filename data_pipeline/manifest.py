@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from data_pipeline import features
+from data_pipeline import record_format
 
 CONVERTER_VERSION = "1.0"
 MANIFEST = "manifest.json"
@@ -58,9 +58,9 @@ def _check_versions(manifest, path):
     )
     spec = manifest.get("feature_spec_version")
     _check(
-        spec == features.FEATURE_SPEC_VERSION,
+        spec == record_format.FEATURE_SPEC_VERSION,
         path,
-        f"feature_spec_version {spec!r}, this code reads {features.FEATURE_SPEC_VERSION}: "
+        f"feature_spec_version {spec!r}, this code reads {record_format.FEATURE_SPEC_VERSION}: "
         "reconvert the NIfTI files",
     )
 

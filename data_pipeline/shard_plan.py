@@ -13,11 +13,11 @@ import re
 
 import numpy as np
 
-from data_pipeline import features
+from data_pipeline import record_format
 
 SHARD_PREFIX = "brats-fold"
 # A shard file's name (plan_shards' names); without the "^...$" it is a part of other names.
-SHARD_NAME = rf"{SHARD_PREFIX}\d+-\d+-of-\d+{re.escape(features.SHARD_SUFFIX)}"
+SHARD_NAME = rf"{SHARD_PREFIX}\d+-\d+-of-\d+{re.escape(record_format.SHARD_SUFFIX)}"
 _SHARD_RE = re.compile(rf"^{SHARD_NAME}$")
 
 
@@ -45,7 +45,7 @@ def plan_shards(cases, fold_of, cases_per_shard, seed):
         members = [members[i] for i in rng.permutation(len(members))]
         n = max(1, math.ceil(len(members) / cases_per_shard))
         for i in range(n):
-            name = f"{SHARD_PREFIX}{fold}-{i:03d}-of-{n:03d}{features.SHARD_SUFFIX}"
+            name = f"{SHARD_PREFIX}{fold}-{i:03d}-of-{n:03d}{record_format.SHARD_SUFFIX}"
             plan.append((name, fold, members[i * cases_per_shard : (i + 1) * cases_per_shard]))
     return plan
 

@@ -10,7 +10,7 @@ import re
 
 import tensorflow as tf
 
-from data_pipeline import features
+from data_pipeline import record_format
 from data_pipeline.manifest import MANIFEST
 from data_pipeline.shard_plan import SHARD_NAME, shard_files
 
@@ -31,7 +31,7 @@ _TMP_RE = re.compile(rf"^\.tmp-({SHARD_NAME}|case-\d+)\.partial$")
 
 def read_record(path):
     """The one record of a file case_tmp_name names."""
-    return next(iter(tf.data.TFRecordDataset(path, features.COMPRESSION))).numpy()
+    return next(iter(tf.data.TFRecordDataset(path, record_format.COMPRESSION))).numpy()
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ class Temporaries:
         path = os.path.join(self.folder, name)
         self.paths.append(path)
         options = tf.io.TFRecordOptions(
-            compression_type=features.COMPRESSION, compression_level=COMPRESSION_LEVEL
+            compression_type=record_format.COMPRESSION, compression_level=COMPRESSION_LEVEL
         )
         return tf.io.TFRecordWriter(path, options)
 

@@ -11,7 +11,7 @@ import re
 
 import tensorflow as tf
 
-from data_pipeline import features
+from data_pipeline import record_format
 
 READ_BUFFER = 8 << 20  # bytes of a TFRecordDataset's read buffer; records are MBs
 
@@ -56,7 +56,7 @@ def read_shard(file, cases=None) -> int:
     parsed); returns how many. Raises ShardError (``shard_error``)."""
     index = 0
     try:
-        for _ in tf.data.TFRecordDataset(str(file), features.COMPRESSION, READ_BUFFER):
+        for _ in tf.data.TFRecordDataset(str(file), record_format.COMPRESSION, READ_BUFFER):
             index += 1
     except tf.errors.OpError as e:
         raise shard_error(file, index, cases, e) from None

@@ -15,7 +15,7 @@ import oracles
 import pytest
 import tensorflow as tf
 
-from data_pipeline import convert, features, layouts, synthetic
+from data_pipeline import convert, layouts, record_format, synthetic
 from data_pipeline.constants import (
     LABEL_ET,
     LABEL_ET_2023,
@@ -56,8 +56,8 @@ def _write(root, layout, case_id, seed, with_label=True, lgg=False):
 def _read_all(output_dir):
     """{case_id: parsed example as NumPy}, over every visible shard."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(output_dir, "*" + features.SHARD_SUFFIX))):
-        for record in tf.data.TFRecordDataset(path, features.COMPRESSION):
+    for path in sorted(glob.glob(os.path.join(output_dir, "*" + record_format.SHARD_SUFFIX))):
+        for record in tf.data.TFRecordDataset(path, record_format.COMPRESSION):
             ex = {k: v.numpy() for k, v in oracles.parse_example(record).items()}
             out[ex["case_id"].decode()] = ex
     return out
@@ -323,7 +323,7 @@ def test_command_line_converts(tmp_path, brats18):
     result = _cli("--input_dir", root, "--output_dir", out, "--num_shards", "2", "--folds", "1")
     assert result.returncode == 0, result.stderr
     assert "5/5" in result.stderr  # progress bar with counts
-    shards = sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
+    shards = sorted(glob.glob(os.path.join(out, "*" + record_format.SHARD_SUFFIX)))
     assert len(shards) == 2  # 5 cases, ceil(5 / 2) = 3 per shard
     assert sorted(_read_all(out)) == sorted(arrays)
 
@@ -379,13 +379,14 @@ def test_killed_conversion_leaves_no_visible_shard_and_rerun_is_identical(tmp_pa
     assert proc.wait() == -signal.SIGKILL  # it was killed mid-way, not finished
     leftovers = _visible_outputs(out)
     assert leftovers and all(n.startswith(".tmp-") for n in leftovers)
-    assert not glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX))
-    assert not tf.io.gfile.glob(os.path.join(out, "*" + features.SHARD_SUFFIX))  # matches dotfiles
+    assert not glob.glob(os.path.join(out, "*" + record_format.SHARD_SUFFIX))
+    # tf.io.gfile.glob matches dotfiles
+    assert not tf.io.gfile.glob(os.path.join(out, "*" + record_format.SHARD_SUFFIX))
 
     convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)  # rerun
     clean = str(tmp_path / "clean")
     convert.convert(root, clean, cases_per_shard=1, folds=1, progress=False)
-    names = sorted(n for n in os.listdir(clean) if n.endswith(features.SHARD_SUFFIX))
+    names = sorted(n for n in os.listdir(clean) if n.endswith(record_format.SHARD_SUFFIX))
     assert len(names) == 12
     assert sorted(os.listdir(out)) == sorted(os.listdir(clean))  # temporary files gone
     for name in names:
@@ -427,7 +428,7 @@ def test_overwrite_replaces_a_finished_conversion(tmp_path, brats18):
     manifest = convert.convert(
         root, out, cases_per_shard=5, folds=1, overwrite=True, progress=False
     )
-    shards = sorted(n for n in os.listdir(out) if n.endswith(features.SHARD_SUFFIX))
+    shards = sorted(n for n in os.listdir(out) if n.endswith(record_format.SHARD_SUFFIX))
     assert shards == [s["file"] for s in manifest["shards"]] and len(shards) == 1  # stale ones gone
     assert sorted(_read_all(out)) == sorted(arrays)
 

@@ -11,7 +11,7 @@ import oracles
 import pytest
 import tensorflow as tf
 
-from data_pipeline import augment, convert, features, synthetic
+from data_pipeline import augment, convert, features, record_format, synthetic
 from data_pipeline.constants import LABEL_ED, LABEL_ET, LABEL_NCR_NET, PAPER_CROP
 from data_pipeline.input import InputConfig, make_dataset, train_transform
 from data_pipeline.manifest import fold_files, read_manifest
@@ -28,7 +28,7 @@ def records(tmp_path_factory):
     synthetic.write_synthetic_dataset(root, NUM_CASES, SHAPE, seed=0, progress=False)
     out = str(tmp_path_factory.mktemp("records"))
     manifest = convert.convert(root, out, cases_per_shard=1, folds=1, progress=False)
-    files = sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
+    files = sorted(glob.glob(os.path.join(out, "*" + record_format.SHARD_SUFFIX)))
     wt = {
         c["case_id"]: sum(c["label_counts"][str(v)] for v in (LABEL_NCR_NET, LABEL_ED, LABEL_ET))
         for c in manifest["cases"]
@@ -44,7 +44,7 @@ def unlabelled(tmp_path_factory):
         os.remove(os.path.join(case_dir, os.path.basename(case_dir) + "_seg.nii.gz"))
     out = str(tmp_path_factory.mktemp("records_nolabel"))
     convert.convert(root, out, folds=1, progress=False)
-    return sorted(glob.glob(os.path.join(out, "*" + features.SHARD_SUFFIX)))
+    return sorted(glob.glob(os.path.join(out, "*" + record_format.SHARD_SUFFIX)))
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,8 @@ def _reference(ex, seeds, config):
 def test_train_transform_equals_reference_ops(records, crop, jit, augmented, seed):
     _, files, _ = records
     config = InputConfig(files=files, crop_shape=crop, jit=jit, augment=augmented)
-    record = next(iter(tf.data.TFRecordDataset(files[seed % len(files)], features.COMPRESSION)))
+    shard = files[seed % len(files)]
+    record = next(iter(tf.data.TFRecordDataset(shard, record_format.COMPRESSION)))
     ex = features.parse_raw(record)
     seeds = tf.random.experimental.stateless_split(tf.constant([seed, 9], tf.int64), 3)
     out = train_transform(ex, seeds, config)
@@ -209,12 +210,12 @@ def test_augmentation_is_random_without_deterministic(records):
 def test_eval_mode_whole_volumes(records, brain_box):
     out, files, _ = records
     stored = {}
-    for record in tf.data.TFRecordDataset(files, features.COMPRESSION):
+    for record in tf.data.TFRecordDataset(files, record_format.COMPRESSION):
         ex = {k: v.numpy() for k, v in oracles.parse_example(record).items()}
         stored[ex["case_id"].decode()] = ex
     ds = make_dataset(
         InputConfig(
-            files=os.path.join(out, "*" + features.SHARD_SUFFIX),
+            files=os.path.join(out, "*" + record_format.SHARD_SUFFIX),
             mode="eval",
             eval_brain_box=brain_box,
         )
@@ -266,7 +267,7 @@ def test_distribute_input_context_shards(records, tmp_path, cases_per_shard):
         convert.convert(
             root, str(tmp_path), cases_per_shard=cases_per_shard, folds=1, progress=False
         )
-        files = sorted(glob.glob(str(tmp_path / ("*" + features.SHARD_SUFFIX))))
+        files = sorted(glob.glob(str(tmp_path / ("*" + record_format.SHARD_SUFFIX))))
         assert len(files) == 1
     per_pipeline = []
     for pipeline in range(2):
@@ -327,7 +328,7 @@ def test_brain_box_crops_lie_inside_the_box_and_move(records):
     the box (zero padding) for some seeds."""
     _, files, _ = records
     crop = (16, 16, 16)
-    record = next(iter(tf.data.TFRecordDataset(files[0], features.COMPRESSION)))
+    record = next(iter(tf.data.TFRecordDataset(files[0], record_format.COMPRESSION)))
     ex = features.parse_raw(record)
     box_image, _ = features.decode_volumes(ex)
     box_t1 = box_image.numpy()[..., 0]

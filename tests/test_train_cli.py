@@ -109,17 +109,20 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
     ],
 )
 def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message):
+    """One line, nothing written, and before TensorFlow is imported (a user
+    waits a fraction of a second for it, not TensorFlow's start-up)."""
     model_dir = tmp_path / "bad"
-    env_args = [f"--data_dir={data_dir}", f"--model_dir={model_dir}"] + args
-    proc = train(env_args, timeout=120)
+    cmd = _train_cmd([f"--data_dir={data_dir}", f"--model_dir={model_dir}"] + args)
+    cmd.insert(1, "-Ximporttime")  # every module imported, one line each, to stderr
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
     assert proc.returncode != 0
-    errors = [
-        line
-        for line in proc.stderr.splitlines()
-        if line.startswith(("train.py: error:", "FATAL Flags parsing error"))
-    ]
+    lines = proc.stderr.splitlines()
+    prefixes = ("train.py: error:", "FATAL Flags parsing error")
+    errors = [line for line in lines if line.startswith(prefixes)]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not model_dir.exists()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    assert "absl.flags" in imported and "tensorflow" not in imported
 
 
 def test_recompute_run_records_its_levels(data_dir, tmp_path):

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from brats_tf.evaluation.config import EvaluationError, one_line
 from data_pipeline import cases as nifti_cases
-from data_pipeline import constants, features, layouts, volume
+from data_pipeline import constants, features, layouts, record_format, volume
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.shards import shard_error
 
@@ -65,7 +65,7 @@ def is_tfrecord_dir(data) -> bool:
     path = os.path.join(str(data), manifest_lib.MANIFEST)
     if not os.path.isfile(path):
         return False
-    if any(name.endswith(features.SHARD_SUFFIX) for name in os.listdir(str(data))):
+    if any(name.endswith(record_format.SHARD_SUFFIX) for name in os.listdir(str(data))):
         return True
     try:
         with open(path) as f:
@@ -139,7 +139,7 @@ def _tfrecord_cases(files, cases_of: dict, skip=frozenset()) -> Iterator[EvalCas
 
 
 def _tfrecord_file_cases(file: str, decode, listed, skip) -> Iterator[EvalCase | SkippedCase]:
-    it = iter(tf.data.TFRecordDataset(file, features.COMPRESSION).map(decode))
+    it = iter(tf.data.TFRecordDataset(file, record_format.COMPRESSION).map(decode))
     index = 0
     while True:
         try:

@@ -8,11 +8,16 @@ resume), ``unlearned`` (regions a run has not learned), ``validation``
 (validation Dice after an epoch).
 """
 
-from brats_tf.config import ON_NONFINITE, PRECISIONS, STRATEGIES, TrainConfig
+from brats_tf.config import (
+    ON_NONFINITE,
+    PRECISIONS,
+    STRATEGIES,
+    TrainConfig,
+    check_precision_for_model,
+)
 from brats_tf.inference.saving import save_final
 from brats_tf.training.step import (
     NonFiniteLossError,
-    check_precision_for_model,
     make_optimizer,
     make_train_step,
 )

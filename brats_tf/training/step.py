@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from brats_tf import losses
-from brats_tf.config import LossConfig, ModelConfig
+from brats_tf.config import LossConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,25 +40,6 @@ def make_optimizer(
     if precision == "mixed_float16" or skip_nonfinite:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def check_precision_for_model(model_config: ModelConfig, precision: str) -> None:
-    """ValueError for a precision this network cannot be trained in.
-
-    mixed_bfloat16 with the coarsest level 2 voxels deep (a crop depth of
-    16 for the paper's 4 levels): oneDNN's bfloat16 kernel gradient of a
-    3x3x3 convolution whose output is 2 deep (v3.7.3,
-    ``jit_bf16:avx512_core_bf16`` backward_weights, on CPUs with AVX512-BF16
-    and no AMX) reads memory it should not, and gives wrong, at times
-    infinite or NaN, values for two of the kernel's three depth taps
-    (docs/deviations.md). Refused everywhere, whatever the device."""
-    depth = model_config.input_shape[0] // model_config.spatial_divisor
-    if precision == "mixed_bfloat16" and depth == 2:
-        raise ValueError(
-            f"mixed_bfloat16 with a crop depth of {model_config.input_shape[0]} (the coarsest "
-            f"level is 2 deep, where oneDNN's bfloat16 kernel gradient is wrong on some CPUs): "
-            f"use a depth of at least {3 * model_config.spatial_divisor}, or float32"
-        )
 
 
 def make_train_step(

@@ -30,12 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from brats_tf import metrics
-from brats_tf.config import LossConfig, ModelConfig, TrainConfig
+from brats_tf.config import LossConfig, ModelConfig, TrainConfig, check_precision_for_model
 from brats_tf.model import build_inference_model, build_model
 from brats_tf.schedules import poly_lr
 from brats_tf.training.step import (
     NonFiniteLossError,
-    check_precision_for_model,
     make_optimizer,
     make_train_step,
 )
