@@ -457,3 +457,44 @@ def test_predict_volume_graph_runs_no_convolution_through_xla(crop_to_brain, tta
     }
     assert "Conv3D" in ops  # the network is in the graph
     assert _xla_compiled_functions(concrete) == []
+
+
+def test_a_network_of_five_levels_is_padded_to_what_it_needs():
+    """Table 1's four levels need a multiple of 8; five need 16. predict_volume
+    (so evaluate.py and the validation during training) pads to what its
+    networks need (``padding_multiple``: 8 or more, the least common multiple
+    over an ensemble), as the SavedModel does, and the evaluation's protocol
+    records it. Before, predict_volume padded every network to 8 and a
+    five-level one failed on a volume of 20 x 28 x 13 (padded 24 x 32 x 16)."""
+    from brats_tf.evaluation import EvalConfig
+    from brats_tf.evaluation.loop import run_protocol
+    from brats_tf.evaluation.models import LoadedModel
+
+    def network(levels):
+        cfg = ModelConfig(
+            input_shape=(32, 32, 32),
+            init_filters=8,
+            latent_dim=8,
+            blocks_down=(1,) * levels,
+            blocks_up=(1,) * (levels - 1),
+        )
+        keras.utils.set_random_seed(levels)
+        return build_inference_model(build_model(cfg))
+
+    five, two = network(5), network(2)
+    assert I.padding_multiple([five]) == 16
+    assert I.padding_multiple([two]) == I.padding_multiple([]) == C.SPATIAL_DIVISOR == 8
+    assert I.padding_multiple([two, five]) == 16
+    assert I.padding_multiple([lambda x: x]) == 8  # not a brats_tf network: the paper's 8
+
+    image = make_image(np.random.default_rng(5), (20, 28, 13))
+    got = I.predict_volume(five, image, crop_to_brain=False)
+    padded, pads = oracles.pad_to_multiple(numpy_reference_normalize(image), 16)
+    assert padded.shape[:3] == (32, 32, 16)
+    want = oracles.crop_back(five(padded[None], training=False)["seg"].numpy()[0], pads)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+    loaded = [LoadedModel("five.keras", "keras", five, False)]
+    assert loaded[0].padding_multiple() == 16
+    config = EvalConfig(models=("five.keras",), data="data", output_dir="out")
+    assert run_protocol(config, loaded)["padding"].startswith("zeros to a multiple of 16,")

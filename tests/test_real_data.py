@@ -11,11 +11,12 @@ Two cases (an HGG and an LGG where both grades are there) are converted, a
 tiny network (configs/smoke.flags: 32^3 crops, 2 levels, here at width 4:
 the whole volume with 8 flips is most of the test's time) trains four steps
 on them, and evaluate.py predicts one of them, restored from the run's last
-checkpoint, in its whole 240 x 240 x 155 grid with the 8 mirror flips. The prediction must carry the input's grid, affine
-and spacing, and the scores evaluate.py writes must equal a NumPy Dice of
-the prediction file against the case's seg file. A real case made faulty in
-a temporary folder (a modality missing, a label 3, a FLAIR of 154 slices)
-stops the converter in one line naming the case and the file.
+checkpoint, in its whole 240 x 240 x 155 grid with the 8 mirror flips. The
+prediction must carry the input's grid, affine and spacing, and the scores
+evaluate.py writes must equal a NumPy Dice of the prediction file against the
+case's seg file. A real case made faulty in a temporary folder (a modality
+missing, a label 3, a FLAIR of 154 slices) stops the converter in one line
+naming the case and the file.
 """
 
 import concurrent.futures

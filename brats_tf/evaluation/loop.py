@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Iterable
@@ -60,6 +61,9 @@ def run_protocol(
         ensemble_size=sum(m.networks() for m in models),
         threshold=config.threshold,
         et_min_voxels=config.et_min_voxels,
+        # the same for every model but in an ensemble of networks of different
+        # depths, where the Keras models pad to their least common multiple
+        multiple=math.lcm(*(m.padding_multiple() for m in models)),
     )
     if et_label is not None:
         protocol["et_label"], protocol["et_label_source"] = et_label

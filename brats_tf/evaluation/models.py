@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import zipfile
 
 import keras
@@ -65,6 +66,14 @@ class LoadedModel:
                 return "unknown"
             crop_to_brain = exported
         return inference.region_name(crop_to_brain)
+
+    def padding_multiple(self) -> int:
+        """What this model pads a volume to a multiple of (``inference.padding_multiple``;
+        a SavedModel: as its metadata says, 8 when it does not)."""
+        if not self.raw_input:
+            return inference.padding_multiple([self.model])
+        found = re.search(r"multiple of (\d+)", str(self.saved_metadata().get("padding", "")))
+        return int(found[1]) if found else constants.SPATIAL_DIVISOR
 
     def networks(self) -> int:
         """How many networks it averages (a SavedModel exported from an ensemble: several)."""

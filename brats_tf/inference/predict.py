@@ -13,6 +13,7 @@ order (WT, TC, ET).
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from brats_tf.inference.volume_tf import (
     pad_to_multiple_tf,
     paste_box_tf,
 )
-from brats_tf.model import build_inference_model
+from brats_tf.model import build_inference_model, config_from_model
 from data_pipeline import constants, volume
 
 FLIP_AXES = tuple(
@@ -112,6 +113,20 @@ def as_inference_model(model):
         if "InitConv" in names and (fixed or "Vend" in names):
             return build_inference_model(model)
     return model
+
+
+def padding_multiple(models) -> int:
+    """What a volume is zero-padded to a multiple of before ``models`` run:
+    the paper's 8 (``constants.SPATIAL_DIVISOR``, what Table 1's four levels
+    need), or more for a network of more levels (2^(levels - 1)); over an
+    ensemble, the least common multiple. predict_volume (so evaluate.py and
+    validation) and the SavedModel pad so, and predict alike. A callable that
+    is not a brats_tf network: 8."""
+    divisors = [constants.SPATIAL_DIVISOR]
+    for model in models:
+        if isinstance(model, keras.Model) and "InitConv" in {x.name for x in model.layers}:
+            divisors.append(config_from_model(model).spatial_divisor)
+    return math.lcm(*divisors)
 
 
 _GRAPH_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -210,7 +225,7 @@ def predict_volume(
     image: np.ndarray,
     tta: bool = False,
     normalize: bool = True,
-    multiple: int = constants.SPATIAL_DIVISOR,
+    multiple: int | None = None,
     pad_mode: str = "symmetric",
     crop_to_brain: bool = True,
     margin: int = 0,
@@ -220,7 +235,8 @@ def predict_volume(
     Normalises (``volume.normalize_nonzero``'s statistics, in TF float64; pass
     ``normalize=False`` for an image that is already normalised), crops to
     the brain's box (``volume.brain_box``; ``crop_to_brain=False`` runs the whole
-    volume as the paper does), zero-pads to a multiple of 8, predicts, crops
+    volume as the paper does), zero-pads to a multiple of ``multiple`` (None:
+    ``padding_multiple(models)``, 8 for the paper's network), predicts, crops
     back; voxels outside the box get probability 0. ``tta``: mean over the 8
     mirror flips. ``models`` a list: ensemble, the mean of the models'
     (TTA-averaged) probabilities. All of it runs in TF
@@ -241,7 +257,8 @@ def predict_volume(
     image = np.asarray(image)
     if image.ndim != 4:
         raise ValueError(f"image must be one case [D, H, W, C], got shape {image.shape}")
-    multiple = volume.check_multiple(multiple)
+    models = [as_inference_model(m) for m in models]
+    multiple = volume.check_multiple(padding_multiple(models) if multiple is None else multiple)
     volume.check_pad_mode(pad_mode, "pad_mode")
     margin = volume.check_margin(margin)
     if normalize:
@@ -255,8 +272,7 @@ def predict_volume(
         margin=margin,
     )
     total = None
-    for model in models:
-        model = as_inference_model(model)  # held here: the cache only refers to it weakly
+    for model in models:  # inference models held here: the cache only refers to them weakly
         y = _volume_fn(model, tta, image.shape[-1], **options)(batch).numpy()[0]
         total = y if total is None else total + y
     return np.ascontiguousarray(total / len(models), dtype=np.float32)

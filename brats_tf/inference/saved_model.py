@@ -14,7 +14,6 @@ The command is ``python -m brats_tf.export``.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
 import tensorflow as tf
@@ -24,10 +23,11 @@ from brats_tf.inference.labels import et_to_necrosis_tf, probabilities_to_labels
 from brats_tf.inference.predict import (
     as_inference_model,
     model_probabilities,
+    padding_multiple,
     predict_tta_loop_tf,
     volume_probabilities_tf,
 )
-from brats_tf.model import build_inference_model, config_from_model, model_precision
+from brats_tf.model import build_inference_model, model_precision
 from data_pipeline import constants, volume
 from data_pipeline.checks import positive_int
 from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
@@ -273,12 +273,7 @@ def export_saved_model(
     members = _members(training_model)
     target = _version_dir(export_dir, version, overwrite)
     models, served_precision = _serving_models(members, precision)
-    # The paper's multiple of 8, as evaluate.py pads (so a SavedModel predicts
-    # what evaluate.py does for the same network), or more where a network of
-    # more levels needs it; an ensemble pads to what each of its networks needs.
-    multiple = math.lcm(
-        constants.SPATIAL_DIVISOR, *(config_from_model(m).spatial_divisor for m in models)
-    )
+    multiple = padding_multiple(models)  # as evaluate.py pads: the same predictions
     module = BratsServingModule(
         models, et_label, threshold, multiple, bool(crop_to_brain), et_min_voxels
     )
