@@ -107,12 +107,16 @@ def as_inference_model(model):
     Models without a fixed input shape (``build_inference_model``'s) and plain
     callables are returned unchanged.
     """
-    if isinstance(model, keras.Model):
-        names = {layer.name for layer in model.layers}
+    if _is_brats_network(model):
         fixed = any(s is not None for s in model.inputs[0].shape[1:4])
-        if "InitConv" in names and (fixed or "Vend" in names):
+        if fixed or any(layer.name == "Vend" for layer in model.layers):
             return build_inference_model(model)
     return model
+
+
+def _is_brats_network(model) -> bool:
+    """A Keras model built by ``brats_tf.model`` (or loaded from its .keras file)."""
+    return isinstance(model, keras.Model) and any(x.name == "InitConv" for x in model.layers)
 
 
 def padding_multiple(models) -> int:
@@ -124,7 +128,7 @@ def padding_multiple(models) -> int:
     is not a brats_tf network: 8."""
     divisors = [constants.SPATIAL_DIVISOR]
     for model in models:
-        if isinstance(model, keras.Model) and "InitConv" in {x.name for x in model.layers}:
+        if _is_brats_network(model):
             divisors.append(config_from_model(model).spatial_divisor)
     return math.lcm(*divisors)
 
