@@ -20,10 +20,12 @@ venv: $(VENV)/.installed
 
 # Two test processes (pytest-xdist), a test file to each at a time: most of a
 # test's time is single-threaded Python (imports, tracing), so two overlap well
-# on two cores. TEST_WORKERS=1 runs them one after the other.
+# on two cores. The files go out in the order tests/conftest.py gives them
+# (the heavy ones first), not xdist's (most tests first). TEST_WORKERS=1 runs
+# them one after the other.
 TEST_WORKERS ?= 2
 test: venv lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests; rc=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 # ruff (pyproject.toml): the lint rules, then the format check; `make format`

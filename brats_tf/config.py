@@ -18,6 +18,15 @@ from data_pipeline.flag_fields import flagged
 # Keras dtype policies a network trains or infers in (mixed_float16: GPUs;
 # mixed_bfloat16: CPUs with AMX or AVX512-BF16, and GPUs).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def check_precision(precision) -> str | None:
+    """``precision`` if it is None or one of ``PRECISIONS``, else ValueError."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (or None), got {precision!r}")
+    return precision
+
+
 # tf.distribute strategies of training: one device, all local GPUs, several machines.
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # What training does at a NaN/inf loss: stop the run, or skip that update.

@@ -47,19 +47,34 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
-from brats_tf.inference.saved_model import (
-    INPUT_NAME,
-    METADATA_FILE,
-    SIGNATURES,
-    _check_version,
-    export_saved_model,
-)
-from brats_tf.model import PRECISIONS, check_precision
+from brats_tf.config import PRECISIONS, check_precision
 from data_pipeline import constants, volume
+from data_pipeline.checks import positive_int
 from data_pipeline.io_utils import expand_pattern
 
-# The SavedModel's names, importable from here as before (``brats_tf.export.INPUT_NAME``).
+# The SavedModel's names, importable from here as before (``brats_tf.export.INPUT_NAME``)
+# from brats_tf.inference.saved_model, which imports TensorFlow: only when one is
+# used, so that the command line checks its flags and files at once.
+_SAVED_MODEL_NAMES = ("INPUT_NAME", "SIGNATURES", "METADATA_FILE", "export_saved_model")
+if TYPE_CHECKING:
+    from brats_tf.inference.saved_model import (
+        INPUT_NAME,
+        METADATA_FILE,
+        SIGNATURES,
+        export_saved_model,
+    )
+
+
+def __getattr__(name):
+    if name in _SAVED_MODEL_NAMES:
+        from brats_tf.inference import saved_model
+
+        return getattr(saved_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "INPUT_NAME",
     "SIGNATURES",
@@ -94,7 +109,7 @@ class ExportConfig:
         volume.check_et_min_voxels(self.et_min_voxels)
         if not self.export_dir:
             raise ValueError("--export_dir is required")
-        _check_version(self.version)
+        positive_int("version", self.version)
         volume.check_et_label(self.et_label)
         volume.check_threshold(self.threshold)
         check_precision(self.precision)
@@ -121,15 +136,18 @@ def model_files(spec: str) -> list[pathlib.Path]:
 
 
 def run(config: ExportConfig) -> pathlib.Path:
-    """Loads the .keras model(s) and exports them; errors are raised with one-line messages."""
-    import keras
-
+    """Loads the .keras model(s) and exports them; errors are raised with one-line
+    messages, those of the files and folders before TensorFlow is imported."""
     paths = model_files(config.model)
     target = pathlib.Path(config.export_dir) / str(config.version)
     if target.exists() and any(target.iterdir()) and not config.overwrite:
         raise FileExistsError(
             f"{target} exists and is not empty (use --overwrite or another --version)"
         )
+    import keras
+
+    from brats_tf.inference.saved_model import export_saved_model
+
     models = []
     for path in paths:
         try:
@@ -229,6 +247,8 @@ def main(argv):
         target = run(config)
     except (OSError, ValueError) as e:
         sys.exit(f"brats_tf.export: error: {e}")
+    from brats_tf.inference.saved_model import SIGNATURES
+
     print(f"exported {target} (signatures: {', '.join(SIGNATURES)})")
 
 

@@ -34,14 +34,7 @@ import keras
 
 from brats_tf import layers as L
 from brats_tf import recompute as R
-from brats_tf.config import PRECISIONS, ModelConfig  # noqa: F401 (PRECISIONS: this module's users)
-
-
-def check_precision(precision) -> str | None:
-    """``precision`` if it is None or one of ``PRECISIONS``, else ValueError."""
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (or None), got {precision!r}")
-    return precision
+from brats_tf.config import PRECISIONS, ModelConfig, check_precision  # noqa: F401 (PRECISIONS: this module's users)
 
 
 def model_precision(model: keras.Model) -> str:

@@ -46,15 +46,12 @@ from data_pipeline.cases import BadCaseError, check_files
 from data_pipeline.constants import LABEL_VALUES, MODALITIES
 from data_pipeline.io_utils import write_text_atomic
 from data_pipeline.manifest import CONVERTER_VERSION, MANIFEST, fold_files, read_manifest  # noqa: F401  (documented as convert.* before manifest.py)
-from data_pipeline.records import checked_cases
 from data_pipeline.shard_plan import assign_folds, plan_shards, shard_files
-from data_pipeline.shard_writer import (
-    Temporaries,
-    case_tmp_name,
-    publish_shards,
-    read_record,
-    write_shards,
-)
+
+# The modules that write (data_pipeline.records, data_pipeline.shard_writer)
+# import TensorFlow, a few seconds: ``convert`` imports them once the command
+# line, the folders and every case's files have passed the checks, so that a
+# bad one is answered at once.
 
 
 def convert(
@@ -90,6 +87,8 @@ def convert(
     cases, require_label = _find_cases(input_dir, folds)
     skipped = []  # {"case_id", "error"} of each case skipped (skip_bad)
     good = _cases_with_every_file(cases, require_label, skip_bad, skipped, input_dir)
+    from data_pipeline.shard_writer import Temporaries, publish_shards, write_shards
+
     temporaries = Temporaries.open(output_dir)
     bar = tqdm(total=len(good), desc="converting", unit="case", disable=not progress)
     try:
@@ -108,7 +107,6 @@ def convert(
         raise
     finally:
         bar.close()
-
     publish_shards(output_dir, shards)
     options = {"cases_per_shard": cases_per_shard, "num_shards": num_shards, "folds": folds}
     options.update(seed=seed, skip_bad=skip_bad)
@@ -207,6 +205,7 @@ def _cases_with_every_file(cases, require_label, skip_bad, skipped, input_dir):
 def _read_in_turn(require_label, num_workers, bar):
     """cases_of(members) of a conversion that stops at the first bad case:
     each case read, checked and serialized as its shard is written."""
+    from data_pipeline.records import checked_cases
 
     def cases_of(members):
         for case, result in checked_cases(members, require_label, num_workers):
@@ -225,6 +224,9 @@ def _check_every_case(cases, require_label, num_workers, temporaries, bar, skipp
 
     Returns (the cases kept, cases_of(members), release(members): removes
     the members' temporary files once their shard is written)."""
+    from data_pipeline.records import checked_cases
+    from data_pipeline.shard_writer import case_tmp_name, read_record
+
     kept, checked = [], {}
     for index, (case, result) in enumerate(checked_cases(cases, require_label, num_workers)):
         bar.update(1)

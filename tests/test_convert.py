@@ -317,6 +317,28 @@ def test_command_line_error_is_one_line(tmp_path):
     assert _visible_outputs(out) == []
 
 
+def test_missing_file_is_answered_before_tensorflow_is_imported(tmp_path):
+    """A case without one of its files stops the converter before TensorFlow
+    (the shards' writer) is imported: one line, a fraction of a second."""
+    root, out = str(tmp_path / "in"), str(tmp_path / "out")
+    _bad_set(root, _missing_modality)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "data_pipeline.convert"]
+        + ["--input_dir", root, "--output_dir", out, "--folds", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Brats18_BAD_1" in errors[0] and "t1ce" in errors[0], errors
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    assert "nibabel" in imported and "tensorflow" not in imported
+    assert not os.path.exists(out)
+
+
 def test_command_line_converts(tmp_path, brats18):
     root, arrays = brats18
     out = str(tmp_path / "out")

@@ -28,6 +28,8 @@ from data_pipeline.convert import convert
 from data_pipeline.manifest import read_manifest
 from data_pipeline.synthetic import write_synthetic_dataset
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = (48, 48, 40)
 NUM_CASES = 3

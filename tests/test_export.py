@@ -22,6 +22,8 @@ from brats_tf.model import build_inference_model, build_model
 from data_pipeline import constants as C
 from data_pipeline import volume as V
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -201,9 +203,12 @@ def test_export_argument_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def run_cli(*args):
+def run_cli(*args, importtime=False):
+    """``python -m brats_tf.export`` with args; importtime: every module it
+    imports, one line each, in its stderr."""
     return subprocess.run(
-        [sys.executable, "-m", "brats_tf.export", *args],
+        [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "brats_tf.export"]
+        + list(args),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -212,11 +217,18 @@ def run_cli(*args):
 
 
 def test_cli_missing_model_is_one_line_error(tmp_path):
-    result = run_cli(f"--model={tmp_path / 'missing.keras'}", f"--export_dir={tmp_path / 'e'}")
+    """One line, nothing written, and before TensorFlow is imported."""
+    result = run_cli(
+        f"--model={tmp_path / 'missing.keras'}", f"--export_dir={tmp_path / 'e'}", importtime=True
+    )
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last == f"brats_tf.export: error: model file not found: {tmp_path / 'missing.keras'}"
+    lines = result.stderr.strip().splitlines()
+    assert (
+        lines[-1] == f"brats_tf.export: error: model file not found: {tmp_path / 'missing.keras'}"
+    )
     assert not (tmp_path / "e").exists()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    assert "absl.flags" in imported and "tensorflow" not in imported
 
 
 def test_cli_exports_and_overwrites(tmp_path):

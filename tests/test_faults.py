@@ -33,6 +33,8 @@ from brats_tf.config import ModelConfig
 from brats_tf.model import build_inference_model, build_model
 from data_pipeline import constants
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 ENV.pop("TF_CONFIG", None)

@@ -15,6 +15,8 @@ import pytest
 
 from benchmarks import learning_curve as lc
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 CROP, WIDTH, STEPS, K = (16, 16, 16), 8, 6, 4  # points at steps 4 and 6
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

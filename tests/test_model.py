@@ -16,6 +16,8 @@ from brats_tf.model import build_inference_model, build_model, config_from_model
 from brats_tf.recompute import RecomputedResNetBlock
 from brats_tf.training import make_train_step
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 TINY = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=0)
 
 

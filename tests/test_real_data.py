@@ -35,9 +35,12 @@ REAL_DIR = os.environ.get("BRATS_REAL_DIR")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 ENV.pop("TF_CONFIG", None)
 
-pytestmark = pytest.mark.skipif(
-    not REAL_DIR, reason="BRATS_REAL_DIR is not set: no real BraTS cases to test on"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not REAL_DIR, reason="BRATS_REAL_DIR is not set: no real BraTS cases to test on"
+    ),
+    pytest.mark.heavy,  # tests/conftest.py: scheduled first
+]
 
 
 def _case_folders(root: pathlib.Path) -> list[pathlib.Path]:

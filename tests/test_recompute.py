@@ -16,6 +16,8 @@ from brats_tf import block_ops
 from brats_tf import layers as L
 from brats_tf import recompute as R
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 
 def _random_block(shape, groups, recompute=False, seed=4, name=None):
     """A built block with random weights (GN gamma around 1, non-zero beta and

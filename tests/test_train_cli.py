@@ -14,6 +14,8 @@ import pytest
 import tensorflow as tf
 from tiny_data import synthetic_tfrecords
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 

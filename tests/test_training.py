@@ -20,6 +20,8 @@ from brats_tf import losses, training
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.schedules import poly_lr
 
+pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 16)
 # Two levels of one ResNet block each, not the paper's four (1, 2, 2, 4): the

@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from brats_tf import metrics
-from brats_tf.model import check_precision
+from brats_tf.config import check_precision
 from data_pipeline import volume
 
 PER_CASE_CSV = "per_case.csv"
@@ -50,7 +50,7 @@ class EvalConfig:
         predicted ET has fewer voxels becomes necrosis there
         (``volume.et_to_necrosis``); choose it with ``brats_tf.postprocess``.
       precision: compute Keras models and checkpoints in this Keras dtype
-        policy (``model.PRECISIONS``; ``mixed_bfloat16``: 2x faster on CPUs
+        policy (``config.PRECISIONS``; ``mixed_bfloat16``: 2x faster on CPUs
         with AMX) instead of the one they were saved with (None). A
         SavedModel computes as it was exported; with a precision it is an error.
       hd95_mode: "pooled" (MedPy) or "max_directed" (metrics.HD95_MODES).

@@ -259,7 +259,7 @@ def export_saved_model(
         (``volume.brain_box``; 2.6x fewer voxels on BraTS); False runs the
         whole padded volume, as the paper does.
       precision: the Keras dtype policy the served network computes in
-        (``model.PRECISIONS``); None: the model's own. E.g. ``mixed_float16``
+        (``config.PRECISIONS``); None: the model's own. E.g. ``mixed_float16``
         to serve a float32-trained model on a GPU, ``mixed_bfloat16`` on a
         CPU with AMX. The signatures' inputs and outputs stay float32.
       et_min_voxels: post-processing of ``labels`` (``volume.et_to_necrosis``;
