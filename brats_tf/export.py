@@ -50,28 +50,23 @@ import sys
 from typing import TYPE_CHECKING
 
 from brats_tf.config import PRECISIONS, check_precision
+from brats_tf.saved_model_names import INPUT_NAME, METADATA_FILE, SIGNATURES
 from data_pipeline import constants, volume
 from data_pipeline.checks import positive_int
 from data_pipeline.io_utils import expand_pattern
 
-# The SavedModel's names, importable from here as before (``brats_tf.export.INPUT_NAME``)
-# from brats_tf.inference.saved_model, which imports TensorFlow: only when one is
-# used, so that the command line checks its flags and files at once.
-_SAVED_MODEL_NAMES = ("INPUT_NAME", "SIGNATURES", "METADATA_FILE", "export_saved_model")
 if TYPE_CHECKING:
-    from brats_tf.inference.saved_model import (
-        INPUT_NAME,
-        METADATA_FILE,
-        SIGNATURES,
-        export_saved_model,
-    )
+    from brats_tf.inference.saved_model import export_saved_model
 
 
 def __getattr__(name):
-    if name in _SAVED_MODEL_NAMES:
-        from brats_tf.inference import saved_model
+    """``export_saved_model``, importable from here as before, from
+    brats_tf.inference.saved_model: TensorFlow is imported when it is used,
+    so that the command line checks its flags and files at once."""
+    if name == "export_saved_model":
+        from brats_tf.inference.saved_model import export_saved_model
 
-        return getattr(saved_model, name)
+        return export_saved_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -247,8 +242,6 @@ def main(argv):
         target = run(config)
     except (OSError, ValueError) as e:
         sys.exit(f"brats_tf.export: error: {e}")
-    from brats_tf.inference.saved_model import SIGNATURES
-
     print(f"exported {target} (signatures: {', '.join(SIGNATURES)})")
 
 

@@ -37,11 +37,10 @@ import urllib.request
 
 import numpy as np
 
+from brats_tf.saved_model_names import INPUT_NAME, SIGNATURES
 from data_pipeline import constants, volume
 from data_pipeline.io_utils import write_text_atomic
 
-INPUT_NAME = "image"  # brats_tf.export.INPUT_NAME, without importing TensorFlow here
-SIGNATURES = ("serving_default", "serving_tta")
 REST_FORMATS = ("inputs", "instances")
 OUTPUT_DTYPES = {"probabilities": np.float32, "labels": np.uint8}
 

@@ -28,13 +28,10 @@ from brats_tf.inference.predict import (
     volume_probabilities_tf,
 )
 from brats_tf.model import build_inference_model, model_precision
+from brats_tf.saved_model_names import INPUT_NAME, METADATA_FILE, SIGNATURES
 from data_pipeline import constants, volume
 from data_pipeline.checks import positive_int
 from data_pipeline.io_utils import atomic_path, remove_path, stale_temporaries
-
-INPUT_NAME = "image"
-SIGNATURES = ("serving_default", "serving_tta")
-METADATA_FILE = "assets.extra/brats_tf.json"
 
 
 class BratsServingModule(tf.Module):
