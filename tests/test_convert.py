@@ -14,6 +14,7 @@ import numpy as np
 import oracles
 import pytest
 import tensorflow as tf
+from importtime import imported_modules
 
 from data_pipeline import convert, layouts, record_format, synthetic
 from data_pipeline.constants import (
@@ -334,7 +335,7 @@ def test_missing_file_is_answered_before_tensorflow_is_imported(tmp_path):
     lines = result.stderr.splitlines()
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "Brats18_BAD_1" in errors[0] and "t1ce" in errors[0], errors
-    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    imported = imported_modules(result.stderr)
     assert "nibabel" in imported and "tensorflow" not in imported
     assert not os.path.exists(out)
 

@@ -13,6 +13,7 @@ import numpy as np
 import oracles
 import pytest
 import tensorflow as tf
+from importtime import imported_modules
 from serving_fixtures import VERSION, tiny_export
 
 from brats_tf import export
@@ -227,7 +228,7 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
         lines[-1] == f"brats_tf.export: error: model file not found: {tmp_path / 'missing.keras'}"
     )
     assert not (tmp_path / "e").exists()
-    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    imported = imported_modules(result.stderr)
     assert "absl.flags" in imported and "tensorflow" not in imported
 
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from importtime import imported_modules
 from tiny_data import synthetic_tfrecords
 
 pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
@@ -123,7 +124,7 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path, args, message
     errors = [line for line in lines if line.startswith(prefixes)]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not model_dir.exists()
-    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    imported = imported_modules(proc.stderr)
     assert "absl.flags" in imported and "tensorflow" not in imported
 
 

@@ -123,10 +123,6 @@ class BratsServingModule(tf.Module):
         )
 
 
-def _check_version(version) -> int:
-    return positive_int("version", version)
-
-
 def _members(training_model) -> list:
     """The models to export: ``training_model`` itself, or the members of a list."""
     members = (
@@ -263,7 +259,7 @@ def export_saved_model(
         0: none, the paper).
     Returns: the version directory.
     """
-    version = _check_version(version)
+    version = positive_int("version", version)
     et_label = volume.check_et_label(et_label)
     threshold = volume.check_threshold(threshold)
     et_min_voxels = volume.check_et_min_voxels(et_min_voxels)
