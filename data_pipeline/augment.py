@@ -64,14 +64,6 @@ def intensity_params(seed, channels, shift=0.1, scale=(0.9, 1.1)):
     return s, o
 
 
-def gaussian_noise(seed, shape, max_std):
-    """One crop's noise (not the paper's): sigma * N(0, 1) of `shape`, float32,
-    with sigma ~ U(0, max_std) drawn once for the crop."""
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    sigma = tf.random.stateless_uniform([], seeds[0], minval=0.0, maxval=max_std)
-    return sigma * tf.random.stateless_normal(shape, seeds[1])
-
-
 def labels_to_regions(label):
     """Label map [...] -> float32 [..., 3] of 0/1: the nested regions in
     data_pipeline.constants.REGIONS order (WT, TC, ET). Graph version of

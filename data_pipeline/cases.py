@@ -4,7 +4,9 @@
 is one), checks them (every file present and readable, 3-D, identical
 shapes and affines, finite values, labels in the expected set) and crops
 them to the bounding box of their non-zero voxels. Any problem raises
-``BadCaseError``, whose text is one line naming the case and the file.
+``BadCaseError``, whose text is one line naming the case and the file. An
+image with (almost) no zero background is read with a warning: the method
+takes its non-zero voxels as the brain.
 """
 
 import dataclasses
@@ -26,6 +28,11 @@ from data_pipeline.constants import (
 from data_pipeline.volume import nonzero_box
 
 AFFINE_ATOL = 1e-4  # mm; "identical" affines up to header float noise
+# A skull-stripped BraTS image is 0 outside the brain (~83% of its 240 x 240 x
+# 155 grid); an image with fewer zero voxels than this has likely lost its
+# background (e.g. a float image stored as integers with scl_slope/scl_inter,
+# or resampled), and the brain box and normalisation would take it as brain.
+MIN_BACKGROUND_FRACTION = 0.05
 LABELS_2023 = (LABEL_BACKGROUND, LABEL_NCR_NET, LABEL_ED, LABEL_ET_2023)
 
 
@@ -91,6 +98,23 @@ def _image_dtype(case_id, path, data):
     return np.float32
 
 
+def _warn_without_background(case_id, path, data):
+    """A warning when under MIN_BACKGROUND_FRACTION of the voxels are 0: the
+    method takes the non-zero voxels as the brain (§3.7's normalisation, the
+    brain box), so an image whose background is not exactly 0 is
+    normalised over the whole grid and segmented as if all of it were brain."""
+    zero = 1.0 - np.count_nonzero(data) / data.size
+    if zero < MIN_BACKGROUND_FRACTION:
+        logging.warning(
+            "case %s: file %s: only %.1f%% of the voxels are 0: the brain is taken to be the "
+            "non-zero voxels (skull-stripped images, background exactly 0); is the "
+            "background lost (resampled, or stored with scl_slope/scl_inter)?",
+            case_id,
+            path,
+            100 * zero,
+        )
+
+
 def _read_images(case):
     """The four modalities' arrays (MODALITIES order), checked against the
     first one's shape and affine; returns (arrays, shape, affine)."""
@@ -118,6 +142,7 @@ def _read_images(case):
             raise BadCaseError(cid, path, f"{int((~np.isfinite(data)).sum())} non-finite voxels")
         if not data.any():
             raise BadCaseError(cid, path, "all voxels are zero")
+        _warn_without_background(cid, path, data)
         arrays.append(data)
     return arrays, ref_shape, ref_affine
 

@@ -60,11 +60,11 @@ def _check_label(ex, has_labels):
     return ex
 
 
-def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None, noise=None):
+def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None):
     """Fixed-shape tail of the transforms, one XLA kernel when jit-compiled:
     bytes to values (when `image` holds the byte planes of `planes_dtype`
-    values), mirror (axes = the bits of flip_index), y = a * x + b (+ noise)
-    per channel on the non-zero voxels, labels to regions."""
+    values), mirror (axes = the bits of flip_index), y = a * x + b per channel
+    on the non-zero voxels, labels to regions."""
     if planes_dtype is not None:
         image = features.from_byte_planes(image, planes_dtype)
 
@@ -72,8 +72,7 @@ def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None, noise=N
         def fn():
             x = tf.reverse(image, axes) if axes else image
             y = label if not axes else tf.reverse(label, axes)
-            mapped = x * a + b if noise is None else x * a + b + noise
-            return (tf.where(tf.not_equal(x, 0.0), mapped, 0.0), augment.labels_to_regions(y))
+            return (tf.where(tf.not_equal(x, 0.0), x * a + b, 0.0), augment.labels_to_regions(y))
 
         return fn
 
@@ -84,16 +83,6 @@ def _flip_map_regions(image, label, flip_index, a, b, planes_dtype=None, noise=N
 _flip_map_regions_xla = tf.function(_flip_map_regions, jit_compile=True)
 
 
-def _crop_noise(config, intensity_seed, shape):
-    """The crop's Gaussian noise (config.noise_std), or None without; drawn
-    from a seed folded from the intensity seed, so that the crop, flip and
-    intensity draws are those without noise."""
-    if not (config.augment and config.noise_std > 0):
-        return None
-    seed = tf.random.experimental.stateless_fold_in(intensity_seed, 1)
-    return augment.gaussian_noise(seed, shape, config.noise_std)
-
-
 def train_transform(ex, seeds, config):
     """One training example from a features.parse_raw dict.
 
@@ -102,12 +91,11 @@ def train_transform(ex, seeds, config):
     original grid, or in the box with crop_from='brain_box' (seeds[0]),
     random_flip (seeds[1]), the normalisation with the stored statistics
     ((x - mean) / max(std, 1e-8) on the non-zero voxels), random_intensity
-    (seeds[2]), with config.noise_std the Gaussian noise on the non-zero
-    voxels (``_crop_noise``), labels_to_regions. Computed cheaply instead: only the part of
+    (seeds[2]), labels_to_regions. Computed cheaply instead: only the part of
     the window inside the stored box is sliced and padded (as byte planes),
     then bytes to values, flips, normalisation and intensity (one per-channel
-    affine map), noise and the regions run as one fixed-shape function
-    (XLA-compiled when config.jit).
+    affine map) and the regions run as one fixed-shape function (XLA-compiled
+    when config.jit).
 
     Args:
       ex: dict from features.parse_raw.
@@ -135,13 +123,12 @@ def train_transform(ex, seeds, config):
             seeds[2], NUM_MODALITIES, config.intensity_shift, config.intensity_scale
         )
         a, b = a * s, b * s + o
-    noise = _crop_noise(config, seeds[2], crop + (NUM_MODALITIES,))
     fn = _flip_map_regions_xla if config.jit else _flip_map_regions
 
     def transform(dtype):  # the byte planes go into the fused function as they are
         planes = features.image_planes(ex, dtype, begin, extent, paddings)
         planes = tf.ensure_shape(planes, (dtype.size,) + crop + (NUM_MODALITIES,))
-        return fn(planes, label, flip_index, a, b, dtype, noise)
+        return fn(planes, label, flip_index, a, b, dtype)
 
     image, label = tf.cond(
         tf.equal(ex["image_dtype"], b"int16"),

@@ -1,6 +1,6 @@
 """What the tf.data input pipeline (data_pipeline.input) builds: InputConfig,
 checked when made, without TensorFlow, so that train.py defines its flags
-from the fields declared ``flagged`` (augment, noise_std, input_cache, crop_from)
+from the fields declared ``flagged`` (augment, input_cache, crop_from)
 before it loads TensorFlow."""
 
 import dataclasses
@@ -26,10 +26,6 @@ class InputConfig:
       flip: random mirror flips; flip_probability: per axis.
       intensity: random intensity scale and shift; intensity_shift: max |shift|
         in channel stds; intensity_scale: (min, max) scale.
-      noise_std: Gaussian noise, not the paper's (0: none): each training crop
-        gets, on its non-zero voxels and after the intensity augmentation,
-        noise of standard deviation sigma ~ U(0, noise_std) channel stds, one
-        sigma per crop (docs/deviations.md).
       has_labels: examples carry label maps (required in train mode).
       seed: seed of shuffling and of the per-example augmentation seeds.
       deterministic: same seed -> same batches, in the same order (stateless
@@ -67,12 +63,6 @@ class InputConfig:
     intensity: bool = True
     intensity_shift: float = 0.1
     intensity_scale: tuple = (0.9, 1.1)
-    noise_std: float = flagged(
-        0.0,
-        "Gaussian noise augmentation, not the paper's (0: none): each training crop gets "
-        "noise of std U(0, noise_std) channel stds on its non-zero voxels (docs/deviations.md).",
-        lower_bound=0.0,
-    )
     has_labels: bool = True
     seed: int = 0
     deterministic: bool = False
@@ -127,8 +117,6 @@ class InputConfig:
             raise ValueError(f"flip_probability must be in [0, 1], got {self.flip_probability!r}")
         if self.intensity_shift < 0:
             raise ValueError(f"intensity_shift must be >= 0, got {self.intensity_shift!r}")
-        if not self.noise_std >= 0:  # NaN too
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
         object.__setattr__(self, "intensity_scale", tuple(self.intensity_scale))
         lo, hi = self.intensity_scale
         if not 0 < lo <= hi:

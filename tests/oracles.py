@@ -175,11 +175,6 @@ def random_intensity(image, seed, shift=0.1, scale=(0.9, 1.1), std=1.0):
     return tf.where(tf.not_equal(image, 0.0), image * s + o * tf.cast(std, tf.float32), 0.0)
 
 
-def add_noise(image, noise):
-    """image + noise on the non-zero voxels; zero voxels stay zero."""
-    return tf.where(tf.not_equal(image, 0.0), image + noise, 0.0)
-
-
 # ---------------------------------------------------------------- stored examples
 def parse_example(serialized):
     """Parses and decodes one serialized example (graph-safe, for Dataset.map).

@@ -436,6 +436,22 @@ def test_float_intensities_are_stored_exactly(tmp_path):
     np.testing.assert_array_equal(image[..., MODALITIES.index("t1")], images["t1"])
 
 
+def test_image_without_zero_background_is_read_with_a_warning(tmp_path, caplog):
+    # What a float image stored as int16 with scl_slope/scl_inter can become:
+    # the background a small non-zero value, the whole grid "brain".
+    root = str(tmp_path / "in")
+    images, _ = _write(root, "2021", "BraTS2021_00001", seed=0)
+    _write(root, "2021", "BraTS2021_00002", seed=1)
+    path = os.path.join(root, "BraTS2021_00001", "BraTS2021_00001_flair.nii.gz")
+    flair = images["flair"].astype(np.float32)
+    _save(path, np.where(flair != 0, flair, np.float32(0.004)))
+    convert.convert(root, str(tmp_path / "out"), folds=1, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "of the voxels are 0" in r.getMessage()]
+    assert len(warned) == 1, warned  # the other case, and the other modalities, are not named
+    assert "case BraTS2021_00001" in warned[0] and path in warned[0]
+    assert "only 0.0% of the voxels are 0" in warned[0]
+
+
 def test_every_case_bad_with_skip_bad_is_an_error(tmp_path):
     root = str(tmp_path / "in")
     _write(root, "2018", "Brats18_BAD_1", seed=0)

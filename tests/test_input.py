@@ -59,8 +59,6 @@ def unlabelled(tmp_path_factory):
         (dict(flip_probability=1.5), "1.5"),
         (dict(intensity_shift=-0.1), "-0.1"),
         (dict(intensity_scale=(1.1, 0.9)), "(1.1, 0.9)"),
-        (dict(noise_std=-0.1), "-0.1"),
-        (dict(noise_std=float("nan")), "nan"),
         (dict(shuffle_buffer=0), "0"),
         (dict(num_parallel_calls=0), "0"),
         (dict(files=[]), "empty"),
@@ -81,43 +79,6 @@ def test_config_defaults_are_the_paper():
     assert config.flip_probability == 0.5
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.seed = 1
-
-
-def test_gaussian_noise_has_one_sigma_per_crop_drawn_up_to_the_maximum():
-    """sigma ~ U(0, max_std) once per crop: over many seeds the crops' sample
-    stds spread over (0, max_std) with mean max_std / 2; within a crop the
-    noise is centred and the same seed gives the same noise."""
-    shape, top = (16, 16, 16, 4), 0.3
-    stds, means = [], []
-    for k in range(200):
-        noise = augment.gaussian_noise(tf.constant([k, 5], tf.int64), shape, top).numpy()
-        assert noise.shape == shape and noise.dtype == np.float32
-        stds.append(noise.std())
-        means.append(noise.mean() / max(noise.std(), 1e-12))
-    stds = np.array(stds)
-    assert 0.0 <= stds.min() < 0.03 and top * 0.97 < stds.max() <= top * 1.03
-    assert abs(stds.mean() - top / 2) < 0.03  # U(0, 0.3): mean 0.15, sd of the mean 0.006
-    assert np.abs(means).max() < 5 / np.sqrt(np.prod(shape))  # centred: |mean| < 5 sd of a mean
-    again = augment.gaussian_noise(tf.constant([3, 5], tf.int64), shape, top).numpy()
-    first = augment.gaussian_noise(tf.constant([3, 5], tf.int64), shape, top).numpy()
-    np.testing.assert_array_equal(again, first)
-
-
-def test_noise_leaves_the_other_draws_and_the_background_as_they_were(records):
-    """With noise_std the crop, flips and intensity are those without noise,
-    the zero voxels stay zero and the labels are unchanged."""
-    _, files, _ = records
-    record = next(iter(tf.data.TFRecordDataset(files[0], record_format.COMPRESSION)))
-    ex = features.parse_raw(record)
-    seeds = tf.random.experimental.stateless_split(tf.constant([4, 9], tf.int64), 3)
-    plain, noisy = (
-        train_transform(ex, seeds, InputConfig(files=files, crop_shape=(24, 24, 16), noise_std=n))
-        for n in (0.0, 0.5)
-    )
-    x, y = plain["image"].numpy(), noisy["image"].numpy()
-    np.testing.assert_array_equal(y[x == 0], 0.0)
-    assert (x != 0).sum() > 1000 and np.abs(y - x)[x != 0].std() > 0.01
-    np.testing.assert_array_equal(noisy["label"].numpy(), plain["label"].numpy())
 
 
 def test_no_files_match(tmp_path):
@@ -146,35 +107,27 @@ def _reference(ex, seeds, config):
         image = oracles.random_intensity(
             image, seeds[2], config.intensity_shift, config.intensity_scale
         )
-    if config.augment and config.noise_std > 0:
-        seed = tf.random.experimental.stateless_fold_in(seeds[2], 1)
-        noise = augment.gaussian_noise(seed, image.shape, config.noise_std)
-        image = oracles.add_noise(image, noise)
     return image.numpy(), augment.labels_to_regions(label).numpy()
 
 
 @pytest.mark.parametrize(
-    "crop,jit,augmented,noise_std,seed",
+    "crop,jit,augmented,seed",
     [
-        (c, j, a, n, s)
-        for (c, j, a, n), s in itertools.product(
+        (c, j, a, s)
+        for (c, j, a), s in itertools.product(
             [
-                ((24, 24, 16), True, True, 0.0),
-                (BIG_CROP, True, True, 0.0),
-                ((24, 48, 16), False, True, 0.0),
-                ((24, 24, 16), True, False, 0.0),
-                ((24, 24, 16), True, True, 0.3),
-                ((24, 48, 16), False, True, 0.3),
+                ((24, 24, 16), True, True),
+                (BIG_CROP, True, True),
+                ((24, 48, 16), False, True),
+                ((24, 24, 16), True, False),
             ],
             range(4),
         )
     ],
 )
-def test_train_transform_equals_reference_ops(records, crop, jit, augmented, noise_std, seed):
+def test_train_transform_equals_reference_ops(records, crop, jit, augmented, seed):
     _, files, _ = records
-    config = InputConfig(
-        files=files, crop_shape=crop, jit=jit, augment=augmented, noise_std=noise_std
-    )
+    config = InputConfig(files=files, crop_shape=crop, jit=jit, augment=augmented)
     shard = files[seed % len(files)]
     record = next(iter(tf.data.TFRecordDataset(shard, record_format.COMPRESSION)))
     ex = features.parse_raw(record)

@@ -309,7 +309,7 @@ def test_every_flag_default_is_the_config_default():
     assert not {"model_dir", "num_train_cases"} & set(got["TrainConfig"])  # not flags of theirs
     assert (
         set(got["InputConfig"])
-        == {"augment", "cache", "crop_from", "noise_std"}
+        == {"augment", "cache", "crop_from"}
         == {f.field for f in flag_fields(InputConfig)}
     )
     assert {"input_shape", "weight_decay", "head_bias_init"} <= set(got["ModelConfig"])
