@@ -20,9 +20,9 @@ its case); when no epoch finished, --model_dir is left as it was found.
 
 Writes into --model_dir: flags.txt (a flagfile that reproduces the run),
 config.json (the resolved configs), checkpoints/, logs/ (TensorBoard),
-history.json, and at the end model.keras (the training model),
-segmenter.keras (the inference model) and export/<version>/ (a SavedModel for
-TF Serving): each when it is missing, older than the last checkpoint, or the
+history.json, curves.png, and at the end model.keras (the training model),
+segmenter.keras (the inference model) and export/1/ (a SavedModel for TF
+Serving): each when it is missing, older than the last checkpoint, or the
 run trained.
 """
 
@@ -496,8 +496,9 @@ def make_dataset_fn(model_config, train_config, data, strategy):
     input_values = config_values(InputConfig)
 
     def dataset_fn(ctx, epoch: int):
-        # A new seed per epoch: a fresh, reproducible order and augmentation
-        # each epoch, the same again after a resume.
+        # A new seed per epoch: with --deterministic a fresh, reproducible
+        # order and augmentation each epoch, the same again after a resume
+        # (without it make_dataset draws from TensorFlow's global seed).
         config = InputConfig(
             files=tuple(data["train_files"]),
             mode="train",

@@ -2,7 +2,8 @@
 
 Train mode (paper §3.5, §3.7): each pass over the dataset (an epoch) yields
 every case once, in random order; per case a random crop (drawn in the
-original grid, padded where the volume is smaller), random flips on each axis
+original grid, or with crop_from='brain_box' in the stored brain box, padded
+where the volume is smaller), random flips on each axis
 (p = 0.5), per-channel normalisation over non-zero voxels, random per-channel
 intensity scale (0.9-1.1) and shift (+-0.1 std), labels to nested WT/TC/ET.
 The dataset is not repeated: iterate it once per epoch.

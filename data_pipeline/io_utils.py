@@ -5,7 +5,7 @@ so that a reader (or a crash) never sees a half-written file or folder.
 writes for others to read (JSON, CSV, NIfTI, PNG, .keras, SavedModels)
 goes through it; ``stale_temporaries`` finds what a write killed before its
 rename left. The converter's shards are one exception: they are renamed
-together, once every case is written (``data_pipeline.convert``); an
+together, once every case is written (``data_pipeline.shard_writer.publish_shards``); an
 evaluation's folder another: it is filled under a name of its own (from
 which an interrupted evaluation resumes), then renamed (``replace_folder``)."""
 

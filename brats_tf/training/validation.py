@@ -1,6 +1,6 @@
 """Validation during training: the mean per-region Dice of the held-out
-cases, predicted as evaluate.py does (full volume, padded to a multiple of 8
-and back, §3), after an epoch."""
+cases, predicted as evaluate.py does by default (the network on the brain's
+bounding box, padded to a multiple of 8 and back, §3), after an epoch."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ _SEGMENTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def validation_dice(model, files, tta: bool = False) -> dict:
     """Mean per-region Dice ({"val_dice_WT", "val_dice_TC", "val_dice_ET"}) over ``files``.
 
-    Whole volumes from the input pipeline's eval mode (the stored brain box,
-    normalised), probabilities -> BraTS label map -> nested regions.
+    Whole volumes in the original grid from the input pipeline's eval mode
+    (normalised); ``predict_volume`` runs the network on the brain's bounding
+    box; probabilities -> BraTS label map -> nested regions.
 
     Args:
       model: a training model (its encoder and segmentation decoder are used).
