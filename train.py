@@ -176,7 +176,7 @@ def configs_from_flags():
     check_precision_for_model(model_config, train_config.precision)
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable")
-    data.update(member=FLAGS.member, **config_values(InputConfig))  # augment, cache, crop_from
+    data.update(member=FLAGS.member, **config_values(InputConfig))  # every input flag
     return model_config, loss_config, train_config, data
 
 

@@ -98,12 +98,12 @@ def _image_dtype(case_id, path, data):
     return np.float32
 
 
-def _warn_without_background(case_id, path, data):
-    """A warning when under MIN_BACKGROUND_FRACTION of the voxels are 0: the
-    method takes the non-zero voxels as the brain (§3.7's normalisation, the
-    brain box), so an image whose background is not exactly 0 is
-    normalised over the whole grid and segmented as if all of it were brain."""
-    zero = 1.0 - np.count_nonzero(data) / data.size
+def _warn_without_background(case_id, path, zero):
+    """A warning when the fraction ``zero`` of an image's voxels that are 0 is
+    under MIN_BACKGROUND_FRACTION: the method takes the non-zero voxels as the
+    brain (§3.7's normalisation, the brain box), so an image whose background
+    is not exactly 0 is normalised over the whole grid and segmented as if all
+    of it were brain."""
     if zero < MIN_BACKGROUND_FRACTION:
         logging.warning(
             "case %s: file %s: only %.1f%% of the voxels are 0: the brain is taken to be the "
@@ -140,9 +140,10 @@ def _read_images(case):
             )
         if not np.issubdtype(data.dtype, np.integer) and not np.isfinite(data).all():
             raise BadCaseError(cid, path, f"{int((~np.isfinite(data)).sum())} non-finite voxels")
-        if not data.any():
+        nonzero = np.count_nonzero(data)
+        if not nonzero:
             raise BadCaseError(cid, path, "all voxels are zero")
-        _warn_without_background(cid, path, data)
+        _warn_without_background(cid, path, 1.0 - nonzero / data.size)
         arrays.append(data)
     return arrays, ref_shape, ref_affine
 
