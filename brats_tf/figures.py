@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import pathlib
+import struct
+import zlib
 
 import numpy as np
 
@@ -212,13 +214,26 @@ def _draw_legend(canvas: np.ndarray, y: int, gap: int, et_label: int, title: str
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
-    """PNG bytes of an RGB [rows, cols, 3] uint8 array (``tf.io.encode_png``)."""
-    import tensorflow as tf
-
+    """PNG bytes of an RGB [rows, cols, 3] uint8 array: 8-bit truecolour, no
+    interlace, every row unfiltered, zlib-compressed (the PNG specification;
+    no TensorFlow, so a figure costs no TensorFlow start)."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected [rows, cols, 3] uint8, got {rgb.shape} {rgb.dtype}")
-    return tf.io.encode_png(rgb).numpy()
+    rows, cols, _ = rgb.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", cols, rows, 8, 2, 0, 0, 0)  # depth 8, RGB
+    scanlines = np.concatenate([np.zeros((rows, 1), np.uint8), rgb.reshape(rows, -1)], axis=1)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_png(rgb: np.ndarray, path) -> pathlib.Path:

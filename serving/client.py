@@ -344,7 +344,7 @@ class ClientConfig:
 def run(config: ClientConfig) -> pathlib.Path:
     """Reads the case, asks the server, writes ``<output_dir>/<case_id>.nii.gz``
     and its protocol ``<output_dir>/<case_id>.json``."""
-    from brats_tf.inference import write_prediction_nifti
+    from data_pipeline.prediction_nifti import write_prediction_nifti
 
     case_id = config.case_id or pathlib.Path(config.case_dir).name
     out_dir = pathlib.Path(config.output_dir)

@@ -235,25 +235,38 @@ def test_client_run_end_to_end_over_loopback(case_dir, tmp_path, fake_server):
         client.run(wrong)
 
 
+# serving.client as ``python -m serving.client``, then, on stderr's last line,
+# whether TensorFlow was imported: a REST client needs only NumPy and nibabel.
+_CLIENT = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('tensorflow' in sys.modules, file=sys.stderr))\n"
+    "sys.argv[0] = 'serving.client'\n"
+    "runpy.run_module('serving.client', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def test_client_command_line(case_dir, tmp_path, fake_server):
     out_dir = tmp_path / "cli"
     out_dir.mkdir()
 
     def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "serving.client", *args],
+        result = subprocess.run(
+            [sys.executable, "-c", _CLIENT, *args],
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=120,
         )
+        *lines, imported_tf = result.stderr.strip().splitlines()
+        assert imported_tf == "False", result.stderr[-2000:]  # REST: no TensorFlow
+        return result, lines
 
-    result = cli(f"--case_dir={tmp_path / 'nope'}", f"--output_dir={out_dir}")
+    result, lines = cli(f"--case_dir={tmp_path / 'nope'}", f"--output_dir={out_dir}")
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert lines[-1] == (
         f"serving.client: error: case nope: case directory not found: {tmp_path / 'nope'}"
     )
-    result = cli(f"--case_dir={case_dir}", f"--output_dir={out_dir}", f"--server={fake_server}")
+    result, _ = cli(f"--case_dir={case_dir}", f"--output_dir={out_dir}", f"--server={fake_server}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == (
         f"wrote {out_dir / (CASE + '.nii.gz')} and {out_dir / (CASE + '.json')}"

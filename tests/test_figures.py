@@ -122,8 +122,10 @@ def test_case_figure_without_truth_has_one_row():
     assert rgb.shape == (22 + (22 + 208 + 4) + 26, 3 * 208 + 16, 3)  # 16 x 13 = 208 px
 
 
-def test_write_png_round_trip(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, size=(9, 11, 3)).astype(np.uint8)
+@pytest.mark.parametrize("shape", [(9, 11, 3), (1, 1, 3), (3, 300, 3)])
+def test_write_png_round_trip(tmp_path, shape):
+    """The PNG written without TensorFlow is what TensorFlow's decoder reads."""
+    rgb = np.random.default_rng(0).integers(0, 256, size=shape).astype(np.uint8)
     path = figures.write_png(rgb, tmp_path / "a.png")
     np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(str(path))).numpy(), rgb)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]

@@ -1,6 +1,7 @@
 """The assembled network: shapes, Table 1 parameter counts, weight sharing, saving, training."""
 
 import dataclasses
+import functools
 import json
 
 import keras
@@ -492,10 +493,11 @@ def _loss_and_grads(cfg, weights, image, labels, graph):
     return model, loss.numpy(), [g.numpy() for g in grads]
 
 
-@pytest.mark.parametrize("levels,graph", [(1, False), (1, True), (4, True)])
-def test_recompute_gives_the_same_loss_and_gradients(levels, graph):
-    """--recompute: same loss and gradients as keeping the activations (VDraw and
-    dropout draw the same numbers: same seed, fresh model, one call)."""
+@functools.cache
+def _without_recompute(graph):
+    """The model without recompute, its weights, a case, and its loss and
+    gradients (eagerly or traced): the reference of the test below, computed
+    once for both of its traced cases."""
     cfg = ModelConfig(input_shape=(32, 32, 32), init_filters=8, latent_dim=16, seed=3)
     keras.utils.set_random_seed(7)
     weights = build_model(cfg).get_weights()
@@ -503,6 +505,14 @@ def test_recompute_gives_the_same_loss_and_gradients(levels, graph):
     image = rng.normal(size=(1, 32, 32, 32, 4)).astype(np.float32)
     labels = (rng.random((1, 32, 32, 32, 3)) > 0.7).astype(np.float32)
     _, want_loss, want = _loss_and_grads(cfg, weights, image, labels, graph)
+    return cfg, weights, image, labels, want_loss, want
+
+
+@pytest.mark.parametrize("levels,graph", [(1, False), (1, True), (4, True)])
+def test_recompute_gives_the_same_loss_and_gradients(levels, graph):
+    """--recompute: same loss and gradients as keeping the activations (VDraw and
+    dropout draw the same numbers: same seed, fresh model, one call)."""
+    cfg, weights, image, labels, want_loss, want = _without_recompute(graph)
     rcfg = ModelConfig(**{**cfg.__dict__, "recompute_levels": levels})
     model, loss, got = _loss_and_grads(rcfg, weights, image, labels, graph)
     blocks = [layer for layer in model.layers if isinstance(layer, ResNetBlock)]

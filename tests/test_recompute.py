@@ -120,40 +120,45 @@ tf.config.threading.set_inter_op_parallelism_threads(1)  # one schedule: compara
 from brats_tf import layers as L
 from brats_tf import recompute as R
 
-mode, n = sys.argv[1], int(sys.argv[2])
-shape = (1, 32, 32, 32, 16)
-cls = R.RecomputedResNetBlock if mode == "recompute" else L.ResNetBlock
-blocks = [cls(16, groups=4, name=f"b{i}") for i in range(n)]
-for b in blocks:
-    b.build(shape)
+n, shape = int(sys.argv[1]), (1, 32, 32, 32, 16)
 x = tf.constant(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-variables = [v for b in blocks for v in b.trainable_variables]
 
-def call(block, y):
-    if mode == "recompute_grad":  # TensorFlow's generic gradient checkpointing
-        return tf.recompute_grad(lambda t: block(t, training=True))(y)
-    return block(y, training=True)
+def peak_of(mode):
+    cls = R.RecomputedResNetBlock if mode == "recompute" else L.ResNetBlock
+    blocks = [cls(16, groups=4, name=f"{mode}{i}") for i in range(n)]
+    for b in blocks:
+        b.build(shape)
+    variables = [v for b in blocks for v in b.trainable_variables]
 
-@tf.function
-def step(x):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = x
-        for b in blocks:
-            y = call(b, y)
-        loss = tf.reduce_sum(y * y)
-    return tape.gradient(loss, [x] + variables)
+    def call(block, y):
+        if mode == "recompute_grad":  # TensorFlow's generic gradient checkpointing
+            return tf.recompute_grad(lambda t: block(t, training=True))(y)
+        return block(y, training=True)
 
-step(x)
-tf.config.experimental.reset_memory_stats("CPU:0")
-base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-step(x)
-peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-print((peak - base) / (np.prod(shape) * 4))
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = x
+            for b in blocks:
+                y = call(b, y)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x] + variables)
+
+    step(x)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    step(x)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return (peak - base) / (np.prod(shape) * 4)
+
+print(" ".join(str(peak_of(mode)) for mode in sys.argv[2:]))
 """
 
 
-def _peak_in_activations(script, *args):
+def _peaks_in_activations(script, *args):
+    """The numbers the script prints on its last line (one process: one
+    TensorFlow start for every mode it measures)."""
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # its allocator keeps the statistics
     proc = subprocess.run(
         [sys.executable, "-c", script, *args],
@@ -164,7 +169,7 @@ def _peak_in_activations(script, *args):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return float(proc.stdout.split()[-1])
+    return [float(v) for v in proc.stdout.strip().splitlines()[-1].split()]
 
 
 def test_recompute_keeps_about_one_activation_per_block():
@@ -177,9 +182,8 @@ def test_recompute_keeps_about_one_activation_per_block():
     inter-op threads 27, 11 and 9-10) tf.recompute_grad of the same blocks
     holds far more: its recomputed forward keeps its activations for
     autodiff, and it recomputes as soon as a gradient arrives."""
-    plain, generic, recomputed = (
-        _peak_in_activations(_CHAIN_MEMORY, mode, "6")
-        for mode in ("plain", "recompute_grad", "recompute")
+    plain, generic, recomputed = _peaks_in_activations(
+        _CHAIN_MEMORY, "6", "plain", "recompute_grad", "recompute"
     )
     assert plain >= 3 * 6, plain
     assert recomputed <= 6 + 5, recomputed
@@ -469,36 +473,41 @@ import keras
 import numpy as np
 import tensorflow as tf
 tf.config.threading.set_inter_op_parallelism_threads(1)  # as train.py --recompute
-import keras
 from brats_tf import layers as L
 from brats_tf import recompute as R
 
-stem = sys.argv[1] == "stem"
 shape, filters = (1, 32, 32, 32, 4), 16
-conv = L.conv3d(filters, 3, name="init", layer_class=R.StemConv3D if stem else keras.layers.Conv3D)
-drop = (R.StemDropout3D if stem else keras.layers.SpatialDropout3D)(0.2, seed=1)
-blocks = [R.RecomputedResNetBlock(filters, groups=4, name=f"b{i}") for i in range(2)]
-conv.build(shape)
-for b in blocks:
-    b.build(shape[:-1] + (filters,))
 x = tf.constant(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-variables = conv.trainable_variables + [v for b in blocks for v in b.trainable_variables]
 
-@tf.function
-def step(x):
-    with tf.GradientTape() as tape:
-        y = drop(conv(x, training=True), training=True)
-        for b in blocks:
-            y = b(y, training=True)
-        loss = tf.reduce_sum(y * y)
-    return tape.gradient(loss, variables)
+def peak_of(mode):
+    stem = mode == "stem"
+    conv = L.conv3d(
+        filters, 3, name=f"init_{mode}", layer_class=R.StemConv3D if stem else keras.layers.Conv3D
+    )
+    drop = (R.StemDropout3D if stem else keras.layers.SpatialDropout3D)(0.2, seed=1)
+    blocks = [R.RecomputedResNetBlock(filters, groups=4, name=f"{mode}{i}") for i in range(2)]
+    conv.build(shape)
+    for b in blocks:
+        b.build(shape[:-1] + (filters,))
+    variables = conv.trainable_variables + [v for b in blocks for v in b.trainable_variables]
 
-step(x)
-tf.config.experimental.reset_memory_stats("CPU:0")
-base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-step(x)
-peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-print((peak - base) / (np.prod(shape[:-1]) * filters * 4))
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            y = drop(conv(x, training=True), training=True)
+            for b in blocks:
+                y = b(y, training=True)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, variables)
+
+    step(x)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    step(x)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return (peak - base) / (np.prod(shape[:-1]) * filters * 4)
+
+print(" ".join(str(peak_of(mode)) for mode in sys.argv[1:]))
 """
 
 
@@ -508,7 +517,7 @@ def test_stem_recipe_saves_one_activation():
     with the recipe the stem's output is not alive during the second block's
     backward pass, about one activation less than with Keras' stem layers.
     """
-    keras_stem, stem = (_peak_in_activations(_STEM_MEMORY, mode) for mode in ("keras", "stem"))
+    keras_stem, stem = _peaks_in_activations(_STEM_MEMORY, "keras", "stem")
     assert stem <= keras_stem - 0.75, (stem, keras_stem)
 
 

@@ -5,11 +5,13 @@ output, and the SavedModel export.
 Modules: ``volume_tf`` (padding, brain box, normalisation in TF ops),
 ``predict`` (``predict_volume`` and the pipeline it shares with the
 SavedModel), ``labels`` (probabilities -> BraTS labels, ET post-processing in
-the graph), ``protocol_record`` (how a prediction was made), ``nifti``
-(``write_prediction_nifti``), ``saved_model`` (``export_saved_model``; the
-command is ``python -m brats_tf.export``), ``saving`` (``save_final``: a training
-run's model.keras, segmenter.keras and SavedModel). Their public names are re-exported
-here: ``from brats_tf import inference; inference.predict_volume(...)``.
+the graph), ``protocol_record`` (how a prediction was made), ``saved_model``
+(``export_saved_model``; the command is ``python -m brats_tf.export``), ``saving``
+(``save_final``: a training run's model.keras, segmenter.keras and SavedModel).
+Their public names are re-exported here, with the NIfTI writer
+(``write_prediction_nifti``, in ``data_pipeline.prediction_nifti``: NumPy and
+nibabel only, so a serving client writes its NIfTI without TensorFlow):
+``from brats_tf import inference; inference.predict_volume(...)``.
 """
 
 from brats_tf.inference.labels import (
@@ -17,7 +19,6 @@ from brats_tf.inference.labels import (
     probabilities_to_labels,
     probabilities_to_labels_tf,
 )
-from brats_tf.inference.nifti import write_prediction_nifti
 from brats_tf.inference.predict import (
     FLIP_AXES,
     as_inference_model,
@@ -47,6 +48,7 @@ from brats_tf.inference.volume_tf import (
     pad_to_multiple_tf,
     paste_box_tf,
 )
+from data_pipeline.prediction_nifti import write_prediction_nifti
 
 __all__ = [
     # volume_tf
@@ -75,7 +77,7 @@ __all__ = [
     "region_name",
     "protocol",
     "describe_protocol",
-    # nifti
+    # data_pipeline.prediction_nifti
     "write_prediction_nifti",
     # saved_model
     "BratsServingModule",
