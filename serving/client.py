@@ -40,6 +40,7 @@ import numpy as np
 from brats_tf.saved_model_names import INPUT_NAME, SIGNATURES
 from data_pipeline import constants, volume
 from data_pipeline.io_utils import write_text_atomic
+from data_pipeline.prediction_nifti import write_prediction_nifti
 
 REST_FORMATS = ("inputs", "instances")
 OUTPUT_DTYPES = {"probabilities": np.float32, "labels": np.uint8}
@@ -344,8 +345,6 @@ class ClientConfig:
 def run(config: ClientConfig) -> pathlib.Path:
     """Reads the case, asks the server, writes ``<output_dir>/<case_id>.nii.gz``
     and its protocol ``<output_dir>/<case_id>.json``."""
-    from data_pipeline.prediction_nifti import write_prediction_nifti
-
     case_id = config.case_id or pathlib.Path(config.case_dir).name
     out_dir = pathlib.Path(config.output_dir)
     if not out_dir.is_dir():

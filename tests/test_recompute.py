@@ -112,6 +112,19 @@ def test_recomputed_block_under_mixed_float16():
         assert np.linalg.norm(got - want) <= 2e-2 * tol * np.linalg.norm(want)
 
 
+# Prepended to the memory scripts below (tf is looked up when it is called).
+_PEAK_IN = r"""
+# The allocator's peak during a second call of step(x), above what was held
+# before it (TensorFlow's statistics), in units of `unit` bytes.
+def peak_in(step, x, unit):
+    step(x)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    step(x)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return (peak - base) / unit
+"""
+
 _CHAIN_MEMORY = r"""
 import sys
 import numpy as np
@@ -145,12 +158,7 @@ def peak_of(mode):
             loss = tf.reduce_sum(y * y)
         return tape.gradient(loss, [x] + variables)
 
-    step(x)
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    step(x)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    return (peak - base) / (np.prod(shape) * 4)
+    return peak_in(step, x, np.prod(shape) * 4)
 
 print(" ".join(str(peak_of(mode)) for mode in sys.argv[2:]))
 """
@@ -161,7 +169,7 @@ def _peaks_in_activations(script, *args):
     TensorFlow start for every mode it measures)."""
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # its allocator keeps the statistics
     proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
+        [sys.executable, "-c", _PEAK_IN + script, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -500,12 +508,7 @@ def peak_of(mode):
             loss = tf.reduce_sum(y * y)
         return tape.gradient(loss, variables)
 
-    step(x)
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    step(x)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    return (peak - base) / (np.prod(shape[:-1]) * filters * 4)
+    return peak_in(step, x, np.prod(shape[:-1]) * filters * 4)
 
 print(" ".join(str(peak_of(mode)) for mode in sys.argv[1:]))
 """
