@@ -141,7 +141,7 @@ _MIRRORED = textwrap.dedent(
     ]:
         cfg = training.TrainConfig(model_dir=os.path.join({tmp!r}, name), num_train_cases=2,
                                    epochs=1, initial_lr=0.5, batch_per_replica=per_replica,
-                                   verbose=False)
+                                   ema_decay=0.9, verbose=False)
         # l2_weight 0: the VAE's random draw differs between the two layouts;
         # the Dice, KL and weight-regularisation gradients do not.
         trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
@@ -153,6 +153,13 @@ _MIRRORED = textwrap.dedent(
             trainer.model.set_weights(init)
         assert trainer.strategy.num_replicas_in_sync == (1 if name == "single" else 2)
         summary = trainer.train()[0]
+        # After one step the weights' average is the weights, on every replica.
+        copies = [[np.asarray(c) for c in trainer.strategy.experimental_local_results(a)]
+                  for a in trainer.weight_average.averages]
+        assert {{len(c) for c in copies}} == {{trainer.strategy.num_replicas_in_sync}}
+        for components, weight in zip(copies, trainer.model.trainable_variables):
+            for component in components:
+                np.testing.assert_array_equal(component, weight.numpy())
         np.savez(os.path.join({tmp!r}, name + ".npz"), *trainer.model.get_weights())
         results[name] = [summary[k] for k in ("loss", "dice_WT", "dice_TC", "dice_ET")]
     np.savez(os.path.join({tmp!r}, "init.npz"), *init)
@@ -318,6 +325,7 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
             epochs=3,
             initial_lr=1e-3,
             seed=7,
+            ema_decay=0.5,
             deterministic=True,
             verbose=False,
         )
@@ -345,6 +353,16 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
     for a, b in zip(straight.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(resumed.optimizer.iterations.numpy()) == 9
+    # The weights' average was checkpointed and restored with its step count.
+    assert int(resumed.weight_average.updates.numpy()) == 9
+    for a, b in zip(straight.weight_average.averages, resumed.weight_average.averages):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with resumed.averaged_weights():
+        averaged = [v.numpy() for v in resumed.model.trainable_variables]
+    gaps = [
+        np.max(np.abs(a - v.numpy())) for a, v in zip(averaged, resumed.model.trainable_variables)
+    ]
+    assert max(gaps) > 1e-6
 
 
 _WORKER = textwrap.dedent(

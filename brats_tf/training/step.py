@@ -49,6 +49,7 @@ def make_train_step(
     strategy: tf.distribute.Strategy | None = None,
     region_dice=(),
     jit_compile: bool = False,
+    weight_average=None,
 ):
     """The training step (§3.4, §3.5), for train.py and the benchmarks alike:
     ``step(batch)`` with ``batch = {"image", "label"}`` (per-replica batches
@@ -62,7 +63,8 @@ def make_train_step(
     replicas, because the replicas' gradients are summed; under
     mixed_float16 the loss is scaled before the gradient
     (``optimizer.scale_loss``; a LossScaleOptimizer unscales and skips steps
-    whose gradients overflow).
+    whose gradients overflow). A ``weight_average`` (WeightAverage) is
+    updated after the replicas' update, in the cross-replica context.
     """
     strategy = strategy or tf.distribute.get_strategy()
 
@@ -88,8 +90,12 @@ def make_train_step(
 
     def step(batch):
         per_replica = strategy.run(replica_step, args=(batch,))
-        return tf.nest.map_structure(
+        stats = tf.nest.map_structure(
             lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica
         )
+        if weight_average is not None:
+            with tf.control_dependencies(tf.nest.flatten(stats)):
+                weight_average.update()
+        return stats
 
     return tf.function(step, jit_compile=jit_compile)
