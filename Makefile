@@ -9,11 +9,13 @@ export TF_ENABLE_ONEDNN_OPTS ?= 1
 
 .PHONY: venv lint format test demo demo_ensemble real real_dir bench learn clean
 
-# The venv is (re)built when requirements.txt changes.
+# The venv is (re)built when requirements.txt changes. pip byte-compiles what
+# it installs one file after the other; compileall does the same on every core.
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade -q pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null
 	touch $@
 
 venv: $(VENV)/.installed

@@ -40,7 +40,7 @@ from brats_tf.training.step import (
     make_train_step,
 )
 from brats_tf.training.strategies import is_chief, make_strategy
-from brats_tf.training.weight_average import WeightAverage
+from brats_tf.training.weight_average import CHECKPOINT_KEY, WeightAverage
 from data_pipeline import constants
 from data_pipeline.io_utils import write_json_atomic
 
@@ -178,7 +178,7 @@ class Trainer:
         }
         averaged = {}
         if self.weight_average is not None:
-            averaged["weight_average"] = self.weight_average.checkpointed
+            averaged[CHECKPOINT_KEY] = self.weight_average.checkpointed
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, epoch=self.epoch, rng=rng_states, **averaged
         )

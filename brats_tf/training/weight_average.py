@@ -17,6 +17,10 @@ import contextlib
 
 import tensorflow as tf
 
+# The weights' average in a training checkpoint: tf.train.Checkpoint(...,
+# weight_average=WeightAverage.checkpointed).
+CHECKPOINT_KEY = "weight_average"
+
 
 class WeightAverage:
     """Averages of ``variables``, updated by ``update`` after each optimizer
@@ -61,3 +65,14 @@ class WeightAverage:
         finally:
             for weight, value in zip(self._weights, weights):
                 weight.assign(value)
+
+
+def restore_averages(variables, prefix: str) -> None:
+    """Assigns to ``variables`` (the trainable variables of a model built as
+    the run's) the weights' average that the training checkpoint ``prefix``
+    holds; an error when it holds none for them."""
+    averages = [tf.Variable(tf.zeros_like(tf.convert_to_tensor(v))) for v in variables]
+    checkpoint = tf.train.Checkpoint(**{CHECKPOINT_KEY: {"averages": averages}})
+    checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()
+    for variable, average in zip(variables, averages):
+        variable.assign(average)
