@@ -9,9 +9,12 @@ images is written outside pytest's temporary folders.
 
 Two cases (an HGG and an LGG where both grades are there) are converted, a
 tiny network (configs/smoke.flags: 32^3 crops, 2 levels, here at width 4:
-the whole volume with 8 flips is most of the test's time) trains four steps
+the 8 flips of the volume are most of the test's time) trains four steps
 on them, and evaluate.py predicts one of them, restored from the run's last
-checkpoint, in its whole 240 x 240 x 155 grid with the 8 mirror flips. The
+checkpoint, with the 8 mirror flips as it does by default: the network on
+the case's brain box (found in the real case's own background), the whole
+240 x 240 x 155 grid written (the network on the whole grid, --nocrop_to_brain,
+is tested on synthetic volumes of odd sizes: tests/test_inference.py). The
 prediction must carry the input's grid, affine and spacing, and the scores
 evaluate.py writes must equal a NumPy Dice of the prediction file against the
 case's seg file. A real case made faulty in a temporary folder (a modality
@@ -105,7 +108,6 @@ def real_run(tmp_path_factory):
             f"--model={tmp / 'run'}",
             f"--data={one}",
             "--tta",
-            "--nocrop_to_brain",
             f"--output_dir={tmp / 'eval'}",
             "--noprogress",
             "--nofigures",

@@ -1,18 +1,14 @@
 """The moving average of the weights (TrainConfig.ema_decay): its recurrence
-against a float64 NumPy reference, the swap, its checks, and a checkpoint
-of a run with it evaluated. Under
-MirroredStrategy: tests/test_training.py; in train.py (validation and the
-saved model): tests/test_train_cli.py."""
-
-import dataclasses
-import json
+against a float64 NumPy reference, the swap, and its checks. Under
+MirroredStrategy, across a resume and restored by evaluate.py:
+tests/test_training.py; in train.py (validation and the saved model):
+tests/test_train_cli.py."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from brats_tf import evaluation, training
-from brats_tf.config import LossConfig, ModelConfig
+from brats_tf import training
 from brats_tf.training.weight_average import WeightAverage
 
 
@@ -65,50 +61,3 @@ def test_a_decay_outside_the_open_unit_interval_is_refused(decay, tmp_path):
     if decay != 0.0:  # 0 is TrainConfig's "no average"
         with pytest.raises(ValueError, match="ema_decay must be in \\[0, 1\\)"):
             training.TrainConfig(model_dir=str(tmp_path), num_train_cases=2, ema_decay=decay)
-
-
-def test_a_checkpoint_of_a_run_with_an_average_is_evaluated_with_the_average(tmp_path):
-    """evaluate.py on a checkpoint prefix of a run with ema_decay: the
-    average, as the run's saved model; without ema_decay in config.json,
-    the weights."""
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(3, 16, 16, 16, 4)).astype(np.float32)
-    labels = (rng.random(size=(3, 16, 16, 16, 3)) < 0.1).astype(np.float32)
-    model_config = ModelConfig(
-        input_shape=(16, 16, 16), init_filters=8, latent_dim=8, blocks_down=(1, 1), blocks_up=(1,)
-    )
-    config = training.TrainConfig(
-        model_dir=str(tmp_path),
-        num_train_cases=3,
-        epochs=1,
-        initial_lr=1e-2,
-        ema_decay=0.5,
-        verbose=False,
-    )
-
-    def dataset_fn(ctx, epoch):
-        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(1)
-
-    trainer = training.Trainer(model_config, LossConfig(), config, dataset_fn)
-    trainer.train()
-    prefix = trainer.manager.latest_checkpoint
-    averages = dict(
-        zip(
-            (v.path for v in trainer.model.trainable_variables),
-            (a.numpy() for a in trainer.weight_average.averages),
-        )
-    )
-    weights = {v.path: v.numpy() for v in trainer.model.trainable_variables}
-    resolved = {"model": dataclasses.asdict(model_config), "train": {"ema_decay": 0.5}}
-    (tmp_path / "config.json").write_text(json.dumps(resolved))
-    loaded = evaluation.load_model(prefix).model.trainable_variables
-    assert len(loaded) > 10
-    moved = 0
-    for variable in loaded:
-        np.testing.assert_array_equal(variable.numpy(), averages[variable.path])
-        moved += not np.array_equal(averages[variable.path], weights[variable.path])
-    assert moved > len(loaded) // 2
-    resolved["train"]["ema_decay"] = 0.0
-    (tmp_path / "config.json").write_text(json.dumps(resolved))
-    for variable in evaluation.load_model(prefix).model.trainable_variables:
-        np.testing.assert_array_equal(variable.numpy(), weights[variable.path])
