@@ -36,6 +36,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # oneDNN on every x86 CPU, 
 from absl import app, flags
 
 from brats_tf.config import PRECISIONS
+from data_pipeline.checks import one_line
 
 FLAGS = flags.FLAGS
 
@@ -123,13 +124,23 @@ flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 log = logging.getLogger("evaluate")
 
 
-def config_from_flags():
-    """FLAGS -> a frozen EvalConfig (ValueError quoting the bad value)."""
-    from brats_tf.evaluation import EvalConfig
+def check_before_tensorflow() -> None:
+    """The checks that need no TensorFlow, run before it is imported (a
+    user waits a fraction of a second for a bad folder, not TensorFlow's
+    start-up): the required flags, and the data folder as the evaluation
+    would find it (``data_pipeline.data_folder``). ValueError, one line."""
+    from data_pipeline.data_folder import checked_source
 
     for name in ("model", "data", "output_dir"):
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required")
+    checked_source(FLAGS.data, FLAGS.fold)
+
+
+def config_from_flags():
+    """FLAGS -> a frozen EvalConfig (ValueError quoting the bad value)."""
+    from brats_tf.evaluation import EvalConfig
+
     return EvalConfig(
         models=tuple(FLAGS.model),
         data=FLAGS.data,
@@ -155,17 +166,17 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
+        check_before_tensorflow()
         config = config_from_flags()
-    except ValueError as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    except (ValueError, OSError) as e:  # BadCaseError included
+        sys.exit(f"evaluate.py: error: {one_line(e)}")
     log.info("configuration: %s", config)
     from brats_tf import evaluation
-    from data_pipeline.cases import BadCaseError
 
     try:
         result = evaluation.evaluate(config)
-    except (evaluation.EvaluationError, BadCaseError, ValueError, OSError) as e:
-        sys.exit(f"evaluate.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except (ValueError, OSError) as e:  # EvaluationError and BadCaseError included
+        sys.exit(f"evaluate.py: error: {one_line(e)}")
     print(result["line"])
 
 

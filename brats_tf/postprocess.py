@@ -33,9 +33,9 @@ import sys
 
 from brats_tf import inference
 from brats_tf.evaluation import EvaluationError, expand_model_paths, is_tfrecord_dir, load_models
-from brats_tf.evaluation.config import one_line
 from brats_tf.evaluation.et_threshold import DEFAULT_CANDIDATES, choose, collect, training_folds
 from data_pipeline import volume
+from data_pipeline.checks import one_line
 
 log = logging.getLogger("brats_tf.postprocess")
 

@@ -1,6 +1,7 @@
 """The argument checks every layer shares: a positive integer, and a list flag
 of integers (``--crop=160,192,128``) as a tuple of ints. Each raises
-ValueError, one line that names the argument and quotes the value."""
+ValueError, one line that names the argument and quotes the value; and
+``one_line``, an error's message as the commands print it."""
 
 from __future__ import annotations
 
@@ -42,3 +43,9 @@ def int_flag_list(
         divisible = f" divisible by {multiple}" if multiple > 1 else ""
         raise ValueError(f"--{name} must be {how_many}{kind}{divisible}, got {text}")
     return numbers
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
+from importtime import imported_modules
 
 import evaluate
 from benchmarks.reduced_precision import slack
@@ -445,6 +446,41 @@ def test_command_line_exit_status_and_one_line_error(data, tmp_path):
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("evaluate.py")]
     assert errors == [f"evaluate.py: error: model {missing}: no such file or directory"]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fault", ["empty_manifest", "fold_out_of_range", "missing_modality"])
+def test_a_bad_data_folder_is_answered_before_tensorflow(data, tmp_path, fault):
+    """The data folder is checked before TensorFlow is imported: one line,
+    nothing written (the model path is not even looked at yet)."""
+    folder, args = tmp_path / "data", []
+    if fault == "missing_modality":
+        shutil.copytree(data / "nii", folder)
+        t1ce = sorted(folder.rglob("*_t1ce.nii.gz"))[0]
+        t1ce.unlink()
+        message = f"{t1ce.name}"
+    else:
+        shutil.copytree(data / "tfr", folder)
+        if fault == "empty_manifest":
+            (folder / "manifest.json").write_text("{}")
+            message = f"data {folder}:"
+        else:
+            args, message = ["--fold=7"], f"fold must be in [0, 3) for {folder}, got 7"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "evaluate.py"), "--model=nowhere"]
+        + [f"--data={folder}", f"--output_dir={tmp_path / 'o'}"]
+        + args,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("evaluate.py")]
+    assert len(errors) == 1 and errors[0].startswith("evaluate.py: error:"), proc.stderr[-2000:]
+    assert message in errors[0]
+    assert "tensorflow" not in imported_modules(proc.stderr)
     assert not (tmp_path / "o").exists()
 
 

@@ -360,18 +360,23 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
     assert int(resumed.weight_average.updates.numpy()) == 9
     for a, b in zip(straight.weight_average.averages, resumed.weight_average.averages):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    with resumed.averaged_weights():
-        averaged = {v.path: v.numpy() for v in resumed.model.trainable_variables}
-    weights = {v.path: v.numpy() for v in resumed.model.trainable_variables}
+    _check_evaluated_checkpoint(resumed, model_cfg, tmp_path / "b")
+
+
+def _check_evaluated_checkpoint(trainer, model_cfg, model_dir):
+    """evaluate.py on the last checkpoint of a run with ema_decay: the
+    average, as the run's saved model; with no ema_decay in config.json,
+    the weights."""
+    with trainer.averaged_weights():
+        averaged = {v.path: v.numpy() for v in trainer.model.trainable_variables}
+    weights = {v.path: v.numpy() for v in trainer.model.trainable_variables}
     moved = [not np.array_equal(averaged[p], weights[p]) for p in weights]
     assert sum(moved) > len(moved) // 2
-    # evaluate.py on the checkpoint: the average, as the run's saved model;
-    # with no ema_decay in config.json, the weights.
-    resolved = {"model": dataclasses.asdict(model_cfg), "train": {"ema_decay": 0.5}}
-    for decay, expected in ((0.5, averaged), (0.0, weights)):
+    resolved = {"model": dataclasses.asdict(model_cfg), "train": {}}
+    for decay, expected in ((trainer.config.ema_decay, averaged), (0.0, weights)):
         resolved["train"]["ema_decay"] = decay
-        (tmp_path / "b" / "config.json").write_text(json.dumps(resolved))
-        loaded = evaluation.load_model(resumed.manager.latest_checkpoint).model
+        (model_dir / "config.json").write_text(json.dumps(resolved))
+        loaded = evaluation.load_model(trainer.manager.latest_checkpoint).model
         assert len(loaded.trainable_variables) > 10
         for variable in loaded.trainable_variables:
             np.testing.assert_array_equal(variable.numpy(), expected[variable.path])

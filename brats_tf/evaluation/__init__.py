@@ -20,7 +20,6 @@ from brats_tf.evaluation.cases import (
     EvalCase,
     SkippedCase,
     et_label_for_data,
-    is_tfrecord_dir,
     open_cases,
     spacing_from_affine,
 )
@@ -47,6 +46,7 @@ from brats_tf.evaluation.models import (
 )
 from brats_tf.evaluation.output_folder import check_output_dir, staging_dir
 from brats_tf.evaluation.report import per_case_rows, summary_rows
+from data_pipeline.data_folder import is_tfrecord_dir
 
 # train.py's validation and final save, defined in brats_tf.training
 

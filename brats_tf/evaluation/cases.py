@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
-from brats_tf.evaluation.config import EvaluationError, one_line
+from brats_tf.evaluation.config import EvaluationError
 from data_pipeline import cases as nifti_cases
-from data_pipeline import constants, features, layouts, record_format, volume
+from data_pipeline import constants, data_folder, features, layouts, record_format, volume
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.shards import shard_error
 
@@ -59,60 +58,18 @@ def spacing_from_affine(affine) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
-def is_tfrecord_dir(data) -> bool:
-    """A converter output folder: manifest.json there, written by the converter or
-    beside shards (a NIfTI folder may hold an unrelated manifest.json)."""
-    path = os.path.join(str(data), manifest_lib.MANIFEST)
-    if not os.path.isfile(path):
-        return False
-    if any(name.endswith(record_format.SHARD_SUFFIX) for name in os.listdir(str(data))):
-        return True
+def _checked(fn, *args):
+    """``fn(*args)`` of data_pipeline.data_folder, its DataFolderError as an
+    EvaluationError (a BadCaseError as it is)."""
     try:
-        with open(path) as f:
-            return "converter_version" in json.load(f)
-    except (OSError, ValueError, TypeError):
-        return True  # unreadable: read_manifest says why
-
-
-def _tfrecord_manifest(data: str, fold: int | None):
-    """(manifest, its shards of ``fold`` (all when None)) of a converter output folder."""
-    try:
-        manifest = manifest_lib.read_manifest(data)  # validated: version, keys, shards there
-    except ValueError as e:
-        raise EvaluationError(f"data {data}: {one_line(e)}") from None
-    if fold is None:
-        return manifest, manifest["shards"]
-    folds = manifest["options"]["folds"]
-    if not 0 <= fold < folds:
-        raise EvaluationError(f"fold must be in [0, {folds}) for {data}, got {fold}")
-    return manifest, [s for s in manifest["shards"] if s["fold"] == fold]
+        return fn(*args)
+    except data_folder.DataFolderError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def _tfrecord_source(data: str, fold: int | None):
     """(files, number of cases, has_labels) of a converter output folder."""
-    return _tfrecord_shards(data, fold)[:3]
-
-
-def _tfrecord_shards(data: str, fold: int | None):
-    """(files, number of cases, has_labels, {file: its case ids}) of a converter
-    output folder, checked: every shard there, some case."""
-    manifest, shards = _tfrecord_manifest(data, fold)
-    files = [os.path.join(manifest["dir"], s["file"]) for s in shards]
-    for f in files:
-        if not os.path.isfile(f):
-            raise EvaluationError(f"data {data}: shard {f} listed in manifest.json is missing")
-    if not files:
-        raise EvaluationError(f"data {data}: no shard (fold {fold})")
-    count = sum(
-        len(s["cases"]) if isinstance(s["cases"], list) else int(s["cases"]) for s in shards
-    )
-    if count == 0:
-        raise EvaluationError(
-            f"data {data}: no case in fold {fold} (the converter skipped "
-            f"them: manifest.json's skipped)"
-        )
-    cases_of = {file: s["cases"] for file, s in zip(files, shards)}
-    return files, count, bool(manifest.get("has_labels", True)), cases_of
+    return _checked(data_folder.tfrecord_shards, data, fold)[:3]
 
 
 def _tfrecord_cases(files, cases_of: dict, skip=frozenset()) -> Iterator[EvalCase | SkippedCase]:
@@ -193,13 +150,6 @@ def _nifti_cases(cases, require_label: bool, skip=frozenset()) -> Iterator[EvalC
         )
 
 
-def _find_nifti_cases(data: str) -> list:
-    try:
-        return layouts.find_cases(data)
-    except (ValueError, FileNotFoundError) as e:
-        raise EvaluationError(f"data {data}: {one_line(e)}") from None
-
-
 def open_cases(data: str, fold: int | None = None, skip=frozenset()):
     """(iterable of EvalCase, number of cases, has_labels) for a TFRecord or NIfTI folder.
 
@@ -208,10 +158,9 @@ def open_cases(data: str, fold: int | None = None, skip=frozenset()):
     id is in ``skip`` comes as a SkippedCase, unread where its id is known
     without reading it (NIfTI cases; every case of a shard skipped).
     """
-    if not os.path.isdir(data):
-        raise EvaluationError(f"data {data}: not a folder")
-    if is_tfrecord_dir(data):
-        files, count, has_labels, cases_of = _tfrecord_shards(data, fold)
+    kind, found = _checked(data_folder.checked_source, data, fold)
+    if kind == "tfrecord":
+        files, count, has_labels, cases_of = found
         log.info(
             "data: %d TFRecord shard(s), %d case(s), %s, from %s",
             len(files),
@@ -220,21 +169,13 @@ def open_cases(data: str, fold: int | None = None, skip=frozenset()):
             data,
         )
         return _tfrecord_cases(files, cases_of, frozenset(skip)), count, has_labels
-    if fold is not None:
-        raise EvaluationError(
-            f"fold {fold} given but data {data} is not a TFRecord folder "
-            f"(no converter manifest.json)"
-        )
+    cases, has_labels = found
     if os.path.isfile(os.path.join(data, manifest_lib.MANIFEST)):
         log.warning(
             "data %s: its manifest.json is not the converter's (no converter_version, "
             "no shards): reading the folder as NIfTI cases",
             data,
         )
-    cases = _find_nifti_cases(data)
-    has_labels = any(c.label is not None for c in cases)
-    for case in cases:
-        nifti_cases.check_files(case, has_labels)  # a missing modality: one line, before any work
     log.info(
         "data: %d NIfTI case(s), %s, from %s",
         len(cases),
@@ -252,11 +193,11 @@ def et_label_for_data(data: str, fold: int | None = None) -> tuple[int, str]:
     EvaluationError (choose with ``EvalConfig.et_label``)."""
     if not os.path.isdir(data):
         raise EvaluationError(f"data {data}: not a folder")
-    if is_tfrecord_dir(data):
-        manifest, _ = _tfrecord_manifest(data, fold)
+    if data_folder.is_tfrecord_dir(data):
+        manifest, _ = _checked(data_folder.tfrecord_manifest, data, fold)
         namings = [c.get("naming") for c in manifest["cases"] if fold is None or c["fold"] == fold]
     else:
-        namings = [c.naming for c in _find_nifti_cases(data)]
+        namings = [c.naming for c in _checked(data_folder.find_nifti_cases, data)]
     found = collections.Counter(namings)
     if found.get(layouts.NAMING_2023) and len(found) > 1:
         raise EvaluationError(

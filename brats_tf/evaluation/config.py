@@ -23,12 +23,6 @@ class EvaluationError(ValueError):
     """A bad input; str() is one line naming the model, case or file."""
 
 
-def one_line(e: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none)."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """What ``evaluate`` does (evaluate.py's flags).

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from brats_tf import inference
 from brats_tf.config import ModelConfig
-from brats_tf.evaluation.config import EvaluationError, one_line
+from brats_tf.evaluation.config import EvaluationError
 from brats_tf.inference import METADATA_FILE
 
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
@@ -25,6 +25,7 @@ from brats_tf.inference import METADATA_FILE
 from brats_tf.model import build_inference_model, build_model, model_precision
 from brats_tf.training.weight_average import restore_averages
 from data_pipeline import constants
+from data_pipeline.checks import one_line
 from data_pipeline.io_utils import expand_pattern
 
 log = logging.getLogger("brats_tf.evaluation")
