@@ -292,8 +292,7 @@ _RESUMABLE_MODEL_FIELDS = ("recompute_levels",)
 def check_model_dir(model_dir: str, resolved: dict) -> None:
     """Refuses a model_dir that holds another run: its config.json must agree with
     ``resolved`` (the model section but for _RESUMABLE_MODEL_FIELDS, the fold,
-    the seed, the number of training cases and the weights' average). Reads
-    only; ValueError, one line."""
+    the seed and the number of training cases). Reads only; ValueError, one line."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         if os.path.isfile(os.path.join(model_dir, "checkpoints", "checkpoint")):
@@ -323,12 +322,16 @@ def check_model_dir(model_dir: str, resolved: dict) -> None:
     pairs.append(
         ("fold", old.get("data", {}).get("fold", new["data"]["fold"]), new["data"]["fold"])
     )
-    # The training fields whose change the checkpoint cannot follow; a run
-    # written before ema_decay existed had none (0).
-    old_train, unset = old.get("train", {}), {"ema_decay": 0.0}
-    for key in ("seed", "num_train_cases", "ema_decay"):
-        now = new["train"].get(key, unset.get(key))
-        pairs.append((key, old_train.get(key, unset.get(key, now)), now))
+    pairs.append(
+        ("seed", old.get("train", {}).get("seed", new["train"]["seed"]), new["train"]["seed"])
+    )
+    pairs.append(
+        (
+            "num_train_cases",
+            old.get("train", {}).get("num_train_cases", new["train"]["num_train_cases"]),
+            new["train"]["num_train_cases"],
+        )
+    )
     differ = [f"{key} {a!r} there, {b!r} now" for key, a, b in pairs if a != b]
     if differ:
         raise ValueError(
@@ -523,8 +526,7 @@ def make_epoch_end_fn(train_config, data):
         every = FLAGS.validate_every
         if not trainer.is_chief or not (last or (every and (epoch + 1) % every == 0)):
             return {}
-        with trainer.averaged_weights():
-            return training.validation_dice(trainer.model, data["val_files"])
+        return training.validation_dice(trainer.model, data["val_files"])
 
     return epoch_end_fn
 
@@ -567,9 +569,7 @@ def finish_run(trainer, model_dir: str) -> None:
         # written since its last checkpoint; missing or older ones are written.
         latest = trainer.manager.latest_checkpoint
         keep = os.path.getmtime(f"{latest}.index") if latest and not trainer.history else None
-        with trainer.averaged_weights():
-            written = training.save_final(trainer.model, model_dir, keep_newer_than=keep)
-        for path in written:
+        for path in training.save_final(trainer.model, model_dir, keep_newer_than=keep):
             log.info("wrote %s", path)
     log.info("done: %s", model_dir)
 

@@ -298,9 +298,6 @@ class TrainConfig:
       epochs: N_e, total epochs of the poly schedule.
       initial_lr, lr_power: the poly schedule lr = initial_lr (1 - e/N_e)^lr_power.
       adam_epsilon: Adam's epsilon (Keras' default; the paper names none).
-      ema_decay: 0 (the paper), or the decay in (0, 1) of a moving average of
-        the weights (training.weight_average) that validation and the saved
-        model use in the weights' place.
       batch_per_replica: examples per replica and step.
       strategy: 'default' (one device), 'mirrored' (local GPUs), 'multi_worker'.
       devices: for 'mirrored', the devices to use (empty: all local GPUs).
@@ -323,12 +320,6 @@ class TrainConfig:
     lr_power: float = flagged(0.9, "Exponent of the poly decay.", lower_bound=0.0)
     adam_epsilon: float = flagged(
         1e-7, "Adam's epsilon (Keras' default; the paper names none).", lower_bound=0.0
-    )
-    ema_decay: float = flagged(
-        0.0,
-        "Decay of a moving average of the weights, per step, that validation and the "
-        "saved model use (0: none, the paper).",
-        lower_bound=0.0,
     )
     batch_per_replica: int = flagged(1, "Examples per replica and step.", lower_bound=1)
     strategy: str = flagged("default", "tf.distribute strategy.", choices=STRATEGIES)
@@ -358,8 +349,6 @@ class TrainConfig:
             positive_int(f"TrainConfig.{name}", getattr(self, name))
         if self.steps_per_epoch is not None:
             positive_int("TrainConfig.steps_per_epoch", self.steps_per_epoch)
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         for name in ("initial_lr", "adam_epsilon", "lr_power"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")

@@ -9,15 +9,11 @@ import subprocess
 import sys
 import time
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from importtime import imported_modules
 from tiny_data import synthetic_tfrecords
-
-from brats_tf import training
-from data_pipeline.manifest import fold_files
 
 pytestmark = pytest.mark.heavy  # tests/conftest.py: scheduled first
 
@@ -73,10 +69,8 @@ def finish(proc, timeout=400):
 
 
 def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_path):
-    """The smoke flagfile with a moving average of the weights: validation and
-    the saved model use the average, the checkpoint keeps the weights too."""
     model_dir = tmp_path / "run"
-    proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--ema_decay=0.5"])
+    proc = train([f"--data_dir={data_dir}", f"--model_dir={model_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((model_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
@@ -97,23 +91,6 @@ def test_smoke_run_writes_checkpoints_history_flags_and_export(data_dir, tmp_pat
     out = loaded.signatures["serving_default"](tf.constant(volume))
     assert out["probabilities"].shape == (1, 20, 28, 13, 3)
     assert (model_dir / "model.keras").exists() and (model_dir / "segmenter.keras").exists()
-    # 4 steps of decay 0.5: the saved model holds the average, not the weights.
-    assert config["train"]["ema_decay"] == 0.5
-    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
-    assert reader.get_tensor("weight_average/updates/.ATTRIBUTES/VARIABLE_VALUE") == 4
-    saved = keras.saving.load_model(model_dir / "model.keras")
-    weights = [v for n, v in _weights(model_dir).items() if n.startswith("model/")]
-    raw = 0  # averages equal to a weight of the checkpoint
-    for i, variable in enumerate(saved.trainable_variables):
-        average = reader.get_tensor(f"weight_average/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")
-        np.testing.assert_array_equal(variable.numpy(), average)
-        raw += any(w.shape == average.shape and np.array_equal(w, average) for w in weights)
-    assert raw < len(saved.trainable_variables) // 2
-    # The last validation (epoch 2, after the last step) scored the average.
-    val_files = fold_files(os.path.join(data_dir, "manifest.json"), 0)[1]
-    scores = training.validation_dice(saved, val_files)
-    for region in ("WT", "TC", "ET"):
-        assert scores[f"val_dice_{region}"] == pytest.approx(history[-1][f"val_dice_{region}"])
 
 
 @pytest.mark.parametrize(
@@ -359,7 +336,7 @@ def test_one_list_of_precisions_strategies_and_choices():
 def test_resume_check_reads_the_config_json_of_an_earlier_run(tmp_path):
     """An earlier run's config.json names ModelConfig.weight_decay l2_weight:
     a run with the same weight decay resumes there, another one is refused
-    naming the field; so is a run whose weights' average differs."""
+    naming the field."""
     code = (
         "model = dataclasses.asdict(train.ModelConfig(input_shape=(32, 32, 32)))\n"
         "resolved = {'model': model, 'data': {'fold': 0},\n"
@@ -377,18 +354,8 @@ def test_resume_check_reads_the_config_json_of_an_earlier_run(tmp_path):
         "        out[name] = 'ok'\n"
         "    except ValueError as e:\n"
         "        out[name] = str(e)\n"
-        "folder = " + repr(str(tmp_path / "ema")) + "; os.makedirs(folder)\n"
-        "old = dict(resolved, train={'seed': 0, 'num_train_cases': 4, 'ema_decay': 0.9})\n"
-        "open(folder + '/config.json', 'w').write(json.dumps(old))\n"
-        "try:\n"
-        "    train.check_model_dir(folder, resolved)\n"
-        "    out['ema'] = 'ok'\n"
-        "except ValueError as e:\n"
-        "    out['ema'] = str(e)\n"
         "print(json.dumps(out))\n"
     )
     got = _with_train_module(code)
     assert got["same"] == "ok"
     assert "weight_decay 2e-05 there, 1e-05 now" in got["other"]
-    # A run without ema_decay in its resolved flags had none: 0.
-    assert "ema_decay 0.9 there, 0.0 now" in got["ema"]

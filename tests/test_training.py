@@ -4,7 +4,6 @@ Strategies with several replicas run in subprocesses: the CPU is split into
 two logical devices before TensorFlow initialises.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from benchmarks.reduced_precision import slack
-from brats_tf import evaluation, losses, training
+from brats_tf import losses, training
 from brats_tf.config import LossConfig, ModelConfig
 from brats_tf.schedules import poly_lr
 
@@ -142,7 +141,7 @@ _MIRRORED = textwrap.dedent(
     ]:
         cfg = training.TrainConfig(model_dir=os.path.join({tmp!r}, name), num_train_cases=2,
                                    epochs=1, initial_lr=0.5, batch_per_replica=per_replica,
-                                   ema_decay=0.9, verbose=False)
+                                   verbose=False)
         # l2_weight 0: the VAE's random draw differs between the two layouts;
         # the Dice, KL and weight-regularisation gradients do not.
         trainer = training.Trainer(TINY, LossConfig(l2_weight=0.0), cfg,
@@ -154,13 +153,6 @@ _MIRRORED = textwrap.dedent(
             trainer.model.set_weights(init)
         assert trainer.strategy.num_replicas_in_sync == (1 if name == "single" else 2)
         summary = trainer.train()[0]
-        # After one step the weights' average is the weights, on every replica.
-        copies = [[np.asarray(c) for c in trainer.strategy.experimental_local_results(a)]
-                  for a in trainer.weight_average.averages]
-        assert {{len(c) for c in copies}} == {{trainer.strategy.num_replicas_in_sync}}
-        for components, weight in zip(copies, trainer.model.trainable_variables):
-            for component in components:
-                np.testing.assert_array_equal(component, weight.numpy())
         np.savez(os.path.join({tmp!r}, name + ".npz"), *trainer.model.get_weights())
         results[name] = [summary[k] for k in ("loss", "dice_WT", "dice_TC", "dice_ET")]
     np.savez(os.path.join({tmp!r}, "init.npz"), *init)
@@ -311,8 +303,6 @@ class _Crash(Exception):
 
 
 def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
-    """With a moving average of the weights: it is resumed too, and
-    evaluate.py restores it from the checkpoint."""
     images, labels = make_cases(3, seed=1)
     model_cfg = ModelConfig(input_shape=SHAPE, init_filters=8, latent_dim=8, **BLOCKS)  # dropout on
 
@@ -328,7 +318,6 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
             epochs=3,
             initial_lr=1e-3,
             seed=7,
-            ema_decay=0.5,
             deterministic=True,
             verbose=False,
         )
@@ -356,30 +345,6 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tmp_path):
     for a, b in zip(straight.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(resumed.optimizer.iterations.numpy()) == 9
-    # The weights' average was checkpointed and restored with its step count.
-    assert int(resumed.weight_average.updates.numpy()) == 9
-    for a, b in zip(straight.weight_average.averages, resumed.weight_average.averages):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    _check_evaluated_checkpoint(resumed, model_cfg, tmp_path / "b")
-
-
-def _check_evaluated_checkpoint(trainer, model_cfg, model_dir):
-    """evaluate.py on the last checkpoint of a run with ema_decay: the
-    average, as the run's saved model; with no ema_decay in config.json,
-    the weights."""
-    with trainer.averaged_weights():
-        averaged = {v.path: v.numpy() for v in trainer.model.trainable_variables}
-    weights = {v.path: v.numpy() for v in trainer.model.trainable_variables}
-    moved = [not np.array_equal(averaged[p], weights[p]) for p in weights]
-    assert sum(moved) > len(moved) // 2
-    resolved = {"model": dataclasses.asdict(model_cfg), "train": {}}
-    for decay, expected in ((trainer.config.ema_decay, averaged), (0.0, weights)):
-        resolved["train"]["ema_decay"] = decay
-        (model_dir / "config.json").write_text(json.dumps(resolved))
-        loaded = evaluation.load_model(trainer.manager.latest_checkpoint).model
-        assert len(loaded.trainable_variables) > 10
-        for variable in loaded.trainable_variables:
-            np.testing.assert_array_equal(variable.numpy(), expected[variable.path])
 
 
 _WORKER = textwrap.dedent(

@@ -23,7 +23,6 @@ from brats_tf.inference import METADATA_FILE
 # (brats_tf.model imports brats_tf.layers and brats_tf.recompute: their layers are
 # registered for loading .keras files)
 from brats_tf.model import build_inference_model, build_model, model_precision
-from brats_tf.training.weight_average import restore_averages
 from data_pipeline import constants
 from data_pipeline.checks import one_line
 from data_pipeline.io_utils import expand_pattern
@@ -113,21 +112,17 @@ def _load_keras(path: pathlib.Path, precision: str | None = None):
 
 def _load_checkpoint(prefix: str, config_json: pathlib.Path, precision: str | None = None):
     """The inference model from a tf.train.Checkpoint (keys model/optimizer/epoch/rng)
-    and the ``model`` part of train.py's config.json; of a run with a moving
-    average of the weights (config.json's ``train.ema_decay``), the average,
-    as the run's saved model."""
+    and the ``model`` part of train.py's config.json."""
     if not config_json.is_file():
         raise EvaluationError(
             f"model {prefix}: no config.json beside the checkpoints (expected {config_json})"
         )
     try:
-        config = json.loads(config_json.read_text())
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
+        fields = json.loads(config_json.read_text())["model"]
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         model = build_model(ModelConfig(**fields))
         status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
         status.assert_existing_objects_matched()
-        if config.get("train", {}).get("ema_decay"):
-            restore_averages(model.trainable_variables, prefix)
     except Exception as e:  # one line for whatever Keras raises
         raise EvaluationError(
             f"model {prefix}: cannot restore the checkpoint with {config_json}: {one_line(e)}"

@@ -5,8 +5,7 @@ SavedModel export in ``brats_tf.inference``) is re-exported here.
 ``TrainConfig`` (from ``brats_tf.config``), ``step`` (the train step and its optimizer),
 ``strategies`` (tf.distribute), ``trainer`` (the epoch loop, checkpoints,
 resume), ``unlearned`` (regions a run has not learned), ``validation``
-(validation Dice after an epoch), ``weight_average`` (a moving average of
-the weights, --ema_decay).
+(validation Dice after an epoch).
 """
 
 from brats_tf.config import (
@@ -26,7 +25,6 @@ from brats_tf.training.strategies import make_strategy, set_inter_op_threads
 from brats_tf.training.trainer import DatasetFn, Trainer
 from brats_tf.training.unlearned import UNLEARNED_DICE, unlearned_regions
 from brats_tf.training.validation import validation_dice
-from brats_tf.training.weight_average import WeightAverage
 
 __all__ = [
     "DatasetFn",
@@ -45,5 +43,4 @@ __all__ = [
     "set_inter_op_threads",
     "unlearned_regions",
     "validation_dice",
-    "WeightAverage",
 ]

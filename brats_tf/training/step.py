@@ -49,7 +49,6 @@ def make_train_step(
     strategy: tf.distribute.Strategy | None = None,
     region_dice=(),
     jit_compile: bool = False,
-    weight_average=None,
 ):
     """The training step (§3.4, §3.5), for train.py and the benchmarks alike:
     ``step(batch)`` with ``batch = {"image", "label"}`` (per-replica batches
@@ -63,8 +62,7 @@ def make_train_step(
     replicas, because the replicas' gradients are summed; under
     mixed_float16 the loss is scaled before the gradient
     (``optimizer.scale_loss``; a LossScaleOptimizer unscales and skips steps
-    whose gradients overflow). A ``weight_average`` (WeightAverage) is
-    updated after the replicas' update, in the cross-replica context.
+    whose gradients overflow).
     """
     strategy = strategy or tf.distribute.get_strategy()
 
@@ -90,12 +88,8 @@ def make_train_step(
 
     def step(batch):
         per_replica = strategy.run(replica_step, args=(batch,))
-        stats = tf.nest.map_structure(
+        return tf.nest.map_structure(
             lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica
         )
-        if weight_average is not None:
-            with tf.control_dependencies(tf.nest.flatten(stats)):
-                weight_average.update()
-        return stats
 
     return tf.function(step, jit_compile=jit_compile)

@@ -15,7 +15,6 @@ epoch, and a run restarted with the same ``model_dir`` resumes from it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -40,7 +39,6 @@ from brats_tf.training.step import (
     make_train_step,
 )
 from brats_tf.training.strategies import is_chief, make_strategy
-from brats_tf.training.weight_average import CHECKPOINT_KEY, WeightAverage
 from data_pipeline import constants
 from data_pipeline.io_utils import write_json_atomic
 
@@ -109,7 +107,6 @@ class Trainer:
             self.strategy,
             self.region_dice,
             config.jit_compile,
-            self.weight_average,
         )
         self._segmenter = None
         self.history: list[dict] = []
@@ -139,9 +136,8 @@ class Trainer:
         return global_batch, steps
 
     def _build_model_and_optimizer(self, optimizer_fn) -> None:
-        """The model (seeded), optimizer, the weights' average (--ema_decay),
-        epoch counter and per-region training Dice, made under the strategy's
-        scope."""
+        """The model (seeded), optimizer, epoch counter and per-region training
+        Dice, made under the strategy's scope."""
         config = self.config
         seeded = dataclasses.replace(self.model_config, seed=config.seed)
         with self.strategy.scope():
@@ -154,33 +150,24 @@ class Trainer:
                 epsilon=config.adam_epsilon,
             )
             self.optimizer.build(self.model.trainable_variables)
-            self.weight_average = (
-                WeightAverage(self.model.trainable_variables, config.ema_decay)
-                if config.ema_decay
-                else None
-            )
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             # Per-region training Dice (thresholded at 0.5), per epoch.
             self.region_dice = [metrics.RegionDice(region) for region in constants.REGIONS]
 
     def _set_up_checkpoints(self) -> None:
         """The checkpoint and its manager: weights, optimizer slots and step,
-        epoch, the weights' average if any, and the random generator states
-        of dropout and VDraw: Keras' SeedGenerator states are model variables
-        that tf.train.Checkpoint does not find through the layers, so they are
-        named here by their layer. A non-chief worker saves too, into a folder
-        of its own."""
+        epoch, and the random generator states of dropout and VDraw: Keras'
+        SeedGenerator states are model variables that tf.train.Checkpoint
+        does not find through the layers, so they are named here by their
+        layer. A non-chief worker saves too, into a folder of its own."""
         config = self.config
         rng_states = {
             layer.name: layer.seed_generator.state
             for layer in self.model.layers
             if getattr(layer, "seed_generator", None) is not None
         }
-        averaged = {}
-        if self.weight_average is not None:
-            averaged[CHECKPOINT_KEY] = self.weight_average.checkpointed
         self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, epoch=self.epoch, rng=rng_states, **averaged
+            model=self.model, optimizer=self.optimizer, epoch=self.epoch, rng=rng_states
         )
         self.checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
         if not self.is_chief:
@@ -191,14 +178,6 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.checkpoint_dir, max_to_keep=config.keep_checkpoints
         )
-
-    def averaged_weights(self):
-        """A context in which the model holds the weights' average
-        (``TrainConfig.ema_decay``) instead of its weights: what validation
-        and the saved model use. Without an average, the weights as they are."""
-        if self.weight_average is None:
-            return contextlib.nullcontext()
-        return self.weight_average.swapped_in()
 
     # ------------------------------------------------------------------ loop
     def restore(self) -> int:
