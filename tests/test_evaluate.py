@@ -427,24 +427,26 @@ def test_validation_reuses_one_traced_network(data):
     assert {id(v) for v in segmenter.weights} <= {id(v) for v in model.weights}
 
 
-def test_command_line_exit_status_and_one_line_error(data, tmp_path):
-    missing = tmp_path / "missing_model"
+def _evaluate_command(args, python_flags=()):
+    """evaluate.py run with ``args``: (the process, its lines starting with
+    "evaluate.py")."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "evaluate.py"),
-            f"--model={missing}",
-            f"--data={data / 'tfr'}",
-            f"--output_dir={tmp_path / 'o'}",
-        ],
+        [sys.executable, *python_flags, str(ROOT / "evaluate.py"), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
+    return proc, [line for line in proc.stderr.splitlines() if line.startswith("evaluate.py")]
+
+
+def test_command_line_exit_status_and_one_line_error(data, tmp_path):
+    missing = tmp_path / "missing_model"
+    proc, errors = _evaluate_command(
+        [f"--model={missing}", f"--data={data / 'tfr'}", f"--output_dir={tmp_path / 'o'}"]
+    )
     assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("evaluate.py")]
     assert errors == [f"evaluate.py: error: model {missing}: no such file or directory"]
     assert not (tmp_path / "o").exists()
 
@@ -466,18 +468,11 @@ def test_a_bad_data_folder_is_answered_before_tensorflow(data, tmp_path, fault):
             message = f"data {folder}:"
         else:
             args, message = ["--fold=7"], f"fold must be in [0, 3) for {folder}, got 7"
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", str(ROOT / "evaluate.py"), "--model=nowhere"]
-        + [f"--data={folder}", f"--output_dir={tmp_path / 'o'}"]
-        + args,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    proc, errors = _evaluate_command(
+        ["--model=nowhere", f"--data={folder}", f"--output_dir={tmp_path / 'o'}", *args],
+        python_flags=("-X", "importtime"),  # every module imported, one line each
     )
     assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("evaluate.py")]
     assert len(errors) == 1 and errors[0].startswith("evaluate.py: error:"), proc.stderr[-2000:]
     assert message in errors[0]
     assert "tensorflow" not in imported_modules(proc.stderr)
